@@ -1,0 +1,390 @@
+//! Checking `recipe` items: fields against what they plug into, parameter selectors against
+//! the instantiated model, and optimizer/sparsity groups.
+
+use crate::ast::*;
+use crate::check::{Checker, ParamPath};
+use crate::diag::Diagnostic;
+use crate::source::Span;
+use crate::suggest::did_you_mean;
+use crate::types::*;
+
+/// The fields a recipe may set: `(name, what it expects, required)`.
+pub static RECIPE_FIELDS: &[(&str, &str, bool)] = &[
+    ("model", "a model instance, e.g. `gpt(V = 256, D = 128)`", true),
+    ("data", "a data source: `text(path, context = T, batch = B)` or `tokens(path.npy, ...)`", true),
+    ("loss", "a scalar expression of `model` and `batch` (its `inputs` and `targets`)", true),
+    ("steps", "the number of optimizer steps (default 1000)", false),
+    ("decode", "a decoding policy for `recipec sample`, e.g. `top_k(k = 40)`", false),
+    ("seed", "the seed of initialization, data order and sampling (default 0)", false),
+    ("grad_clip", "clip the global gradient norm to this value (default: no clipping)", false),
+    ("accumulate", "micro-batches accumulated per step (default 1)", false),
+    ("eval_every", "steps between validation losses (default 100)", false),
+    ("eval_batches", "batches per validation loss (default 8)", false),
+    ("checkpoint_every", "steps between checkpoints (default 500)", false),
+    ("log_every", "steps between log lines (default 10)", false),
+];
+
+/// What the checker learned about a recipe: its parameters and groups.
+#[derive(Clone, Debug, Default)]
+pub struct CheckedRecipe {
+    pub name: String,
+    pub params: Vec<ParamPath>,
+    /// For each `optimize` line: the selector, the optimizer item and the matched params.
+    pub optimize: Vec<(String, Option<ItemRef>, Vec<usize>)>,
+    pub sparsify: Vec<(String, Option<ItemRef>, Vec<usize>)>,
+}
+
+/// True when `path` matches `selector` (`*` one segment, `**` any number, `{a, b}` either).
+pub fn selector_matches(sel: &[SelectorSegment], path: &[String]) -> bool {
+    match sel.first() {
+        None => path.is_empty(),
+        Some(SelectorSegment::StarStar) => (0..=path.len()).any(|k| selector_matches(&sel[1..], &path[k..])),
+        Some(seg) => {
+            let Some(first) = path.first() else { return false };
+            let ok = match seg {
+                SelectorSegment::Name(n) => n == first,
+                SelectorSegment::Index(i) => i.to_string() == *first,
+                SelectorSegment::Star => true,
+                SelectorSegment::Alt(names) => names.iter().any(|n| n == first),
+                SelectorSegment::StarStar => unreachable!(),
+            };
+            ok && selector_matches(&sel[1..], &path[1..])
+        }
+    }
+}
+
+pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> CheckedRecipe {
+    c.enter_recipe(r);
+    let file = c.file();
+    let mut out = CheckedRecipe { name: rec.name.name.clone(), ..Default::default() };
+    let mut seen: Vec<(String, Span)> = vec![];
+    let fields: Vec<(&Ident, &Expr)> = rec
+        .members
+        .iter()
+        .filter_map(|m| match &m.kind {
+            RecipeMemberKind::Field { name, value } => Some((name, value)),
+            _ => None,
+        })
+        .collect();
+    for (name, _) in &fields {
+        if let Some((_, prev)) = seen.iter().find(|(n, _)| *n == name.name) {
+            let prev = *prev;
+            c.error("E0205", name.span, format!("field `{}` is set twice", name.name), "set again here")
+                .labels
+                .push(crate::diag::Label { file, span: prev, message: "first set here".into() });
+        }
+        seen.push((name.name.clone(), name.span));
+        if !RECIPE_FIELDS.iter().any(|f| f.0 == name.name) {
+            let names: Vec<&str> = RECIPE_FIELDS.iter().map(|f| f.0).collect();
+            let help =
+                did_you_mean(&name.name, &names).unwrap_or_else(|| format!("recipe fields: {}", names.join(", ")));
+            c.error("E0401", name.span, format!("recipes have no field `{}`", name.name), "unknown field").help =
+                Some(help);
+        }
+    }
+    let field = |n: &str| fields.iter().find(|(f, _)| f.name == n).map(|(f, v)| (*f, *v));
+    let poisoned_fields = rec.members.iter().any(|m| matches!(m.kind, RecipeMemberKind::Error));
+    for (f, _, required) in RECIPE_FIELDS {
+        if *required && field(f).is_none() && !poisoned_fields {
+            c.error(
+                "E0402",
+                rec.name.span,
+                format!("recipe `{}` does not set `{f}`", rec.name.name),
+                format!("`{f}` is missing"),
+            )
+            .help = Some(format!(
+                "add `{f} = ...`: {}",
+                RECIPE_FIELDS.iter().find(|x| x.0 == *f).map(|x| x.1).unwrap_or("")
+            ));
+        }
+    }
+    // The model first: `model` is in scope for everything else.
+    let mut model_ty = None;
+    if let Some((name, value)) = field("model") {
+        let t = c.expr(value);
+        match &t {
+            Ty::Model(mt) => {
+                let concrete = mt.config.iter().all(|x| match x {
+                    Ty::Dim(d) => d.as_const().is_some(),
+                    _ => true,
+                });
+                if !concrete {
+                    c.error(
+                        "E0310",
+                        value.span,
+                        "every integer argument of the recipe's model must be a constant".into(),
+                        "not all constants",
+                    );
+                } else {
+                    model_ty = Some(mt.clone());
+                }
+                c.bind_recipe("model", t.clone(), name.span);
+            }
+            Ty::Unknown => c.bind_recipe("model", Ty::Unknown, name.span),
+            other => {
+                c.error(
+                    "E0406",
+                    value.span,
+                    format!("`model` must be a model instance, found {}", other.describe()),
+                    "not a model",
+                )
+                .help = Some("call a model item, such as `gpt(V = 256, D = 128, L = 4, H = 4, T = 128)`".into());
+                c.bind_recipe("model", Ty::Unknown, name.span);
+            }
+        }
+    } else {
+        c.bind_recipe("model", Ty::Unknown, rec.name.span);
+    }
+    if let Some((name, value)) = field("data") {
+        let t = c.expr(value);
+        match &t {
+            Ty::Data { batch, context } => {
+                c.bind_recipe("batch", Ty::Batch { batch: batch.clone(), context: context.clone() }, name.span)
+            }
+            Ty::Unknown => c.bind_recipe("batch", Ty::Unknown, name.span),
+            other => {
+                c.error(
+                    "E0406",
+                    value.span,
+                    format!("`data` must be a data source, found {}", other.describe()),
+                    "not a data source",
+                )
+                .help = Some("use `text(\"embedded:kjv\", context = 128, batch = 16)`".into());
+                c.bind_recipe("batch", Ty::Unknown, name.span);
+            }
+        }
+    } else {
+        c.bind_recipe("batch", Ty::Unknown, rec.name.span);
+    }
+    for (name, value) in &fields {
+        match name.name.as_str() {
+            "model" | "data" => {}
+            "loss" => {
+                let t = c.expr(value);
+                if let Some(tt) = t.as_tensor() {
+                    if !tt.shape.is_scalar() || !tt.dtype.is_float() {
+                        c.error(
+                            "E0317",
+                            value.span,
+                            format!("the recipe's `loss` must be a floating-point scalar, found `{tt}`"),
+                            "not a scalar loss",
+                        )
+                        .help = Some("reduce it with `mean(...)`, or call a `loss` item".into());
+                    }
+                } else if !t.is_unknown() {
+                    c.error(
+                        "E0317",
+                        value.span,
+                        format!("the recipe's `loss` must be a floating-point scalar, found {}", t.describe()),
+                        "not a scalar loss",
+                    );
+                }
+            }
+            "decode" => {
+                let was = c.set_recipe_rule(true);
+                let t = c.expr(value);
+                c.set_recipe_rule(was);
+                match &t {
+                    Ty::Applied(r) if matches!(&c.modules.item(*r).kind, ItemKind::Fn(f) if f.kind == FnKind::Decode) =>
+                        {}
+                    Ty::Unknown => {}
+                    other => {
+                        c.error(
+                            "E0406",
+                            value.span,
+                            format!("`decode` must be a decoding policy, found {}", other.describe()),
+                            "not a decode policy",
+                        )
+                        .help = Some("use a `decode` item, e.g. `top_k(k = 40)` from `std.decode`".into());
+                    }
+                }
+            }
+            "steps" | "seed" | "accumulate" | "eval_every" | "eval_batches" | "checkpoint_every" | "log_every" => {
+                let t = c.expr(value);
+                let ok = match &t {
+                    Ty::Dim(d) => d.as_const().map(|v| v >= if name.name == "seed" { 0 } else { 1 }).unwrap_or(false),
+                    Ty::Unknown => true,
+                    _ => false,
+                };
+                if !ok {
+                    c.error(
+                        "E0310",
+                        value.span,
+                        format!("`{}` must be a positive integer constant", name.name),
+                        "not a positive integer",
+                    );
+                }
+            }
+            "grad_clip" => {
+                let t = c.expr(value);
+                match t.as_tensor() {
+                    Some(tt) if tt.shape.is_scalar() && (tt.weak || tt.dtype.is_float()) => {}
+                    _ if t.is_unknown() => {}
+                    _ => {
+                        c.error("E0404", value.span, "`grad_clip` must be a number".into(), "not a number");
+                    }
+                }
+            }
+            _ => {
+                c.expr(value);
+            }
+        }
+    }
+    // Parameters of the concrete model.
+    if let Some(mt) = &model_ty {
+        match c.enumerate_params(mt) {
+            Ok(p) => out.params = p,
+            Err(msg) => {
+                let span = field("model").map(|(_, v)| v.span).unwrap_or(rec.name.span);
+                c.error("E0310", span, format!("cannot instantiate the model: {msg}"), "model instantiation failed");
+            }
+        }
+    }
+    let have_params = model_ty.is_some() && !out.params.is_empty();
+    let mut owner: Vec<Option<Span>> = vec![None; out.params.len()];
+    let mut any_optimize = false;
+    for m in &rec.members {
+        let (selector, rule, kind) = match &m.kind {
+            RecipeMemberKind::Optimize { selector, rule } => (selector, rule, RuleKind::Optimizer),
+            RecipeMemberKind::Sparsify { selector, rule } => (selector, rule, RuleKind::Sparsity),
+            _ => continue,
+        };
+        if kind == RuleKind::Optimizer {
+            any_optimize = true;
+        }
+        let was = c.set_recipe_rule(true);
+        let t = c.expr(rule);
+        c.set_recipe_rule(was);
+        let item = match &t {
+            Ty::Applied(r) => match &c.modules.item(*r).kind {
+                ItemKind::Rule(rd) if rd.kind == kind => Some(*r),
+                other => {
+                    let found = match other {
+                        ItemKind::Rule(rd) => rd.kind.keyword(),
+                        ItemKind::Fn(f) => f.kind.keyword(),
+                        _ => "item",
+                    };
+                    let want = kind.keyword();
+                    let verb = if kind == RuleKind::Optimizer { "optimize" } else { "sparsify" };
+                    c.error(
+                        "E0406",
+                        rule.span,
+                        format!("`{verb} … with` needs a {want}, found a {found}"),
+                        format!("not a {want}"),
+                    );
+                    None
+                }
+            },
+            Ty::Unknown => None,
+            other => {
+                let want = kind.keyword();
+                c.error(
+                    "E0406",
+                    rule.span,
+                    format!("expected a {want} applied to its hyperparameters, found {}", other.describe()),
+                    format!("not a {want}"),
+                )
+                .help = Some(if kind == RuleKind::Optimizer {
+                    "e.g. `adamw(lr = 1e-3)` from `std.optim`".into()
+                } else {
+                    "e.g. `nm(n = 2, m = 4)` from `std.sparsity`".into()
+                });
+                None
+            }
+        };
+        let text = selector.to_string();
+        let mut matched = vec![];
+        if selector.segments.first() != Some(&SelectorSegment::Name("model".into())) {
+            c.error(
+                "E0403",
+                selector.span,
+                format!("selector `{text}` must start with `model`"),
+                "selectors are paths from `model`",
+            )
+            .help = Some(format!("write `model.{text}`"));
+        } else if have_params {
+            let sel = &selector.segments[1..];
+            for (i, p) in out.params.iter().enumerate() {
+                if selector_matches(sel, &p.path) {
+                    matched.push(i);
+                }
+            }
+            if matched.is_empty() {
+                let names: Vec<String> = out.params.iter().map(|p| format!("model.{}", p.dotted())).collect();
+                let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+                let shown: Vec<String> = names.iter().take(6).cloned().collect();
+                let help = did_you_mean(&text, &refs).unwrap_or_else(|| {
+                    format!(
+                        "the model's parameters include {}{}; `*` matches one segment, `**` any number",
+                        shown.join(", "),
+                        if names.len() > 6 { ", …" } else { "" }
+                    )
+                });
+                c.error("E0403", selector.span, format!("selector `{text}` matches no parameter"), "matches nothing")
+                    .help = Some(help);
+            }
+            if kind == RuleKind::Optimizer {
+                for &i in &matched {
+                    if let Some(prev) = owner[i] {
+                        let p = out.params[i].dotted();
+                        c.error(
+                            "E0405",
+                            selector.span,
+                            format!("parameter `model.{p}` is optimized by two groups"),
+                            "selects it again",
+                        )
+                        .labels
+                        .push(crate::diag::Label {
+                            file,
+                            span: prev,
+                            message: "first selected here".into(),
+                        });
+                        break;
+                    }
+                    owner[i] = Some(selector.span);
+                }
+            }
+        }
+        let entry = (text, item, matched);
+        match kind {
+            RuleKind::Optimizer => out.optimize.push(entry),
+            RuleKind::Sparsity => out.sparsify.push(entry),
+        }
+    }
+    if !any_optimize && !poisoned_fields {
+        c.error(
+            "E0402",
+            rec.name.span,
+            format!("recipe `{}` optimizes no parameters", rec.name.name),
+            "no `optimize` line",
+        )
+        .help = Some("add `optimize model.** with adamw(lr = 1e-3)`".into());
+    } else if have_params && any_optimize {
+        let frozen: Vec<String> = out
+            .params
+            .iter()
+            .zip(owner.iter())
+            .filter(|(_, o)| o.is_none())
+            .map(|(p, _)| format!("`model.{}`", p.dotted()))
+            .collect();
+        if !frozen.is_empty() {
+            let shown: Vec<String> = frozen.iter().take(4).cloned().collect();
+            c.diagnostics.push(
+                Diagnostic::warning(
+                    "W0003",
+                    format!(
+                        "{} parameter{} not optimized: {}{}",
+                        frozen.len(),
+                        if frozen.len() == 1 { " is" } else { "s are" },
+                        shown.join(", "),
+                        if frozen.len() > 4 { ", …" } else { "" }
+                    ),
+                )
+                .label(file, rec.name.span, "these stay at their initial values")
+                .help("add an `optimize` line that selects them, if they should train"),
+            );
+        }
+    }
+    c.leave_recipe();
+    out
+}

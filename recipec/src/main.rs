@@ -1,0 +1,243 @@
+//! `recipec`: the command line over the recipe front end (and, later, the compiler and
+//! runtime). Renders diagnostics; the crates below only return them.
+
+mod loader;
+mod render;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lang::source::{FileId, SourceDb};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "recipec", version, about = "A compiler and runtime for training recipes.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum MessageFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check recipe files: syntax, names, dtypes and shapes. Exit 1 on errors.
+    Check {
+        files: Vec<PathBuf>,
+        /// `json`: one JSON object per diagnostic on stdout.
+        #[arg(long, value_enum, default_value = "human")]
+        message_format: MessageFormat,
+        /// Also fail (exit 1) on warnings.
+        #[arg(long)]
+        deny_warnings: bool,
+    },
+    /// Format recipe files in place (or check that they are formatted).
+    Fmt {
+        files: Vec<PathBuf>,
+        /// Do not write; exit 1 if a file is not formatted.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Explain a diagnostic code, e.g. `recipec explain E0302`.
+    Explain {
+        code: Option<String>,
+        /// Print every code as Markdown (the text of docs/diagnostics.md).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Build a recipe; with `--emit`, print intermediate forms.
+    Build {
+        file: PathBuf,
+        /// Comma-separated: `ast`, `typed`.
+        #[arg(long, value_delimiter = ',')]
+        emit: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files, message_format, deny_warnings } => check(&files, message_format, deny_warnings),
+        Command::Fmt { files, check } => fmt(&files, check),
+        Command::Explain { code, all } => explain(code, all),
+        Command::Build { file, emit } => build(&file, &emit),
+    }
+}
+
+fn color() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// Reads files into a source database; unreadable files are reported and skipped.
+fn load(files: &[PathBuf]) -> (SourceDb, Vec<FileId>, bool) {
+    let mut db = SourceDb::new();
+    let mut roots = vec![];
+    let mut ok = true;
+    for f in files {
+        match std::fs::read(f) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => roots.push(db.add(f.display().to_string(), text)),
+                Err(e) => {
+                    eprintln!(
+                        "error: {} is not UTF-8 text (invalid byte at offset {})",
+                        f.display(),
+                        e.utf8_error().valid_up_to()
+                    );
+                    ok = false;
+                }
+            },
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", f.display());
+                ok = false;
+            }
+        }
+    }
+    (db, roots, ok)
+}
+
+fn check(files: &[PathBuf], format: MessageFormat, deny_warnings: bool) -> ExitCode {
+    if files.is_empty() {
+        eprintln!("error: no files given; usage: recipec check FILE...");
+        return ExitCode::from(2);
+    }
+    let (mut db, roots, read_ok) = load(files);
+    let analysis = lang::analyze(&mut db, &roots, &loader::FsLoader);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let color = color();
+    let (mut errors, mut warnings) = (0, 0);
+    for d in &analysis.diagnostics {
+        if d.is_error() {
+            errors += 1;
+        } else {
+            warnings += 1;
+        }
+        match format {
+            MessageFormat::Json => {
+                let _ = writeln!(out, "{}", render::json(&db, d));
+            }
+            MessageFormat::Human => eprint!("{}", render::render(&db, d, color)),
+        }
+    }
+    if format == MessageFormat::Human && (errors > 0 || warnings > 0) {
+        eprintln!(
+            "{errors} error{}, {warnings} warning{}",
+            if errors == 1 { "" } else { "s" },
+            if warnings == 1 { "" } else { "s" }
+        );
+    }
+    if errors > 0 || !read_ok || (deny_warnings && warnings > 0) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn fmt(files: &[PathBuf], check_only: bool) -> ExitCode {
+    let mut failed = false;
+    for f in files {
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", f.display());
+                failed = true;
+                continue;
+            }
+        };
+        match lang::fmt::format_source(&text) {
+            Ok(formatted) => {
+                if formatted != text {
+                    if check_only {
+                        eprintln!("{} is not formatted", f.display());
+                        failed = true;
+                    } else if let Err(e) = write_atomically(f, &formatted) {
+                        eprintln!("error: cannot write {}: {e}", f.display());
+                        failed = true;
+                    }
+                }
+            }
+            Err(_) => {
+                eprintln!(
+                    "error: {} has syntax errors; run `recipec check {}` (the file was left unchanged)",
+                    f.display(),
+                    f.display()
+                );
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Writes through a temporary file and a rename, so a crash never leaves half a file.
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("recipe.fmt-tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn explain(code: Option<String>, all: bool) -> ExitCode {
+    if all {
+        print!("{}", lang::diag::diagnostics_markdown());
+        return ExitCode::SUCCESS;
+    }
+    let Some(code) = code else {
+        eprintln!("usage: recipec explain CODE (for example E0302), or --all");
+        return ExitCode::from(2);
+    };
+    match lang::diag::code_doc(&code) {
+        Some(doc) => {
+            print!("{}", lang::diag::explain_text(doc));
+            ExitCode::SUCCESS
+        }
+        None => {
+            let codes: Vec<&str> = lang::diag::CODES.iter().map(|c| c.code).collect();
+            let hint = lang::suggest::did_you_mean(&code.to_uppercase(), &codes).unwrap_or_default();
+            eprintln!("error: unknown diagnostic code `{code}` {hint}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn build(file: &PathBuf, emit: &[String]) -> ExitCode {
+    let (mut db, roots, read_ok) = load(std::slice::from_ref(file));
+    if !read_ok {
+        return ExitCode::from(1);
+    }
+    let analysis = lang::analyze(&mut db, &roots, &loader::FsLoader);
+    let color = color();
+    for d in &analysis.diagnostics {
+        eprint!("{}", render::render(&db, d, color));
+    }
+    if analysis.has_errors() {
+        return ExitCode::from(1);
+    }
+    for what in emit {
+        match what.as_str() {
+            "ast" => {
+                let m = &analysis.modules.list[0];
+                println!("{:#?}", m.ast);
+            }
+            "typed" => print!("{}", lang::check::typed_text(&db, &analysis, roots[0])),
+            other => {
+                eprintln!("error: unknown --emit kind `{other}` (available: ast, typed)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if emit.is_empty() {
+        eprintln!(
+            "checked {}; code generation arrives with the compiler (see the README's status section)",
+            file.display()
+        );
+    }
+    ExitCode::SUCCESS
+}
