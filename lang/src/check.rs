@@ -375,12 +375,19 @@ impl<'m> Checker<'m> {
             let r = ItemRef { module: m, item: i };
             self.check_item(r);
         }
-        let mut unused: Vec<(String, Span)> = self.modules.list[m]
-            .imports
-            .iter()
-            .filter(|(name, _)| !self.used_imports.get(&(m, (*name).clone())).copied().unwrap_or(false))
-            .map(|(n, i)| (n.clone(), i.span))
-            .collect();
+        let used = |name: &String| self.used_imports.get(&(m, name.clone())).copied().unwrap_or(false);
+        let imports = &self.modules.list[m].imports;
+        let mut unused: Vec<(String, Span)> =
+            imports.iter().filter(|(name, i)| !i.glob && !used(name)).map(|(n, i)| (n.clone(), i.span)).collect();
+        // A glob is unused when none of its names is.
+        let mut globs: Vec<Span> = imports.values().filter(|i| i.glob).map(|i| i.span).collect();
+        globs.sort_by_key(|s| s.start);
+        globs.dedup();
+        for g in globs {
+            if !imports.iter().any(|(n, i)| i.glob && i.span == g && used(n)) {
+                unused.push(("*".to_string(), g));
+            }
+        }
         unused.sort_by_key(|(_, s)| s.start);
         for (name, span) in unused {
             self.diagnostics.push(
@@ -1760,7 +1767,8 @@ impl<'m> Checker<'m> {
                 let Some(sig) = info.methods.get(&name).cloned() else { return Ty::Unknown };
                 let pre = config_map(&info, &mt);
                 let (params, ret) = self.instantiate(&sig, &pre, span);
-                self.apply(&params, args, span, &name);
+                let vals = self.apply(&params, args, span, &name);
+                self.fill_defaults(mt.item, Some(&name), &params, &vals);
                 ret.unwrap_or(Ty::Unknown)
             }
             other => {
@@ -1803,7 +1811,8 @@ impl<'m> Checker<'m> {
             }
             ItemKind::Fn(_) => {
                 let (params, ret) = self.instantiate(&sig, &HashMap::new(), span);
-                self.apply(&params, args, span, &name);
+                let vals = self.apply(&params, args, span, &name);
+                self.fill_defaults(r, None, &params, &vals);
                 ret.unwrap_or(Ty::scalar(Dtype::F32))
             }
             ItemKind::Rule(_) => {
@@ -1824,6 +1833,7 @@ impl<'m> Checker<'m> {
             ItemKind::Model(_) => {
                 let (params, _) = self.instantiate(&sig, &HashMap::new(), span);
                 let vals = self.apply(&params, args, span, &name);
+                self.fill_defaults(r, None, &params, &vals);
                 let config: Vec<Ty> = params
                     .iter()
                     .zip(vals)
@@ -1846,6 +1856,54 @@ impl<'m> Checker<'m> {
             }
             ItemKind::Use(_) | ItemKind::Error => Ty::Unknown,
         }
+    }
+
+    /// Binds integer parameters left to their defaults: the default is evaluated in the
+    /// callee's module with the earlier parameters' values in scope.
+    fn fill_defaults(&mut self, r: ItemRef, method: Option<&str>, params: &[SigParam], vals: &[Option<Ty>]) {
+        let modules = self.modules;
+        let ast_params: &[Param] = match (&modules.item(r).kind, method) {
+            (ItemKind::Fn(f), None) => &f.params,
+            (ItemKind::Rule(rd), None) => &rd.params,
+            (ItemKind::Model(m), None) => &m.params,
+            (ItemKind::Model(m), Some(n)) => match find_method(m, n) {
+                Some(f) => &f.params,
+                None => return,
+            },
+            _ => return,
+        };
+        let needs = params.iter().zip(vals).any(|(p, v)| v.is_none() && matches!(&p.ty, Ty::Dim(d) if self.resolve_dim(d).has_vars()));
+        if !needs {
+            return;
+        }
+        let saved = (self.module, self.file, std::mem::take(&mut self.scopes), self.poisoned);
+        self.module = r.module;
+        self.file = modules.list[r.module].file;
+        self.scopes.push(HashMap::new());
+        // Diagnostics in a callee's default belong to the callee, which is checked on its own.
+        let n_diags = self.diagnostics.len();
+        for (i, (p, ap)) in params.iter().zip(ast_params.iter()).enumerate() {
+            let value = match &vals[i] {
+                Some(t) => t.clone(),
+                None => match &ap.default {
+                    Some(d) => {
+                        let t = self.expr(d);
+                        if let (Ty::Dim(expected), Ty::Dim(got)) = (&p.ty, &t) {
+                            self.unify(expected, got);
+                        }
+                        t
+                    }
+                    None => p.ty.clone(),
+                },
+            };
+            let value = if let Ty::Dim(d) = &p.ty { Ty::Dim(self.resolve_dim(d)) } else { value };
+            self.bind(&p.name, value, ap.name.span, LocalKind::Param);
+        }
+        self.diagnostics.truncate(n_diags);
+        self.module = saved.0;
+        self.file = saved.1;
+        self.scopes = saved.2;
+        self.poisoned = saved.3;
     }
 
     /// Binds call arguments to parameters; checks each against its declared type; returns

@@ -34,6 +34,8 @@ pub struct ModuleInfo {
 pub struct Import {
     pub target: ItemRef,
     pub span: Span,
+    /// Imported by `use m.*`: reported as unused only when no name of the glob is used.
+    pub glob: bool,
 }
 
 /// Every module of one analysis, the roots first.
@@ -218,9 +220,9 @@ impl Resolver<'_> {
                             );
                         }
                         let target = ItemRef { module: target, item: i };
-                        let prev = self.modules.list[idx]
-                            .imports
-                            .insert(name.name.clone(), Import { target, span: name.span });
+                        let glob = matches!(u.tree, UseTree::Glob(_));
+                        let prev =
+                            self.modules.list[idx].imports.insert(name.name.clone(), Import { target, span: name.span, glob });
                         let defined_here = self.modules.list[idx].items.contains_key(&name.name);
                         if prev.is_some() || defined_here {
                             self.diagnostics.push(
