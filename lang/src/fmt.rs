@@ -545,7 +545,10 @@ mod tests {
     fn keeps_comments_and_normalizes_spacing() {
         let src = "// lead\nfn f(x:f32)->f32{\n  // inside\n  let y=x*2.0 // trailing\n\n\n  y^2\n}\n";
         let out = check_idempotent(src);
-        assert_eq!(out, "// lead\nfn f(x: f32) -> f32 {\n    // inside\n    let y = x * 2.0  // trailing\n\n    y ^ 2\n}\n");
+        assert_eq!(
+            out,
+            "// lead\nfn f(x: f32) -> f32 {\n    // inside\n    let y = x * 2.0  // trailing\n\n    y ^ 2\n}\n"
+        );
     }
 
     #[test]

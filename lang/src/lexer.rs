@@ -540,7 +540,8 @@ fn filter(raw: Vec<(usize, Tok<'_>, usize)>) -> Vec<(usize, Tok<'_>, usize)> {
                 let prev = out.last().map(|t| t.1);
                 let next = raw[i + 1..].iter().map(|t| t.1).find(|t| !matches!(t, Tok::Newline));
                 // `use m.*` and selectors end in `*`: a glob, not a multiplication.
-                let glob = prev == Some(Tok::Star) && matches!(out.iter().rev().nth(1).map(|t| t.1), Some(Tok::Dot | Tok::Star));
+                let glob = prev == Some(Tok::Star)
+                    && matches!(out.iter().rev().nth(1).map(|t| t.1), Some(Tok::Dot | Tok::Star));
                 let drop = in_parens
                     || prev.is_none()
                     || (prev.as_ref().map(continues).unwrap_or(true) && !glob)

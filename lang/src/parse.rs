@@ -44,6 +44,7 @@ fn is_item_start(t: &Tok) -> bool {
 /// Parses one file. Never fails: errors become diagnostics and `ItemKind::Error` items.
 pub fn parse(file: FileId, src: &str) -> Parsed {
     let lexed = lex(file, src);
+    let lexer_errors: Vec<Span> = lexed.diagnostics.iter().filter_map(|d| d.primary().map(|l| l.span)).collect();
     let mut diagnostics = lexed.diagnostics;
     let mut items = Vec::new();
     let toks = lexed.tokens;
@@ -59,7 +60,8 @@ pub fn parse(file: FileId, src: &str) -> Parsed {
         if split_here {
             if i > chunk_start {
                 let chunk = &toks[chunk_start..i];
-                items.push(parse_item(file, chunk, src.len(), &mut diagnostics));
+                let is_last = toks[i..].iter().all(|t| t.1 == Tok::Newline);
+                items.push(parse_item(file, chunk, is_last, &lexer_errors, &mut diagnostics));
             }
             depth = 0;
             chunk_start = if !at_end && toks[i].1 == Tok::Newline { i + 1 } else { i };
@@ -81,7 +83,13 @@ pub fn parse(file: FileId, src: &str) -> Parsed {
     Parsed { module: Module { docs: lexed.module_doc, items }, comments: lexed.comments, diagnostics }
 }
 
-fn parse_item(file: FileId, chunk: &[(usize, Tok<'_>, usize)], eof: usize, diagnostics: &mut Vec<Diagnostic>) -> Item {
+fn parse_item(
+    file: FileId,
+    chunk: &[(usize, Tok<'_>, usize)],
+    is_last: bool,
+    lexer_errors: &[Span],
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Item {
     let span = Span::new(chunk[0].0, chunk[chunk.len() - 1].2);
     if chunk.iter().all(|t| matches!(t.1, Tok::Doc(_))) {
         diagnostics.push(
@@ -93,8 +101,9 @@ fn parse_item(file: FileId, chunk: &[(usize, Tok<'_>, usize)], eof: usize, diagn
     }
     let mut recovered: Vec<ErrorRecovery<usize, Tok, &'static str>> = Vec::new();
     let result = grammar::ItemParser::new().parse(&mut recovered, chunk.iter().map(|t| Ok::<_, &'static str>(*t)));
-    // A lexer error token was already reported (E0001); the parse errors it causes are not.
-    let lexer_error_at = |pos: usize| chunk.iter().any(|t| t.1 == Tok::Error && t.0 == pos);
+    // An item with a lexical error (already reported) gets no parse errors: they would be
+    // consequences of the bad character or the unterminated string.
+    let has_lexer_error = lexer_errors.iter().any(|e| e.start as usize >= span.start as usize && e.start <= span.end);
     let mut errors: Vec<ParseError<usize, Tok, &'static str>> = recovered.into_iter().map(|r| r.error).collect();
     let item = match result {
         Ok(item) => item,
@@ -108,7 +117,7 @@ fn parse_item(file: FileId, chunk: &[(usize, Tok<'_>, usize)], eof: usize, diagn
     let chunk_end = chunk[chunk.len() - 1].2;
     for e in errors {
         let pos = error_position(&e).unwrap_or(chunk_end);
-        if lexer_error_at(pos) {
+        if has_lexer_error {
             continue;
         }
         let line_key = pos; // refined below by the caller's line table is unnecessary: positions on one line share the first error
@@ -116,7 +125,7 @@ fn parse_item(file: FileId, chunk: &[(usize, Tok<'_>, usize)], eof: usize, diagn
             continue;
         }
         reported_lines.push(line_key);
-        diagnostics.push(to_diagnostic(file, e, chunk_end, eof));
+        diagnostics.push(to_diagnostic(file, e, chunk, is_last));
     }
     item
 }
@@ -167,7 +176,30 @@ fn describe_expected(expected: &[String]) -> Option<String> {
     Some(format!("expected {}", uniq.join(", ")))
 }
 
-fn to_diagnostic(file: FileId, e: ParseError<usize, Tok, &'static str>, chunk_end: usize, eof: usize) -> Diagnostic {
+/// The innermost delimiter opened in the chunk and never closed.
+fn unclosed(chunk: &[(usize, Tok<'_>, usize)]) -> Option<(usize, Tok<'static>, usize)> {
+    let mut stack: Vec<(usize, Tok<'static>, usize)> = vec![];
+    for &(s, t, e) in chunk {
+        match t {
+            Tok::LParen => stack.push((s, Tok::LParen, e)),
+            Tok::LBracket => stack.push((s, Tok::LBracket, e)),
+            Tok::LBrace => stack.push((s, Tok::LBrace, e)),
+            Tok::RParen | Tok::RBracket | Tok::RBrace => {
+                stack.pop();
+            }
+            _ => {}
+        }
+    }
+    stack.pop()
+}
+
+fn to_diagnostic(
+    file: FileId,
+    e: ParseError<usize, Tok, &'static str>,
+    chunk: &[(usize, Tok<'_>, usize)],
+    is_last: bool,
+) -> Diagnostic {
+    let chunk_end = chunk.last().map(|t| t.2).unwrap_or(0);
     match e {
         ParseError::UnrecognizedToken { token: (s, Tok::Doc(_), end), .. } => {
             Diagnostic::error("E0103", "doc comment documents nothing")
@@ -183,11 +215,23 @@ fn to_diagnostic(file: FileId, e: ParseError<usize, Tok, &'static str>, chunk_en
             .label(file, Span::new(s, end), "nothing more was expected in this item")
             .help("start the next item on a new line"),
         ParseError::UnrecognizedEof { expected, .. } => {
-            let at = if chunk_end >= eof { eof } else { chunk_end };
-            let msg = if chunk_end >= eof { "unexpected end of file" } else { "unexpected end of item" };
-            Diagnostic::error("E0102", msg)
-                .label(file, Span::new(at, at), "the item ends here while something is still open")
-                .maybe_help(describe_expected(&expected))
+            let msg = if is_last { "unexpected end of file" } else { "unexpected end of item" };
+            match unclosed(chunk) {
+                Some((s, t, e)) => Diagnostic::error("E0102", msg)
+                    .label(file, Span::new(s, e), format!("this `{}` is never closed", crate::lexer::tok_text(&t)))
+                    .label(file, Span::new(chunk_end, chunk_end), "the item ends here")
+                    .help(format!(
+                        "add the closing `{}`",
+                        match t {
+                            Tok::LParen => ")",
+                            Tok::LBracket => "]",
+                            _ => "}",
+                        }
+                    )),
+                None => Diagnostic::error("E0102", msg)
+                    .label(file, Span::new(chunk_end, chunk_end), "the item ends here, unfinished")
+                    .maybe_help(describe_expected(&expected)),
+            }
         }
         ParseError::InvalidToken { location } => Diagnostic::error("E0001", "invalid token").label(
             file,
@@ -210,8 +254,8 @@ pub fn parse_expr(file: FileId, src: &str) -> Result<crate::ast::Expr, Vec<Diagn
     let r = grammar::ExprParser::new().parse(&mut recovered, lexed.tokens.into_iter().map(Ok::<_, &'static str>));
     match r {
         Ok(e) if recovered.is_empty() => Ok(e),
-        Ok(_) => Err(recovered.into_iter().map(|r| to_diagnostic(file, r.error, src.len(), src.len())).collect()),
-        Err(e) => Err(vec![to_diagnostic(file, e, src.len(), src.len())]),
+        Ok(_) => Err(recovered.into_iter().map(|r| to_diagnostic(file, r.error, &[], true)).collect()),
+        Err(e) => Err(vec![to_diagnostic(file, e, &[], true)]),
     }
 }
 

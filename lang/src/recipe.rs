@@ -53,6 +53,14 @@ pub fn selector_matches(sel: &[SelectorSegment], path: &[String]) -> bool {
     }
 }
 
+fn article(word: &str) -> String {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {word}")
+    } else {
+        format!("a {word}")
+    }
+}
+
 pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> CheckedRecipe {
     c.enter_recipe(r);
     let file = c.file();
@@ -241,6 +249,7 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
         }
     }
     let have_params = model_ty.is_some() && !out.params.is_empty();
+    let errors_before_groups = c.diagnostics.iter().filter(|d| d.is_error()).count();
     let mut owner: Vec<Option<Span>> = vec![None; out.params.len()];
     let mut any_optimize = false;
     for m in &rec.members {
@@ -359,7 +368,11 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
             "no `optimize` line",
         )
         .help = Some("add `optimize model.** with adamw(lr = 1e-3)`".into());
-    } else if have_params && any_optimize {
+    } else if have_params
+        && any_optimize
+        && c.diagnostics.iter().filter(|d| d.is_error()).count() == errors_before_groups
+    {
+        // (Frozen parameters are only reported when every selector was valid.)
         let frozen: Vec<String> = out
             .params
             .iter()

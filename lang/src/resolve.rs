@@ -69,8 +69,9 @@ struct Resolver<'a> {
     loader: &'a dyn ModuleLoader,
     modules: Modules,
     by_key: HashMap<String, usize>,
-    /// Modules whose imports are being resolved (for cycle detection).
-    in_progress: Vec<String>,
+    /// Modules whose imports are being resolved (for cycle detection), with the import
+    /// each is resolving at the moment.
+    in_progress: Vec<(String, Option<(FileId, Span)>)>,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -152,7 +153,7 @@ impl Resolver<'_> {
             is_std: key.starts_with("std."),
         });
         self.by_key.insert(key.clone(), idx);
-        self.in_progress.push(key);
+        self.in_progress.push((key, None));
         self.resolve_imports(idx);
         self.in_progress.pop();
         idx
@@ -191,6 +192,9 @@ impl Resolver<'_> {
             };
             let segs: Vec<String> = module_path.iter().map(|i| i.name.clone()).collect();
             let mspan = module_path.first().unwrap().span.to(module_path.last().unwrap().span);
+            if let Some(top) = self.in_progress.last_mut() {
+                top.1 = Some((file, mspan));
+            }
             let Some(target) = self.load_module(&segs, &from, file, mspan) else { continue };
             if target == idx {
                 self.diagnostics.push(Diagnostic::error("E0202", "a module cannot import itself").label(
@@ -221,8 +225,9 @@ impl Resolver<'_> {
                         }
                         let target = ItemRef { module: target, item: i };
                         let glob = matches!(u.tree, UseTree::Glob(_));
-                        let prev =
-                            self.modules.list[idx].imports.insert(name.name.clone(), Import { target, span: name.span, glob });
+                        let prev = self.modules.list[idx]
+                            .imports
+                            .insert(name.name.clone(), Import { target, span: name.span, glob });
                         let defined_here = self.modules.list[idx].items.contains_key(&name.name);
                         if prev.is_some() || defined_here {
                             self.diagnostics.push(
@@ -250,14 +255,19 @@ impl Resolver<'_> {
 
     fn load_module(&mut self, segs: &[String], from: &str, file: FileId, span: Span) -> Option<usize> {
         let key = module_key(segs, from);
-        if let Some(pos) = self.in_progress.iter().position(|k| *k == key) {
-            let cycle: Vec<String> = self.in_progress[pos..].iter().cloned().chain([key.clone()]).collect();
-            self.diagnostics.push(
-                Diagnostic::error("E0202", "import cycle")
-                    .label(file, span, "this import closes a cycle")
-                    .note(format!("cycle: {}", cycle.join(" → ")))
-                    .help("move the shared items into a module that both import"),
-            );
+        if let Some(pos) = self.in_progress.iter().position(|k| k.0 == key) {
+            let cycle: Vec<String> = self.in_progress[pos..].iter().map(|k| k.0.clone()).chain([key.clone()]).collect();
+            // Report at the import that entered the cycle (in the outermost module on it),
+            // with the import that closes it as a second label.
+            let (pfile, pspan) = self.in_progress[pos].1.unwrap_or((file, span));
+            let mut d = Diagnostic::error("E0202", "import cycle")
+                .label(pfile, pspan, "this import starts a cycle")
+                .note(format!("cycle: {}", cycle.join(" → ")))
+                .help("move the shared items into a module that both import");
+            if (pfile, pspan) != (file, span) {
+                d = d.label(file, span, "and this import closes it");
+            }
+            self.diagnostics.push(d);
             return None;
         }
         if let Some(&i) = self.by_key.get(&key) {
