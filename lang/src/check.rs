@@ -1013,6 +1013,9 @@ impl<'m> Checker<'m> {
                         return Err(format!("`for {}` unrolls {} times (limit 100000)", var.name, e - s));
                     }
                     for i in s..e {
+                        if out.len() > MAX_PARAMS {
+                            return Err(format!("the model has more than {MAX_PARAMS} parameter tensors"));
+                        }
                         env.insert(var.id, Dim::constant(i));
                         env.insert(LOOP_MARK, Dim::constant(i));
                         self.enumerate_members(members, env, prefix, out, file, depth)?;
@@ -1485,6 +1488,14 @@ impl<'m> Checker<'m> {
     }
 
     pub(crate) fn unify_shapes(&mut self, e: &Shape, a: &Shape, span: Span, what: &str) -> bool {
+        // On a mismatch, bindings made by this same comparison are rolled back so the
+        // message shows the declared shape, not one half-bound to the wrong argument.
+        let before = self.subst.clone();
+        let ok = self.unify_shapes_inner(e, a, span, what, &before);
+        ok
+    }
+
+    fn unify_shapes_inner(&mut self, e: &Shape, a: &Shape, span: Span, what: &str, before: &HashMap<u32, Dim>) -> bool {
         match (e, a) {
             (Shape::Param, Shape::Param) => true,
             (Shape::Dims(ed), Shape::Dims(ad)) => {
@@ -1500,6 +1511,7 @@ impl<'m> Checker<'m> {
                 }
                 for (x, y) in ed.iter().zip(ad.iter()) {
                     if !self.unify(x, y) {
+                        self.subst = before.clone();
                         let es = self.resolve_shape(e);
                         let as_ = self.resolve_shape(a);
                         self.error(
@@ -1655,13 +1667,8 @@ impl<'m> Checker<'m> {
         candidates.extend(self.modules.list[self.module].imports.keys().cloned());
         candidates.extend(builtins::names().iter().map(|s| s.to_string()));
         let refs: Vec<&str> = candidates.iter().map(|s| s.as_str()).collect();
-        let help = did_you_mean(n, &refs).or_else(|| {
-            self.modules
-                .std_index
-                .iter()
-                .find(|(i, _)| i == n)
-                .map(|(_, m)| format!("`{n}` is in `{m}`: add `use {m}.{n}`"))
-        });
+        let help = did_you_mean(n, &refs)
+            .or_else(|| self.modules.std_module_of(n).map(|m| format!("`{n}` is in `{m}`: add `use {m}.{n}`")));
         self.error("E0204", span, format!("unknown name `{n}`"), "not found in this scope").help = help;
         Ty::Unknown
     }
@@ -2090,6 +2097,9 @@ impl<'m> Checker<'m> {
         self.bind(name, ty, span, LocalKind::Recipe);
     }
 }
+
+/// The most parameter tensors a model may have (a guard against runaway `for` bounds).
+const MAX_PARAMS: usize = 1_000_000;
 
 /// A marker id in enumeration environments holding the innermost loop index.
 const LOOP_MARK: u32 = u32::MAX;

@@ -80,7 +80,10 @@ impl Formatter<'_> {
         if self.next < self.comments.len() {
             let c = &self.comments[self.next];
             let between = &self.src[(end as usize).min(c.span.start as usize)..c.span.start as usize];
-            if !c.own_line && !between.contains('\n') && c.span.start >= end {
+            // Only a comment right after this line's last token belongs to it; one after
+            // further code on the same source line belongs to that code.
+            let adjacent = between.chars().all(|ch| matches!(ch, ' ' | '\t' | ',' | ';' | '\r'));
+            if !c.own_line && adjacent && c.span.start >= end {
                 self.out.push_str("  ");
                 self.out.push_str(c.text.trim_end());
                 self.last_end = c.span.end;
@@ -172,7 +175,8 @@ impl Formatter<'_> {
                 let head = format!("{vis}model {}", m.name.name);
                 if m.params.is_empty() {
                     self.write(&format!("{head} {{"));
-                    self.end_line(m.name.span.end);
+                    let end = self.brace_after(m.name.span.end);
+                    self.end_line(end);
                 } else {
                     self.header(&head, &m.params, "", m.name.span.end);
                 }
@@ -183,7 +187,8 @@ impl Formatter<'_> {
             }
             ItemKind::Recipe(r) => {
                 self.write(&format!("{vis}recipe {} {{", r.name.name));
-                self.end_line(r.name.span.end);
+                let end = self.brace_after(r.name.span.end);
+                self.end_line(end);
                 self.indent += 1;
                 for (i, m) in r.members.iter().enumerate() {
                     self.start_line(m.span.start, i > 0);
@@ -222,9 +227,12 @@ impl Formatter<'_> {
         let one = format!("{pad}{head}({}){suffix} {{", flat.join(", "));
         let has_docs = params.iter().any(|p| !p.docs.is_empty());
         let has_comments = params.iter().any(|p| self.comment_within(name_end, p.span.end));
+        // The header line ends at its `{` (types contain no braces).
+        let after = params.last().map(|p| p.span.end).unwrap_or(name_end) as usize;
+        let brace_end = self.src[after.min(self.src.len())..].find('{').map(|i| (after + i + 1) as u32).unwrap_or(after as u32);
         if one.chars().count() <= WIDTH && !has_docs && !has_comments {
             self.write(&one);
-            self.end_line(params.last().map(|p| p.span.end).unwrap_or(name_end));
+            self.end_line(brace_end);
             return;
         }
         self.write(&format!("{pad}{head}("));
@@ -241,7 +249,13 @@ impl Formatter<'_> {
         self.indent -= 1;
         let pad = self.pad();
         self.write(&format!("{pad}){suffix} {{"));
-        self.end_line(params.last().map(|p| p.span.end).unwrap_or(name_end));
+        self.end_line(brace_end);
+    }
+
+    /// The offset just after the first `{` at or after `pos`.
+    fn brace_after(&self, pos: u32) -> u32 {
+        let p = (pos as usize).min(self.src.len());
+        self.src[p..].find('{').map(|i| (p + i + 1) as u32).unwrap_or(pos)
     }
 
     fn comment_within(&self, a: u32, b: u32) -> bool {
@@ -296,7 +310,8 @@ impl Formatter<'_> {
                 MemberKind::Fn(f) => self.fn_def("", f, m.span.end),
                 MemberKind::For { var, start, end, members } => {
                     self.write(&format!("{pad}for {} in {}..{} {{", var.name, flat(start), flat(end)));
-                    self.end_line(end.span.end);
+                    let e = self.brace_after(end.span.end);
+                    self.end_line(e);
                     self.indent += 1;
                     self.members(members);
                     self.indent -= 1;
@@ -364,7 +379,8 @@ impl Formatter<'_> {
             }
             StmtKind::For { var, start, end, body } => {
                 self.write(&format!("{pad}for {} in {}..{} {{", var.name, flat(start), flat(end)));
-                self.end_line(end.span.end);
+                let e = self.brace_after(end.span.end);
+                self.end_line(e);
                 self.stmts(body);
                 self.close(s.span.end);
                 return;

@@ -99,6 +99,14 @@ fn parse_item(
         );
         return Item { docs: vec![], public: false, kind: ItemKind::Error, span };
     }
+    if let Some(at) = too_deep(chunk) {
+        diagnostics.push(
+            Diagnostic::error("E0101", format!("expression nested more than {MAX_DEPTH} levels deep"))
+                .label(file, at, "nesting limit reached here")
+                .help("split the expression with `let` bindings"),
+        );
+        return Item { docs: vec![], public: false, kind: ItemKind::Error, span };
+    }
     let mut recovered: Vec<ErrorRecovery<usize, Tok, &'static str>> = Vec::new();
     let result = grammar::ItemParser::new().parse(&mut recovered, chunk.iter().map(|t| Ok::<_, &'static str>(*t)));
     // An item with a lexical error (already reported) gets no parse errors: they would be
@@ -174,6 +182,36 @@ fn describe_expected(expected: &[String]) -> Option<String> {
         uniq.push("…".into());
     }
     Some(format!("expected {}", uniq.join(", ")))
+}
+
+/// The deepest nesting (brackets, and runs of prefix operators) the later passes accept;
+/// they recurse over the tree, and a bound keeps any input from exhausting the stack.
+const MAX_DEPTH: usize = 200;
+
+fn too_deep(chunk: &[(usize, Tok<'_>, usize)]) -> Option<Span> {
+    let (mut depth, mut run) = (0usize, 0usize);
+    let mut binary_ops = 0usize;
+    for &(s, t, e) in chunk {
+        match t {
+            Tok::LParen | Tok::LBracket | Tok::LBrace => depth += 1,
+            Tok::RParen | Tok::RBracket | Tok::RBrace => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if matches!(t, Tok::Minus | Tok::Bang) {
+            run += 1;
+        } else {
+            run = 0;
+        }
+        if matches!(t, Tok::Plus | Tok::Minus | Tok::Star | Tok::Slash | Tok::At | Tok::Caret | Tok::AndAnd | Tok::OrOr | Tok::Percent) {
+            binary_ops += 1;
+        } else if t == Tok::Newline {
+            binary_ops = 0;
+        }
+        if depth > MAX_DEPTH || run > MAX_DEPTH || binary_ops > 20 * MAX_DEPTH {
+            return Some(Span::new(s, e));
+        }
+    }
+    None
 }
 
 /// The innermost delimiter opened in the chunk and never closed.

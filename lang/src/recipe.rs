@@ -273,25 +273,25 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
                         ItemKind::Fn(f) => f.kind.keyword(),
                         _ => "item",
                     };
-                    let want = kind.keyword();
+                    let want = article(kind.keyword());
                     let verb = if kind == RuleKind::Optimizer { "optimize" } else { "sparsify" };
                     c.error(
                         "E0406",
                         rule.span,
-                        format!("`{verb} … with` needs a {want}, found a {found}"),
-                        format!("not a {want}"),
+                        format!("`{verb} … with` needs {want}, found {}", article(found)),
+                        format!("not {want}"),
                     );
                     None
                 }
             },
             Ty::Unknown => None,
             other => {
-                let want = kind.keyword();
+                let want = article(kind.keyword());
                 c.error(
                     "E0406",
                     rule.span,
-                    format!("expected a {want} applied to its hyperparameters, found {}", other.describe()),
-                    format!("not a {want}"),
+                    format!("expected {want} applied to its hyperparameters, found {}", other.describe()),
+                    format!("not {want}"),
                 )
                 .help = Some(if kind == RuleKind::Optimizer {
                     "e.g. `adamw(lr = 1e-3)` from `std.optim`".into()

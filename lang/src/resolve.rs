@@ -42,13 +42,25 @@ pub struct Import {
 #[derive(Debug, Clone, Default)]
 pub struct Modules {
     pub list: Vec<ModuleInfo>,
-    /// `(item, module)` for every public item of every known standard module, for hints.
-    pub std_index: Vec<(String, String)>,
+    /// `(module path, text)` of every known standard module, for hints such as
+    /// "`cross_entropy` is in `std.loss`" (parsed only when such a hint is needed).
+    pub std_sources: Vec<(String, String)>,
     /// Every known standard module path.
     pub std_modules: Vec<String>,
 }
 
 impl Modules {
+    /// The standard module that defines a public item named `name`, if any.
+    pub fn std_module_of(&self, name: &str) -> Option<String> {
+        for (m, text) in &self.std_sources {
+            let parsed = parse(FileId(u32::MAX), text);
+            if parsed.module.items.iter().any(|it| it.public && it.name().map(|n| n.name == name).unwrap_or(false)) {
+                return Some(m.clone());
+            }
+        }
+        None
+    }
+
     pub fn item(&self, r: ItemRef) -> &crate::ast::Item {
         &self.list[r.module].ast.items[r.item]
     }
@@ -97,12 +109,7 @@ pub fn resolve(db: &mut SourceDb, roots: &[FileId], loader: &dyn ModuleLoader) -
     for m in &known {
         let segs: Vec<String> = m.split('.').map(|s| s.to_string()).collect();
         if let Some((_, text)) = loader.load(&segs, "") {
-            let parsed = parse(FileId(u32::MAX), &text);
-            for it in &parsed.module.items {
-                if let (true, Some(n)) = (it.public, it.name()) {
-                    r.modules.std_index.push((n.name.clone(), m.clone()));
-                }
-            }
+            r.modules.std_sources.push((m.clone(), text));
         }
     }
     r.modules.std_modules = known;

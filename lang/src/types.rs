@@ -117,7 +117,7 @@ fn mono_mul(a: &Mono, b: &Mono) -> Mono {
     let mut out: Vec<(Atom, i32)> = a.clone();
     for (atom, e) in b {
         match out.iter_mut().find(|(x, _)| x == atom) {
-            Some(slot) => slot.1 += e,
+            Some(slot) => slot.1 = slot.1.saturating_add(*e),
             None => out.push((atom.clone(), *e)),
         }
     }
@@ -170,7 +170,7 @@ impl Dim {
         let mut terms = self.terms.clone();
         for (m, c) in &o.terms {
             let e = terms.entry(m.clone()).or_insert(0);
-            *e += c;
+            *e = e.saturating_add(*c);
             if *e == 0 {
                 terms.remove(m);
             }
@@ -178,7 +178,7 @@ impl Dim {
         Dim { terms }
     }
     pub fn neg(&self) -> Dim {
-        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
+        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c.saturating_neg())).collect() }
     }
     pub fn sub(&self, o: &Dim) -> Dim {
         self.add(&o.neg())
@@ -200,12 +200,12 @@ impl Dim {
     pub fn div(&self, o: &Dim) -> Dim {
         if o.terms.len() == 1 {
             let (dm, dc) = o.terms.iter().next().map(|(m, c)| (m.clone(), *c)).unwrap_or_default();
-            if dc != 0 && self.terms.values().all(|c| c % dc == 0) {
+            if dc != 0 && self.terms.values().all(|c| c.checked_rem(dc) == Some(0)) {
                 let inv: Mono = dm.iter().map(|(a, e)| (a.clone(), -e)).collect();
                 let mut out = Dim::default();
                 for (m, c) in &self.terms {
                     let mut t = BTreeMap::new();
-                    t.insert(mono_mul(m, &inv), c / dc);
+                    t.insert(mono_mul(m, &inv), c.checked_div(dc).unwrap_or(0));
                     out = out.add(&Dim { terms: t });
                 }
                 return out;
@@ -218,8 +218,8 @@ impl Dim {
     }
     pub fn rem(&self, o: &Dim) -> Dim {
         if let (Some(a), Some(b)) = (self.as_const(), o.as_const()) {
-            if b != 0 {
-                return Dim::constant(a.rem_euclid(b));
+            if let Some(r) = a.checked_rem_euclid(b) {
+                return Dim::constant(r);
             }
         }
         Dim::atom(Atom::Rem(Box::new(self.clone()), Box::new(o.clone())))
@@ -236,7 +236,7 @@ impl Dim {
                     Atom::Quot(x, y) => x.subst(f).div(&y.subst(f)),
                     Atom::Rem(x, y) => x.subst(f).rem(&y.subst(f)),
                 };
-                for _ in 0..e.unsigned_abs() {
+                for _ in 0..e.unsigned_abs().min(64) {
                     if *e > 0 {
                         num = num.mul(&d);
                     } else {
@@ -294,7 +294,7 @@ fn fmt_mono(m: &Mono, mag: i64, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         first = false;
     }
     for (a, e) in num {
-        for _ in 0..*e {
+        for _ in 0..(*e).min(64) {
             if !first {
                 f.write_str(" * ")?;
             }
@@ -303,7 +303,7 @@ fn fmt_mono(m: &Mono, mag: i64, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         }
     }
     for (a, e) in den {
-        for _ in 0..e.unsigned_abs() {
+        for _ in 0..e.unsigned_abs().min(64) {
             f.write_str(" / ")?;
             fmt_atom(a, f)?;
         }

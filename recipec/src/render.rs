@@ -36,16 +36,8 @@ pub fn render(db: &SourceDb, d: &Diagnostic, color: bool) -> String {
             Severity::Warning => miette::Severity::Warning,
         })
         .with_labels(labels);
-    let mut help = d.help.clone().unwrap_or_default();
-    for n in &notes {
-        if !help.is_empty() {
-            help.push('\n');
-        }
-        help.push_str("note: ");
-        help.push_str(n);
-    }
-    if !help.is_empty() {
-        md = md.with_help(help);
+    if let Some(help) = &d.help {
+        md = md.with_help(help.clone());
     }
     let report = miette::Report::new(md).with_source_code(NamedSource::new(file.name.clone(), file.text.clone()));
     let theme = if color { GraphicalTheme::unicode() } else { GraphicalTheme::unicode_nocolor() };
@@ -53,6 +45,9 @@ pub fn render(db: &SourceDb, d: &Diagnostic, color: bool) -> String {
     let mut out = String::new();
     if handler.render_report(&mut out, report.as_ref()).is_err() {
         out = format!("{}[{}]: {}\n", d.severity.as_str(), d.code, d.message);
+    }
+    for n in &notes {
+        out.push_str(&format!("  = note: {n}\n"));
     }
     out
 }

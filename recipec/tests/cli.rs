@@ -1,0 +1,127 @@
+//! The command line as users and scripts drive it: exit codes, JSON diagnostics, `fmt`,
+//! `explain` and `build --emit`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn recipec() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_recipec"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("recipec-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn check_accepts_the_stdlib_and_examples() {
+    let mut cmd = recipec();
+    cmd.arg("check").current_dir(repo());
+    for dir in ["stdlib", "recipes"] {
+        for e in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().map(|x| x == "recipe").unwrap_or(false) {
+                cmd.arg(p);
+            }
+        }
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_reports_errors_with_exit_1_and_json() {
+    let dir = temp_dir("json");
+    let file = dir.join("bad.recipe");
+    std::fs::write(&file, "fn f(h: f32[N, D], c: f32[V, D]) -> f32[N, V] {\n    h @ c\n}\n").unwrap();
+    let out = recipec().args(["check", "--message-format", "json"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let d = &lines[0];
+    assert_eq!(d["code"], "E0303");
+    assert_eq!(d["severity"], "error");
+    assert_eq!(d["line"], 2);
+    assert_eq!(d["column"], 5);
+    assert!(d["file"].as_str().unwrap().ends_with("bad.recipe"));
+    assert!(d["message"].as_str().unwrap().contains("f32[N, D] @ f32[V, D]"));
+
+    // The human format goes to stderr, with the code, the source line and the help.
+    let out = recipec().arg("check").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("E0303") && stderr.contains("h @ c") && stderr.contains("help:"), "{stderr}");
+}
+
+#[test]
+fn check_of_a_missing_file_fails_cleanly() {
+    let out = recipec().args(["check", "/nonexistent/x.recipe"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn sibling_imports_resolve_from_the_file_directory() {
+    let dir = temp_dir("siblings");
+    std::fs::write(dir.join("lib.recipe"), "pub fn twice(x: f32[N]) -> f32[N] {\n    2.0 * x\n}\n").unwrap();
+    std::fs::write(dir.join("main.recipe"), "use lib.twice\n\nfn f(x: f32[N]) -> f32[N] {\n    twice(x)\n}\n").unwrap();
+    let out = recipec().arg("check").arg(dir.join("main.recipe")).current_dir("/").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn fmt_rewrites_and_check_mode_reports() {
+    let dir = temp_dir("fmt");
+    let file = dir.join("messy.recipe");
+    std::fs::write(&file, "fn f(x:f32)->f32{x*2.0 // keep me\n}\n").unwrap();
+    let out = recipec().args(["fmt", "--check"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = recipec().arg("fmt").arg(&file).output().unwrap();
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text, "fn f(x: f32) -> f32 {\n    x * 2.0  // keep me\n}\n");
+    let out = recipec().args(["fmt", "--check"]).arg(&file).output().unwrap();
+    assert!(out.status.success());
+    // A file with syntax errors is left untouched.
+    std::fs::write(&file, "fn f( {\n").unwrap();
+    let out = recipec().arg("fmt").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "fn f( {\n");
+}
+
+#[test]
+fn explain_prints_every_code() {
+    for c in lang::diag::CODES {
+        let out = recipec().args(["explain", c.code]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains(c.title), "{}", c.code);
+    }
+    let out = recipec().args(["explain", "e0302"]).output().unwrap();
+    assert!(out.status.success(), "codes are case-insensitive");
+    let out = recipec().args(["explain", "E9999"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn build_emits_the_typed_form() {
+    let out = recipec().args(["build", "--emit", "typed", "recipes/tiny_gpt.recipe"]).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("model.blocks.4.mlp.w2"), "{text}");
+    assert!(text.contains("model.wte") && text.contains("f32[256, 128]"), "{text}");
+    let out = recipec().args(["build", "--emit", "typed", "stdlib/loss.recipe"]).current_dir(repo()).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("let             nll              : f32[N]"), "{text}");
+    let out = recipec().args(["build", "--emit", "ast", "stdlib/optim.recipe"]).current_dir(repo()).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout).unwrap().contains("Optimizer"));
+}
