@@ -229,7 +229,8 @@ impl Formatter<'_> {
         let has_comments = params.iter().any(|p| self.comment_within(name_end, p.span.end));
         // The header line ends at its `{` (types contain no braces).
         let after = params.last().map(|p| p.span.end).unwrap_or(name_end) as usize;
-        let brace_end = self.src[after.min(self.src.len())..].find('{').map(|i| (after + i + 1) as u32).unwrap_or(after as u32);
+        let brace_end =
+            self.src[after.min(self.src.len())..].find('{').map(|i| (after + i + 1) as u32).unwrap_or(after as u32);
         if one.chars().count() <= WIDTH && !has_docs && !has_comments {
             self.write(&one);
             self.end_line(brace_end);

@@ -202,7 +202,18 @@ fn too_deep(chunk: &[(usize, Tok<'_>, usize)]) -> Option<Span> {
         } else {
             run = 0;
         }
-        if matches!(t, Tok::Plus | Tok::Minus | Tok::Star | Tok::Slash | Tok::At | Tok::Caret | Tok::AndAnd | Tok::OrOr | Tok::Percent) {
+        if matches!(
+            t,
+            Tok::Plus
+                | Tok::Minus
+                | Tok::Star
+                | Tok::Slash
+                | Tok::At
+                | Tok::Caret
+                | Tok::AndAnd
+                | Tok::OrOr
+                | Tok::Percent
+        ) {
             binary_ops += 1;
         } else if t == Tok::Newline {
             binary_ops = 0;

@@ -113,7 +113,8 @@ fn explain_prints_every_code() {
 
 #[test]
 fn build_emits_the_typed_form() {
-    let out = recipec().args(["build", "--emit", "typed", "recipes/tiny_gpt.recipe"]).current_dir(repo()).output().unwrap();
+    let out =
+        recipec().args(["build", "--emit", "typed", "recipes/tiny_gpt.recipe"]).current_dir(repo()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("model.blocks.4.mlp.w2"), "{text}");

@@ -23,7 +23,11 @@ fn every_code_has_a_complete_doc() {
     for c in lang::diag::CODES {
         assert!(seen.insert(c.code), "duplicate code {}", c.code);
         assert!(c.code.len() == 5 && (c.code.starts_with('E') || c.code.starts_with('W')), "bad code {}", c.code);
-        assert!(!c.title.is_empty() && !c.explanation.is_empty() && !c.example.is_empty() && !c.fix.is_empty(), "{}", c.code);
+        assert!(
+            !c.title.is_empty() && !c.explanation.is_empty() && !c.example.is_empty() && !c.fix.is_empty(),
+            "{}",
+            c.code
+        );
     }
 }
 
