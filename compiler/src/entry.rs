@@ -172,7 +172,7 @@ pub fn schedule(modules: &Modules, db: &SourceDb, r: ItemRef, args: &[(String, A
 fn every_k(lw: &mut Lowerer, step: NodeId, k: i64, origin: &str) -> R<NodeId> {
     let one = lw.constant(Dtype::I32, 1.0, origin)?;
     let s1 = lw.node(Op::Binary(Bin::Sub), Dtype::I32, vec![], &[step, one], origin)?;
-    let kk = lw.constant(Dtype::I32, k.max(1) as f64, origin)?;
+    let kk = lw.constant(Dtype::I32, k.clamp(1, i32::MAX as i64) as f64, origin)?;
     let r = lw.node(Op::Binary(Bin::Rem), Dtype::I32, vec![], &[s1, kk], origin)?;
     let z = lw.constant(Dtype::I32, 0.0, origin)?;
     lw.node(Op::Binary(Bin::Eq), Dtype::Bool, vec![], &[r, z], origin)
@@ -228,7 +228,10 @@ pub fn optimizer(
     lw.bind_params(&params, &vals)?;
     // State inputs: lower each initializer once to learn its shape, in a throwaway lowering
     // of the statements before it (states may depend on earlier lets).
-    let first = every_k(&mut lw, step, i64::MAX, "step 1")?;
+    let first = {
+        let one = lw.constant(Dtype::I32, 1.0, "step 1")?;
+        lw.node(Op::Binary(Bin::Eq), Dtype::Bool, vec![], &[step, one], "step 1")?
+    };
     let mut state_inputs: Vec<(String, NodeId)> = vec![];
     for s in &rule.body {
         match &s.kind {

@@ -68,10 +68,6 @@ pub struct Lowerer<'a> {
     depth: usize,
 }
 
-fn err<T>(msg: impl Into<String>) -> R<T> {
-    Err(LowerError { message: msg.into(), at: None })
-}
-
 impl<'a> Lowerer<'a> {
     pub fn new(modules: &'a Modules, db: &'a SourceDb, name: &str) -> Lowerer<'a> {
         Lowerer {
@@ -827,9 +823,6 @@ impl<'a> Lowerer<'a> {
     }
     pub(crate) fn transpose_val(&mut self, n: NodeId, perm: Vec<usize>, origin: &str) -> R<Val> {
         self.transpose(n, perm, origin)
-    }
-    pub(crate) fn promote_vals(&self, a: &Val, b: &Val) -> Option<Dtype> {
-        Some(Self::promote(self.kind(a)?, self.kind(b)?))
     }
     pub(crate) fn node_of(&mut self, v: &Val, dtype: Dtype, origin: &str, span: lang::source::Span) -> R<NodeId> {
         self.to_node(v, dtype, origin, span)

@@ -101,7 +101,7 @@ pub fn diagnostics_markdown() -> String {
 `recipec explain CODE` prints the same text as this page, which is generated from \
 `lang/src/diag.rs` (a test keeps the two in sync: run `UPDATE_DOCS=1 cargo test -p tests \
 --test docs` after changing a code).\n\nCodes `E00xx` are lexical, `E01xx` syntax, `E02xx` names \
-and modules, `E03xx` types and shapes, `E04xx` recipes; `W0xxx` are warnings.\n\n",
+and modules, `E03xx` types and shapes, `E04xx` recipes, `E05xx` evaluation (`recipec eval`); `W0xxx` are warnings.\n\n",
     );
     for c in CODES {
         out.push_str(&explain_text(c));
@@ -345,6 +345,21 @@ or a schedule applied to its arguments, such as `cosine(peak = 1e-3, total = 100
 sparsity rule, `model =` a model, `decode =` a decoding policy) but the name is another kind.",
 "optimize model.** with cross_entropy(lr = 1e-3)",
 "Use an item of the expected kind.";
+
+"E0501", "invalid evaluation argument",
+"`recipec eval` received an argument it cannot use: a missing or unreadable `.npy` file, an \
+array whose dtype or shape does not fit the parameter, an unknown parameter name, or an \
+unknown item or backend. Nothing is written to `--out` on error.",
+"recipec eval loss.recipe cross_entropy --arg logits=z.npy --arg targets=y_float.npy --out out/",
+"Pass every tensor parameter as `--arg NAME=PATH.npy` with the declared dtype and a shape that \
+fits the declared dimensions, and scalars as `--hp NAME=VALUE`.";
+
+"E0502", "cannot evaluate",
+"The item is valid but uses something the reference interpreter does not evaluate yet (model \
+methods, `qr`, `svd_topk`, data sources), or a value that only exists at run time was needed \
+at build time.",
+"recipec eval models.recipe gpt --out out/",
+"Evaluate a function, loss, schedule, optimizer, sparsity rule or decoding policy.";
 
 "W0001", "unused binding",
 "A `let` binding is never read. Prefix the name with `_` to keep it on purpose.",

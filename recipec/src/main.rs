@@ -1,7 +1,9 @@
 //! `recipec`: the command line over the recipe front end (and, later, the compiler and
 //! runtime). Renders diagnostics; the crates below only return them.
 
+mod eval;
 mod loader;
+mod npy;
 mod render;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -49,6 +51,41 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Evaluate an item on the reference interpreter: a fn, loss, decode policy, optimizer
+    /// (`--steps K`), schedule (`--steps N`) or sparsity rule. Writes `.npy` files to `--out`.
+    Eval {
+        file: PathBuf,
+        /// An item of FILE, or a dotted stdlib path such as `std.loss.cross_entropy`.
+        item: String,
+        /// A tensor argument: `--arg NAME=PATH.npy`.
+        #[arg(long = "arg", value_name = "NAME=PATH")]
+        args: Vec<String>,
+        /// A scalar or string hyperparameter: `--hp NAME=VALUE`.
+        #[arg(long = "hp", value_name = "NAME=VALUE")]
+        hps: Vec<String>,
+        /// Also write the gradient of the (scalar) result for every float argument.
+        #[arg(long)]
+        grad: bool,
+        /// Optimizer steps, or schedule steps to tabulate.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Seed of the counter-based random generator.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Only `interp` exists yet.
+        #[arg(long, default_value = "interp")]
+        backend: String,
+        /// Print intermediate graphs: `graph` (as lowered), `graph-after=PASS`.
+        #[arg(long, value_delimiter = ',')]
+        emit: Vec<String>,
+        /// Print the time each pass took.
+        #[arg(long)]
+        time_passes: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List the compiler's passes in pipeline order.
+    Passes,
     /// Build a recipe; with `--emit`, print intermediate forms.
     Build {
         file: PathBuf,
@@ -65,15 +102,24 @@ fn main() -> ExitCode {
         Command::Fmt { files, check } => fmt(&files, check),
         Command::Explain { code, all } => explain(code, all),
         Command::Build { file, emit } => build(&file, &emit),
+        Command::Eval { file, item, args, hps, grad, steps, seed, backend, emit, time_passes, out } => {
+            eval::eval(eval::Request { file, item, args, hps, grad, steps, seed, backend, emit, time_passes, out })
+        }
+        Command::Passes => {
+            for p in compiler::passes::PIPELINE {
+                println!("{:<34} {}", p.name, p.summary);
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 
-fn color() -> bool {
+pub(crate) fn color() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
 /// Reads files into a source database; unreadable files are reported and skipped.
-fn load(files: &[PathBuf]) -> (SourceDb, Vec<FileId>, bool) {
+pub(crate) fn load(files: &[PathBuf]) -> (SourceDb, Vec<FileId>, bool) {
     let mut db = SourceDb::new();
     let mut roots = vec![];
     let mut ok = true;

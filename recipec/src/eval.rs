@@ -1,0 +1,324 @@
+//! `recipec eval`: run one item on the reference interpreter with arguments from `.npy`
+//! files. The contract (documented in the README) is relied on by users' scripts.
+
+use crate::{load, loader, npy, render};
+use compiler::interp::{self, Tensor};
+use compiler::ir::{Graph, Op};
+use compiler::lower::Arg;
+use lang::ast::{FnKind, ItemKind, RuleKind};
+use lang::types::Dtype;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub struct Request {
+    pub file: PathBuf,
+    pub item: String,
+    pub args: Vec<String>,
+    pub hps: Vec<String>,
+    pub grad: bool,
+    pub steps: Option<usize>,
+    pub seed: u64,
+    pub backend: String,
+    pub emit: Vec<String>,
+    pub time_passes: bool,
+    pub out: PathBuf,
+}
+
+/// An evaluation error: a code (documented by `recipec explain`) and a message.
+struct Fail(&'static str, String);
+
+fn fail<T>(code: &'static str, msg: impl Into<String>) -> Result<T, Fail> {
+    Err(Fail(code, msg.into()))
+}
+
+pub fn eval(req: Request) -> ExitCode {
+    match run(&req) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            if code == "E0000" {
+                // Diagnostics were already rendered.
+                return ExitCode::from(1);
+            }
+            eprintln!("error[{code}]: {msg}");
+            if let Some(doc) = lang::diag::code_doc(code) {
+                eprintln!("  = help: {} (see `recipec explain {code}`)", doc.fix.trim());
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn describe(t: &Tensor) -> String {
+    format!("{}{:?}", t.dtype, t.shape)
+}
+
+fn run(req: &Request) -> Result<(), Fail> {
+    if req.backend != "interp" {
+        return fail("E0501", format!("backend `{}` is not available yet; the only backend is `interp`", req.backend));
+    }
+    let (mut db, mut roots, ok) = load(std::slice::from_ref(&req.file));
+    if !ok {
+        return fail("E0000", "");
+    }
+    // A dotted item (`std.loss.cross_entropy`) is imported by a synthetic root module.
+    let dotted = req.item.contains('.');
+    if dotted {
+        let from = req.file.display().to_string();
+        let dir = std::path::Path::new(&from).parent().map(|p| p.display().to_string()).unwrap_or_default();
+        let name = if dir.is_empty() { "<eval>".to_string() } else { format!("{dir}/<eval>") };
+        roots.push(db.add(name, format!("use {}\n", req.item)));
+    }
+    let analysis = lang::analyze(&mut db, &roots, &loader::FsLoader);
+    let color = crate::color();
+    let mut errors = false;
+    for d in &analysis.diagnostics {
+        // The synthetic import is never "unused".
+        if d.code == "W0002" && dotted {
+            continue;
+        }
+        errors |= d.is_error();
+        eprint!("{}", render::render(&db, d, color));
+    }
+    if errors {
+        return fail("E0000", "");
+    }
+    let (module, name) = if dotted {
+        (
+            analysis.modules.list.iter().position(|m| Some(m.file) == roots.last().copied()).unwrap_or(0),
+            req.item.rsplit('.').next().unwrap_or(""),
+        )
+    } else {
+        (0, req.item.as_str())
+    };
+    let Some(r) = analysis.modules.find_item(module, name) else {
+        let names: Vec<String> = analysis.modules.list[0].items.keys().cloned().collect();
+        return fail("E0501", format!("`{}` has no item `{name}` (items: {})", req.file.display(), names.join(", ")));
+    };
+    // Arguments.
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for a in &req.args {
+        let Some((n, path)) = a.split_once('=') else {
+            return fail("E0501", format!("`--arg {a}`: expected NAME=PATH.npy"));
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| Fail("E0501", format!("argument `{n}`: cannot read {path}: {e}")))?;
+        let t = npy::parse(&bytes).map_err(|e| Fail("E0501", format!("argument `{n}`: {path}: {e}")))?;
+        tensors.insert(n.to_string(), t);
+    }
+    let mut scalars: Vec<(String, Arg)> = vec![];
+    for h in &req.hps {
+        let Some((n, v)) = h.split_once('=') else { return fail("E0501", format!("`--hp {h}`: expected NAME=VALUE")) };
+        let arg = match v.parse::<f64>() {
+            Ok(x) => Arg::Scalar(x),
+            Err(_) => match v {
+                "true" => Arg::Scalar(1.0),
+                "false" => Arg::Scalar(0.0),
+                s => Arg::Str(s.to_string()),
+            },
+        };
+        scalars.push((n.to_string(), arg));
+    }
+    let modules = &analysis.modules;
+    let item = modules.item(r);
+    let lower_err = |e: compiler::lower::LowerError| {
+        let at = e.at.map(|(f, s)| {
+            let file = db.file(f);
+            let (l, c) = file.line_col(s.start);
+            format!(" ({}:{l}:{c})", file.name)
+        });
+        Fail("E0502", format!("{}{}", e.message, at.unwrap_or_default()))
+    };
+    let mut outputs: Vec<(String, Tensor)> = vec![];
+    match &item.kind {
+        ItemKind::Fn(f) if f.kind == FnKind::Schedule => {
+            let g = compiler::entry::schedule(modules, &db, r, &scalars).map_err(lower_err)?;
+            let g = prepare(g, req)?;
+            let n = req.steps.unwrap_or(1);
+            let mut values = vec![];
+            for step in 1..=n {
+                let out = run_graph(&g, &[Tensor::scalar(Dtype::I32, step as f64)], req.seed)?;
+                values.push(out["out"].data[0]);
+            }
+            outputs.push(("out".into(), Tensor::new(Dtype::F32, vec![n], values)));
+        }
+        ItemKind::Fn(f) => {
+            let mut args: Vec<(String, Arg)> = vec![];
+            let mut inputs = vec![];
+            for p in &f.params {
+                if let Some(t) = tensors.remove(&p.name.name) {
+                    args.push((p.name.name.clone(), Arg::Tensor(t.dtype, t.shape.clone())));
+                    inputs.push(t);
+                }
+            }
+            if let Some(extra) = tensors.keys().next() {
+                return fail("E0501", format!("`{name}` has no parameter `{extra}`"));
+            }
+            args.extend(scalars.iter().cloned());
+            let g = compiler::entry::function(modules, &db, r, &args, req.grad, true).map_err(lower_err)?;
+            let g = prepare(g, req)?;
+            let out = run_graph(&g, &inputs, req.seed)?;
+            let mut names: Vec<&String> = out.keys().collect();
+            names.sort();
+            for n in names {
+                outputs.push((n.clone(), out[n].clone()));
+            }
+        }
+        ItemKind::Rule(rule) => {
+            let Some(param) = tensors.remove("param") else {
+                return fail("E0501", format!("{} `{name}` needs `--arg param=PATH.npy`", rule.kind.keyword()));
+            };
+            let grad = tensors.remove("grad");
+            if let Some(extra) = tensors.keys().next() {
+                return fail(
+                    "E0501",
+                    format!(
+                        "`{name}` takes tensors `param` and `grad` only, not `{extra}` (hyperparameters go in `--hp`)"
+                    ),
+                );
+            }
+            if !param.dtype.is_float() {
+                return fail("E0501", format!("argument `param` must be floating point, got {}", describe(&param)));
+            }
+            let k = req.steps.unwrap_or(1).max(1);
+            // grad: the parameter's shape, or a leading axis of length K (one per step).
+            let grad_at = |step: usize| -> Result<Tensor, Fail> {
+                match &grad {
+                    None => Ok(Tensor::new(param.dtype, param.shape.clone(), vec![0.0; param.numel()])),
+                    Some(g) if g.shape == param.shape => Ok(g.clone()),
+                    Some(g)
+                        if g.shape.len() == param.shape.len() + 1
+                            && g.shape[0] == k
+                            && g.shape[1..] == param.shape[..] =>
+                    {
+                        let n = param.numel();
+                        Ok(Tensor::new(g.dtype, param.shape.clone(), g.data[(step - 1) * n..step * n].to_vec()))
+                    }
+                    Some(g) => fail(
+                        "E0501",
+                        format!(
+                            "argument `grad` must have shape {:?} (or [{k}, ...] with --steps {k}), got {:?}",
+                            param.shape, g.shape
+                        ),
+                    ),
+                }
+            };
+            match rule.kind {
+                RuleKind::Optimizer => {
+                    let g = compiler::entry::optimizer(modules, &db, r, (param.dtype, param.shape.clone()), &scalars)
+                        .map_err(lower_err)?;
+                    let g = prepare(g, req)?;
+                    let state_inputs: Vec<(String, Dtype, Vec<usize>)> = g
+                        .inputs
+                        .iter()
+                        .filter_map(|i| match &g.node(*i).op {
+                            Op::Input { name, .. } if name.starts_with("state_") => {
+                                Some((name.clone(), g.node(*i).dtype, g.node(*i).shape.clone()))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    let mut p = param.clone();
+                    let mut states: Vec<Tensor> = state_inputs
+                        .iter()
+                        .map(|(_, d, s)| Tensor::new(*d, s.clone(), vec![0.0; s.iter().product()]))
+                        .collect();
+                    for step in 1..=k {
+                        let mut inputs = vec![
+                            p.clone(),
+                            Tensor { dtype: param.dtype, ..grad_at(step)? },
+                            Tensor::scalar(Dtype::I32, step as f64),
+                        ];
+                        inputs.extend(states.iter().cloned());
+                        let out = run_graph(&g, &inputs, req.seed)?;
+                        p = out["param"].clone();
+                        states = state_inputs.iter().map(|(n, _, _)| out[n].clone()).collect();
+                    }
+                    outputs.push(("param".into(), p));
+                    for ((n, _, _), t) in state_inputs.iter().zip(states) {
+                        outputs.push((n.clone(), t));
+                    }
+                }
+                RuleKind::Sparsity => {
+                    let g = compiler::entry::sparsity(modules, &db, r, (param.dtype, param.shape.clone()), &scalars)
+                        .map_err(lower_err)?;
+                    let g = prepare(g, req)?;
+                    let mut mask = Tensor::new(param.dtype, param.shape.clone(), vec![1.0; param.numel()]);
+                    let mut last = HashMap::new();
+                    for step in 1..=k {
+                        let inputs = vec![
+                            param.clone(),
+                            Tensor { dtype: param.dtype, ..grad_at(step)? },
+                            Tensor::scalar(Dtype::I32, step as f64),
+                            mask.clone(),
+                        ];
+                        last = run_graph(&g, &inputs, req.seed)?;
+                        mask = last["mask"].clone();
+                    }
+                    outputs.push(("mask".into(), mask));
+                    if grad.is_some() {
+                        outputs.push(("grad".into(), last["grad"].clone()));
+                    }
+                }
+            }
+        }
+        other => {
+            let _ = other;
+            return fail(
+                "E0501",
+                format!(
+                    "`{name}` is a {}; `recipec eval` runs fn, loss, schedule, optimizer, sparsity and decode items",
+                    item.kind_name()
+                ),
+            );
+        }
+    }
+    // Everything is computed: only now write, so an error leaves nothing behind.
+    std::fs::create_dir_all(&req.out)
+        .map_err(|e| Fail("E0501", format!("cannot create {}: {e}", req.out.display())))?;
+    for (n, t) in &outputs {
+        let path = req.out.join(format!("{n}.npy"));
+        let tmp = req.out.join(format!(".{n}.npy.tmp"));
+        std::fs::write(&tmp, npy::write(t))
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| Fail("E0501", format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Runs the pass pipeline (printing graphs and timings when asked).
+fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
+    if req.emit.iter().any(|e| e == "graph") {
+        print!("{g}");
+    }
+    let after = req.emit.iter().find_map(|e| e.strip_prefix("graph-after="));
+    if let Some(a) = after {
+        if !compiler::passes::PIPELINE.iter().any(|p| p.name == a) {
+            return fail("E0501", format!("no pass `{a}`; `recipec passes` lists them"));
+        }
+    }
+    let mut timings = vec![];
+    compiler::passes::run_pipeline(&mut g, after, &mut timings).map_err(|e| Fail("E0502", e.0))?;
+    if after.is_some() {
+        print!("{g}");
+    }
+    if req.time_passes {
+        for (n, t) in &timings {
+            eprintln!("{n:<34} {:>8.3} ms", t.as_secs_f64() * 1e3);
+        }
+    }
+    Ok(g)
+}
+
+fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, Tensor>, Fail> {
+    // Check each input against its declaration first: a clear message names the argument.
+    for (i, id) in g.inputs.iter().enumerate() {
+        let n = g.node(*id);
+        if let (Op::Input { name, .. }, Some(t)) = (&n.op, inputs.get(i)) {
+            if t.shape != n.shape {
+                return fail("E0501", format!("argument `{name}`: expected shape {:?}, got {:?}", n.shape, t.shape));
+            }
+        }
+    }
+    interp::run(g, inputs, seed).map_err(|e| Fail("E0501", e.0))
+}
