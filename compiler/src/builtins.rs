@@ -62,7 +62,7 @@ fn dtype_arg(lw: &Lowerer, v: Option<&Val>, default: Dtype, span: Span) -> R<Dty
     match v {
         None => Ok(default),
         Some(Val::Str(s)) => {
-            Dtype::parse(s).ok_or_else(|| LowerError { message: format!("unknown dtype {s}"), at: None })
+            Dtype::parse(s).ok_or_else(|| LowerError { message: format!("unknown dtype {s}"), at: None, input: false })
         }
         Some(_) => lw.fail(span, "`dtype` must be a string"),
     }
@@ -90,10 +90,11 @@ pub fn call(lw: &mut Lowerer, name: &str, args: &[Arg], span: Span) -> R<Val> {
     let mut pos = 0;
     for a in args {
         let i = match &a.name {
-            Some(n) => names
-                .iter()
-                .position(|x| *x == n.name)
-                .ok_or_else(|| LowerError { message: format!("unknown argument `{}`", n.name), at: None })?,
+            Some(n) => names.iter().position(|x| *x == n.name).ok_or_else(|| LowerError {
+                message: format!("unknown argument `{}`", n.name),
+                at: None,
+                input: false,
+            })?,
             None => {
                 pos += 1;
                 pos - 1
@@ -104,7 +105,13 @@ pub fn call(lw: &mut Lowerer, name: &str, args: &[Arg], span: Span) -> R<Val> {
         }
     }
     let get = |i: usize| vals.get(i).and_then(|v| v.as_ref());
-    let x = || get(0).cloned().ok_or_else(|| LowerError { message: format!("`{name}` needs an argument"), at: None });
+    let x = || {
+        get(0).cloned().ok_or_else(|| LowerError {
+            message: format!("`{name}` needs an argument"),
+            at: None,
+            input: false,
+        })
+    };
     let float_unary = |lw: &mut Lowerer, u: Un| -> R<Val> { lw.unary_val(u, x()?, true, span) };
     match name {
         "exp" => float_unary(lw, Un::Exp),

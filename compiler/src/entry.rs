@@ -22,7 +22,12 @@ use std::collections::HashMap;
 type R<T> = Result<T, LowerError>;
 
 fn fail<T>(msg: impl Into<String>) -> R<T> {
-    Err(LowerError { message: msg.into(), at: None })
+    Err(LowerError { message: msg.into(), at: None, input: false })
+}
+
+/// A problem with the supplied arguments.
+fn bad_input<T>(msg: impl Into<String>) -> R<T> {
+    Err(LowerError { message: msg.into(), at: None, input: true })
 }
 
 /// How an argument of the entry point is supplied: tensors become inputs, scalars constants.
@@ -30,7 +35,7 @@ fn bind_args(lw: &mut Lowerer, params: &[Param], args: &[(String, Arg)], reserve
     for (name, _) in args {
         if !params.iter().any(|p| p.name.name == *name) && !reserved.contains(&name.as_str()) {
             let known: Vec<&str> = params.iter().map(|p| p.name.name.as_str()).collect();
-            return fail(format!("no parameter `{name}` (parameters: {})", known.join(", ")));
+            return bad_input(format!("no parameter `{name}` (parameters: {})", known.join(", ")));
         }
     }
     let mut vals = HashMap::new();
@@ -41,12 +46,12 @@ fn bind_args(lw: &mut Lowerer, params: &[Param], args: &[(String, Arg)], reserve
             Arg::Tensor(dtype, shape) => {
                 if let Some(d) = declared {
                     if d != *dtype {
-                        return fail(format!("argument `{}` must be {d}, got {dtype}", p.name.name));
+                        return bad_input(format!("argument `{}` must be {d}, got {dtype}", p.name.name));
                     }
                 }
                 let rank = p.ty.dims.as_ref().map(|d| d.len()).unwrap_or(0);
                 if rank != shape.len() {
-                    return fail(format!(
+                    return bad_input(format!(
                         "argument `{}` must have rank {rank} ({}), got shape {shape:?}",
                         p.name.name,
                         lang::fmt::flat(&Expr::new(

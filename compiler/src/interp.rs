@@ -77,7 +77,7 @@ pub fn round(dtype: Dtype, x: f64) -> f64 {
         Dtype::F64 => x,
         Dtype::F32 => x as f32 as f64,
         Dtype::F16 => round_float(x, 11, -14, 65504.0),
-        Dtype::BF16 => round_float(x, 8, -126, f32::MAX as f64 * (1.0 - 2f64.powi(-8)) / (1.0 - 2f64.powi(-24))),
+        Dtype::BF16 => round_float(x, 8, -126, (2.0 - 2f64.powi(-7)) * 2f64.powi(127)),
         Dtype::I32 => {
             if x.is_nan() {
                 0.0
@@ -605,7 +605,8 @@ mod tests {
         assert_eq!(round(Dtype::F16, 2f64.powi(-24)), 2f64.powi(-24)); // smallest subnormal
         assert_eq!(round(Dtype::BF16, 1.0 + 1.0 / 256.0), 1.0);
         assert_eq!(round(Dtype::BF16, 1.0 + 3.0 / 256.0), 1.0 + 2.0 / 128.0);
-        assert_eq!(round(Dtype::BF16, 3.0e38), 2.9913994e38_f32 as f64);
+        assert_eq!(round(Dtype::BF16, 3.0e38), 1.765625 * 2f64.powi(127));
+        assert_eq!(round(Dtype::BF16, 3.4e38), f64::INFINITY);
         assert_eq!(round(Dtype::I32, 2147483648.0), -2147483648.0);
         assert_eq!(round(Dtype::I32, -2.7), -2.0);
     }

@@ -19,6 +19,9 @@ use std::collections::HashMap;
 pub struct LowerError {
     pub message: String,
     pub at: Option<(FileId, lang::source::Span)>,
+    /// True when the supplied arguments are at fault (a missing argument, a wrong dtype or
+    /// shape), false when the item uses something that cannot be lowered.
+    pub input: bool,
 }
 
 impl std::fmt::Display for LowerError {
@@ -29,7 +32,11 @@ impl std::fmt::Display for LowerError {
 
 impl From<IrError> for LowerError {
     fn from(e: IrError) -> Self {
-        LowerError { message: format!("this is a bug in recipec (lowering built an invalid node): {}", e.0), at: None }
+        LowerError {
+            message: format!("this is a bug in recipec (lowering built an invalid node): {}", e.0),
+            at: None,
+            input: false,
+        }
     }
 }
 
@@ -93,7 +100,11 @@ impl<'a> Lowerer<'a> {
     }
 
     fn at<T>(&self, span: lang::source::Span, msg: impl Into<String>) -> R<T> {
-        Err(LowerError { message: msg.into(), at: Some((self.file(), span)) })
+        Err(LowerError { message: msg.into(), at: Some((self.file(), span)), input: false })
+    }
+
+    fn at_input<T>(&self, span: lang::source::Span, msg: impl Into<String>) -> R<T> {
+        Err(LowerError { message: msg.into(), at: Some((self.file(), span)), input: true })
     }
 
     pub fn bind(&mut self, name: &str, v: Val) {
@@ -346,6 +357,7 @@ impl<'a> Lowerer<'a> {
         let batch = Self::broadcast_shapes(&xs[..xs.len() - 2], &ys[..ys.len() - 2]).ok_or_else(|| LowerError {
             message: "matmul batch axes do not broadcast".into(),
             at: Some((self.file(), span)),
+            input: false,
         })?;
         let mut xt = batch.clone();
         xt.extend_from_slice(&xs[xs.len() - 2..]);
@@ -441,7 +453,7 @@ impl<'a> Lowerer<'a> {
                 Some(v) => v.clone(),
                 None => match &p.default {
                     Some(d) => self.expr(d)?,
-                    None => return self.at(p.span, format!("missing argument `{}`", p.name.name)),
+                    None => return self.at_input(p.span, format!("missing argument `{}`", p.name.name)),
                 },
             };
             // Bind dimension names of the declared type from the value's shape.
@@ -477,7 +489,7 @@ impl<'a> Lowerer<'a> {
         match &d.unparen().kind {
             ExprKind::Name(n) => match self.lookup(n) {
                 Some(Val::Int(v)) if v != actual => {
-                    self.at(d.span, format!("dimension `{n}` is {v}, but `{param}` has {actual} there"))
+                    self.at_input(d.span, format!("dimension `{n}` is {v}, but `{param}` has {actual} there"))
                 }
                 Some(_) => Ok(()),
                 None => {
@@ -490,7 +502,7 @@ impl<'a> Lowerer<'a> {
                 // An arithmetic dimension: check it once the names it uses are bound.
                 if let Ok(Val::Int(v)) = self.expr(d) {
                     if v != actual {
-                        return self.at(d.span, format!("`{param}` needs {v} here, has {actual}"));
+                        return self.at_input(d.span, format!("`{param}` needs {v} here, has {actual}"));
                     }
                 }
                 Ok(())
@@ -673,6 +685,7 @@ impl<'a> Lowerer<'a> {
         let s = Self::broadcast_shapes(&cs, &self.shape(ab[0])).ok_or_else(|| LowerError {
             message: "condition shape does not broadcast".into(),
             at: Some((self.file(), span)),
+            input: false,
         })?;
         let cn = self.broadcast(cn, &s, &origin)?;
         let x = self.broadcast(ab[0], &s, &origin)?;

@@ -127,7 +127,7 @@ fn run(req: &Request) -> Result<(), Fail> {
             let (l, c) = file.line_col(s.start);
             format!(" ({}:{l}:{c})", file.name)
         });
-        Fail("E0502", format!("{}{}", e.message, at.unwrap_or_default()))
+        Fail(if e.input { "E0501" } else { "E0502" }, format!("{}{}", e.message, at.unwrap_or_default()))
     };
     let mut outputs: Vec<(String, Tensor)> = vec![];
     match &item.kind {

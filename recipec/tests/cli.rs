@@ -126,3 +126,149 @@ fn build_emits_the_typed_form() {
     assert!(out.status.success());
     assert!(String::from_utf8(out.stdout).unwrap().contains("Optimizer"));
 }
+
+fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) {
+    let shape_txt = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+fn read_npy_f32(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + hlen..].chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+#[test]
+fn eval_runs_a_schedule_and_an_optimizer() {
+    let dir = temp_dir("eval");
+    let out = recipec()
+        .args([
+            "eval",
+            "stdlib/schedule.recipe",
+            "linear_warmup",
+            "--hp",
+            "peak=2",
+            "--hp",
+            "warmup=4",
+            "--steps",
+            "6",
+            "--out",
+        ])
+        .arg(dir.join("s"))
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read_npy_f32(&dir.join("s/out.npy")), vec![0.5, 1.0, 1.5, 2.0, 2.0, 2.0]);
+
+    write_npy_f32(&dir.join("p.npy"), &[2], &[1.0, 2.0]);
+    write_npy_f32(&dir.join("g.npy"), &[2, 2], &[0.5, -1.0, 1.0, 1.0]);
+    let out = recipec()
+        .arg("eval")
+        .arg(repo().join("recipes/tiny_gpt.recipe"))
+        .arg("std.optim.sgd")
+        .arg(format!("--arg=param={}", dir.join("p.npy").display()))
+        .arg(format!("--arg=grad={}", dir.join("g.npy").display()))
+        .args(["--hp", "lr=1", "--hp", "momentum=0.5", "--steps", "2", "--out"])
+        .arg(dir.join("o"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // buf1 = g1; p1 = p0 - g1; buf2 = 0.5 buf1 + g2; p2 = p1 - buf2.
+    assert_eq!(read_npy_f32(&dir.join("o/param.npy")), vec![1.0 - 0.5 - 1.25, 2.0 + 1.0 - 0.5]);
+    assert_eq!(read_npy_f32(&dir.join("o/state_buf.npy")), vec![1.25, 0.5]);
+}
+
+#[test]
+fn eval_rejects_bad_arguments_and_writes_nothing() {
+    let dir = temp_dir("eval-bad");
+    write_npy_f32(&dir.join("z.npy"), &[2, 3], &[0.0; 6]);
+    write_npy_f32(&dir.join("y.npy"), &[2], &[0.0; 2]);
+    let out_dir = dir.join("out");
+    // `targets` must be i32.
+    let out = recipec()
+        .args(["eval", "stdlib/loss.recipe", "cross_entropy"])
+        .arg(format!("--arg=logits={}", dir.join("z.npy").display()))
+        .arg(format!("--arg=targets={}", dir.join("y.npy").display()))
+        .arg("--out")
+        .arg(&out_dir)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("E0501") && stderr.contains("targets") && stderr.contains("i32"), "{stderr}");
+    assert!(!out_dir.exists(), "nothing is written on error");
+    // A missing argument.
+    let out = recipec()
+        .args(["eval", "stdlib/loss.recipe", "cross_entropy"])
+        .arg(format!("--arg=logits={}", dir.join("z.npy").display()))
+        .arg("--out")
+        .arg(&out_dir)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing argument `targets`"));
+    assert!(!out_dir.exists());
+    // Shapes that contradict each other name both.
+    write_npy_f32(&dir.join("c.npy"), &[5, 4], &[0.0; 20]);
+    let out = recipec()
+        .args(["eval", "stdlib/models.recipe", "layer_norm"])
+        .arg(format!("--arg=x={}", dir.join("z.npy").display()))
+        .arg(format!("--arg=gain={}", dir.join("c.npy").display()))
+        .arg(format!("--arg=bias={}", dir.join("c.npy").display()))
+        .arg("--out")
+        .arg(&out_dir)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gain"), "{stderr}");
+    assert!(!out_dir.exists());
+}
+
+#[test]
+fn passes_are_listed_and_graphs_emitted() {
+    let out = recipec().arg("passes").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for p in ["canonicalize", "fold-constants", "eliminate-common-subexpressions", "eliminate-dead-code"] {
+        assert!(text.contains(p), "{text}");
+    }
+    let dir = temp_dir("emit");
+    let out = recipec()
+        .args([
+            "eval",
+            "stdlib/schedule.recipe",
+            "constant",
+            "--hp",
+            "value=3",
+            "--emit",
+            "graph,graph-after=fold-constants",
+            "--time-passes",
+            "--out",
+        ])
+        .arg(dir.join("o"))
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.matches("graph constant {").count(), 2, "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fold-constants"));
+}

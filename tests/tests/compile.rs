@@ -75,7 +75,12 @@ fn case_corpus() {
     assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
     assert!(valid >= 60, "the corpus needs at least 60 valid programs, has {valid}");
     assert!(invalid >= 60, "the corpus needs at least 60 invalid programs, has {invalid}");
-    let missing: Vec<&str> = lang::diag::CODES.iter().map(|c| c.code).filter(|c| !codes_seen.contains(*c)).collect();
+    // E05xx are reported by `recipec eval`, covered by its command-line tests.
+    let missing: Vec<&str> = lang::diag::CODES
+        .iter()
+        .map(|c| c.code)
+        .filter(|c| !c.starts_with("E05") && !codes_seen.contains(*c))
+        .collect();
     assert!(missing.is_empty(), "no case exercises: {missing:?}");
 }
 
