@@ -44,6 +44,9 @@ fn ints(lw: &Lowerer, v: &Val, span: Span) -> R<Vec<i64>> {
             .iter()
             .map(|x| match x {
                 Val::Int(i) => Ok(*i),
+                Val::Float(f) => {
+                    lw.fail(span, format!("a shape entry evaluated to {f}: a division such as `D / H` must be exact"))
+                }
                 _ => lw.fail(span, "expected a list of integer constants"),
             })
             .collect(),

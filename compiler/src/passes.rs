@@ -12,6 +12,10 @@ pub struct PassReport {
 pub struct Pass {
     pub name: &'static str,
     pub summary: &'static str,
+    /// The stage of graph the pass accepts and the one it leaves: `lowered` (straight from
+    /// lowering or autodiff), `canonical` (no-op casts/reshapes/broadcasts removed).
+    pub needs: &'static str,
+    pub produces: &'static str,
     pub run: fn(&mut Graph) -> Result<PassReport, IrError>,
 }
 
@@ -21,19 +25,31 @@ pub static PIPELINE: &[Pass] = &[
     Pass {
         name: "canonicalize",
         summary: "drop no-op casts, reshapes and broadcasts; fold reshape chains",
+        needs: "lowered",
+        produces: "canonical",
         run: canonicalize,
     },
     Pass {
         name: "fold-constants",
         summary: "evaluate nodes whose operands are all scalar constants",
+        needs: "canonical",
+        produces: "canonical",
         run: fold_constants,
     },
     Pass {
         name: "eliminate-common-subexpressions",
         summary: "merge nodes with the same op, type and operands",
+        needs: "canonical",
+        produces: "canonical",
         run: cse,
     },
-    Pass { name: "eliminate-dead-code", summary: "remove nodes no output depends on (inputs stay)", run: dce },
+    Pass {
+        name: "eliminate-dead-code",
+        summary: "remove nodes no output depends on (inputs stay)",
+        needs: "canonical",
+        produces: "canonical",
+        run: dce,
+    },
 ];
 
 /// Runs the pipeline, verifying after each pass; `stop_after` ends it early.

@@ -23,6 +23,26 @@ pub struct Request {
     pub emit: Vec<String>,
     pub time_passes: bool,
     pub out: PathBuf,
+    /// `NAME=DTYPE[d1, d2]`: an argument given by shape only (zeros), for `build --emit`.
+    pub shapes: Vec<String>,
+    /// Lower and print, do not run or write (`recipec build --emit graph`).
+    pub dry: bool,
+}
+
+/// Parses `f32[4, 7]` (or `i32[]`, `f32`).
+fn parse_shape(spec: &str) -> Option<(Dtype, Vec<usize>)> {
+    let (d, rest) = match spec.split_once('[') {
+        Some((d, r)) => (d, r.strip_suffix(']')?),
+        None => (spec, ""),
+    };
+    let dtype = Dtype::parse(d.trim())?;
+    let dims = rest
+        .split(',')
+        .map(|x| x.trim())
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse().ok())
+        .collect::<Option<Vec<usize>>>()?;
+    Some((dtype, dims))
 }
 
 /// An evaluation error: a code (documented by `recipec explain`) and a message.
@@ -106,6 +126,16 @@ fn run(req: &Request) -> Result<(), Fail> {
         let t = npy::parse(&bytes).map_err(|e| Fail("E0501", format!("argument `{n}`: {path}: {e}")))?;
         tensors.insert(n.to_string(), t);
     }
+    for a in &req.shapes {
+        let Some((n, spec)) = a.split_once('=') else {
+            return fail("E0501", format!("`--shape {a}`: expected NAME=DTYPE[dims], e.g. logits=f32[4, 7]"));
+        };
+        let Some((dtype, shape)) = parse_shape(spec) else {
+            return fail("E0501", format!("`--shape {a}`: `{spec}` is not a type such as f32[4, 7]"));
+        };
+        let n_el: usize = shape.iter().product();
+        tensors.insert(n.to_string(), Tensor::new(dtype, shape, vec![0.0; n_el]));
+    }
     let mut scalars: Vec<(String, Arg)> = vec![];
     for h in &req.hps {
         let Some((n, v)) = h.split_once('=') else { return fail("E0501", format!("`--hp {h}`: expected NAME=VALUE")) };
@@ -134,6 +164,9 @@ fn run(req: &Request) -> Result<(), Fail> {
         ItemKind::Fn(f) if f.kind == FnKind::Schedule => {
             let g = compiler::entry::schedule(modules, &db, r, &scalars).map_err(lower_err)?;
             let g = prepare(g, req)?;
+            if req.dry {
+                return Ok(());
+            }
             let n = req.steps.unwrap_or(1);
             let mut values = vec![];
             for step in 1..=n {
@@ -157,6 +190,9 @@ fn run(req: &Request) -> Result<(), Fail> {
             args.extend(scalars.iter().cloned());
             let g = compiler::entry::function(modules, &db, r, &args, req.grad, true).map_err(lower_err)?;
             let g = prepare(g, req)?;
+            if req.dry {
+                return Ok(());
+            }
             let out = run_graph(&g, &inputs, req.seed)?;
             let mut names: Vec<&String> = out.keys().collect();
             names.sort();
@@ -208,6 +244,12 @@ fn run(req: &Request) -> Result<(), Fail> {
                     let g = compiler::entry::optimizer(modules, &db, r, (param.dtype, param.shape.clone()), &scalars)
                         .map_err(lower_err)?;
                     let g = prepare(g, req)?;
+                    if req.dry {
+                        return Ok(());
+                    }
+                    if req.dry {
+                        return Ok(());
+                    }
                     let state_inputs: Vec<(String, Dtype, Vec<usize>)> = g
                         .inputs
                         .iter()
@@ -243,6 +285,12 @@ fn run(req: &Request) -> Result<(), Fail> {
                     let g = compiler::entry::sparsity(modules, &db, r, (param.dtype, param.shape.clone()), &scalars)
                         .map_err(lower_err)?;
                     let g = prepare(g, req)?;
+                    if req.dry {
+                        return Ok(());
+                    }
+                    if req.dry {
+                        return Ok(());
+                    }
                     let mut mask = Tensor::new(param.dtype, param.shape.clone(), vec![1.0; param.numel()]);
                     let mut last = HashMap::new();
                     for step in 1..=k {
@@ -298,6 +346,9 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         }
     }
     let mut timings = vec![];
+    if req.dry && after.is_none() && !req.time_passes {
+        return Ok(g);
+    }
     compiler::passes::run_pipeline(&mut g, after, &mut timings).map_err(|e| Fail("E0502", e.0))?;
     if after.is_some() {
         print!("{g}");
@@ -311,6 +362,10 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
 }
 
 fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, Tensor>, Fail> {
+    run_graph_inner(g, inputs, seed)
+}
+
+fn run_graph_inner(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, Tensor>, Fail> {
     // Check each input against its declaration first: a clear message names the argument.
     for (i, id) in g.inputs.iter().enumerate() {
         let n = g.node(*id);

@@ -86,28 +86,100 @@ enum Command {
     },
     /// List the compiler's passes in pipeline order.
     Passes,
-    /// Build a recipe; with `--emit`, print intermediate forms.
+    /// Check a file and print intermediate forms. `--emit ast,typed` for the file; for the
+    /// graph of one item, `--item NAME --shape ARG=f32[4, 7]... --emit graph,graph-after=PASS`.
     Build {
         file: PathBuf,
-        /// Comma-separated: `ast`, `typed`.
+        /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`.
         #[arg(long, value_delimiter = ',')]
         emit: Vec<String>,
+        /// The item whose graph `--emit graph` prints.
+        #[arg(long)]
+        item: Option<String>,
+        /// The type of a tensor argument: `--shape logits=f32[4, 7]`.
+        #[arg(long = "shape", value_name = "NAME=TYPE")]
+        shapes: Vec<String>,
+        /// A scalar hyperparameter: `--hp NAME=VALUE`.
+        #[arg(long = "hp", value_name = "NAME=VALUE")]
+        hps: Vec<String>,
+        /// Include the gradients of a loss.
+        #[arg(long)]
+        grad: bool,
+        /// Print the time each pass took.
+        #[arg(long)]
+        time_passes: bool,
     },
+    /// Run one pass on a graph in text form (a file, or `-` for standard input).
+    Opt { pass: String, file: PathBuf },
 }
 
 fn main() -> ExitCode {
+    // Printing into a closed pipe (`recipec ... | head`) ends the program quietly, as other
+    // command-line tools do, instead of panicking.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files, message_format, deny_warnings } => check(&files, message_format, deny_warnings),
         Command::Fmt { files, check } => fmt(&files, check),
         Command::Explain { code, all } => explain(code, all),
-        Command::Build { file, emit } => build(&file, &emit),
+        Command::Build { file, emit, item, shapes, hps, grad, time_passes } => {
+            let (graph_emit, front_emit): (Vec<String>, Vec<String>) =
+                emit.into_iter().partition(|e| e.starts_with("graph"));
+            if !graph_emit.is_empty() {
+                let Some(item) = item else {
+                    eprintln!(
+                        "error: `--emit graph` needs `--item NAME` (and `--shape ARG=TYPE` for its tensor arguments)"
+                    );
+                    return ExitCode::from(2);
+                };
+                let code = build(&file, &front_emit, false);
+                if code != ExitCode::SUCCESS {
+                    return code;
+                }
+                let steps = None;
+                return eval::eval(eval::Request {
+                    file,
+                    item,
+                    args: vec![],
+                    hps,
+                    grad,
+                    steps,
+                    seed: 0,
+                    backend: "interp".into(),
+                    emit: graph_emit,
+                    time_passes,
+                    out: PathBuf::new(),
+                    shapes,
+                    dry: true,
+                });
+            }
+            build(&file, &front_emit, true)
+        }
+        Command::Opt { pass, file } => opt(&pass, &file),
         Command::Eval { file, item, args, hps, grad, steps, seed, backend, emit, time_passes, out } => {
-            eval::eval(eval::Request { file, item, args, hps, grad, steps, seed, backend, emit, time_passes, out })
+            eval::eval(eval::Request {
+                file,
+                item,
+                args,
+                hps,
+                grad,
+                steps,
+                seed,
+                backend,
+                emit,
+                time_passes,
+                out,
+                shapes: vec![],
+                dry: false,
+            })
         }
         Command::Passes => {
             for p in compiler::passes::PIPELINE {
-                println!("{:<34} {}", p.name, p.summary);
+                println!("{:<34} {:<10} -> {:<10} {}", p.name, p.needs, p.produces, p.summary);
             }
             ExitCode::SUCCESS
         }
@@ -253,7 +325,47 @@ fn explain(code: Option<String>, all: bool) -> ExitCode {
     }
 }
 
-fn build(file: &PathBuf, emit: &[String]) -> ExitCode {
+fn opt(pass: &str, file: &PathBuf) -> ExitCode {
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        if std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).is_err() {
+            eprintln!("error: cannot read standard input");
+            return ExitCode::from(1);
+        }
+        s
+    } else {
+        match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", file.display());
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let Some(p) = compiler::passes::PIPELINE.iter().find(|p| p.name == pass) else {
+        eprintln!("error: no pass `{pass}`; `recipec passes` lists them");
+        return ExitCode::from(2);
+    };
+    let mut g = match compiler::ir::parse_graph(&text) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match (p.run)(&mut g).and_then(|_| g.verify()) {
+        Ok(()) => {
+            print!("{g}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: pass `{pass}`: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn build(file: &PathBuf, emit: &[String], note: bool) -> ExitCode {
     let (mut db, roots, read_ok) = load(std::slice::from_ref(file));
     if !read_ok {
         return ExitCode::from(1);
@@ -274,12 +386,12 @@ fn build(file: &PathBuf, emit: &[String]) -> ExitCode {
             }
             "typed" => print!("{}", lang::check::typed_text(&db, &analysis, roots[0])),
             other => {
-                eprintln!("error: unknown --emit kind `{other}` (available: ast, typed)");
+                eprintln!("error: unknown --emit kind `{other}` (available: ast, typed, graph, graph-after=PASS)");
                 return ExitCode::from(2);
             }
         }
     }
-    if emit.is_empty() {
+    if emit.is_empty() && note {
         eprintln!(
             "checked {}; code generation arrives with the compiler (see the README's status section)",
             file.display()

@@ -272,3 +272,42 @@ fn passes_are_listed_and_graphs_emitted() {
     assert_eq!(text.matches("graph constant {").count(), 2, "{text}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("fold-constants"));
 }
+
+#[test]
+fn build_emits_graphs_and_opt_runs_one_pass() {
+    let out = recipec()
+        .args([
+            "build",
+            "stdlib/loss.recipe",
+            "--item",
+            "logz_penalty",
+            "--shape",
+            "logits=f32[2, 3]",
+            "--shape",
+            "targets=i32[2]",
+            "--emit",
+            "graph",
+        ])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let graph = String::from_utf8(out.stdout).unwrap();
+    assert!(graph.starts_with("graph logz_penalty {") && graph.contains("input[0, \"logits\"] : f32[2, 3]"), "{graph}");
+    let dir = temp_dir("opt");
+    let file = dir.join("g.ir");
+    std::fs::write(&file, &graph).unwrap();
+    let out = recipec().args(["opt", "eliminate-common-subexpressions"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let optimized = String::from_utf8(out.stdout).unwrap();
+    assert!(optimized.lines().count() < graph.lines().count(), "CSE merges the repeated constants:\n{optimized}");
+    // `--emit graph` without `--item` explains what is missing.
+    let out = recipec().args(["build", "stdlib/loss.recipe", "--emit", "graph"]).current_dir(repo()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--item"));
+    // A malformed graph is an error, not a panic.
+    std::fs::write(&file, "graph g {\n  %0 = frobnicate : f32[]\n}\n").unwrap();
+    let out = recipec().args(["opt", "canonicalize"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown op"));
+}

@@ -104,3 +104,147 @@ fn stdlib_graphs() {
     }
     assert!(covered >= 18, "only {covered} stdlib items lowered");
 }
+
+/// Small distinct even extents for symbolic dimensions, so shapes in the snapshots are
+/// readable, transposition mistakes show, and divisions such as `D / H` (with H = 2) divide.
+const EXTENTS: &[i64] = &[4, 6, 8, 2, 10, 12];
+
+fn eval_dim(e: &lang::ast::Expr, env: &mut std::collections::HashMap<String, i64>, next: &mut usize) -> Option<i64> {
+    use lang::ast::{BinOp, ExprKind, UnOp};
+    Some(match &e.kind {
+        ExprKind::Int(i) => *i,
+        ExprKind::Underscore => 3,
+        ExprKind::Paren(x) => eval_dim(x, env, next)?,
+        ExprKind::Unary(UnOp::Neg, x) => -eval_dim(x, env, next)?,
+        ExprKind::Name(n) => *env.entry(n.clone()).or_insert_with(|| {
+            let v = EXTENTS[*next % EXTENTS.len()];
+            *next += 1;
+            v
+        }),
+        ExprKind::Binary(op, a, b) => {
+            let (a, b) = (eval_dim(a, env, next)?, eval_dim(b, env, next)?);
+            match op {
+                BinOp::Add => a + b,
+                BinOp::Sub => a - b,
+                BinOp::Mul => a * b,
+                BinOp::Div if b != 0 => a / b,
+                BinOp::Rem if b != 0 => a % b,
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// Arguments for an item chosen from its signature: each symbolic dimension gets a small
+/// extent, integer parameters without defaults 2, float ones 0.5. Dimensions used in
+/// divisions (`D / H`) are made divisible by binding divisors first.
+fn auto_args(params: &[lang::ast::Param]) -> Vec<(String, Arg)> {
+    let mut env = std::collections::HashMap::new();
+    let mut next = 0;
+    // Integer parameters first: they may size the tensors.
+    for p in params {
+        if p.ty.dims.is_none() && Dtype::parse(&p.ty.dtype.name).map(|d| d.is_int()).unwrap_or(false) {
+            let v = match p.default.as_ref().map(|d| &d.kind) {
+                Some(lang::ast::ExprKind::Int(i)) => *i,
+                _ => 2,
+            };
+            env.insert(p.name.name.clone(), v);
+        }
+    }
+    let mut out = vec![];
+    for p in params {
+        let Some(dtype) = Dtype::parse(&p.ty.dtype.name) else { continue };
+        match &p.ty.dims {
+            Some(dims) => {
+                // Divisors get bound before the dividend so `D / H` divides.
+                let mut shape = vec![];
+                for d in dims {
+                    if let lang::ast::ExprKind::Binary(lang::ast::BinOp::Div, a, b) = &d.kind {
+                        let bv = eval_dim(b, &mut env, &mut next).unwrap_or(1).max(1);
+                        if let lang::ast::ExprKind::Name(n) = &a.kind {
+                            env.entry(n.clone()).or_insert(bv * 4);
+                        }
+                    }
+                    shape.push(eval_dim(d, &mut env, &mut next).unwrap_or(3).max(1) as usize);
+                }
+                out.push((p.name.name.clone(), Arg::Tensor(dtype, shape)));
+            }
+            None if p.default.is_some() => {}
+            None if dtype.is_int() => {
+                out.push((p.name.name.clone(), Arg::Scalar(env.get(&p.name.name).copied().unwrap_or(2) as f64)))
+            }
+            None => out.push((p.name.name.clone(), Arg::Scalar(0.5))),
+        }
+    }
+    out
+}
+
+#[test]
+fn case_file_graphs() {
+    let dir = tests::root().join("tests/compile/valid");
+    let mut lowered_count = 0;
+    for path in tests::recipe_files(&dir) {
+        let rel = path.strip_prefix(tests::root()).unwrap().display().to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut db = SourceDb::new();
+        let root = db.add(rel.clone(), text.clone());
+        let analysis = lang::analyze(&mut db, &[root], &tests::RepoLoader);
+        let mods = &analysis.modules;
+        let mut snap = format!("SOURCE\n{text}");
+        let mut any = false;
+        for (i, item) in mods.list[0].ast.items.iter().enumerate() {
+            let r = lang::types::ItemRef { module: 0, item: i };
+            let (params, kind) = match &item.kind {
+                ItemKind::Fn(f) => (f.params.clone(), f.kind.keyword()),
+                ItemKind::Rule(rd) => {
+                    (rd.params.iter().filter(|p| p.name.name != "param").cloned().collect(), rd.kind.keyword())
+                }
+                _ => continue,
+            };
+            let name = item.name().unwrap().name.clone();
+            let args = auto_args(&params);
+            let param_shape = match &item.kind {
+                ItemKind::Rule(rd) => match rd.params.iter().find(|p| p.name.name == "param") {
+                    Some(p) => match auto_args(std::slice::from_ref(p)).pop() {
+                        Some((_, Arg::Tensor(_, s))) => s,
+                        _ => vec![4, 8],
+                    },
+                    None => vec![4, 8],
+                },
+                _ => vec![],
+            };
+            let g = match &item.kind {
+                ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
+                ItemKind::Fn(f) => compiler::entry::function(mods, &db, r, &args, f.kind == FnKind::Loss, true),
+                ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
+                    compiler::entry::optimizer(mods, &db, r, (Dtype::F32, param_shape), &args)
+                }
+                ItemKind::Rule(_) => compiler::entry::sparsity(mods, &db, r, (Dtype::F32, param_shape), &args),
+                _ => continue,
+            };
+            any = true;
+            match g {
+                Ok(g) => {
+                    round_trip(&g, &format!("{rel}: {name}"));
+                    let mut opt = g.clone();
+                    compiler::passes::run_pipeline(&mut opt, None, &mut vec![]).unwrap();
+                    round_trip(&opt, &format!("{rel}: {name} optimized"));
+                    // A loss's graph includes its gradients; the optimized form is the one to read.
+                    snap.push_str(&format!("\n{kind} {name}: OPTIMIZED\n{opt}"));
+                    lowered_count += 1;
+                }
+                Err(e) => snap.push_str(&format!("\n{kind} {name}: NOT LOWERED\n{}\n", e.message)),
+            }
+        }
+        if !any {
+            continue;
+        }
+        let snap_name =
+            format!("cases__{}", rel.trim_start_matches("tests/compile/valid/").trim_end_matches(".recipe"));
+        insta::with_settings!({snapshot_path => "../ir/snapshots", prepend_module_to_snapshot => false, omit_expression => true}, {
+            insta::assert_snapshot!(snap_name, snap);
+        });
+    }
+    assert!(lowered_count >= 50, "only {lowered_count} case items lowered");
+}
