@@ -203,17 +203,14 @@ fn states(body: &[Stmt]) -> Vec<(String, Expr, Option<Expr>)> {
     out
 }
 
-/// An optimizer step. `param` gives the parameter's dtype and shape. The states' shapes are
-/// found by lowering their initializers; `state_shapes` returns them so the caller can feed
-/// zeros at step 1.
-pub fn optimizer(
-    modules: &Modules,
-    db: &SourceDb,
+/// The common start of a rule's step graph: inputs `param`, `grad`, `step` bound by name.
+fn rule_start<'a>(
+    modules: &'a Modules,
+    db: &'a SourceDb,
     r: ItemRef,
-    param: (Dtype, Vec<usize>),
-    args: &[(String, Arg)],
-) -> R<Graph> {
-    let ItemKind::Rule(rule) = &modules.item(r).kind else { return fail("not an optimizer") };
+    param: &(Dtype, Vec<usize>),
+) -> R<(Lowerer<'a>, &'a lang::ast::RuleDef, NodeId, NodeId, NodeId)> {
+    let ItemKind::Rule(rule) = &modules.item(r).kind else { return fail("not an optimizer or sparsity rule") };
     let mut lw = Lowerer::new(modules, db, &rule.name.name);
     lw.set_module(r.module);
     let p = lw.node(Op::Input { index: 0, name: "param".into() }, param.0, param.1.clone(), &[], "param")?;
@@ -222,6 +219,19 @@ pub fn optimizer(
     lw.bind("param", Val::T(p));
     lw.bind("grad", Val::T(g));
     lw.bind("step", Val::T(step));
+    Ok((lw, rule, p, g, step))
+}
+
+/// An optimizer step. `param` gives the parameter's dtype and shape; the states' shapes come
+/// from their initializers, and the caller reads them off the graph's `state_*` inputs.
+pub fn optimizer(
+    modules: &Modules,
+    db: &SourceDb,
+    r: ItemRef,
+    param: (Dtype, Vec<usize>),
+    args: &[(String, Arg)],
+) -> R<Graph> {
+    let (mut lw, rule, p, _, step) = rule_start(modules, db, r, &param)?;
     let params: Vec<Param> = rule.params.iter().filter(|x| x.name.name != "param").cloned().collect();
     // An explicit `param: f32[M, N]` binds its dimension names.
     if let Some(pp) = rule.params.iter().find(|x| x.name.name == "param") {
@@ -290,16 +300,8 @@ pub fn sparsity(
     param: (Dtype, Vec<usize>),
     args: &[(String, Arg)],
 ) -> R<Graph> {
-    let ItemKind::Rule(rule) = &modules.item(r).kind else { return fail("not a sparsity rule") };
-    let mut lw = Lowerer::new(modules, db, &rule.name.name);
-    lw.set_module(r.module);
-    let p = lw.node(Op::Input { index: 0, name: "param".into() }, param.0, param.1.clone(), &[], "param")?;
-    let g = lw.node(Op::Input { index: 1, name: "grad".into() }, param.0, param.1.clone(), &[], "grad")?;
-    let step = lw.node(Op::Input { index: 2, name: "step".into() }, Dtype::I32, vec![], &[], "step")?;
+    let (mut lw, rule, _, g, step) = rule_start(modules, db, r, &param)?;
     let prev = lw.node(Op::Input { index: 3, name: "mask".into() }, param.0, param.1.clone(), &[], "mask")?;
-    lw.bind("param", Val::T(p));
-    lw.bind("grad", Val::T(g));
-    lw.bind("step", Val::T(step));
     lw.bind("mask", Val::T(prev));
     let params: Vec<Param> = rule.params.iter().filter(|x| x.name.name != "param").cloned().collect();
     let vals = bind_args(&mut lw, &params, args, &[])?;

@@ -247,9 +247,6 @@ fn run(req: &Request) -> Result<(), Fail> {
                     if req.dry {
                         return Ok(());
                     }
-                    if req.dry {
-                        return Ok(());
-                    }
                     let state_inputs: Vec<(String, Dtype, Vec<usize>)> = g
                         .inputs
                         .iter()
@@ -285,9 +282,6 @@ fn run(req: &Request) -> Result<(), Fail> {
                     let g = compiler::entry::sparsity(modules, &db, r, (param.dtype, param.shape.clone()), &scalars)
                         .map_err(lower_err)?;
                     let g = prepare(g, req)?;
-                    if req.dry {
-                        return Ok(());
-                    }
                     if req.dry {
                         return Ok(());
                     }
@@ -362,10 +356,6 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
 }
 
 fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, Tensor>, Fail> {
-    run_graph_inner(g, inputs, seed)
-}
-
-fn run_graph_inner(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, Tensor>, Fail> {
     // Check each input against its declaration first: a clear message names the argument.
     for (i, id) in g.inputs.iter().enumerate() {
         let n = g.node(*id);
