@@ -86,6 +86,8 @@ enum Command {
     },
     /// List the compiler's passes in pipeline order.
     Passes,
+    /// Run the language server on stdin/stdout (for editors).
+    Lsp,
     /// Check a file and print intermediate forms. `--emit ast,typed` for the file; for the
     /// graph of one item, `--item NAME --shape ARG=f32[4, 7]... --emit graph,graph-after=PASS`.
     Build {
@@ -160,6 +162,13 @@ fn main() -> ExitCode {
             build(&file, &front_emit, true)
         }
         Command::Opt { pass, file } => opt(&pass, &file),
+        Command::Lsp => match lsp::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: the language server stopped: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Eval { file, item, args, hps, grad, steps, seed, backend, emit, time_passes, out } => {
             eval::eval(eval::Request {
                 file,

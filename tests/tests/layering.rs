@@ -11,8 +11,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("compiler", &["lang", "stdlib"]),
     ("codegen-cuda", &["compiler", "lang"]),
     ("runtime", &["compiler", "codegen-cuda", "lang"]),
-    ("recipec", &["lang", "stdlib", "compiler", "codegen-cuda", "runtime"]),
-    ("lsp", &["lang", "stdlib", "compiler"]),
+    ("recipec", &["lang", "stdlib", "compiler", "codegen-cuda", "runtime", "lsp"]),
+    ("lsp", &["lang", "stdlib"]),
     ("tests", &["lang", "stdlib", "compiler", "codegen-cuda", "runtime"]),
 ];
 

@@ -1,0 +1,479 @@
+//! Request and notification handlers over open documents.
+
+use crate::text::{offset, position, word_at};
+use lang::ast::{ItemKind, RecipeMemberKind};
+use lang::source::{FileId, ModuleLoader, SourceDb};
+use lsp_server::Notification;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn capabilities() -> Value {
+    json!({
+        "positionEncoding": "utf-16",
+        "textDocumentSync": 1,
+        "hoverProvider": true,
+        "definitionProvider": true,
+        "referencesProvider": false,
+        "completionProvider": { "triggerCharacters": [".", "(", ","] },
+        "documentFormattingProvider": true,
+        "documentSymbolProvider": true,
+    })
+}
+
+/// Open documents by URI.
+pub struct Server {
+    docs: HashMap<String, String>,
+}
+
+fn uri_to_path(uri: &str) -> PathBuf {
+    let p = uri.strip_prefix("file://").unwrap_or(uri);
+    // Percent-decoding of the common cases (spaces and non-ASCII paths).
+    let mut out = Vec::new();
+    let b = p.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&p[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(String::from_utf8_lossy(&out).to_string())
+}
+
+fn path_to_uri(p: &Path) -> String {
+    let s = p.display().to_string();
+    let mut out = String::from("file://");
+    for ch in s.chars() {
+        match ch {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '/' | '-' | '_' | '.' | '~' => out.push(ch),
+            c => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Where the embedded standard library is written so editors can open it (read-only).
+fn std_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("recipec").join(format!("std-{}", env!("CARGO_PKG_VERSION")))
+}
+
+fn std_file(name: &str) -> Option<PathBuf> {
+    let file = name.strip_prefix("<std>/")?;
+    let (_, _, text) = stdlib::MODULES.iter().find(|m| m.1 == file)?;
+    let path = std_dir().join(file);
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
+        std::fs::create_dir_all(std_dir()).ok()?;
+        std::fs::write(&path, text).ok()?;
+    }
+    Some(path)
+}
+
+/// Open documents first, then the file system; `std.*` from the embedded library.
+struct Loader<'a> {
+    docs: &'a HashMap<String, String>,
+}
+
+impl ModuleLoader for Loader<'_> {
+    fn load(&self, path: &[String], from: &str) -> Option<(String, String)> {
+        if path.first().map(|s| s == "std").unwrap_or(false) {
+            let (file, text) = stdlib::module(path)?;
+            return Some((format!("<std>/{file}"), text.to_string()));
+        }
+        if path.iter().any(|s| s.is_empty() || s == "..") {
+            return None;
+        }
+        let mut p = Path::new(from).parent()?.to_path_buf();
+        for s in path {
+            p.push(s);
+        }
+        p.set_extension("recipe");
+        let uri = path_to_uri(&p);
+        if let Some(t) = self.docs.get(&uri) {
+            return Some((p.display().to_string(), t.clone()));
+        }
+        Some((p.display().to_string(), std::fs::read_to_string(&p).ok()?))
+    }
+    fn known_modules(&self) -> Vec<String> {
+        stdlib::MODULES.iter().map(|m| m.0.to_string()).collect()
+    }
+}
+
+struct Analyzed {
+    db: SourceDb,
+    file: FileId,
+    analysis: lang::Analysis,
+}
+
+fn range(text: &str, start: usize, end: usize) -> Value {
+    let (l1, c1) = position(text, start);
+    let (l2, c2) = position(text, end);
+    json!({ "start": { "line": l1, "character": c1 }, "end": { "line": l2, "character": c2 } })
+}
+
+fn get_str<'a>(v: &'a Value, path: &[&str]) -> Result<&'a str, String> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p).ok_or_else(|| format!("missing `{}`", path.join(".")))?;
+    }
+    cur.as_str().ok_or_else(|| format!("`{}` is not a string", path.join(".")))
+}
+
+fn get_pos(v: &Value) -> Result<(u32, u32), String> {
+    let p = v.get("position").ok_or("missing `position`")?;
+    let line = p.get("line").and_then(|x| x.as_u64()).ok_or("missing `position.line`")?;
+    let ch = p.get("character").and_then(|x| x.as_u64()).ok_or("missing `position.character`")?;
+    Ok((line as u32, ch as u32))
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Server {
+    pub fn new() -> Server {
+        Server { docs: HashMap::new() }
+    }
+
+    fn analyze(&self, uri: &str) -> Result<Analyzed, String> {
+        let text = self.docs.get(uri).ok_or_else(|| format!("document {uri} is not open"))?;
+        let mut db = SourceDb::new();
+        let file = db.add(uri_to_path(uri).display().to_string(), text.clone());
+        let analysis = lang::analyze(&mut db, &[file], &Loader { docs: &self.docs });
+        Ok(Analyzed { db, file, analysis })
+    }
+
+    pub fn notification(&mut self, method: &str, params: Value) -> Vec<Notification> {
+        let uri = match method {
+            "textDocument/didOpen" => {
+                let (Ok(uri), Ok(text)) =
+                    (get_str(&params, &["textDocument", "uri"]), get_str(&params, &["textDocument", "text"]))
+                else {
+                    return vec![];
+                };
+                self.docs.insert(uri.to_string(), text.to_string());
+                uri.to_string()
+            }
+            "textDocument/didChange" => {
+                let Ok(uri) = get_str(&params, &["textDocument", "uri"]) else { return vec![] };
+                // Full synchronization: the last change holds the whole text.
+                let Some(text) = params
+                    .get("contentChanges")
+                    .and_then(|c| c.as_array())
+                    .and_then(|a| a.last())
+                    .and_then(|c| c.get("text"))
+                    .and_then(|t| t.as_str())
+                else {
+                    return vec![];
+                };
+                self.docs.insert(uri.to_string(), text.to_string());
+                uri.to_string()
+            }
+            "textDocument/didSave" => match get_str(&params, &["textDocument", "uri"]) {
+                Ok(u) => u.to_string(),
+                Err(_) => return vec![],
+            },
+            "textDocument/didClose" => {
+                if let Ok(uri) = get_str(&params, &["textDocument", "uri"]) {
+                    self.docs.remove(uri);
+                    return vec![Notification::new(
+                        "textDocument/publishDiagnostics".into(),
+                        json!({ "uri": uri, "diagnostics": [] }),
+                    )];
+                }
+                return vec![];
+            }
+            _ => return vec![],
+        };
+        match self.diagnostics(&uri) {
+            Ok(v) => vec![Notification::new("textDocument/publishDiagnostics".into(), v)],
+            Err(_) => vec![],
+        }
+    }
+
+    fn diagnostics(&self, uri: &str) -> Result<Value, String> {
+        let a = self.analyze(uri)?;
+        let text = &a.db.file(a.file).text;
+        let mut out = vec![];
+        for d in &a.analysis.diagnostics {
+            let Some(l) = d.primary() else { continue };
+            if l.file != a.file {
+                continue;
+            }
+            let mut message = d.message.clone();
+            if let Some(h) = &d.help {
+                message.push_str(&format!("\nhelp: {h}"));
+            }
+            let related: Vec<Value> = d
+                .labels
+                .iter()
+                .skip(1)
+                .filter(|x| x.file == a.file)
+                .map(|x| json!({ "location": { "uri": uri, "range": range(text, x.span.start as usize, x.span.end as usize) }, "message": x.message }))
+                .collect();
+            out.push(json!({
+                "range": range(text, l.span.start as usize, l.span.end as usize),
+                "severity": if d.is_error() { 1 } else { 2 },
+                "code": d.code,
+                "codeDescription": { "href": format!("https://recipec.invalid/diagnostics#{}", d.code.to_lowercase()) },
+                "source": "recipec",
+                "message": message,
+                "relatedInformation": related,
+            }));
+        }
+        Ok(json!({ "uri": uri, "diagnostics": out }))
+    }
+
+    pub fn request(&mut self, method: &str, params: Value) -> Result<Value, String> {
+        match method {
+            "textDocument/hover" => self.hover(&params),
+            "textDocument/definition" => self.definition(&params),
+            "textDocument/completion" => self.completion(&params),
+            "textDocument/formatting" => self.formatting(&params),
+            "textDocument/documentSymbol" => self.symbols(&params),
+            other => Err(format!("unsupported request `{other}`")),
+        }
+    }
+
+    fn locate(&self, params: &Value) -> Result<(String, usize), String> {
+        let uri = get_str(params, &["textDocument", "uri"])?.to_string();
+        let text = self.docs.get(&uri).ok_or_else(|| format!("document {uri} is not open"))?;
+        let (line, ch) = get_pos(params)?;
+        Ok((uri.clone(), offset(text, line, ch)))
+    }
+
+    /// The source header of an item (up to its `{`), for hovers and completion details.
+    fn header(text: &str, item: &lang::ast::Item) -> String {
+        let s = &text[item.span.range()];
+        let end = s.find('{').unwrap_or(s.len());
+        s[..end].split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    fn hover(&self, params: &Value) -> Result<Value, String> {
+        let (uri, at) = self.locate(params)?;
+        let a = self.analyze(&uri)?;
+        let text = a.db.file(a.file).text.clone();
+        let Some((ws, we)) = word_at(&text, at) else { return Ok(Value::Null) };
+        let word = &text[ws..we];
+        // A binding: its dtype and shape (the definition itself, or the nearest one before).
+        let typed = a
+            .analysis
+            .typed
+            .iter()
+            .filter(|t| t.file == a.file && t.name == word && (t.span.start as usize) <= at)
+            .max_by_key(|t| t.span.start);
+        let m = 0;
+        let modules = &a.analysis.modules;
+        let value = if let Some(t) =
+            typed.filter(|t| modules.list[m].items.get(word).is_none() || t.span.start as usize == ws)
+        {
+            format!("```recipe\n{} {}: {}\n```", t.kind, t.name, t.ty)
+        } else if let Some(r) = modules.find_item(m, word) {
+            let item = modules.item(r);
+            let src = &a.db.file(modules.list[r.module].file).text;
+            let mut s = format!("```recipe\n{}\n```", Self::header(src, item));
+            if !item.docs.is_empty() {
+                s.push_str("\n\n");
+                s.push_str(&item.docs.join("\n"));
+            }
+            s
+        } else if let Some(sig) = lang::builtins::signature_text(word) {
+            format!("```recipe\n{sig}\n```\n\nbuilt-in")
+        } else {
+            return Ok(Value::Null);
+        };
+        Ok(json!({ "contents": { "kind": "markdown", "value": value }, "range": range(&text, ws, we) }))
+    }
+
+    fn definition(&self, params: &Value) -> Result<Value, String> {
+        let (uri, at) = self.locate(params)?;
+        let a = self.analyze(&uri)?;
+        let text = a.db.file(a.file).text.clone();
+        let Some((ws, we)) = word_at(&text, at) else { return Ok(Value::Null) };
+        let word = &text[ws..we];
+        let modules = &a.analysis.modules;
+        // Local bindings first (the nearest definition before the use).
+        if let Some(t) = a
+            .analysis
+            .typed
+            .iter()
+            .filter(|t| t.file == a.file && t.name == word && (t.span.start as usize) <= at)
+            .max_by_key(|t| t.span.start)
+        {
+            return Ok(json!({ "uri": uri, "range": range(&text, t.span.start as usize, t.span.end as usize) }));
+        }
+        let Some(r) = modules.find_item(0, word) else { return Ok(Value::Null) };
+        let item = modules.item(r);
+        let Some(name) = item.name() else { return Ok(Value::Null) };
+        let target = &modules.list[r.module];
+        let target_text = &a.db.file(target.file).text;
+        let target_name = &a.db.file(target.file).name;
+        let target_uri = if target.file == a.file {
+            uri.clone()
+        } else if let Some(p) = std_file(target_name) {
+            path_to_uri(&p)
+        } else {
+            path_to_uri(Path::new(target_name))
+        };
+        Ok(json!({ "uri": target_uri, "range": range(target_text, name.span.start as usize, name.span.end as usize) }))
+    }
+
+    fn completion(&self, params: &Value) -> Result<Value, String> {
+        let (uri, at) = self.locate(params)?;
+        let text = self.docs.get(&uri).cloned().unwrap_or_default();
+        let line_start = text[..at].rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let before = text[line_start..at].trim_start();
+        let mut items: Vec<Value> = vec![];
+        let item = |label: &str, kind: u32, detail: &str| json!({ "label": label, "kind": kind, "detail": detail });
+        // `use std.` and `use std.module.`
+        if let Some(path) = before.strip_prefix("use ") {
+            let path = path.trim_end_matches(|c: char| c.is_alphanumeric() || c == '_');
+            let path = path.trim_end_matches('.');
+            if path == "std" {
+                for (m, _, text) in stdlib::MODULES {
+                    let doc = text.lines().next().unwrap_or("").trim_start_matches("//!").trim();
+                    items.push(item(m.trim_start_matches("std."), 9, doc));
+                }
+            } else if let Some((_, _, mtext)) = stdlib::MODULES.iter().find(|m| m.0 == path) {
+                let parsed = lang::parse::parse(FileId(0), mtext);
+                for it in parsed.module.items.iter().filter(|i| i.public) {
+                    if let Some(n) = it.name() {
+                        items.push(item(&n.name, 3, &Self::header(mtext, it)));
+                    }
+                }
+            }
+            return Ok(json!({ "isIncomplete": false, "items": items }));
+        }
+        let a = self.analyze(&uri)?;
+        let modules = &a.analysis.modules;
+        // Named arguments inside an open call: `f(x, |`.
+        if let Some(callee) = open_call(&text[..at]) {
+            if let Some(r) = modules.find_item(0, &callee) {
+                let params = match &modules.item(r).kind {
+                    ItemKind::Fn(f) => f.params.clone(),
+                    ItemKind::Rule(rd) => rd.params.clone(),
+                    ItemKind::Model(md) => md.params.clone(),
+                    _ => vec![],
+                };
+                for p in params {
+                    items.push(json!({ "label": format!("{} =", p.name.name), "kind": 5, "insertText": format!("{} = ", p.name.name), "detail": lang::fmt::flat(&lang::ast::Expr::new(lang::ast::ExprKind::Name(p.ty.dtype.name.clone()), p.span)) }));
+                }
+            } else if let Some((_, ps, doc)) = lang::builtins::BUILTINS.iter().find(|b| b.0 == callee) {
+                for p in ps.iter() {
+                    let n = p.trim_end_matches('?');
+                    items.push(
+                        json!({ "label": format!("{n} ="), "kind": 5, "insertText": format!("{n} = "), "detail": doc }),
+                    );
+                }
+            }
+        }
+        // Recipe fields inside a recipe.
+        let in_recipe = modules.list[0].ast.items.iter().any(|i| {
+            matches!(i.kind, ItemKind::Recipe(_)) && (i.span.start as usize) <= at && at <= i.span.end as usize
+        });
+        if in_recipe {
+            for (f, what, _) in lang::recipe::RECIPE_FIELDS {
+                items.push(item(f, 5, what));
+            }
+            for kw in ["optimize", "sparsify"] {
+                items.push(item(kw, 14, "keyword"));
+            }
+        }
+        for (name, &i) in &modules.list[0].items {
+            let it = &modules.list[0].ast.items[i];
+            items.push(item(name, 3, &Self::header(&text, it)));
+        }
+        for (name, imp) in &modules.list[0].imports {
+            let it = modules.item(imp.target);
+            let src = &a.db.file(modules.list[imp.target.module].file).text;
+            items.push(item(name, 3, &Self::header(src, it)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in a.analysis.typed.iter().filter(|t| t.file == a.file && (t.span.start as usize) < at) {
+            if seen.insert(t.name.clone()) {
+                items.push(item(&t.name, 6, &t.ty));
+            }
+        }
+        for (name, _, doc) in lang::builtins::BUILTINS {
+            items.push(item(name, 3, doc));
+        }
+        for kw in lang::lexer::HARD_KEYWORDS {
+            items.push(item(kw, 14, "keyword"));
+        }
+        let _ = RecipeMemberKind::Error;
+        Ok(json!({ "isIncomplete": false, "items": items }))
+    }
+
+    fn formatting(&self, params: &Value) -> Result<Value, String> {
+        let uri = get_str(params, &["textDocument", "uri"])?;
+        let text = self.docs.get(uri).ok_or_else(|| format!("document {uri} is not open"))?;
+        match lang::fmt::format_source(text) {
+            Ok(f) if f != *text => Ok(json!([{ "range": range(text, 0, text.len()), "newText": f }])),
+            Ok(_) => Ok(json!([])),
+            // A file with syntax errors is left as it is; the diagnostics say why.
+            Err(_) => Ok(Value::Null),
+        }
+    }
+
+    fn symbols(&self, params: &Value) -> Result<Value, String> {
+        let uri = get_str(params, &["textDocument", "uri"])?;
+        let text = self.docs.get(uri).ok_or_else(|| format!("document {uri} is not open"))?;
+        let parsed = lang::parse::parse(FileId(0), text);
+        let mut out = vec![];
+        for it in &parsed.module.items {
+            let Some(n) = it.name() else { continue };
+            let kind = match &it.kind {
+                ItemKind::Model(_) => 5,
+                ItemKind::Recipe(_) => 23,
+                _ => 12,
+            };
+            out.push(json!({
+                "name": n.name,
+                "detail": it.kind_name(),
+                "kind": kind,
+                "range": range(text, it.span.start as usize, it.span.end as usize),
+                "selectionRange": range(text, n.span.start as usize, n.span.end as usize),
+            }));
+        }
+        Ok(Value::Array(out))
+    }
+}
+
+/// The name of the innermost call whose parenthesis is still open before the cursor.
+fn open_call(before: &str) -> Option<String> {
+    let mut depth = 0i32;
+    for (i, ch) in before.char_indices().rev() {
+        match ch {
+            ')' | ']' => depth += 1,
+            '[' => depth -= 1,
+            '(' => {
+                if depth == 0 {
+                    let head = &before[..i];
+                    let start = head.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map(|j| j + 1).unwrap_or(0);
+                    let name = &head[start..];
+                    return if name.is_empty() { None } else { Some(name.to_string()) };
+                }
+                depth -= 1;
+            }
+            '\n' if depth == 0 && before[..i].trim_end().ends_with(['{', '}']) => return None,
+            _ => {}
+        }
+    }
+    None
+}
