@@ -21,9 +21,13 @@ use lsp_server::{Connection, Message, Response};
 pub fn run() -> Result<(), String> {
     let (connection, io_threads) = Connection::stdio();
     let served = serve(connection);
-    // Let the writer thread flush everything that was answered, even after an error.
-    let joined = io_threads.join().map_err(|e| e.to_string());
-    served.and(joined)
+    // Let the writer thread flush everything that was answered. A client that closes the
+    // pipes right after `shutdown` (as editors do on exit) is a normal end, not an error.
+    let joined = io_threads.join();
+    match (served, joined) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), _) => Err(e),
+    }
 }
 
 /// Serves one connection (also used by tests with an in-memory connection).
@@ -39,8 +43,12 @@ pub fn serve(connection: Connection) -> Result<(), String> {
     for msg in &connection.receiver {
         match msg {
             Message::Request(req) => {
-                if connection.handle_shutdown(&req).map_err(|e| e.to_string())? {
-                    return Ok(());
+                match connection.handle_shutdown(&req) {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    // The client closed the connection instead of sending `exit`.
+                    Err(_) if req.method == "shutdown" => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
                 }
                 let id = req.id.clone();
                 let method = req.method.clone();

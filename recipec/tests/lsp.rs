@@ -258,3 +258,37 @@ fn thousands_of_random_edits() {
     assert!(median < Duration::from_millis(50), "hover median {median:?}");
     c.shutdown();
 }
+
+/// A client no one here wrote: Neovim's built-in LSP client, headless, runs
+/// `tests/editor/nvim_lsp.lua` (diagnostics, hover, completion, live re-checking).
+/// Skips with a printed reason where Neovim is not installed (CI installs it).
+#[test]
+fn neovim_client() {
+    let Ok(v) = Command::new("nvim").arg("--version").output() else {
+        println!("SKIPPED neovim_client: `nvim` is not installed (`apt-get install neovim`)");
+        return;
+    };
+    assert!(v.status.success());
+    let dir = std::env::temp_dir().join(format!("recipec-nvim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("main.recipe");
+    std::fs::write(
+        &file,
+        "use std.loss.cross_entropy\n\n// ünïcode 😀 comment\nfn f(h: f32[N, D], c: f32[V, D], y: i32[N]) -> f32 {\n    let logits = h @ c\n    cross_entropy(logits, y)\n}\n",
+    )
+    .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/editor/nvim_lsp.lua");
+    let out = Command::new("timeout")
+        .args(["120", "nvim", "--headless", "-u", "NONE", "-c"])
+        .arg(format!("luafile {script}"))
+        .env("RECIPEC", env!("CARGO_BIN_EXE_recipec"))
+        .env("RECIPE_FILE", &file)
+        .env("XDG_CACHE_HOME", &dir)
+        .env("XDG_STATE_HOME", &dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "neovim session failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches("PASS").count(), 4, "{stdout}");
+}
