@@ -14,12 +14,22 @@ pub fn capabilities() -> Value {
         "textDocumentSync": 1,
         "hoverProvider": true,
         "definitionProvider": true,
-        "referencesProvider": false,
+        "referencesProvider": true,
+        "renameProvider": { "prepareProvider": false },
+        "signatureHelpProvider": { "triggerCharacters": ["(", ","] },
+        "semanticTokensProvider": {
+            "legend": { "tokenTypes": TOKEN_TYPES, "tokenModifiers": [] },
+            "full": true
+        },
         "completionProvider": { "triggerCharacters": [".", "(", ","] },
         "documentFormattingProvider": true,
         "documentSymbolProvider": true,
     })
 }
+
+/// The semantic token types, in legend order.
+pub const TOKEN_TYPES: &[&str] =
+    &["keyword", "type", "function", "variable", "parameter", "number", "string", "comment", "operator", "property"];
 
 /// Open documents by URI.
 pub struct Server {
@@ -247,6 +257,10 @@ impl Server {
             "textDocument/completion" => self.completion(&params),
             "textDocument/formatting" => self.formatting(&params),
             "textDocument/documentSymbol" => self.symbols(&params),
+            "textDocument/references" => self.references(&params),
+            "textDocument/rename" => self.rename(&params),
+            "textDocument/signatureHelp" => self.signature_help(&params),
+            "textDocument/semanticTokens/full" => self.semantic_tokens(&params),
             other => Err(format!("unsupported request `{other}`")),
         }
     }
@@ -429,6 +443,214 @@ impl Server {
             // A file with syntax errors is left as it is; the diagnostics say why.
             Err(_) => Ok(Value::Null),
         }
+    }
+
+    /// Byte ranges of every use of the name at `at` that refers to the same binding: for a
+    /// local (parameter, `let`, state), the uses inside its item from its definition on;
+    /// for an item, every use in the document. Field names (`x.name`) and named arguments
+    /// (`f(name = ...)`) are other things and are skipped.
+    fn occurrences(&self, uri: &str, at: usize) -> Result<(Vec<(usize, usize)>, bool), String> {
+        let a = self.analyze(uri)?;
+        let text = a.db.file(a.file).text.clone();
+        let Some((ws, we)) = word_at(&text, at) else { return Ok((vec![], false)) };
+        let word = text[ws..we].to_string();
+        let modules = &a.analysis.modules;
+        let local = a
+            .analysis
+            .typed
+            .iter()
+            .filter(|t| {
+                t.file == a.file && t.name == word && (t.span.start as usize) <= at && t.kind != "model parameter"
+            })
+            .max_by_key(|t| t.span.start)
+            .cloned();
+        let scope = match &local {
+            Some(t) => {
+                let item =
+                    modules.list[0].ast.items.iter().find(|i| i.span.start <= t.span.start && t.span.end <= i.span.end);
+                match item {
+                    Some(i) => (t.span.start as usize, i.span.end as usize),
+                    None => (0, text.len()),
+                }
+            }
+            None if modules.find_item(0, &word).is_some() => (0, text.len()),
+            None => return Ok((vec![], false)),
+        };
+        let toks = lang::lexer::lex(FileId(0), &text).tokens;
+        let mut out = vec![];
+        let mut depth = 0i32;
+        for (i, &(s0, tok, e0)) in toks.iter().enumerate() {
+            match tok {
+                lang::lexer::Tok::LParen => depth += 1,
+                lang::lexer::Tok::RParen => depth -= 1,
+                _ => {}
+            }
+            if let lang::lexer::Tok::Ident(name) = tok {
+                if name != word || s0 < scope.0 || e0 > scope.1 {
+                    continue;
+                }
+                let after_dot = i > 0 && toks[i - 1].1 == lang::lexer::Tok::Dot;
+                let named_arg = depth > 0 && toks.get(i + 1).map(|t| t.1) == Some(lang::lexer::Tok::Eq);
+                if !after_dot && !named_arg {
+                    out.push((s0, e0));
+                }
+            }
+        }
+        Ok((out, local.is_some()))
+    }
+
+    fn references(&self, params: &Value) -> Result<Value, String> {
+        let (uri, at) = self.locate(params)?;
+        let text = self.docs.get(&uri).cloned().unwrap_or_default();
+        let (occ, _) = self.occurrences(&uri, at)?;
+        Ok(Value::Array(occ.into_iter().map(|(a, b)| json!({ "uri": uri, "range": range(&text, a, b) })).collect()))
+    }
+
+    fn rename(&self, params: &Value) -> Result<Value, String> {
+        let (uri, at) = self.locate(params)?;
+        let new = get_str(params, &["newName"])?;
+        let valid = new.chars().next().map(|c| c.is_ascii_alphabetic() || c == '_').unwrap_or(false)
+            && new.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !lang::lexer::HARD_KEYWORDS.contains(&new);
+        if !valid {
+            return Err(format!("`{new}` is not a valid name"));
+        }
+        let text = self.docs.get(&uri).cloned().unwrap_or_default();
+        let (occ, local) = self.occurrences(&uri, at)?;
+        if !local {
+            return Err("only local bindings (parameters, `let`s and states) can be renamed".into());
+        }
+        let edits: Vec<Value> =
+            occ.into_iter().map(|(a, b)| json!({ "range": range(&text, a, b), "newText": new })).collect();
+        Ok(json!({ "changes": { uri: edits } }))
+    }
+
+    fn signature_help(&self, params: &Value) -> Result<Value, String> {
+        let (uri, at) = self.locate(params)?;
+        let text = self.docs.get(&uri).cloned().unwrap_or_default();
+        let Some(callee) = open_call(&text[..at]) else { return Ok(Value::Null) };
+        // The active parameter: commas at depth 0 since the open parenthesis.
+        let open = {
+            let mut depth = 0i32;
+            let mut pos = None;
+            for (i, ch) in text[..at].char_indices().rev() {
+                match ch {
+                    ')' | ']' => depth += 1,
+                    '[' => depth -= 1,
+                    '(' if depth == 0 => {
+                        pos = Some(i);
+                        break;
+                    }
+                    '(' => depth -= 1,
+                    _ => {}
+                }
+            }
+            pos.unwrap_or(at)
+        };
+        let mut depth = 0i32;
+        let mut active = 0;
+        for ch in text[open + 1..at].chars() {
+            match ch {
+                '(' | '[' => depth += 1,
+                ')' | ']' => depth -= 1,
+                ',' if depth == 0 => active += 1,
+                _ => {}
+            }
+        }
+        let a = self.analyze(&uri)?;
+        let modules = &a.analysis.modules;
+        let (label, params_list, doc) = if let Some(r) = modules.find_item(0, &callee) {
+            let item = modules.item(r);
+            let src = &a.db.file(modules.list[r.module].file).text;
+            let ps: Vec<String> = match &item.kind {
+                ItemKind::Fn(f) => f.params.iter().map(|p| src[p.span.range()].to_string()).collect(),
+                ItemKind::Rule(rd) => rd.params.iter().map(|p| src[p.span.range()].to_string()).collect(),
+                ItemKind::Model(md) => md.params.iter().map(|p| src[p.span.range()].to_string()).collect(),
+                _ => vec![],
+            };
+            (format!("{callee}({})", ps.join(", ")), ps, item.docs.first().cloned().unwrap_or_default())
+        } else if let Some((_, ps, doc)) = lang::builtins::BUILTINS.iter().find(|b| b.0 == callee) {
+            let ps: Vec<String> = ps
+                .iter()
+                .map(|p| match p.strip_suffix('?') {
+                    Some(q) => format!("{q} = …"),
+                    None => p.to_string(),
+                })
+                .collect();
+            (format!("{callee}({})", ps.join(", ")), ps, doc.to_string())
+        } else {
+            return Ok(Value::Null);
+        };
+        let parameters: Vec<Value> = params_list.iter().map(|p| json!({ "label": p })).collect();
+        Ok(json!({
+            "signatures": [{ "label": label, "documentation": doc, "parameters": parameters }],
+            "activeSignature": 0,
+            "activeParameter": active.min(params_list.len().saturating_sub(1)),
+        }))
+    }
+
+    fn semantic_tokens(&self, params: &Value) -> Result<Value, String> {
+        let uri = get_str(params, &["textDocument", "uri"])?;
+        let text = self.docs.get(uri).ok_or_else(|| format!("document {uri} is not open"))?;
+        let a = self.analyze(uri).ok();
+        let lexed = lang::lexer::lex(FileId(0), text);
+        use lang::lexer::Tok;
+        let ty = |t: &str| TOKEN_TYPES.iter().position(|x| *x == t).unwrap_or(0) as u32;
+        let mut spans: Vec<(usize, usize, u32)> = vec![];
+        for c in &lexed.comments {
+            spans.push((c.span.start as usize, c.span.end as usize, ty("comment")));
+        }
+        let toks = &lexed.tokens;
+        for (i, &(s0, tok, e0)) in toks.iter().enumerate() {
+            let kind = match tok {
+                Tok::Doc(_) => "comment",
+                Tok::Int(_) | Tok::Float(_) => "number",
+                Tok::Str(_) => "string",
+                Tok::Ident(name) => {
+                    let next = toks.get(i + 1).map(|t| t.1);
+                    let after_dot = i > 0 && toks[i - 1].1 == Tok::Dot;
+                    if lang::types::Dtype::parse(name).is_some() && next != Some(Tok::LParen) || name == "str" {
+                        "type"
+                    } else if after_dot {
+                        "property"
+                    } else if next == Some(Tok::LParen) {
+                        "function"
+                    } else if a
+                        .as_ref()
+                        .map(|a| a.analysis.typed.iter().any(|t| t.name == name && t.kind == "param"))
+                        .unwrap_or(false)
+                    {
+                        "parameter"
+                    } else {
+                        "variable"
+                    }
+                }
+                Tok::Newline | Tok::Error => continue,
+                t if !lang::lexer::tok_text(&t).chars().next().map(|c| c.is_ascii_alphabetic()).unwrap_or(false) => {
+                    "operator"
+                }
+                _ => "keyword",
+            };
+            spans.push((s0, e0, ty(kind)));
+        }
+        spans.sort();
+        // Relative encoding: (Δline, Δstart, length, type, modifiers), in UTF-16 units;
+        // tokens spanning lines (none here but comments, which are single-line) are skipped.
+        let mut data = vec![];
+        let (mut pl, mut pc) = (0u32, 0u32);
+        for (s0, e0, t) in spans {
+            let (l, c) = position(text, s0);
+            let (l2, c2) = position(text, e0);
+            if l2 != l || c2 <= c {
+                continue;
+            }
+            let dl = l - pl;
+            let dc = if dl == 0 { c - pc } else { c };
+            data.extend_from_slice(&[dl, dc, c2 - c, t, 0]);
+            pl = l;
+            pc = c;
+        }
+        Ok(json!({ "data": data }))
     }
 
     fn symbols(&self, params: &Value) -> Result<Value, String> {

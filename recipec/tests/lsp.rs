@@ -175,6 +175,41 @@ fn full_session() {
     // Definition of a local goes to its `let`.
     let r = c.request("textDocument/definition", json!({ "textDocument": { "uri": URI }, "position": pos(5, 20) }));
     assert_eq!(r["result"]["range"]["start"], pos(4, 8));
+    // References and rename of a local binding; items cannot be renamed.
+    let r = c.request(
+        "textDocument/references",
+        json!({ "textDocument": { "uri": URI }, "position": pos(5, 20), "context": { "includeDeclaration": true } }),
+    );
+    let refs = r["result"].as_array().unwrap();
+    assert_eq!(refs.len(), 2, "{refs:?}");
+    let r = c.request(
+        "textDocument/rename",
+        json!({ "textDocument": { "uri": URI }, "position": pos(4, 9), "newName": "z" }),
+    );
+    let edits = r["result"]["changes"][URI].as_array().unwrap();
+    assert_eq!(edits.len(), 2);
+    assert!(edits.iter().all(|e| e["newText"] == "z"));
+    let r = c.request(
+        "textDocument/rename",
+        json!({ "textDocument": { "uri": URI }, "position": pos(5, 8), "newName": "ce" }),
+    );
+    assert!(r.get("error").is_some(), "{r}");
+    let r = c.request(
+        "textDocument/rename",
+        json!({ "textDocument": { "uri": URI }, "position": pos(4, 9), "newName": "let" }),
+    );
+    assert!(r.get("error").is_some(), "{r}");
+    // Signature help inside a call: the second parameter is active after one comma.
+    let r = c.request("textDocument/signatureHelp", json!({ "textDocument": { "uri": URI }, "position": pos(5, 26) }));
+    assert!(
+        r["result"]["signatures"][0]["label"].as_str().unwrap().starts_with("cross_entropy(logits: f32[N, V]"),
+        "{r}"
+    );
+    assert_eq!(r["result"]["activeParameter"], 1);
+    // Semantic tokens: five numbers per token, a `fn` keyword first on its line.
+    let r = c.request("textDocument/semanticTokens/full", json!({ "textDocument": { "uri": URI } }));
+    let data = r["result"]["data"].as_array().unwrap();
+    assert!(data.len() > 50 && data.len() % 5 == 0, "{}", data.len());
     // Formatting.
     let messy = "fn  g(x:f32)->f32{x*2.0}\n";
     c.notify(

@@ -47,7 +47,11 @@ fn vscode_extension_is_consistent() {
 }
 
 #[test]
-fn neovim_setup_names_the_server() {
+fn neovim_setup_names_the_server_and_highlights_keywords() {
     let text = std::fs::read_to_string(root().join("editors/nvim/recipe.lua")).unwrap();
     assert!(text.contains("\"recipec\", \"lsp\"") && text.contains("*.recipe"));
+    let syntax = std::fs::read_to_string(root().join("editors/nvim/syntax/recipe.vim")).unwrap();
+    for kw in lang::lexer::HARD_KEYWORDS.iter().chain(lang::lexer::CONTEXTUAL_KEYWORDS.iter().map(|(k, _)| k)) {
+        assert!(syntax.split_whitespace().any(|w| w == *kw), "syntax/recipe.vim does not highlight `{kw}`");
+    }
 }
