@@ -34,6 +34,8 @@ pub const TOKEN_TYPES: &[&str] =
 /// Open documents by URI.
 pub struct Server {
     docs: HashMap<String, String>,
+    /// Documents changed since their diagnostics were last published.
+    dirty: std::collections::BTreeSet<String>,
 }
 
 fn uri_to_path(uri: &str) -> PathBuf {
@@ -158,7 +160,7 @@ impl Default for Server {
 
 impl Server {
     pub fn new() -> Server {
-        Server { docs: HashMap::new() }
+        Server { docs: HashMap::new(), dirty: Default::default() }
     }
 
     fn analyze(&self, uri: &str) -> Result<Analyzed, String> {
@@ -202,6 +204,7 @@ impl Server {
             "textDocument/didClose" => {
                 if let Ok(uri) = get_str(&params, &["textDocument", "uri"]) {
                     self.docs.remove(uri);
+                    self.dirty.remove(uri);
                     return vec![Notification::new(
                         "textDocument/publishDiagnostics".into(),
                         json!({ "uri": uri, "diagnostics": [] }),
@@ -211,10 +214,18 @@ impl Server {
             }
             _ => return vec![],
         };
-        match self.diagnostics(&uri) {
-            Ok(v) => vec![Notification::new("textDocument/publishDiagnostics".into(), v)],
-            Err(_) => vec![],
-        }
+        self.dirty.insert(uri);
+        vec![]
+    }
+
+    /// Diagnostics for every document changed since the last call.
+    pub fn flush(&mut self) -> Vec<Notification> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|uri| self.diagnostics(&uri).ok())
+            .map(|v| Notification::new("textDocument/publishDiagnostics".into(), v))
+            .collect()
     }
 
     fn diagnostics(&self, uri: &str) -> Result<Value, String> {
@@ -479,17 +490,21 @@ impl Server {
         let toks = lang::lexer::lex(FileId(0), &text).tokens;
         let mut out = vec![];
         let mut depth = 0i32;
+        // In `use a.b.name`, the dotted name is a reference to the imported item.
+        let mut in_use = false;
         for (i, &(s0, tok, e0)) in toks.iter().enumerate() {
             match tok {
                 lang::lexer::Tok::LParen => depth += 1,
                 lang::lexer::Tok::RParen => depth -= 1,
+                lang::lexer::Tok::Use => in_use = true,
+                lang::lexer::Tok::Newline => in_use = false,
                 _ => {}
             }
             if let lang::lexer::Tok::Ident(name) = tok {
                 if name != word || s0 < scope.0 || e0 > scope.1 {
                     continue;
                 }
-                let after_dot = i > 0 && toks[i - 1].1 == lang::lexer::Tok::Dot;
+                let after_dot = i > 0 && toks[i - 1].1 == lang::lexer::Tok::Dot && !in_use;
                 let named_arg = depth > 0 && toks.get(i + 1).map(|t| t.1) == Some(lang::lexer::Tok::Eq);
                 if !after_dot && !named_arg {
                     out.push((s0, e0));
@@ -502,8 +517,18 @@ impl Server {
     fn references(&self, params: &Value) -> Result<Value, String> {
         let (uri, at) = self.locate(params)?;
         let text = self.docs.get(&uri).cloned().unwrap_or_default();
-        let (occ, _) = self.occurrences(&uri, at)?;
-        Ok(Value::Array(occ.into_iter().map(|(a, b)| json!({ "uri": uri, "range": range(&text, a, b) })).collect()))
+        let (occ, local) = self.occurrences(&uri, at)?;
+        let mut out: Vec<Value> =
+            occ.into_iter().map(|(a, b)| json!({ "uri": uri, "range": range(&text, a, b) })).collect();
+        // An imported item: its declaration in the other module (the stdlib or a sibling).
+        if !local && !out.is_empty() {
+            if let Some(def) = self.definition(params)?.as_object() {
+                if def.get("uri").and_then(|u| u.as_str()) != Some(uri.as_str()) {
+                    out.push(Value::Object(def.clone()));
+                }
+            }
+        }
+        Ok(Value::Array(out))
     }
 
     fn rename(&self, params: &Value) -> Result<Value, String> {

@@ -76,6 +76,16 @@ pub fn serve(connection: Connection) -> Result<(), String> {
             }
             Message::Response(_) => {}
         }
+        // Debouncing: diagnostics are computed once the queue is empty, so a burst of edits
+        // (typing) is analysed once, for its last state.
+        if connection.receiver.is_empty() {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.flush()));
+            if let Ok(notes) = out {
+                for note in notes {
+                    connection.sender.send(Message::Notification(note)).map_err(|e| e.to_string())?;
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -199,6 +199,14 @@ fn full_session() {
         json!({ "textDocument": { "uri": URI }, "position": pos(4, 9), "newName": "let" }),
     );
     assert!(r.get("error").is_some(), "{r}");
+    // References of an imported item include its declaration in the stdlib.
+    let r = c.request(
+        "textDocument/references",
+        json!({ "textDocument": { "uri": URI }, "position": pos(5, 8), "context": { "includeDeclaration": true } }),
+    );
+    let refs = r["result"].as_array().unwrap();
+    assert!(refs.iter().any(|x| x["uri"].as_str().unwrap().ends_with("/loss.recipe")), "{refs:?}");
+    assert!(refs.iter().filter(|x| x["uri"] == URI).count() == 2, "{refs:?}");
     // Signature help inside a call: the second parameter is active after one comma.
     let r = c.request("textDocument/signatureHelp", json!({ "textDocument": { "uri": URI }, "position": pos(5, 26) }));
     assert!(
