@@ -14,4 +14,5 @@ pub mod interp;
 pub mod ir;
 pub mod lower;
 pub mod passes;
+pub mod plan;
 pub mod rng;

@@ -340,12 +340,17 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         }
     }
     let mut timings = vec![];
-    if req.dry && after.is_none() && !req.time_passes {
+    if req.dry && after.is_none() && !req.time_passes && !req.emit.iter().any(|e| e == "plan") {
         return Ok(g);
     }
     compiler::passes::run_pipeline(&mut g, after, &mut timings).map_err(|e| Fail("E0502", e.0))?;
     if after.is_some() {
         print!("{g}");
+    }
+    if req.emit.iter().any(|e| e == "plan") {
+        let p = compiler::plan::plan(&g);
+        p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
+        print!("{}", p.report(&g));
     }
     if req.time_passes {
         for (n, t) in &timings {

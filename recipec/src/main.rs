@@ -92,7 +92,7 @@ enum Command {
     /// graph of one item, `--item NAME --shape ARG=f32[4, 7]... --emit graph,graph-after=PASS`.
     Build {
         file: PathBuf,
-        /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`.
+        /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`, `plan`.
         #[arg(long, value_delimiter = ',')]
         emit: Vec<String>,
         /// The item whose graph `--emit graph` prints.
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
         Command::Explain { code, all } => explain(code, all),
         Command::Build { file, emit, item, shapes, hps, grad, time_passes } => {
             let (graph_emit, front_emit): (Vec<String>, Vec<String>) =
-                emit.into_iter().partition(|e| e.starts_with("graph"));
+                emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan");
             if !graph_emit.is_empty() {
                 let Some(item) = item else {
                     eprintln!(

@@ -47,6 +47,16 @@ fn round_trip(g: &Graph, what: &str) {
     assert_eq!(back.to_string(), text, "{what}: the text form does not round-trip");
 }
 
+/// The memory plan of a graph is valid and consistent: aligned slices inside the arena,
+/// no overlap between values live together, peak ≤ arena ≤ naive.
+fn check_plan(g: &Graph, what: &str) -> compiler::plan::Plan {
+    let p = compiler::plan::plan(g);
+    p.verify().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(p.peak_live_bytes <= p.arena_bytes, "{what}: peak {} > arena {}", p.peak_live_bytes, p.arena_bytes);
+    assert!(p.arena_bytes <= p.naive_bytes, "{what}: arena {} > naive {}", p.arena_bytes, p.naive_bytes);
+    p
+}
+
 #[test]
 fn stdlib_graphs() {
     let mut loader = MemoryLoader::default();
@@ -95,6 +105,8 @@ fn stdlib_graphs() {
             compiler::passes::run_pipeline(&mut optimized, None, &mut vec![]).unwrap();
             round_trip(&optimized, &format!("{module}.{name} optimized"));
             snap.push_str(&format!("\nOPTIMIZED\n{optimized}"));
+            let plan = check_plan(&optimized, &format!("{module}.{name}"));
+            snap.push_str(&format!("\nPLAN\n{}", plan.report(&optimized)));
             let snap_name = format!("{}__{name}", module.replace('.', "_"));
             insta::with_settings!({snapshot_path => "../ir/snapshots", prepend_module_to_snapshot => false, omit_expression => true}, {
                 insta::assert_snapshot!(snap_name, snap);
@@ -230,6 +242,7 @@ fn case_file_graphs() {
                     let mut opt = g.clone();
                     compiler::passes::run_pipeline(&mut opt, None, &mut vec![]).unwrap();
                     round_trip(&opt, &format!("{rel}: {name} optimized"));
+                    check_plan(&opt, &format!("{rel}: {name}"));
                     // A loss's graph includes its gradients; the optimized form is the one to read.
                     snap.push_str(&format!("\n{kind} {name}: OPTIMIZED\n{opt}"));
                     lowered_count += 1;
