@@ -350,3 +350,60 @@ fn lw_tensor(lw: &mut Lowerer, v: Val, origin: &str) -> R<NodeId> {
         _ => fail("expected a tensor"),
     }
 }
+
+/// A recipe's training step as a graph: inputs `batch.inputs` and `batch.targets`
+/// (`i32[batch, context]`) and every model parameter the loss uses (named by path,
+/// `model.blocks.0.attn.wq`); outputs `loss` and `grad.<path>` for each parameter.
+pub fn recipe_step(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<Graph> {
+    let ItemKind::Recipe(rec) = &modules.item(r).kind else { return fail("not a recipe") };
+    let mut lw = Lowerer::new(modules, db, &rec.name.name);
+    lw.set_module(r.module);
+    let field = |name: &str| {
+        rec.members.iter().find_map(|m| match &m.kind {
+            lang::ast::RecipeMemberKind::Field { name: n, value } if n.name == name => Some(value.clone()),
+            _ => None,
+        })
+    };
+    let (Some(model), Some(data), Some(loss)) = (field("model"), field("data"), field("loss")) else {
+        return fail("a recipe needs `model`, `data` and `loss`");
+    };
+    let m = lw.expr(&model)?;
+    if !matches!(m, Val::Model(_)) {
+        return fail("`model` is not a model instance");
+    }
+    lw.bind_model("model", m);
+    // `text(path, context = T, batch = B)`: only the sizes matter to the graph.
+    let ExprKind::Call { args, .. } = &data.kind else { return fail("`data` must be `text(...)` or `tokens(...)`") };
+    let mut sizes = HashMap::new();
+    for (i, a) in args.iter().enumerate() {
+        let key = match &a.name {
+            Some(n) => n.name.clone(),
+            None => ["path", "context", "batch", "split"].get(i).map(|s| s.to_string()).unwrap_or_default(),
+        };
+        if key == "context" || key == "batch" {
+            if let Val::Int(v) = lw.expr(&a.value)? {
+                sizes.insert(key, v.max(1) as usize);
+            }
+        }
+    }
+    let (Some(&t), Some(&b)) = (sizes.get("context"), sizes.get("batch")) else {
+        return fail("`data` needs `context` and `batch`");
+    };
+    let inputs = lw.node(Op::Input { index: 0, name: "batch.inputs".into() }, Dtype::I32, vec![b, t], &[], "batch")?;
+    let targets =
+        lw.node(Op::Input { index: 1, name: "batch.targets".into() }, Dtype::I32, vec![b, t], &[], "batch")?;
+    lw.bind_model("batch", Val::Batch(inputs, targets));
+    let value = lw.expr(&loss)?;
+    let out = lw_tensor(&mut lw, value, "loss")?;
+    if !lw.graph.node(out).shape.is_empty() || !lw.graph.node(out).dtype.is_float() {
+        return fail("the recipe's loss is not a floating-point scalar");
+    }
+    lw.graph.outputs.push(("loss".into(), out));
+    let params: Vec<(String, NodeId)> = lw.params.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let ids: Vec<NodeId> = params.iter().map(|p| p.1).collect();
+    let grads = crate::autodiff::grad(&mut lw.graph, out, &ids)?;
+    for ((name, _), g) in params.iter().zip(grads) {
+        lw.graph.outputs.push((format!("grad.{name}"), g));
+    }
+    Ok(lw.graph)
+}

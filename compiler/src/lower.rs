@@ -53,6 +53,24 @@ pub enum Val {
     Bool(bool),
     Str(String),
     List(Vec<Val>),
+    /// A model instance (its parameters become graph inputs named by path on first use).
+    Model(std::rc::Rc<ModelVal>),
+    /// `sub blocks[l] = ...` or `param w[l]: ...` declared in a `for`: indexed later.
+    Array(std::rc::Rc<ModelVal>, String),
+    /// A method of a model instance.
+    Method(std::rc::Rc<ModelVal>, String),
+    /// A recipe's batch: `inputs` and `targets`.
+    Batch(NodeId, NodeId),
+}
+
+/// A model instance during lowering.
+#[derive(Debug)]
+pub struct ModelVal {
+    pub item: ItemRef,
+    /// The value of each model parameter (`D`, `L`, ...).
+    pub config: HashMap<String, Val>,
+    /// The parameter path of this instance (`blocks.3.mlp`).
+    pub prefix: Vec<String>,
 }
 
 /// A value supplied for a parameter of the entry point.
@@ -73,6 +91,10 @@ pub struct Lowerer<'a> {
     module: usize,
     next_stream: u64,
     depth: usize,
+    /// Model parameters used so far, by dotted path (`model.blocks.0.attn.wq`).
+    pub params: std::collections::BTreeMap<String, NodeId>,
+    /// The models whose methods are being lowered (innermost last).
+    models: Vec<std::rc::Rc<ModelVal>>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -85,6 +107,8 @@ impl<'a> Lowerer<'a> {
             module: 0,
             next_stream: 0,
             depth: 0,
+            params: Default::default(),
+            models: vec![],
         }
     }
 
@@ -191,7 +215,7 @@ impl<'a> Lowerer<'a> {
             Val::Int(i) => self.constant(dtype, *i as f64, origin),
             Val::Float(f) => self.constant(dtype, *f, origin),
             Val::Bool(b) => self.constant(dtype, *b as i32 as f64, origin),
-            Val::Str(_) | Val::List(_) => self.at(span, "expected a tensor here"),
+            _ => self.at(span, "expected a tensor here"),
         }
     }
 
@@ -605,6 +629,10 @@ impl<'a> Lowerer<'a> {
             ExprKind::List(items) => Ok(Val::List(items.iter().map(|x| self.expr(x)).collect::<R<_>>()?)),
             ExprKind::Name(n) => match self.lookup(n) {
                 Some(v) => Ok(v),
+                None if self.models.last().is_some() && self.member_exists(n) => {
+                    let mv = self.models.last().cloned().expect("a model");
+                    self.member(&mv, n, e.span)
+                }
                 None => match n.as_str() {
                     "inf" => Ok(Val::Float(f64::INFINITY)),
                     "pi" => Ok(Val::Float(std::f64::consts::PI)),
@@ -650,7 +678,15 @@ impl<'a> Lowerer<'a> {
             }
             ExprKind::Index { base, indices } => self.index(base, indices, e.span),
             ExprKind::Call { callee, args } => self.call(callee, args, e.span),
-            ExprKind::Field { .. } => self.at(e.span, "model members are not evaluated by `recipec eval` yet"),
+            ExprKind::Field { base, name } => match self.expr(base)? {
+                Val::Model(mv) => self.member(&mv, &name.name, e.span),
+                Val::Batch(inputs, targets) => match name.name.as_str() {
+                    "inputs" => Ok(Val::T(inputs)),
+                    "targets" => Ok(Val::T(targets)),
+                    other => self.at(name.span, format!("a batch has no field `{other}`")),
+                },
+                _ => self.at(e.span, "only models and batches have fields"),
+            },
             ExprKind::Underscore | ExprKind::Error => self.at(e.span, "not a value"),
         }
     }
@@ -696,6 +732,11 @@ impl<'a> Lowerer<'a> {
     fn index(&mut self, base: &Expr, indices: &[IndexArg], span: lang::source::Span) -> R<Val> {
         let origin = self.origin(span);
         let bv = self.expr(base)?;
+        if let Val::Array(mv, member) = &bv {
+            let [IndexArg::Expr(ie)] = indices else { return self.at(span, "an array member takes one index") };
+            let Val::Int(i) = self.expr(ie)? else { return self.at(ie.span, "an array index must be a constant") };
+            return self.array_element(mv, member, i, span);
+        }
         let mut x = self.tensor(&bv, base.span)?;
         if indices.len() == 1 {
             if let IndexArg::Expr(e) = &indices[0] {
@@ -772,31 +813,230 @@ impl<'a> Lowerer<'a> {
 
     fn call(&mut self, callee: &Expr, args: &[lang::ast::Arg], span: lang::source::Span) -> R<Val> {
         let ExprKind::Name(name) = &callee.kind else {
-            return self.at(callee.span, "only named functions are evaluated by `recipec eval` yet");
+            // `model.features(x)`, `blocks[l].forward(x)`.
+            return match self.expr(callee)? {
+                Val::Method(mv, m) => self.call_method(&mv, &m, args, span),
+                _ => self.at(callee.span, "not callable"),
+            };
         };
         if self.lookup(name).is_none() {
+            if let Some(mv) = self.models.last().cloned() {
+                if self.member_exists(name) {
+                    if let Val::Method(mv, m) = self.member(&mv, name, callee.span)? {
+                        return self.call_method(&mv, &m, args, span);
+                    }
+                }
+            }
             if let Some(r) = self.modules.find_item(self.module, name) {
                 let modules = self.modules;
                 let params: Vec<Param> = match &modules.item(r).kind {
                     ItemKind::Fn(f) => f.params.clone(),
+                    ItemKind::Model(m) => m.params.clone(),
                     _ => return self.at(span, format!("`{name}` cannot be called here")),
                 };
-                let mut bound = HashMap::new();
-                for (i, a) in args.iter().enumerate() {
-                    let key = match &a.name {
-                        Some(n) => n.name.clone(),
-                        None => match params.get(i) {
-                            Some(p) => p.name.name.clone(),
-                            None => return self.at(a.value.span, "too many arguments"),
-                        },
-                    };
-                    let v = self.expr(&a.value)?;
-                    bound.insert(key, v);
+                let bound = self.bind_call_args(&params, args)?;
+                if let ItemKind::Model(_) = &modules.item(r).kind {
+                    return self.construct(r, &params, bound, vec![]);
                 }
                 return self.lower_call(r, &bound, span);
             }
         }
         crate::builtins::call(self, name, args, span)
+    }
+
+    fn bind_call_args(&mut self, params: &[Param], args: &[lang::ast::Arg]) -> R<HashMap<String, Val>> {
+        let mut bound = HashMap::new();
+        for (i, a) in args.iter().enumerate() {
+            let key = match &a.name {
+                Some(n) => n.name.clone(),
+                None => match params.get(i) {
+                    Some(p) => p.name.name.clone(),
+                    None => return self.at(a.value.span, "too many arguments"),
+                },
+            };
+            let v = self.expr(&a.value)?;
+            bound.insert(key, v);
+        }
+        Ok(bound)
+    }
+
+    /// A model instance: its parameters' values (defaults evaluated in its module).
+    fn construct(
+        &mut self,
+        r: ItemRef,
+        params: &[Param],
+        mut bound: HashMap<String, Val>,
+        prefix: Vec<String>,
+    ) -> R<Val> {
+        let saved = (self.module, std::mem::replace(&mut self.scopes, vec![HashMap::new()]));
+        self.module = r.module;
+        let mut config = HashMap::new();
+        let result = (|| {
+            for p in params {
+                let v = match bound.remove(&p.name.name) {
+                    Some(v) => v,
+                    None => match &p.default {
+                        Some(d) => self.expr(d)?,
+                        None => return self.at(p.span, format!("missing model argument `{}`", p.name.name)),
+                    },
+                };
+                self.bind(&p.name.name, v.clone());
+                config.insert(p.name.name.clone(), v);
+            }
+            Ok(())
+        })();
+        self.module = saved.0;
+        self.scopes = saved.1;
+        result?;
+        Ok(Val::Model(std::rc::Rc::new(ModelVal { item: r, config, prefix })))
+    }
+
+    fn model_def(&self, mv: &ModelVal) -> &'a lang::ast::ModelDef {
+        let modules = self.modules;
+        match &modules.item(mv.item).kind {
+            ItemKind::Model(m) => m,
+            _ => unreachable!("a model value refers to a model item"),
+        }
+    }
+
+    fn member_exists(&self, name: &str) -> bool {
+        let Some(mv) = self.models.last() else { return false };
+        find_member(&self.model_def(mv).members, name).is_some()
+    }
+
+    /// Runs `f` in the model's module with its configuration (and `extra`) in scope.
+    fn in_model<T>(&mut self, mv: &ModelVal, extra: &[(String, Val)], f: impl FnOnce(&mut Self) -> R<T>) -> R<T> {
+        let saved = (self.module, std::mem::replace(&mut self.scopes, vec![HashMap::new()]));
+        self.module = mv.item.module;
+        for (k, v) in &mv.config {
+            self.bind(k, v.clone());
+        }
+        for (k, v) in extra {
+            self.bind(k, v.clone());
+        }
+        let r = f(self);
+        self.module = saved.0;
+        self.scopes = saved.1;
+        r
+    }
+
+    fn param_input(
+        &mut self,
+        mv: &ModelVal,
+        name: &str,
+        index: Option<i64>,
+        ty: &TypeExpr,
+        extra: &[(String, Val)],
+        span: lang::source::Span,
+    ) -> R<Val> {
+        let mut path: Vec<String> = vec!["model".into()];
+        path.extend(mv.prefix.iter().cloned());
+        path.push(name.to_string());
+        if let Some(i) = index {
+            path.push(i.to_string());
+        }
+        let key = path.join(".");
+        if let Some(n) = self.params.get(&key) {
+            return Ok(Val::T(*n));
+        }
+        let dtype = Dtype::parse(&ty.dtype.name).unwrap_or(Dtype::F32);
+        let dims = ty.dims.clone().unwrap_or_default();
+        let shape = self.in_model(mv, extra, |me| {
+            let mut shape = vec![];
+            for d in &dims {
+                match me.expr(d)? {
+                    Val::Int(v) if v >= 0 => shape.push(v as usize),
+                    _ => return me.at(d.span, "a parameter's dimensions must be non-negative constants"),
+                }
+            }
+            Ok(shape)
+        })?;
+        let index = self.graph.inputs.len();
+        let origin = self.origin(span);
+        let n = self.node(Op::Input { index, name: key.clone() }, dtype, shape, &[], &origin)?;
+        self.params.insert(key, n);
+        Ok(Val::T(n))
+    }
+
+    /// The value of member `name` of a model instance.
+    fn member(&mut self, mv: &std::rc::Rc<ModelVal>, name: &str, span: lang::source::Span) -> R<Val> {
+        let def = self.model_def(mv);
+        let Some((m, in_loop)) = find_member(&def.members, name) else {
+            return self.at(span, format!("the model has no member `{name}`"));
+        };
+        match &m.kind {
+            MemberKind::Param { .. } | MemberKind::Sub { .. } if in_loop.is_some() => {
+                Ok(Val::Array(mv.clone(), name.to_string()))
+            }
+            MemberKind::Param { name: n, ty, .. } => self.param_input(mv, &n.name, None, ty, &[], m.span),
+            MemberKind::Sub { name: n, value, .. } => self.sub_instance(mv, &n.name, value, None, &[]),
+            MemberKind::Fn(_) => Ok(Val::Method(mv.clone(), name.to_string())),
+            _ => self.at(span, format!("`{name}` is not a value")),
+        }
+    }
+
+    fn sub_instance(
+        &mut self,
+        mv: &ModelVal,
+        name: &str,
+        value: &Expr,
+        index: Option<i64>,
+        extra: &[(String, Val)],
+    ) -> R<Val> {
+        let ExprKind::Call { callee, args } = &value.kind else {
+            return self.at(value.span, "a `sub` is a model call");
+        };
+        let ExprKind::Name(model_name) = &callee.kind else { return self.at(value.span, "a `sub` is a model call") };
+        let modules = self.modules;
+        let Some(r) = modules.find_item(mv.item.module, model_name) else {
+            return self.at(value.span, "unknown model");
+        };
+        let ItemKind::Model(sub) = &modules.item(r).kind else { return self.at(value.span, "not a model") };
+        let bound = self.in_model(mv, extra, |me| me.bind_call_args(&sub.params, args))?;
+        let mut prefix = mv.prefix.clone();
+        prefix.push(name.to_string());
+        if let Some(i) = index {
+            prefix.push(i.to_string());
+        }
+        self.construct(r, &sub.params, bound, prefix)
+    }
+
+    fn array_element(&mut self, mv: &std::rc::Rc<ModelVal>, member: &str, i: i64, span: lang::source::Span) -> R<Val> {
+        let def = self.model_def(mv);
+        let Some((m, Some(var))) = find_member(&def.members, member) else {
+            return self.at(span, format!("`{member}` is not an array"));
+        };
+        let extra = vec![(var.clone(), Val::Int(i))];
+        match &m.kind {
+            MemberKind::Param { name, ty, .. } => self.param_input(mv, &name.name, Some(i), ty, &extra, m.span),
+            MemberKind::Sub { name, value, .. } => self.sub_instance(mv, &name.name, value, Some(i), &extra),
+            _ => self.at(span, "not an array member"),
+        }
+    }
+
+    fn call_method(
+        &mut self,
+        mv: &std::rc::Rc<ModelVal>,
+        name: &str,
+        args: &[lang::ast::Arg],
+        span: lang::source::Span,
+    ) -> R<Val> {
+        let def = self.model_def(mv);
+        let Some((m, _)) = find_member(&def.members, name) else { return self.at(span, format!("no method `{name}`")) };
+        let MemberKind::Fn(f) = &m.kind else { return self.at(span, format!("`{name}` is not a method")) };
+        let bound = self.bind_call_args(&f.params, args)?;
+        self.depth += 1;
+        if self.depth > 64 {
+            return self.at(span, "methods call each other more than 64 deep");
+        }
+        self.models.push(mv.clone());
+        let r = self.in_model(mv, &[], |me| {
+            me.bind_params(&f.params, &bound)?;
+            me.block(&f.body)
+        });
+        self.models.pop();
+        self.depth -= 1;
+        r
     }
 
     // Accessors for the built-in lowering module.
@@ -844,10 +1084,34 @@ impl<'a> Lowerer<'a> {
         self.next_stream += 1;
         self.next_stream
     }
+    /// Lowers an expression in the scope of a model instance (for recipes: `model`).
+    pub fn bind_model(&mut self, name: &str, v: Val) {
+        self.bind(name, v);
+    }
+
     pub fn lookup_public(&self, name: &str) -> Option<Val> {
         self.lookup(name)
     }
     pub(crate) fn set_module(&mut self, m: usize) {
         self.module = m;
     }
+}
+
+/// A member of a model by name, and the loop variable when it is declared inside a `for`.
+fn find_member<'m>(members: &'m [Member], name: &str) -> Option<(&'m Member, Option<String>)> {
+    for m in members {
+        match &m.kind {
+            MemberKind::Param { name: n, .. } | MemberKind::Sub { name: n, .. } if n.name == name => {
+                return Some((m, None))
+            }
+            MemberKind::Fn(f) if f.name.name == name => return Some((m, None)),
+            MemberKind::For { var, members, .. } => {
+                if let Some((found, _)) = find_member(members, name) {
+                    return Some((found, Some(var.name.clone())));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }

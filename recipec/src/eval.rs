@@ -304,6 +304,11 @@ fn run(req: &Request) -> Result<(), Fail> {
                 }
             }
         }
+        ItemKind::Recipe(_) if req.dry => {
+            let g = compiler::entry::recipe_step(modules, &db, r).map_err(lower_err)?;
+            prepare(g, req)?;
+            return Ok(());
+        }
         other => {
             let _ = other;
             return fail(

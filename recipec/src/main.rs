@@ -132,11 +132,18 @@ fn main() -> ExitCode {
             let (graph_emit, front_emit): (Vec<String>, Vec<String>) =
                 emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan");
             if !graph_emit.is_empty() {
-                let Some(item) = item else {
-                    eprintln!(
-                        "error: `--emit graph` needs `--item NAME` (and `--shape ARG=TYPE` for its tensor arguments)"
-                    );
-                    return ExitCode::from(2);
+                // Without `--item`, a file's recipe: its training step (loss and gradients).
+                let item = match item {
+                    Some(i) => i,
+                    None => match recipe_name(&file) {
+                        Some(r) => r,
+                        None => {
+                            eprintln!(
+                                "error: `--emit graph` and `--emit plan` need a recipe in the file, or `--item NAME` (and `--shape ARG=TYPE` for its tensor arguments)"
+                            );
+                            return ExitCode::from(2);
+                        }
+                    },
                 };
                 let code = build(&file, &front_emit, false);
                 if code != ExitCode::SUCCESS {
@@ -332,6 +339,16 @@ fn explain(code: Option<String>, all: bool) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The name of the first recipe in a file, if any.
+fn recipe_name(file: &PathBuf) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let parsed = lang::parse::parse(FileId(0), &text);
+    parsed.module.items.iter().find_map(|i| match &i.kind {
+        lang::ast::ItemKind::Recipe(r) => Some(r.name.name.clone()),
+        _ => None,
+    })
 }
 
 fn opt(pass: &str, file: &PathBuf) -> ExitCode {

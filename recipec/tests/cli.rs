@@ -311,3 +311,15 @@ fn build_emits_graphs_and_opt_runs_one_pass() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown op"));
 }
+
+#[test]
+fn build_plans_the_recipe_training_step() {
+    let out =
+        recipec().args(["build", "recipes/tiny_gpt.recipe", "--emit", "plan"]).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("plan tiny_gpt"), "{text}");
+    // ~1.04M f32 parameters plus the token batch are the arguments.
+    assert!(text.contains("arguments          3.98 MiB"), "{text}");
+    assert!(text.contains("models.recipe:"), "buffers are attributed to recipe lines:\n{text}");
+}
