@@ -3,7 +3,7 @@
 //! Conventions at non-differentiable points (as in JAX): `relu'(0) = 0`; `abs'(0) = 0`
 //! (via `sign`); `max`/`min` of two values split the gradient equally on ties; a `max`/`min`
 //! reduction splits it equally among all tied maxima; `floor`, `ceil`, `round`, `sign`,
-//! comparisons, `argmax`, `argsort`, `keep_top`, `quantile` and random draws have zero
+//! comparisons, `argmax`, `argsort`, `keep_top`, `quantile`, `qr`, `svd_topk` and random draws have zero
 //! gradient (they are locally constant); integer and boolean values carry no gradient;
 //! `stop_gradient(x)` has zero gradient; `x ^ y` differentiates in `y` only where `x > 0`.
 
@@ -522,6 +522,9 @@ fn rule(ad: &mut Ad, n: NodeId, node: &crate::ir::Node, o: &[NodeId], d: NodeId)
             let r = ad.bin(Bin::Add, r, d)?;
             vec![(o[0], r)]
         }
-        Op::ArgSort { .. } | Op::KeepTop { .. } | Op::Quantile | Op::Sample { .. } => vec![],
+        // Projections are treated as constants (they are refreshed, not trained through).
+        Op::ArgSort { .. } | Op::KeepTop { .. } | Op::Quantile | Op::Sample { .. } | Op::Qr | Op::SvdTopK { .. } => {
+            vec![]
+        }
     })
 }

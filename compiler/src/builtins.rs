@@ -474,8 +474,31 @@ pub fn call(lw: &mut Lowerer, name: &str, args: &[Arg], span: Span) -> R<Val> {
             let stream = lw.stream();
             Ok(Val::T(lw.node(Op::Sample { stream, axis: ax }, Dtype::I32, out, &[xv], &origin)?))
         }
-        "qr" | "svd_topk" => {
-            lw.fail(span, format!("`{name}` is provided by the runtime and not evaluated by the interpreter yet"))
+        "qr" => {
+            let xv = lw.as_tensor(&x()?, span)?;
+            let s = lw.shape_of(xv);
+            if s.len() != 2 || s[0] < s[1] {
+                return lw.fail(span, format!("`qr` needs a tall matrix [m, n] with m ≥ n, got {s:?}"));
+            }
+            let d = lw.dtype_of(xv);
+            let fd = if d.is_float() { d } else { Dtype::F32 };
+            let xv = lw.cast(xv, fd, &origin)?;
+            Ok(Val::T(lw.node(Op::Qr, fd, s, &[xv], &origin)?))
+        }
+        "svd_topk" => {
+            let xv = lw.as_tensor(&x()?, span)?;
+            let s = lw.shape_of(xv);
+            let Some(Val::Int(k)) = get(1) else { return lw.fail(span, "`k` must be a constant") };
+            let right = !matches!(get(2), Some(Val::Str(side)) if side == "left");
+            let k = (*k).max(0) as usize;
+            if s.len() != 2 || k > s[0].min(s[1]) {
+                return lw.fail(span, format!("`svd_topk` needs a matrix and k ≤ min(m, n), got {s:?} and k = {k}"));
+            }
+            let d = lw.dtype_of(xv);
+            let fd = if d.is_float() { d } else { Dtype::F32 };
+            let xv = lw.cast(xv, fd, &origin)?;
+            let out = if right { vec![k, s[1]] } else { vec![s[0], k] };
+            Ok(Val::T(lw.node(Op::SvdTopK { k, right }, fd, out, &[xv], &origin)?))
         }
         "text" | "tokens" => lw.fail(span, format!("`{name}` is a data source for `recipec train`")),
         other => lw.fail(span, format!("`{other}` is not lowered yet")),

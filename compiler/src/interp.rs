@@ -474,6 +474,13 @@ fn eval(n: &crate::ir::Node, o: &[&Tensor], inputs: &[Tensor], seed: u64) -> Res
         }
         Op::Uniform { stream } => mk((0..size).map(|i| rng::uniform(seed, *stream, i as u64)).collect()),
         Op::Normal { stream } => mk((0..size).map(|i| rng::normal(seed, *stream, i as u64)).collect()),
+        Op::Qr => mk(qr(&o[0].data, o[0].shape[0], o[0].shape[1])),
+        Op::SvdTopK { k, right } => {
+            let (m, n) = (o[0].shape[0], o[0].shape[1]);
+            let (u, vt) = svd(&o[0].data, m, n);
+            let r = m.min(n);
+            mk(if *right { vt[..k * n].to_vec() } else { (0..m).flat_map(|i| u[i * r..i * r + k].to_vec()).collect() })
+        }
         Op::Sample { stream, axis } => {
             let s = &o[0].shape;
             let mut data = vec![0.0; size];
@@ -497,6 +504,98 @@ fn eval(n: &crate::ir::Node, o: &[&Tensor], inputs: &[Tensor], seed: u64) -> Res
             mk(data)
         }
     })
+}
+
+/// Q of the reduced QR decomposition of a row-major `[m, n]` matrix (m ≥ n) by modified
+/// Gram–Schmidt with one re-orthogonalization pass; R's diagonal is non-negative. A column
+/// that is (numerically) dependent on the earlier ones becomes zero.
+fn qr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+    let mut q: Vec<Vec<f64>> = (0..n).map(|j| (0..m).map(|i| a[i * n + j]).collect()).collect();
+    for j in 0..n {
+        for _ in 0..2 {
+            for p in 0..j {
+                let d: f64 = (0..m).map(|i| q[p][i] * q[j][i]).sum();
+                for i in 0..m {
+                    q[j][i] -= d * q[p][i];
+                }
+            }
+        }
+        let norm = q[j].iter().map(|x| x * x).sum::<f64>().sqrt();
+        for i in 0..m {
+            q[j][i] = if norm > 1e-300 { q[j][i] / norm } else { 0.0 };
+        }
+    }
+    (0..m).flat_map(|i| (0..n).map(|j| q[j][i]).collect::<Vec<_>>()).collect()
+}
+
+/// The thin SVD of a row-major `[m, n]` matrix by one-sided Jacobi rotations in f64:
+/// returns U `[m, r]` and Vᵀ `[r, n]` (r = min(m, n)), singular values descending, each
+/// right singular vector's largest-magnitude entry positive (and U's columns to match).
+fn svd(a: &[f64], m: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+    // Work on the matrix with more rows than columns; transpose back at the end.
+    let (rows, cols, t) = if m >= n { (m, n, false) } else { (n, m, true) };
+    let at = |i: usize, j: usize| if t { a[j * n + i] } else { a[i * n + j] };
+    let mut w: Vec<Vec<f64>> = (0..cols).map(|j| (0..rows).map(|i| at(i, j)).collect()).collect();
+    let mut v: Vec<Vec<f64>> = (0..cols).map(|j| (0..cols).map(|i| (i == j) as i32 as f64).collect()).collect();
+    for _sweep in 0..60 {
+        let mut off = 0.0f64;
+        for p in 0..cols {
+            for q in p + 1..cols {
+                let alpha: f64 = w[p].iter().map(|x| x * x).sum();
+                let beta: f64 = w[q].iter().map(|x| x * x).sum();
+                let gamma: f64 = w[p].iter().zip(&w[q]).map(|(x, y)| x * y).sum();
+                if gamma.abs() <= 1e-15 * (alpha * beta).sqrt() || gamma == 0.0 {
+                    continue;
+                }
+                off = off.max(gamma.abs() / (alpha * beta).sqrt());
+                let zeta = (beta - alpha) / (2.0 * gamma);
+                let tt = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+                let tt = if zeta == 0.0 { 1.0 } else { tt };
+                let c = 1.0 / (1.0 + tt * tt).sqrt();
+                let s = c * tt;
+                for i in 0..rows {
+                    let (x, y) = (w[p][i], w[q][i]);
+                    w[p][i] = c * x - s * y;
+                    w[q][i] = s * x + c * y;
+                }
+                for i in 0..cols {
+                    let (x, y) = (v[p][i], v[q][i]);
+                    v[p][i] = c * x - s * y;
+                    v[q][i] = s * x + c * y;
+                }
+            }
+        }
+        if off < 1e-15 {
+            break;
+        }
+    }
+    let mut sv: Vec<(f64, usize)> = (0..cols).map(|j| (w[j].iter().map(|x| x * x).sum::<f64>().sqrt(), j)).collect();
+    sv.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    let r = cols;
+    // Columns of the long side (u_long = w / σ) and of the short side (v).
+    let mut long = vec![vec![0.0; rows]; r];
+    let mut short = vec![vec![0.0; cols]; r];
+    for (k, (sigma, j)) in sv.iter().enumerate() {
+        let mut sv_short = v[*j].clone();
+        let mut sv_long: Vec<f64> = w[*j].iter().map(|x| if *sigma > 1e-300 { x / sigma } else { 0.0 }).collect();
+        // Sign convention on the right singular vector (of the original matrix).
+        let right = if t { &sv_long } else { &sv_short };
+        let big = right.iter().copied().fold(0.0f64, |acc, x| if x.abs() > acc.abs() { x } else { acc });
+        if big < 0.0 {
+            sv_short.iter_mut().for_each(|x| *x = -*x);
+            sv_long.iter_mut().for_each(|x| *x = -*x);
+        }
+        long[k] = sv_long;
+        short[k] = sv_short;
+    }
+    // Original: A = U Σ Vᵀ. Not transposed: U = long (m = rows), V = short. Transposed:
+    // Aᵀ = long Σ shortᵀ, so U = short (m = cols), V = long.
+    let (u_cols, v_rows) = if t { (&short, &long) } else { (&long, &short) };
+    let mm = if t { cols } else { rows };
+    let nn = if t { rows } else { cols };
+    let u: Vec<f64> = (0..mm).flat_map(|i| (0..r).map(|k| u_cols[k][i]).collect::<Vec<_>>()).collect();
+    let vt: Vec<f64> = (0..r).flat_map(|k| (0..nn).map(|i| v_rows[k][i]).collect::<Vec<_>>()).collect();
+    (u, vt)
 }
 
 fn clamp_index(v: f64, extent: usize) -> usize {
@@ -595,6 +694,37 @@ fn reduce(n: &crate::ir::Node, x: &Tensor, op: Red, axes: &[usize]) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qr_and_svd_reconstruct() {
+        // A 4x3 matrix: Q has orthonormal columns spanning A's columns.
+        let a = [2.0, -1.0, 0.5, 1.0, 3.0, -2.0, 0.0, 1.0, 1.0, -1.0, 0.5, 2.0];
+        let q = qr(&a, 4, 3);
+        for i in 0..3 {
+            for j in 0..3 {
+                let d: f64 = (0..4).map(|r| q[r * 3 + i] * q[r * 3 + j]).sum();
+                assert!((d - (i == j) as i32 as f64).abs() < 1e-12);
+            }
+        }
+        for (m, n, t) in [(4, 3, false), (3, 4, true)] {
+            let mat: Vec<f64> = if t { (0..12).map(|k| a[(k % 4) * 3 + k / 4]).collect() } else { a.to_vec() };
+            let (u, vt) = svd(&mat, m, n);
+            let r = m.min(n);
+            // Reconstruct with σ = uᵀ A v.
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0;
+                    for k in 0..r {
+                        let sigma: f64 = (0..m)
+                            .map(|ii| u[ii * r + k] * (0..n).map(|jj| mat[ii * n + jj] * vt[k * n + jj]).sum::<f64>())
+                            .sum();
+                        acc += u[i * r + k] * sigma * vt[k * n + j];
+                    }
+                    assert!((acc - mat[i * n + j]).abs() < 1e-10, "{m}x{n} [{i},{j}]: {acc} vs {}", mat[i * n + j]);
+                }
+            }
+        }
+    }
 
     #[test]
     fn half_precision_rounding() {

@@ -172,6 +172,15 @@ pub enum Op {
         stream: u64,
         axis: usize,
     },
+    /// Q of the reduced QR decomposition of a matrix `[m, n]` (m ≥ n): `[m, n]`, columns
+    /// orthonormal, R's diagonal non-negative.
+    Qr,
+    /// The top-`k` singular vectors of a matrix `[m, n]`: `right` gives Vᵀ[:k] `[k, n]`,
+    /// otherwise U[:, :k] `[m, k]`; each right vector's largest-magnitude entry is positive.
+    SvdTopK {
+        k: usize,
+        right: bool,
+    },
 }
 
 impl Op {
@@ -203,6 +212,8 @@ impl Op {
             Op::Uniform { .. } => "uniform".into(),
             Op::Normal { .. } => "normal".into(),
             Op::Sample { .. } => "sample".into(),
+            Op::Qr => "qr".into(),
+            Op::SvdTopK { .. } => "svd_topk".into(),
         }
     }
 
@@ -227,6 +238,7 @@ impl Op {
             Op::KeepTop { n, m, axis } => format!("[n={n},m={m},axis={axis}]"),
             Op::Uniform { stream } | Op::Normal { stream } => format!("[stream={stream}]"),
             Op::Sample { stream, axis } => format!("[stream={stream},axis={axis}]"),
+            Op::SvdTopK { k, right } => format!("[k={k},right={right}]"),
             _ => String::new(),
         }
     }
@@ -642,6 +654,26 @@ pub(crate) fn check_node(g: &Graph, n: &Node, operands: &[NodeId]) -> Result<(),
             }
             Ok(())
         }
+        Op::Qr => {
+            arity(1)?;
+            let s = &o[0].shape;
+            if s.len() != 2 || s[0] < s[1] || n.shape != *s {
+                return err(format!("qr needs a tall matrix [m, n] with m ≥ n and gives its shape, got {s:?}"));
+            }
+            Ok(())
+        }
+        Op::SvdTopK { k, right } => {
+            arity(1)?;
+            let s = &o[0].shape;
+            if s.len() != 2 || *k > s[0].min(s[1]) {
+                return err(format!("svd_topk needs a matrix and k ≤ min(m, n), got {s:?} and k = {k}"));
+            }
+            let expect = if *right { vec![*k, s[1]] } else { vec![s[0], *k] };
+            if n.shape != expect {
+                return err("svd_topk result shape".into());
+            }
+            Ok(())
+        }
         Op::Sample { axis, .. } => {
             arity(1)?;
             let s = &o[0].shape;
@@ -895,6 +927,8 @@ fn parse_op(name: &str, attrs: &str) -> Result<Op, IrError> {
         "uniform" => Ok(Op::Uniform { stream: u64_("stream")? }),
         "normal" => Ok(Op::Normal { stream: u64_("stream")? }),
         "sample" => Ok(Op::Sample { stream: u64_("stream")?, axis: us("axis")? }),
+        "qr" => Ok(Op::Qr),
+        "svd_topk" => Ok(Op::SvdTopK { k: us("k")?, right: a.get("right").map(|v| v == "true").unwrap_or(true) }),
         other => err(format!("unknown op `{other}`")),
     }
 }

@@ -310,7 +310,31 @@ def layer_norm():
     check("layer_norm", out["out"], ln(x, g, b), **RED)
 
 
-for f in [losses, linear_ce, optimizers, schedules, sparsity, decoding, layer_norm]:
+# ----------------------------------------------------------------------------- linear algebra
+
+def linear_algebra():
+    tmp = tempfile.mkdtemp(prefix="oracle-la-")
+    src = os.path.join(tmp, "la.recipe")
+    with open(src, "w") as f:
+        f.write("fn top(g: f32[M, N], k: i32) -> f32[k, N] {\n    svd_topk(g, k)\n}\n"
+                "fn left(g: f32[M, N], k: i32) -> f32[M, k] {\n    svd_topk(g, k, side = \"left\")\n}\n"
+                "fn q(g: f32[M, N]) -> f32[M, N] {\n    qr(g)\n}\n")
+    for m, n in [(6, 5), (4, 9)]:
+        g = rng.randn(m, n).astype(np.float32)
+        u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+        k = 2
+        want_v = np.array([v if v[np.argmax(np.abs(v))] > 0 else -v for v in vt[:k]])
+        signs = np.array([1.0 if v[np.argmax(np.abs(v))] > 0 else -1.0 for v in vt[:k]])
+        check(f"svd_topk right [{m}x{n}]", run_eval(src, "top", {"g": g}, {"k": k})["out"], want_v, **ELT)
+        check(f"svd_topk left [{m}x{n}]", run_eval(src, "left", {"g": g}, {"k": k})["out"], u[:, :k] * signs, **ELT)
+        if m >= n:
+            qm = run_eval(src, "q", {"g": g})["out"]
+            qj, rj = jnp.linalg.qr(jnp.asarray(g, jnp.float64))
+            d = np.sign(np.diag(np.asarray(rj)))
+            check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
+
+
+for f in [losses, linear_ce, optimizers, schedules, sparsity, decoding, layer_norm, linear_algebra]:
     case(f)
 
 print()
