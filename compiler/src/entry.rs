@@ -102,15 +102,7 @@ fn item_params(modules: &Modules, r: ItemRef) -> Vec<Param> {
 
 /// A `fn`, `loss` or `decode`: output `out`; with `grads`, `grad_<name>` for every
 /// floating-point tensor argument.
-pub fn function(
-    modules: &Modules,
-    db: &SourceDb,
-    r: ItemRef,
-    args: &[(String, Arg)],
-    grads: bool,
-    seed_free: bool,
-) -> R<Graph> {
-    let _ = seed_free;
+pub fn function(modules: &Modules, db: &SourceDb, r: ItemRef, args: &[(String, Arg)], grads: bool) -> R<Graph> {
     let name = modules.item(r).name().map(|n| n.name.clone()).unwrap_or_default();
     let mut lw = Lowerer::new(modules, db, &name);
     lw.set_module(r.module);
@@ -192,17 +184,6 @@ fn select_init(lw: &mut Lowerer, cond: NodeId, init: NodeId, old: NodeId, origin
     lw.node(Op::Select, d, s, &[c, init, old], origin)
 }
 
-/// The state declarations of an optimizer, in order: (name, init expression, every K).
-fn states(body: &[Stmt]) -> Vec<(String, Expr, Option<Expr>)> {
-    let mut out = vec![];
-    for s in body {
-        if let StmtKind::State { name, init, every } = &s.kind {
-            out.push((name.name.clone(), init.clone(), every.clone()));
-        }
-    }
-    out
-}
-
 /// The common start of a rule's step graph: inputs `param`, `grad`, `step` bound by name.
 fn rule_start<'a>(
     modules: &'a Modules,
@@ -270,7 +251,6 @@ pub fn optimizer(
             _ => lw.stmt(s)?,
         }
     }
-    let _ = states(&rule.body);
     let new_param = match lw_lookup(&lw, "param") {
         Some(Val::T(n)) => n,
         _ => return fail("`param` is not a tensor"),

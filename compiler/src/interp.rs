@@ -116,8 +116,7 @@ fn sigmoid(x: f64) -> f64 {
 }
 
 pub(crate) fn unary(u: Un, x: f64) -> f64 {
-    use std::f64::consts::{FRAC_2_SQRT_PI, SQRT_2};
-    let _ = FRAC_2_SQRT_PI;
+    use std::f64::consts::SQRT_2;
     match u {
         Un::Neg => -x,
         Un::Not => (x == 0.0) as i32 as f64,

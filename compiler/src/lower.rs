@@ -408,10 +408,7 @@ impl<'a> Lowerer<'a> {
         let origin = self.origin(span);
         let dtype = match self.kind(&v) {
             Some((d, _)) if float && !d.is_float() => Dtype::F32,
-            Some((d, weak)) if weak && float => {
-                let _ = d;
-                Dtype::F32
-            }
+            Some((_, weak)) if weak && float => Dtype::F32,
             Some((d, _)) => d,
             None => return self.at(span, "expected a tensor"),
         };

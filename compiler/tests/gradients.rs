@@ -101,27 +101,15 @@ fn gradients_match_finite_differences() {
                 inputs.push(y.clone());
                 names.push("y");
             }
-            let vg = compiler::entry::function(
-                &probe.analysis.modules,
-                &probe.db,
-                vr,
-                &tensor_args(&names, &inputs),
-                false,
-                true,
-            )
-            .unwrap();
+            let vg =
+                compiler::entry::function(&probe.analysis.modules, &probe.db, vr, &tensor_args(&names, &inputs), false)
+                    .unwrap();
             let vshape = run(&vg, &inputs)["out"].shape.clone();
             let vshape = if vshape.len() == 2 { vshape } else { vec![1, vshape.iter().product::<usize>().max(1)] };
             inputs.push(rng.tensor(Dtype::F64, &vshape, -1.0, 1.0));
             names.push("w");
-            let g = match compiler::entry::function(
-                &p.analysis.modules,
-                &p.db,
-                r,
-                &tensor_args(&names, &inputs),
-                true,
-                true,
-            ) {
+            let g = match compiler::entry::function(&p.analysis.modules, &p.db, r, &tensor_args(&names, &inputs), true)
+            {
                 Ok(g) => g,
                 Err(e) => {
                     failures.push(format!("{}: lowering failed: {e}", case.body));

@@ -1224,12 +1224,8 @@ pub(crate) fn index(c: &mut Checker, base: Ty, indices: &[IndexArg], span: Span)
     for ia in indices {
         match ia {
             IndexArg::Expr(e) => idx_tys.push(Some((c.expr(e), e.span))),
-            IndexArg::Slice { start, end, .. } => {
-                let s = start.as_ref().map(|e| (c.expr(e), e.span));
-                let e = end.as_ref().map(|e| (c.expr(e), e.span));
-                idx_tys.push(None);
-                let _ = (s, e);
-            }
+            // Slice bounds are evaluated once, below, where their extent is computed.
+            IndexArg::Slice { .. } => idx_tys.push(None),
         }
     }
     match &base {

@@ -446,9 +446,9 @@ impl<'m> Checker<'m> {
         let modules = self.modules;
         let item = modules.item(r);
         let sig = match (&item.kind, method) {
-            (ItemKind::Fn(f), None) => self.make_signature(&f.params, f.ret.as_ref(), None),
-            (ItemKind::Rule(rule), None) => self.make_signature(&rule.params, None, None),
-            (ItemKind::Model(m), None) => self.make_signature(&m.params, None, None),
+            (ItemKind::Fn(f), None) => self.make_signature(&f.params, f.ret.as_ref()),
+            (ItemKind::Rule(rule), None) => self.make_signature(&rule.params, None),
+            (ItemKind::Model(m), None) => self.make_signature(&m.params, None),
             (ItemKind::Model(m), Some(name)) => {
                 let info = self.model_info(r);
                 let f = find_method(m, name);
@@ -458,7 +458,7 @@ impl<'m> Checker<'m> {
                         for (p, sp) in info.config.params.iter().zip(m.params.iter()) {
                             self.bind(&p.name, p.ty.clone(), sp.span, LocalKind::Param);
                         }
-                        let s = self.make_signature(&f.params, f.ret.as_ref(), None);
+                        let s = self.make_signature(&f.params, f.ret.as_ref());
                         self.scopes.pop();
                         s
                     }
@@ -475,7 +475,7 @@ impl<'m> Checker<'m> {
         sig
     }
 
-    fn make_signature(&mut self, params: &[Param], ret: Option<&TypeExpr>, _owner: Option<&str>) -> Signature {
+    fn make_signature(&mut self, params: &[Param], ret: Option<&TypeExpr>) -> Signature {
         let mut syms: Vec<Sym> = vec![];
         let mut named: HashMap<String, Sym> = HashMap::new();
         let mut out = vec![];
@@ -1053,7 +1053,6 @@ impl<'m> Checker<'m> {
             }
         }
         let body = self.block(&f.body);
-        let ret = sig.ret.clone().unwrap_or(Ty::scalar(Dtype::F32));
         let needs_scalar = matches!(f.kind, FnKind::Loss | FnKind::Schedule);
         match (&f.body.value, &body) {
             (None, _) if self.poisoned => {}
@@ -1087,8 +1086,6 @@ impl<'m> Checker<'m> {
                 }
                 if let Some(declared) = &sig.ret {
                     self.accept(declared, t, v.span, "the returned value");
-                } else if !needs_scalar {
-                    let _ = ret;
                 }
             }
         }
@@ -2209,8 +2206,6 @@ pub fn typed_text(db: &crate::source::SourceDb, analysis: &crate::Analysis, file
         }
     }
     for (_, r) in &analysis.recipes {
-        let file_of = |p: &ParamPath| p.file;
-        let _ = file_of;
         out.push_str(&format!(
             "recipe {} parameters ({} tensors, {} values)\n",
             r.name,

@@ -1,7 +1,7 @@
 //! Request and notification handlers over open documents.
 
 use crate::text::{offset, position, word_at};
-use lang::ast::{ItemKind, RecipeMemberKind};
+use lang::ast::ItemKind;
 use lang::source::{FileId, ModuleLoader, SourceDb};
 use lsp_server::Notification;
 use serde_json::{json, Value};
@@ -441,7 +441,6 @@ impl Server {
         for kw in lang::lexer::HARD_KEYWORDS {
             items.push(item(kw, 14, "keyword"));
         }
-        let _ = RecipeMemberKind::Error;
         Ok(json!({ "isIncomplete": false, "items": items }))
     }
 

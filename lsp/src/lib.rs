@@ -32,8 +32,7 @@ pub fn run() -> Result<(), String> {
 
 /// Serves one connection (also used by tests with an in-memory connection).
 pub fn serve(connection: Connection) -> Result<(), String> {
-    let (id, params) = connection.initialize_start().map_err(|e| e.to_string())?;
-    let _ = params;
+    let (id, _client_capabilities) = connection.initialize_start().map_err(|e| e.to_string())?;
     let result = serde_json::json!({
         "capabilities": handlers::capabilities(),
         "serverInfo": { "name": "recipec", "version": env!("CARGO_PKG_VERSION") },

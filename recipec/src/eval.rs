@@ -188,7 +188,7 @@ fn run(req: &Request) -> Result<(), Fail> {
                 return fail("E0501", format!("`{name}` has no parameter `{extra}`"));
             }
             args.extend(scalars.iter().cloned());
-            let g = compiler::entry::function(modules, &db, r, &args, req.grad, true).map_err(lower_err)?;
+            let g = compiler::entry::function(modules, &db, r, &args, req.grad).map_err(lower_err)?;
             let g = prepare(g, req)?;
             if req.dry {
                 return Ok(());
@@ -309,8 +309,7 @@ fn run(req: &Request) -> Result<(), Fail> {
             prepare(g, req)?;
             return Ok(());
         }
-        other => {
-            let _ = other;
+        _ => {
             return fail(
                 "E0501",
                 format!(

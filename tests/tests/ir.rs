@@ -86,7 +86,7 @@ fn stdlib_graphs() {
             let mods = &analysis.modules;
             let lowered = match &item.kind {
                 ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
-                ItemKind::Fn(_) => compiler::entry::function(mods, &db, r, &args, false, true),
+                ItemKind::Fn(_) => compiler::entry::function(mods, &db, r, &args, false),
                 ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
                     compiler::entry::optimizer(mods, &db, r, (Dtype::F32, vec![4]), &args)
                 }
@@ -97,7 +97,7 @@ fn stdlib_graphs() {
             round_trip(&lowered, &format!("{module}.{name} lowered"));
             snap.push_str(&format!("\nLOWERED\n{lowered}"));
             if matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || module == &"std.loss") {
-                let g = compiler::entry::function(mods, &db, r, &args, true, true).unwrap();
+                let g = compiler::entry::function(mods, &db, r, &args, true).unwrap();
                 round_trip(&g, &format!("{module}.{name} with gradients"));
                 snap.push_str(&format!("\nGRADIENTS\n{g}"));
             }
@@ -228,7 +228,7 @@ fn case_file_graphs() {
             };
             let g = match &item.kind {
                 ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
-                ItemKind::Fn(f) => compiler::entry::function(mods, &db, r, &args, f.kind == FnKind::Loss, true),
+                ItemKind::Fn(f) => compiler::entry::function(mods, &db, r, &args, f.kind == FnKind::Loss),
                 ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
                     compiler::entry::optimizer(mods, &db, r, (Dtype::F32, param_shape), &args)
                 }
