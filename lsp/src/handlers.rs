@@ -31,9 +31,21 @@ pub fn capabilities() -> Value {
 pub const TOKEN_TYPES: &[&str] =
     &["keyword", "type", "function", "variable", "parameter", "number", "string", "comment", "operator", "property"];
 
+/// Memory of the recipe's training step by 1-based line of the document: bytes the line's
+/// buffers take (forward and gradient), and how many of them are live at the peak.
+#[derive(Clone)]
+struct LinePlan {
+    peak: usize,
+    lines: HashMap<usize, (usize, usize)>,
+}
+
 /// Open documents by URI.
 pub struct Server {
     docs: HashMap<String, String>,
+    /// Per document: the text a memory plan was computed for, and the bytes each of its
+    /// lines holds at the peak of the recipe's training step (forward, backward), with the
+    /// peak itself.
+    plans: std::cell::RefCell<HashMap<String, (String, Option<LinePlan>)>>,
     /// Documents changed since their diagnostics were last published.
     dirty: std::collections::BTreeSet<String>,
 }
@@ -160,7 +172,7 @@ impl Default for Server {
 
 impl Server {
     pub fn new() -> Server {
-        Server { docs: HashMap::new(), dirty: Default::default() }
+        Server { docs: HashMap::new(), dirty: Default::default(), plans: Default::default() }
     }
 
     fn analyze(&self, uri: &str) -> Result<Analyzed, String> {
@@ -290,6 +302,47 @@ impl Server {
         s[..end].split_whitespace().collect::<Vec<_>>().join(" ")
     }
 
+    /// The memory plan of the document's recipe, per line (cached per text).
+    fn line_plan(&self, uri: &str, a: &Analyzed) -> Option<LinePlan> {
+        let text = &a.db.file(a.file).text;
+        if let Some((t, p)) = self.plans.borrow().get(uri) {
+            if t == text {
+                return p.clone();
+            }
+        }
+        let plan = (|| {
+            if a.analysis.has_errors() {
+                return None;
+            }
+            let modules = &a.analysis.modules;
+            let i = modules.list[0].ast.items.iter().position(|it| matches!(it.kind, ItemKind::Recipe(_)))?;
+            let r = lang::types::ItemRef { module: 0, item: i };
+            let mut g = compiler::entry::recipe_step(modules, &a.db, r).ok()?;
+            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).ok()?;
+            let plan = compiler::plan::plan(&g);
+            let name = a.db.file(a.file).name.rsplit('/').next().unwrap_or("").to_string();
+            let mut lines: HashMap<usize, (usize, usize)> = HashMap::new();
+            for b in plan.buffers.values() {
+                let origin = &g.node(b.node).origin;
+                let rest = origin.strip_prefix("d/").unwrap_or(origin);
+                let mut parts = rest.rsplitn(3, ':');
+                let (_col, line, file) = (parts.next(), parts.next(), parts.next());
+                if file != Some(name.as_str()) {
+                    continue;
+                }
+                let Some(line) = line.and_then(|l| l.parse::<usize>().ok()) else { continue };
+                let e = lines.entry(line).or_insert((0, 0));
+                e.0 += b.bytes;
+                if b.born <= plan.peak_at && plan.peak_at <= b.dies {
+                    e.1 += b.bytes;
+                }
+            }
+            Some(LinePlan { peak: plan.peak_live_bytes, lines })
+        })();
+        self.plans.borrow_mut().insert(uri.to_string(), (text.clone(), plan.clone()));
+        plan
+    }
+
     fn hover(&self, params: &Value) -> Result<Value, String> {
         let (uri, at) = self.locate(params)?;
         let a = self.analyze(&uri)?;
@@ -323,6 +376,19 @@ impl Server {
         } else {
             return Ok(Value::Null);
         };
+        let mut value = value;
+        // Memory: what this line holds at the peak of the recipe's training step.
+        if let Some(plan) = self.line_plan(&uri, &a) {
+            let line = position(&text, at).0 as usize + 1;
+            if let Some((allocated, at_peak)) = plan.lines.get(&line) {
+                value.push_str(&format!(
+                    "\n\nmemory: this line's buffers take {} in the training step (forward and gradients); {} of them are live at the step's peak of {}",
+                    compiler::plan::human(*allocated),
+                    compiler::plan::human(*at_peak),
+                    compiler::plan::human(plan.peak)
+                ));
+            }
+        }
         Ok(json!({ "contents": { "kind": "markdown", "value": value }, "range": range(&text, ws, we) }))
     }
 

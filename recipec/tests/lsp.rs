@@ -231,6 +231,17 @@ fn full_session() {
     assert_eq!(r["result"][0]["newText"], "fn g(x: f32) -> f32 {\n    x * 2.0\n}\n");
     let r = c.request("textDocument/documentSymbol", json!({ "textDocument": { "uri": URI } }));
     assert_eq!(r["result"][0]["name"], "g");
+    // In a recipe, hovering a line shows the memory its buffers take in the training step.
+    let recipe_uri = "file:///tmp/recipec-lsp-test/bigram.recipe";
+    let recipe = "use std.optim.sgd\nuse std.loss.cross_entropy\n\nmodel bigram(V: i32 = 256) {\n    param table: f32[V, V] = zeros()\n\n    fn logits(tokens: i32[B, S]) -> f32[B * S, V] {\n        reshape(table[tokens], [B * S, V])\n    }\n}\n\nrecipe bigram_lm {\n    model = bigram()\n    data = text(\"embedded:kjv\", context = 8, batch = 32)\n    loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))\n    optimize model.table with sgd(lr = 1.0)\n}\n";
+    c.notify(
+        "textDocument/didOpen",
+        json!({ "textDocument": { "uri": recipe_uri, "languageId": "recipe", "version": 1, "text": recipe } }),
+    );
+    assert!(c.diagnostics(recipe_uri).is_empty());
+    let h = c.request("textDocument/hover", json!({ "textDocument": { "uri": recipe_uri }, "position": pos(7, 10) }));
+    let text = h["result"]["contents"]["value"].as_str().unwrap();
+    assert!(text.contains("memory: this line's buffers take") && text.contains("live at the step's peak"), "{text}");
     // Bad requests answer with errors, never crash the server.
     let r = c.request(
         "textDocument/hover",

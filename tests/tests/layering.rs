@@ -12,7 +12,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("codegen-cuda", &["compiler", "lang"]),
     ("runtime", &["compiler", "codegen-cuda", "lang"]),
     ("recipec", &["lang", "stdlib", "compiler", "codegen-cuda", "runtime", "lsp"]),
-    ("lsp", &["lang", "stdlib"]),
+    ("lsp", &["lang", "stdlib", "compiler"]),
     ("tests", &["lang", "stdlib", "compiler", "codegen-cuda", "runtime"]),
 ];
 
