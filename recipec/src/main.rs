@@ -88,8 +88,9 @@ enum Command {
     Passes,
     /// Run the language server on stdin/stdout (for editors).
     Lsp,
-    /// Check a file and print intermediate forms. `--emit ast,typed` for the file; for the
-    /// graph of one item, `--item NAME --shape ARG=f32[4, 7]... --emit graph,graph-after=PASS`.
+    /// Check a file and print intermediate forms: `--emit ast,typed` for the file;
+    /// `--emit graph,graph-after=PASS,plan` for the file's recipe (its training step) or for
+    /// one item with `--item NAME --shape ARG=f32[4, 7]...`.
     Build {
         file: PathBuf,
         /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`, `plan`.
