@@ -4,8 +4,10 @@
 //!
 //! The plan describes the graph as it is executed today, op by op, one buffer per node:
 //! a `reshape` is a view of its operand (no buffer); an elementwise op whose operand dies at
-//! it writes in place; every other node gets an arena slice, 64-byte aligned, reused once
-//! its value is dead (first fit over free intervals). Arguments belong to the caller and
+//! it writes in place; an output that updates the argument of the same name (an
+//! optimizer's `param` and states) is written into that argument when it is read no more;
+//! every other node gets an arena slice, 64-byte aligned, reused once its value is dead
+//! (first fit over free intervals). Arguments belong to the caller and
 //! are reported separately. Fusion (which removes most intermediate buffers) comes next and
 //! shrinks these numbers; the plan stays the authority on what is allocated.
 
@@ -34,6 +36,9 @@ pub struct Buffer {
     pub dies: usize,
     /// Written in place over this node's buffer.
     pub in_place_of: Option<NodeId>,
+    /// Written into the memory of this argument (an optimizer's `param` and states): the
+    /// buffer is not in the arena.
+    pub into_argument: Option<NodeId>,
 }
 
 #[derive(Clone, Debug)]
@@ -84,6 +89,33 @@ pub fn plan(g: &Graph) -> Plan {
     for o in &outputs {
         dies.insert(*o, order.len());
     }
+    // Outputs that update an argument of the same name (`param`, `state_m`) are written into
+    // that argument's memory when it is no longer read afterwards (an elementwise producer
+    // may read it at the same step: element i is read before element i is written).
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut into_argument: HashMap<NodeId, NodeId> = HashMap::new();
+    for (name, out) in &g.outputs {
+        let s = storage(g, *out);
+        let Some(input) =
+            g.inputs.iter().copied().find(|i| matches!(&g.node(*i).op, Op::Input { name: n, .. } if n == name))
+        else {
+            continue;
+        };
+        let (a, b) = (g.node(input), g.node(s));
+        if matches!(b.op, Op::Input { .. })
+            || a.shape != b.shape
+            || a.dtype != b.dtype
+            || into_argument.contains_key(&s)
+        {
+            continue;
+        }
+        let last_read = dies.get(&input).copied().unwrap_or(0);
+        let elementwise = matches!(b.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast);
+        let at = pos[&s];
+        if last_read < at || (last_read == at && elementwise) {
+            into_argument.insert(s, input);
+        }
+    }
     let mut buffers: HashMap<NodeId, Buffer> = HashMap::new();
     // Free intervals of the arena: (offset, size), kept sorted.
     let mut free: Vec<(usize, usize)> = vec![];
@@ -103,12 +135,38 @@ pub fn plan(g: &Graph) -> Plan {
         }
         let bytes = align(bytes_of(g, n));
         naive += bytes;
+        if let Some(arg) = into_argument.get(&n) {
+            buffers.insert(
+                n,
+                Buffer {
+                    node: n,
+                    bytes,
+                    offset: 0,
+                    born: i,
+                    dies: order.len(),
+                    in_place_of: None,
+                    into_argument: Some(*arg),
+                },
+            );
+            // Its operands may still die here.
+            for o in g.operands(n) {
+                let so = storage(g, o);
+                if dies.get(&so) == Some(&i) && buffers.contains_key(&so) && !outputs.contains(&so) {
+                    let b = &buffers[&so];
+                    if b.into_argument.is_none() {
+                        free.push((b.offset, b.bytes));
+                    }
+                }
+            }
+            free.sort();
+            continue;
+        }
         // In place: an elementwise op over an operand of the same size that dies here.
         let elementwise = matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast);
         let donor = if elementwise {
             g.operands(n).into_iter().map(|o| storage(g, o)).find(|o| {
                 dies.get(o) == Some(&i)
-                    && buffers.get(o).map(|b| b.bytes == bytes).unwrap_or(false)
+                    && buffers.get(o).map(|b| b.bytes == bytes && b.into_argument.is_none()).unwrap_or(false)
                     && !outputs.contains(o)
             })
         } else {
@@ -138,7 +196,7 @@ pub fn plan(g: &Graph) -> Plan {
             },
         };
         let d = dies.get(&n).copied().unwrap_or(i);
-        buffers.insert(n, Buffer { node: n, bytes, offset, born: i, dies: d, in_place_of: donor });
+        buffers.insert(n, Buffer { node: n, bytes, offset, born: i, dies: d, in_place_of: donor, into_argument: None });
         if let Some(donor) = donor {
             if let Some(b) = buffers.get_mut(&donor) {
                 b.dies = i;
@@ -156,7 +214,9 @@ pub fn plan(g: &Graph) -> Plan {
         }
         for r in std::mem::take(&mut releases[i]) {
             let b = &buffers[&r];
-            free.push((b.offset, b.bytes));
+            if b.into_argument.is_none() {
+                free.push((b.offset, b.bytes));
+            }
         }
         free.sort();
         // Merge adjacent free intervals.
@@ -172,7 +232,7 @@ pub fn plan(g: &Graph) -> Plan {
     // Peak: the most bytes live at once. At an in-place step the donor and the receiver
     // share one slice, counted once.
     let live_at = |i: usize| -> usize {
-        let live = |b: &Buffer| b.born <= i && i <= b.dies;
+        let live = |b: &Buffer| b.born <= i && i <= b.dies && b.into_argument.is_none();
         let total: usize = buffers.values().filter(|b| live(b)).map(|b| b.bytes).sum();
         let shared: usize = buffers
             .values()
@@ -219,7 +279,7 @@ impl Plan {
     /// Checks the plan: aligned, inside the arena, and no two buffers that are live at the
     /// same time overlap in memory (a buffer written in place of another takes it over).
     pub fn verify(&self) -> Result<(), String> {
-        let bufs: Vec<&Buffer> = self.buffers.values().collect();
+        let bufs: Vec<&Buffer> = self.buffers.values().filter(|b| b.into_argument.is_none()).collect();
         for b in &bufs {
             if b.offset % ALIGN != 0 || b.offset + b.bytes > self.arena_bytes {
                 return Err(format!(
@@ -259,9 +319,25 @@ impl Plan {
         let peak_node = at.map(|n| format!("%{} {}", n.index(), g.node(n).op.name())).unwrap_or_default();
         out.push_str(&format!("  peak live      {:>12}  at {peak_node}\n", human(self.peak_live_bytes)));
         out.push_str(&format!("  naive          {:>12}  (one buffer per node, no reuse)\n", human(self.naive_bytes)));
+        let mut updated: Vec<String> = self
+            .buffers
+            .values()
+            .filter_map(|b| b.into_argument)
+            .filter_map(|a| match &g.node(a).op {
+                Op::Input { name, .. } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        updated.sort();
+        if !updated.is_empty() {
+            out.push_str(&format!("  updated in place: {}\n", updated.join(", ")));
+        }
         out.push_str("  live at the peak, largest first:\n");
-        let mut live: Vec<&Buffer> =
-            self.buffers.values().filter(|b| b.born <= self.peak_at && self.peak_at <= b.dies).collect();
+        let mut live: Vec<&Buffer> = self
+            .buffers
+            .values()
+            .filter(|b| b.into_argument.is_none() && b.born <= self.peak_at && self.peak_at <= b.dies)
+            .collect();
         live.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.born.cmp(&b.born)));
         for b in live.iter().take(12) {
             let n = g.node(b.node);
