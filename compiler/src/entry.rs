@@ -184,12 +184,16 @@ fn select_init(lw: &mut Lowerer, cond: NodeId, init: NodeId, old: NodeId, origin
     lw.node(Op::Select, d, s, &[c, init, old], origin)
 }
 
-/// The common start of a rule's step graph: inputs `param`, `grad`, `step` bound by name.
+/// The common start of a rule's step graph: inputs `param`, `grad`, `step` (and, for a
+/// sparsity rule, the previous `mask`) bound by name, an explicit `param: f32[M, N]`'s
+/// dimension names, and the hyperparameters.
 fn rule_start<'a>(
     modules: &'a Modules,
     db: &'a SourceDb,
     r: ItemRef,
     param: &(Dtype, Vec<usize>),
+    args: &[(String, Arg)],
+    with_mask: bool,
 ) -> R<(Lowerer<'a>, &'a lang::ast::RuleDef, NodeId, NodeId, NodeId)> {
     let ItemKind::Rule(rule) = &modules.item(r).kind else { return fail("not an optimizer or sparsity rule") };
     let mut lw = Lowerer::new(modules, db, &rule.name.name);
@@ -200,6 +204,18 @@ fn rule_start<'a>(
     lw.bind("param", Val::T(p));
     lw.bind("grad", Val::T(g));
     lw.bind("step", Val::T(step));
+    if with_mask {
+        let prev = lw.node(Op::Input { index: 3, name: "mask".into() }, param.0, param.1.clone(), &[], "mask")?;
+        lw.bind("mask", Val::T(prev));
+    }
+    if let Some(pp) = rule.params.iter().find(|x| x.name.name == "param") {
+        let mut m = HashMap::new();
+        m.insert("param".to_string(), Val::T(p));
+        lw.bind_params(std::slice::from_ref(pp), &m)?;
+    }
+    let params: Vec<Param> = rule.params.iter().filter(|x| x.name.name != "param").cloned().collect();
+    let vals = bind_args(&mut lw, &params, args, &[])?;
+    lw.bind_params(&params, &vals)?;
     Ok((lw, rule, p, g, step))
 }
 
@@ -212,18 +228,9 @@ pub fn optimizer(
     param: (Dtype, Vec<usize>),
     args: &[(String, Arg)],
 ) -> R<Graph> {
-    let (mut lw, rule, p, _, step) = rule_start(modules, db, r, &param)?;
-    let params: Vec<Param> = rule.params.iter().filter(|x| x.name.name != "param").cloned().collect();
-    // An explicit `param: f32[M, N]` binds its dimension names.
-    if let Some(pp) = rule.params.iter().find(|x| x.name.name == "param") {
-        let mut m = HashMap::new();
-        m.insert("param".to_string(), Val::T(p));
-        lw.bind_params(std::slice::from_ref(pp), &m)?;
-    }
-    let vals = bind_args(&mut lw, &params, args, &[])?;
-    lw.bind_params(&params, &vals)?;
-    // State inputs: lower each initializer once to learn its shape, in a throwaway lowering
-    // of the statements before it (states may depend on earlier lets).
+    let (mut lw, rule, _, _, step) = rule_start(modules, db, r, &param, args, false)?;
+    // Each state's input takes the shape of its initializer, lowered in order with the
+    // statements before it (an initializer may use earlier `let`s).
     let first = {
         let one = lw.constant(Dtype::I32, 1.0, "step 1")?;
         lw.node(Op::Binary(Bin::Eq), Dtype::Bool, vec![], &[step, one], "step 1")?
@@ -280,12 +287,8 @@ pub fn sparsity(
     param: (Dtype, Vec<usize>),
     args: &[(String, Arg)],
 ) -> R<Graph> {
-    let (mut lw, rule, _, g, step) = rule_start(modules, db, r, &param)?;
-    let prev = lw.node(Op::Input { index: 3, name: "mask".into() }, param.0, param.1.clone(), &[], "mask")?;
-    lw.bind("mask", Val::T(prev));
-    let params: Vec<Param> = rule.params.iter().filter(|x| x.name.name != "param").cloned().collect();
-    let vals = bind_args(&mut lw, &params, args, &[])?;
-    lw.bind_params(&params, &vals)?;
+    let (mut lw, rule, _, g, step) = rule_start(modules, db, r, &param, args, true)?;
+    let Some(Val::T(prev)) = lw.lookup_public("mask") else { return fail("the previous mask is not bound") };
     for s in &rule.body {
         match &s.kind {
             StmtKind::Assign { target, value, every: Some(k) } if target.name == "mask" => {
