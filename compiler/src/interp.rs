@@ -115,7 +115,7 @@ fn sigmoid(x: f64) -> f64 {
     }
 }
 
-pub(crate) fn unary(u: Un, x: f64) -> f64 {
+pub fn unary(u: Un, x: f64) -> f64 {
     use std::f64::consts::SQRT_2;
     match u {
         Un::Neg => -x,
@@ -155,7 +155,7 @@ pub(crate) fn unary(u: Un, x: f64) -> f64 {
     }
 }
 
-pub(crate) fn binary(b: Bin, x: f64, y: f64, float: bool) -> f64 {
+pub fn binary(b: Bin, x: f64, y: f64, float: bool) -> f64 {
     let t = |c: bool| c as i32 as f64;
     match b {
         Bin::Add => x + y,
@@ -224,7 +224,8 @@ pub fn run(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, Te
     Ok(outs)
 }
 
-fn eval(n: &crate::ir::Node, o: &[&Tensor], inputs: &[Tensor], seed: u64) -> Result<Tensor, IrError> {
+/// Evaluates one node on its operand values (the runtime's library kernels use this).
+pub fn eval(n: &crate::ir::Node, o: &[&Tensor], inputs: &[Tensor], seed: u64) -> Result<Tensor, IrError> {
     let shape = n.shape.clone();
     let size: usize = shape.iter().product();
     let mk = |data: Vec<f64>| Tensor::new(n.dtype, shape.clone(), data);

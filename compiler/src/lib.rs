@@ -12,6 +12,7 @@ pub mod builtins;
 pub mod entry;
 pub mod interp;
 pub mod ir;
+pub mod kernel;
 pub mod lower;
 pub mod passes;
 pub mod plan;

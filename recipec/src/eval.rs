@@ -74,8 +74,8 @@ fn describe(t: &Tensor) -> String {
 }
 
 fn run(req: &Request) -> Result<(), Fail> {
-    if req.backend != "interp" {
-        return fail("E0501", format!("backend `{}` is not available yet; the only backend is `interp`", req.backend));
+    if !BACKENDS.contains(&req.backend.as_str()) {
+        return fail("E0501", format!("unknown backend `{}`; the backends are {}", req.backend, BACKENDS.join(", ")));
     }
     let (mut db, mut roots, ok) = load(std::slice::from_ref(&req.file));
     if !ok {
@@ -170,7 +170,7 @@ fn run(req: &Request) -> Result<(), Fail> {
             let n = req.steps.unwrap_or(1);
             let mut values = vec![];
             for step in 1..=n {
-                let out = run_graph(&g, &[Tensor::scalar(Dtype::I32, step as f64)], req.seed)?;
+                let out = run_graph(&g, &[Tensor::scalar(Dtype::I32, step as f64)], req.seed, &req.backend)?;
                 values.push(out["out"].data[0]);
             }
             outputs.push(("out".into(), Tensor::new(Dtype::F32, vec![n], values)));
@@ -193,7 +193,7 @@ fn run(req: &Request) -> Result<(), Fail> {
             if req.dry {
                 return Ok(());
             }
-            let out = run_graph(&g, &inputs, req.seed)?;
+            let out = run_graph(&g, &inputs, req.seed, &req.backend)?;
             let mut names: Vec<&String> = out.keys().collect();
             names.sort();
             for n in names {
@@ -269,7 +269,7 @@ fn run(req: &Request) -> Result<(), Fail> {
                             Tensor::scalar(Dtype::I32, step as f64),
                         ];
                         inputs.extend(states.iter().cloned());
-                        let out = run_graph(&g, &inputs, req.seed)?;
+                        let out = run_graph(&g, &inputs, req.seed, &req.backend)?;
                         p = out["param"].clone();
                         states = state_inputs.iter().map(|(n, _, _)| out[n].clone()).collect();
                     }
@@ -294,7 +294,7 @@ fn run(req: &Request) -> Result<(), Fail> {
                             Tensor::scalar(Dtype::I32, step as f64),
                             mask.clone(),
                         ];
-                        last = run_graph(&g, &inputs, req.seed)?;
+                        last = run_graph(&g, &inputs, req.seed, &req.backend)?;
                         mask = last["mask"].clone();
                     }
                     outputs.push(("mask".into(), mask));
@@ -344,7 +344,7 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         }
     }
     let mut timings = vec![];
-    if req.dry && after.is_none() && !req.time_passes && !req.emit.iter().any(|e| e == "plan") {
+    if req.dry && after.is_none() && !req.time_passes && !req.emit.iter().any(|e| e == "plan" || e == "kernels") {
         return Ok(g);
     }
     compiler::passes::run_pipeline(&mut g, after, &mut timings).map_err(|e| Fail("E0502", e.0))?;
@@ -356,6 +356,11 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
         print!("{}", p.report(&g));
     }
+    if req.emit.iter().any(|e| e == "kernels") {
+        let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
+        p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
+        print!("{}", p.text());
+    }
     if req.time_passes {
         for (n, t) in &timings {
             eprintln!("{n:<34} {:>8.3} ms", t.as_secs_f64() * 1e3);
@@ -364,7 +369,10 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
     Ok(g)
 }
 
-fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, Tensor>, Fail> {
+/// The backends `--backend` accepts; the first is the default.
+pub const BACKENDS: &[&str] = &["cranelift", "interp"];
+
+fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64, backend: &str) -> Result<HashMap<String, Tensor>, Fail> {
     // Check each input against its declaration first: a clear message names the argument.
     for (i, id) in g.inputs.iter().enumerate() {
         let n = g.node(*id);
@@ -374,5 +382,15 @@ fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64) -> Result<HashMap<String, 
             }
         }
     }
-    interp::run(g, inputs, seed).map_err(|e| Fail("E0501", e.0))
+    match backend {
+        "interp" => interp::run(g, inputs, seed).map_err(|e| Fail("E0501", e.0)),
+        _ => {
+            let bug = |e: String| Fail("E0502", format!("this is a bug in recipec: {e}"));
+            let p = compiler::kernel::schedule(g).map_err(|e| bug(e.0))?;
+            p.verify().map_err(|e| bug(format!("invalid memory plan: {e}")))?;
+            let exe = runtime::Executable::new(p, runtime::Backend::Cranelift).map_err(|e| bug(e.0))?;
+            let outs = exe.run_tensors(inputs, seed).map_err(|e| Fail("E0501", e.0))?;
+            Ok(outs.into_iter().collect())
+        }
+    }
 }

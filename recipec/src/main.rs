@@ -72,8 +72,8 @@ enum Command {
         /// Seed of the counter-based random generator.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Only `interp` exists yet.
-        #[arg(long, default_value = "interp")]
+        /// `cranelift` (generated code, the default) or `interp` (the reference interpreter).
+        #[arg(long, default_value = "cranelift")]
         backend: String,
         /// Print intermediate graphs: `graph` (as lowered), `graph-after=PASS`.
         #[arg(long, value_delimiter = ',')]
@@ -93,7 +93,7 @@ enum Command {
     /// one item with `--item NAME --shape ARG=f32[4, 7]...`.
     Build {
         file: PathBuf,
-        /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`, `plan`.
+        /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`, `plan`, `kernels`.
         #[arg(long, value_delimiter = ',')]
         emit: Vec<String>,
         /// The item whose graph `--emit graph` prints.
@@ -131,7 +131,7 @@ fn main() -> ExitCode {
         Command::Explain { code, all } => explain(code, all),
         Command::Build { file, emit, item, shapes, hps, grad, time_passes } => {
             let (graph_emit, front_emit): (Vec<String>, Vec<String>) =
-                emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan");
+                emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan" || e == "kernels");
             if !graph_emit.is_empty() {
                 // Without `--item`, a file's recipe: its training step (loss and gradients).
                 let item = match item {

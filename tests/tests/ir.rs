@@ -4,41 +4,11 @@
 //! verifies and its text form parses back to the same text.
 
 use compiler::ir::{parse_graph, Graph};
+use tests::{auto_args, samples};
 use compiler::lower::Arg;
 use lang::ast::{FnKind, ItemKind, RuleKind};
 use lang::source::{MemoryLoader, SourceDb};
 use lang::types::Dtype;
-
-fn t(d: Dtype, s: &[usize]) -> Arg {
-    Arg::Tensor(d, s.to_vec())
-}
-
-/// Sample arguments per item: tensors by shape, hyperparameters by value.
-fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
-    use Dtype::*;
-    let ce = || vec![("logits", t(F32, &[3, 5])), ("targets", t(I32, &[3]))];
-    Some(match (module, item) {
-        ("std.loss", "cross_entropy") | ("std.loss", "logz_penalty") => ce(),
-        ("std.loss", "label_smoothed_cross_entropy") => ce(),
-        ("std.loss", "zloss_spherical") => {
-            let mut v = ce();
-            v.push(("a", Arg::Scalar(1.0)));
-            v.push(("b", Arg::Scalar(2.0)));
-            v
-        }
-        ("std.loss", "linear_cross_entropy") => {
-            vec![("hidden", t(F32, &[3, 4])), ("classifier", t(F32, &[5, 4])), ("targets", t(I32, &[3]))]
-        }
-        ("std.optim", _) => vec![("lr", Arg::Scalar(0.1))],
-        ("std.schedule", "constant") => vec![("value", Arg::Scalar(1.0))],
-        ("std.schedule", "linear_warmup") => vec![("peak", Arg::Scalar(1.0)), ("warmup", Arg::Scalar(10.0))],
-        ("std.schedule", _) => vec![("peak", Arg::Scalar(1.0)), ("total", Arg::Scalar(100.0))],
-        ("std.sparsity", _) => vec![],
-        ("std.decode", _) => vec![("logits", t(F32, &[6]))],
-        ("std.models", "layer_norm") => vec![("x", t(F32, &[3, 4])), ("gain", t(F32, &[4])), ("bias", t(F32, &[4]))],
-        _ => return None,
-    })
-}
 
 fn round_trip(g: &Graph, what: &str) {
     g.verify().unwrap_or_else(|e| panic!("{what}: {e}\n{g}"));
@@ -115,81 +85,6 @@ fn stdlib_graphs() {
         }
     }
     assert!(covered >= 18, "only {covered} stdlib items lowered");
-}
-
-/// Small distinct even extents for symbolic dimensions, so shapes in the snapshots are
-/// readable, transposition mistakes show, and divisions such as `D / H` (with H = 2) divide.
-const EXTENTS: &[i64] = &[4, 6, 8, 2, 10, 12];
-
-fn eval_dim(e: &lang::ast::Expr, env: &mut std::collections::HashMap<String, i64>, next: &mut usize) -> Option<i64> {
-    use lang::ast::{BinOp, ExprKind, UnOp};
-    Some(match &e.kind {
-        ExprKind::Int(i) => *i,
-        ExprKind::Underscore => 3,
-        ExprKind::Paren(x) => eval_dim(x, env, next)?,
-        ExprKind::Unary(UnOp::Neg, x) => -eval_dim(x, env, next)?,
-        ExprKind::Name(n) => *env.entry(n.clone()).or_insert_with(|| {
-            let v = EXTENTS[*next % EXTENTS.len()];
-            *next += 1;
-            v
-        }),
-        ExprKind::Binary(op, a, b) => {
-            let (a, b) = (eval_dim(a, env, next)?, eval_dim(b, env, next)?);
-            match op {
-                BinOp::Add => a + b,
-                BinOp::Sub => a - b,
-                BinOp::Mul => a * b,
-                BinOp::Div if b != 0 => a / b,
-                BinOp::Rem if b != 0 => a % b,
-                _ => return None,
-            }
-        }
-        _ => return None,
-    })
-}
-
-/// Arguments for an item chosen from its signature: each symbolic dimension gets a small
-/// extent, integer parameters without defaults 2, float ones 0.5. Dimensions used in
-/// divisions (`D / H`) are made divisible by binding divisors first.
-fn auto_args(params: &[lang::ast::Param]) -> Vec<(String, Arg)> {
-    let mut env = std::collections::HashMap::new();
-    let mut next = 0;
-    // Integer parameters first: they may size the tensors.
-    for p in params {
-        if p.ty.dims.is_none() && Dtype::parse(&p.ty.dtype.name).map(|d| d.is_int()).unwrap_or(false) {
-            let v = match p.default.as_ref().map(|d| &d.kind) {
-                Some(lang::ast::ExprKind::Int(i)) => *i,
-                _ => 2,
-            };
-            env.insert(p.name.name.clone(), v);
-        }
-    }
-    let mut out = vec![];
-    for p in params {
-        let Some(dtype) = Dtype::parse(&p.ty.dtype.name) else { continue };
-        match &p.ty.dims {
-            Some(dims) => {
-                // Divisors get bound before the dividend so `D / H` divides.
-                let mut shape = vec![];
-                for d in dims {
-                    if let lang::ast::ExprKind::Binary(lang::ast::BinOp::Div, a, b) = &d.kind {
-                        let bv = eval_dim(b, &mut env, &mut next).unwrap_or(1).max(1);
-                        if let lang::ast::ExprKind::Name(n) = &a.kind {
-                            env.entry(n.clone()).or_insert(bv * 4);
-                        }
-                    }
-                    shape.push(eval_dim(d, &mut env, &mut next).unwrap_or(3).max(1) as usize);
-                }
-                out.push((p.name.name.clone(), Arg::Tensor(dtype, shape)));
-            }
-            None if p.default.is_some() => {}
-            None if dtype.is_int() => {
-                out.push((p.name.name.clone(), Arg::Scalar(env.get(&p.name.name).copied().unwrap_or(2) as f64)))
-            }
-            None => out.push((p.name.name.clone(), Arg::Scalar(0.5))),
-        }
-    }
-    out
 }
 
 #[test]

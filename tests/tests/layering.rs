@@ -10,10 +10,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("lang", &[]),
     ("compiler", &["lang", "stdlib"]),
     ("codegen-cuda", &["compiler", "lang"]),
-    ("runtime", &["compiler", "codegen-cuda", "lang"]),
-    ("recipec", &["lang", "stdlib", "compiler", "codegen-cuda", "runtime", "lsp"]),
+    ("codegen-cpu", &["compiler", "lang"]),
+    ("runtime", &["compiler", "codegen-cpu", "codegen-cuda", "lang"]),
+    ("recipec", &["lang", "stdlib", "compiler", "codegen-cpu", "codegen-cuda", "runtime", "lsp"]),
     ("lsp", &["lang", "stdlib", "compiler"]),
-    ("tests", &["lang", "stdlib", "compiler", "codegen-cuda", "runtime"]),
+    ("tests", &["lang", "stdlib", "compiler", "codegen-cpu", "codegen-cuda", "runtime"]),
 ];
 
 #[test]

@@ -1,0 +1,813 @@
+//! CPU code generation for the kernel IR's loops: Cranelift JIT (the default backend).
+//!
+//! Input: a scheduled [`Program`]. Output: one native function per [`Loop`] kernel,
+//! `fn(bufs: *const *mut u8, lo: i64, hi: i64)`, which runs the loop nest for the outermost
+//! indices `lo..hi` (the runtime splits that range across threads). `bufs[b]` is the base
+//! address of buffer `b`; the runtime validates every buffer's size before a call, so the
+//! generated code does no bounds checks.
+//!
+//! Numerics follow `compiler::kernel` exactly (f32 compute for f32/f16/bf16, f64 for the
+//! rest, rounding after every op, f64 accumulators, transcendentals through the
+//! interpreter's f64 functions), so elementwise results equal the interpreter's bits.
+//! The innermost loop is vectorized 4-wide (128-bit, what Cranelift emits) when every
+//! instruction is an f32 op Cranelift has as a vector instruction and every access walks
+//! the innermost index contiguously or not at all.
+
+use compiler::interp;
+use compiler::ir::{Bin, Un};
+use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, Linkage, Module};
+use lang::types::Dtype;
+use red_ops::*;
+
+/// A compiled loop: `bufs`, then the outermost index range.
+pub type LoopFn = unsafe extern "C" fn(bufs: *const *mut u8, lo: i64, hi: i64);
+
+/// The native code of a program's loops. Keeps the JIT memory alive.
+pub struct Compiled {
+    _module: JITModule,
+    /// Per kernel: the function of a loop kernel, `None` for the others.
+    pub loops: Vec<Option<LoopFn>>,
+    /// Per kernel: whether the loop was vectorized.
+    pub vectorized: Vec<bool>,
+}
+
+// SAFETY: after `finalize_definitions` the module is only kept to own the code memory; the
+// function pointers are plain code and may be called from any thread.
+unsafe impl Send for Compiled {}
+unsafe impl Sync for Compiled {}
+
+mod red_ops {
+    pub use compiler::ir::Red;
+}
+
+const UNS: [Un; 23] = [
+    Un::Neg,
+    Un::Not,
+    Un::Exp,
+    Un::Log,
+    Un::Log1p,
+    Un::Sqrt,
+    Un::Rsqrt,
+    Un::Tanh,
+    Un::Sigmoid,
+    Un::Softplus,
+    Un::Gelu,
+    Un::GeluTanh,
+    Un::Silu,
+    Un::Erf,
+    Un::Cos,
+    Un::Sin,
+    Un::Abs,
+    Un::Sign,
+    Un::Relu,
+    Un::Floor,
+    Un::Ceil,
+    Un::Round,
+    Un::StopGradient,
+];
+const BINS: [Bin; 16] = [
+    Bin::Add,
+    Bin::Sub,
+    Bin::Mul,
+    Bin::Div,
+    Bin::Rem,
+    Bin::Pow,
+    Bin::Min,
+    Bin::Max,
+    Bin::Eq,
+    Bin::Ne,
+    Bin::Lt,
+    Bin::Le,
+    Bin::Gt,
+    Bin::Ge,
+    Bin::And,
+    Bin::Or,
+];
+const DTYPES: [Dtype; 7] = [Dtype::Bool, Dtype::I32, Dtype::I64, Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64];
+
+fn code<T: PartialEq>(table: &[T], x: &T) -> i64 {
+    table.iter().position(|t| t == x).expect("in table") as i64
+}
+
+extern "C" fn rc_un(code: i64, x: f64) -> f64 {
+    interp::unary(UNS[code as usize], x)
+}
+extern "C" fn rc_bin(code: i64, x: f64, y: f64, float: i64) -> f64 {
+    interp::binary(BINS[code as usize], x, y, float != 0)
+}
+extern "C" fn rc_round(dtype: i64, x: f64) -> f64 {
+    interp::round(DTYPES[dtype as usize], x)
+}
+extern "C" fn rc_f16_to_f32(bits: i64) -> f32 {
+    f16_to_f32(bits as u16)
+}
+extern "C" fn rc_f32_to_f16(x: f32) -> i64 {
+    f32_to_f16(x) as i64
+}
+
+/// IEEE binary16 bits to f32 (exact).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let man = (h & 0x3ff) as f32;
+    let v = match exp {
+        0 => man * 2f32.powi(-24),
+        31 => {
+            if man == 0.0 {
+                f32::INFINITY
+            } else {
+                f32::NAN
+            }
+        }
+        e => (1.0 + man / 1024.0) * 2f32.powi(e - 15),
+    };
+    sign * v
+}
+
+/// f32 that is already a binary16 value (after rounding) to its bits.
+pub fn f32_to_f16(x: f32) -> u16 {
+    let sign: u16 = if x.is_sign_negative() { 0x8000 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() {
+        return 0x7e00;
+    }
+    if a.is_infinite() || a > 65504.0 {
+        return sign | 0x7c00;
+    }
+    if a < 2f32.powi(-14) {
+        return sign | (a / 2f32.powi(-24)).round() as u16;
+    }
+    let e = a.log2().floor() as i32;
+    let (e, m) = {
+        let m = a / 2f32.powi(e);
+        if m >= 2.0 {
+            (e + 1, a / 2f32.powi(e + 1))
+        } else if m < 1.0 {
+            (e - 1, a / 2f32.powi(e - 1))
+        } else {
+            (e, m)
+        }
+    };
+    sign | (((e + 15) as u16) << 10) | ((m - 1.0) * 1024.0).round() as u16
+}
+
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// f32 that is already a bfloat16 value to its bits.
+pub fn f32_to_bf16(x: f32) -> u16 {
+    (x.to_bits() >> 16) as u16
+}
+
+fn compute_ty(d: Dtype) -> Type {
+    match d {
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => types::F32,
+        _ => types::F64,
+    }
+}
+
+fn is_int(d: Dtype) -> bool {
+    matches!(d, Dtype::I32 | Dtype::I64)
+}
+
+/// Compiles every loop kernel of `p`.
+pub fn compile(p: &Program) -> Result<Compiled, String> {
+    let mut flags = settings::builder();
+    flags.set("opt_level", "speed").map_err(|e| e.to_string())?;
+    flags.set("use_colocated_libcalls", "false").map_err(|e| e.to_string())?;
+    flags.set("is_pic", "false").map_err(|e| e.to_string())?;
+    let isa = cranelift_native::builder()
+        .map_err(|e| format!("this CPU is not supported by Cranelift: {e}"))?
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| e.to_string())?;
+    let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ids = vec![];
+    let mut vectorized = vec![];
+    for (ki, k) in p.kernels.iter().enumerate() {
+        let Kernel::Loop(l) = k else {
+            ids.push(None);
+            vectorized.push(false);
+            continue;
+        };
+        let ptr = module.target_config().pointer_type();
+        let mut sig = module.make_signature();
+        sig.params.push(AbiParam::new(ptr));
+        sig.params.push(AbiParam::new(types::I64));
+        sig.params.push(AbiParam::new(types::I64));
+        let id = module
+            .declare_function(&format!("k{ki}"), Linkage::Local, &sig)
+            .map_err(|e| e.to_string())?;
+        ctx.func.signature = sig;
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        let tc = module.target_config();
+        let vec = {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let v = Gen::new(&mut b, l, p).emit();
+            b.seal_all_blocks();
+            b.finalize(tc);
+            v
+        };
+        module.define_function(id, &mut ctx).map_err(|e| format!("kernel k{ki}: {e:?}"))?;
+        module.clear_context(&mut ctx);
+        ids.push(Some(id));
+        vectorized.push(vec);
+    }
+    module.finalize_definitions().map_err(|e| e.to_string())?;
+    let loops = ids
+        .into_iter()
+        .map(|id| {
+            id.map(|id| {
+                let f = module.get_finalized_function(id);
+                // SAFETY: the function was declared with the `LoopFn` signature above.
+                unsafe { std::mem::transmute::<*const u8, LoopFn>(f) }
+            })
+        })
+        .collect();
+    Ok(Compiled { _module: module, loops, vectorized })
+}
+
+struct Gen<'a, 'b> {
+    b: &'a mut FunctionBuilder<'b>,
+    l: &'a Loop,
+    p: &'a Program,
+    bases: Vec<Option<Value>>,
+    /// Every distinct affine of the loop, and its running value at the current level.
+    affines: Vec<Affine>,
+    bufs: Value,
+}
+
+fn aff_id(affines: &mut Vec<Affine>, a: &Affine) -> usize {
+    match affines.iter().position(|x| x == a) {
+        Some(i) => i,
+        None => {
+            affines.push(a.clone());
+            affines.len() - 1
+        }
+    }
+}
+
+impl<'a, 'b> Gen<'a, 'b> {
+    fn new(b: &'a mut FunctionBuilder<'b>, l: &'a Loop, p: &'a Program) -> Self {
+        let mut affines = vec![];
+        for i in &l.body {
+            if let Inst::Load { at, .. } | Inst::Index(at) = &i.inst {
+                aff_id(&mut affines, at);
+            }
+        }
+        for s in &l.stores {
+            aff_id(&mut affines, &s.at);
+        }
+        let dummy = Value::from_u32(0);
+        Gen { b, l, p, bases: vec![None; p.buffers.len()], affines, bufs: dummy }
+    }
+
+    fn aid(&self, a: &Affine) -> usize {
+        self.affines.iter().position(|x| x == a).expect("affine collected")
+    }
+
+    /// Whether the innermost loop can run 4 lanes at a time.
+    fn vectorizable(&self) -> bool {
+        let l = self.l;
+        if l.reduce.is_some() {
+            return false;
+        }
+        let last = l.dims.len() - 1;
+        if l.dims[last] < 8 {
+            return false;
+        }
+        // A compare's lane mask may only be a select's condition.
+        let mask_only = |v: usize| {
+            l.body.iter().all(|u| match &u.inst {
+                Inst::Select(_, a, b) => *a != v && *b != v,
+                Inst::Un(_, a) | Inst::Cast(a) => *a != v,
+                Inst::Bin(_, a, b, _) => *a != v && *b != v,
+                _ => true,
+            }) && l.stores.iter().all(|s| s.val != StoreVal::Val(v))
+        };
+        for (v, i) in l.body.iter().enumerate() {
+            let ok = match &i.inst {
+                Inst::Load { buf, at } => {
+                    let bd = self.p.buffers[*buf].dtype;
+                    (i.dtype == Dtype::F32 && bd == Dtype::F32 && (at.coef[last] == 0 || at.coef[last] == 1))
+                        || (bd == Dtype::Bool && at.coef[last] == 0 && mask_only(v))
+                }
+                Inst::Const(_) => i.dtype == Dtype::F32,
+                Inst::Un(u, _) => i.dtype == Dtype::F32 && matches!(u, Un::Neg | Un::Abs | Un::Sqrt | Un::StopGradient | Un::Relu),
+                Inst::Bin(b, x, y, _) => {
+                    let f32ops = l.body[*x].dtype == Dtype::F32 && l.body[*y].dtype == Dtype::F32;
+                    match b {
+                        Bin::Add | Bin::Sub | Bin::Mul | Bin::Div | Bin::Min | Bin::Max => i.dtype == Dtype::F32,
+                        Bin::Lt | Bin::Le | Bin::Gt | Bin::Ge | Bin::Eq | Bin::Ne => f32ops && mask_only(v),
+                        _ => false,
+                    }
+                }
+                Inst::Select(c, _, _) => {
+                    i.dtype == Dtype::F32
+                        && match &l.body[*c].inst {
+                            Inst::Bin(Bin::Lt | Bin::Le | Bin::Gt | Bin::Ge | Bin::Eq | Bin::Ne, ..) => true,
+                            Inst::Load { buf, .. } => self.p.buffers[*buf].dtype == Dtype::Bool,
+                            _ => false,
+                        }
+                }
+                Inst::Index(_) | Inst::Cast(_) => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        l.stores.iter().all(|s| {
+            self.p.buffers[s.buf].dtype == Dtype::F32 && s.at.coef[last] == 1 && matches!(s.val, StoreVal::Val(v) if l.body[v].dtype == Dtype::F32)
+        })
+    }
+
+    fn emit(mut self) -> bool {
+        let block = self.b.create_block();
+        self.b.append_block_params_for_function_params(block);
+        self.b.switch_to_block(block);
+        let params = self.b.block_params(block).to_vec();
+        self.bufs = params[0];
+        let (lo, hi) = (params[1], params[2]);
+        let mut used: Vec<usize> = self.l.body.iter().filter_map(|i| match &i.inst {
+            Inst::Load { buf, .. } => Some(*buf),
+            _ => None,
+        }).chain(self.l.stores.iter().map(|s| s.buf)).collect();
+        used.sort();
+        used.dedup();
+        for b in used {
+            let v = self.b.ins().load(types::I64, MemFlagsData::trusted(), self.bufs, (b * 8) as i32);
+            self.bases[b] = Some(v);
+        }
+        let partial: Vec<Value> = self.affines.iter().map(|a| self.b.ins().iconst(types::I64, a.c)).collect();
+        let vec = self.vectorizable();
+        let outer = self.l.outer_dims();
+        if outer == 0 {
+            self.reduction(partial);
+        } else {
+            self.level(0, Some((lo, hi)), partial, vec);
+        }
+        self.b.ins().return_(&[]);
+        vec
+    }
+
+    fn advance(&mut self, partial: &[Value], d: usize, i: Value) -> Vec<Value> {
+        partial
+            .iter()
+            .enumerate()
+            .map(|(a, p)| {
+                let c = self.affines[a].coef[d];
+                if c == 0 {
+                    *p
+                } else {
+                    let t = self.b.ins().imul_imm_s(i, c);
+                    self.b.ins().iadd(*p, t)
+                }
+            })
+            .collect()
+    }
+
+    /// A counted loop `start..end` step `step`; `body` gets the index.
+    fn counted(&mut self, start: Value, end: Value, step: i64, body: &mut dyn FnMut(&mut Self, Value)) -> Value {
+        let var: Variable = self.b.declare_var(types::I64);
+        self.b.def_var(var, start);
+        let header = self.b.create_block();
+        let body_b = self.b.create_block();
+        let exit = self.b.create_block();
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(var);
+        let last = self.b.ins().iadd_imm_s(i, step - 1);
+        let c = self.b.ins().icmp(IntCC::SignedLessThan, last, end);
+        self.b.ins().brif(c, body_b, &[], exit, &[]);
+        self.b.switch_to_block(body_b);
+        let i = self.b.use_var(var);
+        body(self, i);
+        let i = self.b.use_var(var);
+        let n = self.b.ins().iadd_imm_s(i, step);
+        self.b.def_var(var, n);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(exit);
+        self.b.use_var(var)
+    }
+
+    fn level(&mut self, d: usize, range: Option<(Value, Value)>, partial: Vec<Value>, vec: bool) {
+        let l = self.l;
+        let (start, end) = match range {
+            Some(r) => r,
+            None => (self.b.ins().iconst(types::I64, 0), self.b.ins().iconst(types::I64, l.dims[d] as i64)),
+        };
+        let last = d + 1 == l.outer_dims();
+        if last && l.reduce.is_none() && vec {
+            let after = self.counted(start, end, 4, &mut |g, i| {
+                let part = g.advance(&partial, d, i);
+                g.body(&part, true);
+            });
+            self.counted(after, end, 1, &mut |g, i| {
+                let part = g.advance(&partial, d, i);
+                g.body(&part, false);
+            });
+            return;
+        }
+        self.counted(start, end, 1, &mut |g, i| {
+            let part = g.advance(&partial, d, i);
+            if last {
+                if g.l.reduce.is_some() {
+                    g.reduction(part);
+                } else {
+                    g.body(&part, false);
+                }
+            } else {
+                g.level(d + 1, None, part, vec);
+            }
+        });
+    }
+
+    /// The reduced dims with an f64 accumulator, then the store of the result.
+    fn reduction(&mut self, partial: Vec<Value>) {
+        let r = self.l.reduce.clone().expect("reduction");
+        let init = match r.op {
+            Red::Sum => 0.0,
+            Red::Prod => 1.0,
+            Red::Max => f64::NEG_INFINITY,
+            _ => f64::INFINITY,
+        };
+        let acc = self.b.declare_var(types::F64);
+        let z = self.b.ins().f64const(init);
+        self.b.def_var(acc, z);
+        let outer = self.l.outer_dims();
+        self.red_level(outer, partial.clone(), acc, &r);
+        let a = self.b.use_var(acc);
+        let v = self.round(r.dtype, a, types::F64);
+        for s in &self.l.stores {
+            if s.val == StoreVal::Acc {
+                let at = self.aid(&s.at);
+                self.store(s.buf, partial[at], v, r.dtype, false);
+            }
+        }
+    }
+
+    fn red_level(&mut self, d: usize, partial: Vec<Value>, acc: Variable, r: &compiler::kernel::Reduction) {
+        let zero = self.b.ins().iconst(types::I64, 0);
+        let end = self.b.ins().iconst(types::I64, self.l.dims[d] as i64);
+        let last = d + 1 == self.l.dims.len();
+        self.counted(zero, end, 1, &mut |g, i| {
+            let part = g.advance(&partial, d, i);
+            if last {
+                let vals = g.values(&part, false);
+                let x = vals[r.value];
+                let x = if g.b.func.dfg.value_type(x) == types::F32 { g.b.ins().fpromote(types::F64, x) } else { x };
+                let a = g.b.use_var(acc);
+                let n = match r.op {
+                    Red::Sum => g.b.ins().fadd(a, x),
+                    Red::Prod => g.b.ins().fmul(a, x),
+                    Red::Max => g.b.ins().fmax(a, x),
+                    _ => g.b.ins().fmin(a, x),
+                };
+                g.b.def_var(acc, n);
+            } else {
+                g.red_level(d + 1, part, acc, r);
+            }
+        });
+    }
+
+    fn addr(&mut self, buf: usize, off: Value, size: i64) -> Value {
+        let base = self.bases[buf].expect("buffer base loaded");
+        let bytes = self.b.ins().imul_imm_s(off, size);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    fn load(&mut self, buf: usize, off: Value, lanes: bool, stride: i64) -> Value {
+        let d = self.p.buffers[buf].dtype;
+        let size = compiler::plan::dtype_bytes(d) as i64;
+        let a = self.addr(buf, off, size);
+        let m = MemFlagsData::trusted();
+        if lanes {
+            if d == Dtype::Bool {
+                // A broadcast condition: the lane mask of one byte.
+                let x = self.b.ins().uload8(types::I32, m, a, 0);
+                let x = self.b.ins().bmask(types::I32, x);
+                return self.b.ins().splat(types::I32X4, x);
+            }
+            if stride == 1 {
+                return self.b.ins().load(types::F32X4, m, a, 0);
+            }
+            let s = self.b.ins().load(types::F32, m, a, 0);
+            return self.b.ins().splat(types::F32X4, s);
+        }
+        match d {
+            Dtype::F32 => self.b.ins().load(types::F32, m, a, 0),
+            Dtype::F64 => self.b.ins().load(types::F64, m, a, 0),
+            Dtype::I32 => {
+                let x = self.b.ins().sload32(m, a, 0);
+                self.b.ins().fcvt_from_sint(types::F64, x)
+            }
+            Dtype::I64 => {
+                let x = self.b.ins().load(types::I64, m, a, 0);
+                self.b.ins().fcvt_from_sint(types::F64, x)
+            }
+            Dtype::Bool => {
+                let x = self.b.ins().uload8(types::I64, m, a, 0);
+                self.b.ins().fcvt_from_uint(types::F64, x)
+            }
+            Dtype::BF16 => {
+                let x = self.b.ins().uload16(types::I32, m, a, 0);
+                let x = self.b.ins().ishl_imm_u(x, 16);
+                self.b.ins().bitcast(types::F32, MemFlagsData::new(), x)
+            }
+            Dtype::F16 => {
+                let x = self.b.ins().uload16(types::I64, m, a, 0);
+                self.call(rc_f16_to_f32 as *const u8, &[types::I64], types::F32, &[x])
+            }
+        }
+    }
+
+    /// Stores `v` (in the compute type of `dtype`) into `buf` converted to its storage type.
+    fn store(&mut self, buf: usize, off: Value, v: Value, _dtype: Dtype, lanes: bool) {
+        let d = self.p.buffers[buf].dtype;
+        let size = compiler::plan::dtype_bytes(d) as i64;
+        let a = self.addr(buf, off, size);
+        let m = MemFlagsData::trusted();
+        if lanes {
+            self.b.ins().store(m, v, a, 0);
+            return;
+        }
+        match d {
+            Dtype::F32 | Dtype::F64 => {
+                self.b.ins().store(m, v, a, 0);
+            }
+            Dtype::I32 => {
+                let x = self.b.ins().fcvt_to_sint_sat(types::I64, v);
+                self.b.ins().istore32(m, x, a, 0);
+            }
+            Dtype::I64 => {
+                let x = self.b.ins().fcvt_to_sint_sat(types::I64, v);
+                self.b.ins().store(m, x, a, 0);
+            }
+            Dtype::Bool => {
+                let z = self.b.ins().f64const(0.0);
+                let c = self.b.ins().fcmp(FloatCC::NotEqual, v, z);
+                self.b.ins().store(m, c, a, 0);
+            }
+            Dtype::BF16 => {
+                let x = self.b.ins().bitcast(types::I32, MemFlagsData::new(), v);
+                let x = self.b.ins().ushr_imm_u(x, 16);
+                self.b.ins().istore16(m, x, a, 0);
+            }
+            Dtype::F16 => {
+                let x = self.call(rc_f32_to_f16 as *const u8, &[types::F32], types::I64, &[v]);
+                self.b.ins().istore16(m, x, a, 0);
+            }
+        }
+    }
+
+    fn call(&mut self, f: *const u8, params: &[Type], ret: Type, args: &[Value]) -> Value {
+        let mut sig = Signature::new(self.b.func.signature.call_conv);
+        for p in params {
+            sig.params.push(AbiParam::new(*p));
+        }
+        sig.returns.push(AbiParam::new(ret));
+        let sr = self.b.import_signature(sig);
+        let callee = self.b.ins().iconst(types::I64, f as i64);
+        let c = self.b.ins().call_indirect(sr, callee, args);
+        self.b.inst_results(c)[0]
+    }
+
+    /// Rounds `x` (of compute type `ty`) to `dtype` and returns it in `dtype`'s compute type.
+    fn round(&mut self, dtype: Dtype, x: Value, ty: Type) -> Value {
+        let want = compute_ty(dtype);
+        match dtype {
+            Dtype::F32 => {
+                if ty == types::F64 {
+                    self.b.ins().fdemote(types::F32, x)
+                } else {
+                    x
+                }
+            }
+            Dtype::F64 => {
+                if ty == types::F32 {
+                    self.b.ins().fpromote(types::F64, x)
+                } else {
+                    x
+                }
+            }
+            _ => {
+                let x = if ty == types::F32 { self.b.ins().fpromote(types::F64, x) } else { x };
+                let c = self.b.ins().iconst(types::I64, code(&DTYPES, &dtype));
+                let r = self.call(rc_round as *const u8, &[types::I64, types::F64], types::F64, &[c, x]);
+                if want == types::F32 {
+                    self.b.ins().fdemote(types::F32, r)
+                } else {
+                    r
+                }
+            }
+        }
+    }
+
+    fn body(&mut self, part: &[Value], lanes: bool) {
+        let vals = self.values(part, lanes);
+        for s in &self.l.stores.clone() {
+            if let StoreVal::Val(v) = s.val {
+                let at = self.aid(&s.at);
+                self.store(s.buf, part[at], vals[v], self.l.body[v].dtype, lanes);
+            }
+        }
+    }
+
+    fn values(&mut self, part: &[Value], lanes: bool) -> Vec<Value> {
+        let l = self.l;
+        let last = l.dims.len() - 1;
+        let mut vals: Vec<Value> = Vec::with_capacity(l.body.len());
+        for ins in &l.body {
+            let dt = ins.dtype;
+            let ty = if lanes && dt == Dtype::F32 { types::F32X4 } else { compute_ty(dt) };
+            let v = match &ins.inst {
+                Inst::Load { buf, at } => {
+                    let a = self.aid(at);
+                    self.load(*buf, part[a], lanes, at.coef[last])
+                }
+                Inst::Const(c) => {
+                    let c = interp::round(dt, *c);
+                    let s = if compute_ty(dt) == types::F32 { self.b.ins().f32const(c as f32) } else { self.b.ins().f64const(c) };
+                    if lanes {
+                        self.b.ins().splat(types::F32X4, s)
+                    } else {
+                        s
+                    }
+                }
+                Inst::Index(at) => {
+                    let a = self.aid(at);
+                    let x = self.b.ins().fcvt_from_sint(types::F64, part[a]);
+                    // Indices are exact integers in every integer dtype.
+                    if is_int(dt) {
+                        x
+                    } else {
+                        self.round(dt, x, types::F64)
+                    }
+                }
+                Inst::Un(u, a) => {
+                    let x = vals[*a];
+                    let xt = compute_ty(l.body[*a].dtype);
+                    self.unary(*u, x, xt, dt, lanes)
+                }
+                Inst::Bin(b, x, y, float) => {
+                    let (x, y) = (vals[*x], vals[*y]);
+                    let xt = compute_ty(l.body[*ins_operand(&ins.inst)].dtype);
+                    self.binary(*b, x, y, xt, *float, dt, lanes)
+                }
+                Inst::Select(c, a, b) => {
+                    let (c, a, b) = (vals[*c], vals[*a], vals[*b]);
+                    if lanes {
+                        // `c` is a lane mask from a vector compare.
+                        let m = self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), c);
+                        self.b.ins().bitselect(m, a, b)
+                    } else {
+                        let z = self.b.ins().f64const(0.0);
+                        let t = self.b.ins().fcmp(FloatCC::NotEqual, c, z);
+                        self.b.ins().select(t, a, b)
+                    }
+                }
+                Inst::Cast(a) => {
+                    let from = l.body[*a].dtype;
+                    self.cast(vals[*a], from, dt)
+                }
+            };
+            let _ = ty;
+            vals.push(v);
+        }
+        vals
+    }
+
+    fn cast(&mut self, x: Value, from: Dtype, to: Dtype) -> Value {
+        let ft = compute_ty(from);
+        match to {
+            Dtype::Bool => {
+                let x = if ft == types::F32 { self.b.ins().fpromote(types::F64, x) } else { x };
+                let z = self.b.ins().f64const(0.0);
+                let c = self.b.ins().fcmp(FloatCC::NotEqual, x, z);
+                let one = self.b.ins().f64const(1.0);
+                self.b.ins().select(c, one, z)
+            }
+            Dtype::F16 | Dtype::BF16 if ft == types::F64 => {
+                // Round from f64 directly (no double rounding through f32).
+                let c = self.b.ins().iconst(types::I64, code(&DTYPES, &to));
+                let r = self.call(rc_round as *const u8, &[types::I64, types::F64], types::F64, &[c, x]);
+                self.b.ins().fdemote(types::F32, r)
+            }
+            _ => self.round(to, x, ft),
+        }
+    }
+
+    fn unary(&mut self, u: Un, x: Value, xt: Type, dt: Dtype, lanes: bool) -> Value {
+        let native = match u {
+            Un::Neg => Some(self.b.ins().fneg(x)),
+            Un::Abs => Some(self.b.ins().fabs(x)),
+            Un::Sqrt => Some(self.b.ins().sqrt(x)),
+            Un::StopGradient => Some(x),
+            Un::Floor => Some(self.b.ins().floor(x)),
+            Un::Ceil => Some(self.b.ins().ceil(x)),
+            Un::Round => Some(self.b.ins().nearest(x)),
+            Un::Relu => {
+                // x.max(0.0): NaN gives 0.
+                if lanes {
+                    let z = self.b.ins().f32const(0.0);
+                    let z = self.b.ins().splat(types::F32X4, z);
+                    let m = self.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+                    let m = self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), m);
+                    Some(self.b.ins().bitselect(m, x, z))
+                } else {
+                    let z = if xt == types::F32 { self.b.ins().f32const(0.0) } else { self.b.ins().f64const(0.0) };
+                    let c = self.b.ins().fcmp(FloatCC::GreaterThan, x, z);
+                    Some(self.b.ins().select(c, x, z))
+                }
+            }
+            _ => None,
+        };
+        match native {
+            // Exact in the compute type: round only for f16/bf16 and integers.
+            Some(v) if lanes => v,
+            Some(v) => match dt {
+                Dtype::F32 | Dtype::F64 => v,
+                _ => self.round(dt, v, xt),
+            },
+            None => {
+                let x = if xt == types::F32 { self.b.ins().fpromote(types::F64, x) } else { x };
+                let c = self.b.ins().iconst(types::I64, code(&UNS, &u));
+                let r = self.call(rc_un as *const u8, &[types::I64, types::F64], types::F64, &[c, x]);
+                self.round(dt, r, types::F64)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn binary(&mut self, op: Bin, x: Value, y: Value, xt: Type, float: bool, dt: Dtype, lanes: bool) -> Value {
+        let cmp = |op: Bin| match op {
+            Bin::Eq => Some(FloatCC::Equal),
+            Bin::Ne => Some(FloatCC::NotEqual),
+            Bin::Lt => Some(FloatCC::LessThan),
+            Bin::Le => Some(FloatCC::LessThanOrEqual),
+            Bin::Gt => Some(FloatCC::GreaterThan),
+            Bin::Ge => Some(FloatCC::GreaterThanOrEqual),
+            _ => None,
+        };
+        if let Some(cc) = cmp(op) {
+            let c = self.b.ins().fcmp(cc, x, y);
+            if lanes {
+                return c;
+            }
+            let one = self.b.ins().f64const(1.0);
+            let z = self.b.ins().f64const(0.0);
+            return self.b.ins().select(c, one, z);
+        }
+        let native = match op {
+            Bin::Add => Some(self.b.ins().fadd(x, y)),
+            Bin::Sub => Some(self.b.ins().fsub(x, y)),
+            Bin::Mul => Some(self.b.ins().fmul(x, y)),
+            Bin::Div if float => Some(self.b.ins().fdiv(x, y)),
+            Bin::Min => Some(self.b.ins().fmin(x, y)),
+            Bin::Max => Some(self.b.ins().fmax(x, y)),
+            Bin::And | Bin::Or => {
+                let z = self.b.ins().f64const(0.0);
+                let a = self.b.ins().fcmp(FloatCC::NotEqual, x, z);
+                let b = self.b.ins().fcmp(FloatCC::NotEqual, y, z);
+                let c = if op == Bin::And { self.b.ins().band(a, b) } else { self.b.ins().bor(a, b) };
+                let one = self.b.ins().f64const(1.0);
+                return self.b.ins().select(c, one, z);
+            }
+            _ => None,
+        };
+        match native {
+            Some(v) if lanes => v,
+            Some(v) => match dt {
+                Dtype::F32 | Dtype::F64 => v,
+                d if is_int(d) && matches!(op, Bin::Min | Bin::Max) => v,
+                _ => self.round(dt, v, xt),
+            },
+            None => {
+                let (x, y) = if xt == types::F32 {
+                    (self.b.ins().fpromote(types::F64, x), self.b.ins().fpromote(types::F64, y))
+                } else {
+                    (x, y)
+                };
+                let c = self.b.ins().iconst(types::I64, code(&BINS, &op));
+                let f = self.b.ins().iconst(types::I64, float as i64);
+                let r = self.call(rc_bin as *const u8, &[types::I64, types::F64, types::F64, types::I64], types::F64, &[c, x, y, f]);
+                self.round(dt, r, types::F64)
+            }
+        }
+    }
+}
+
+fn ins_operand(i: &Inst) -> &usize {
+    match i {
+        Inst::Bin(_, x, _, _) => x,
+        _ => unreachable!(),
+    }
+}

@@ -1,0 +1,1035 @@
+//! The kernel IR and the scheduler that produces it: fusion groups of a [`Graph`] lowered
+//! to loop nests (the input of every code generator), tuned matmul calls and library
+//! kernels, with buffers and an arena plan.
+//!
+//! **Fusion.** Every node is either *materialized* (it gets a buffer) or *fused* into each
+//! loop that reads it (its value is recomputed in registers at the point of use). A node is
+//! materialized when it is an input or output, a reduction, a matmul or a library op, when
+//! a matmul or library op reads it, or when it does arithmetic and more than one node reads
+//! it. Views (`broadcast`, `transpose`, `reshape`, `slice`), constants and `iota` are never
+//! materialized on their own account: they become affine index maps of the loads that read
+//! through them. A `broadcast` that repeats a computed value is materialized below the
+//! broadcast, so that a scalar computed once is not recomputed per element. The result:
+//! an elementwise chain is one loop, a reduction with its elementwise producers is one
+//! loop, and a matmul reads transposed or broadcast operands through strides.
+//!
+//! **Merging.** Two elementwise loops over the same iteration space are merged into one loop
+//! with several stores when the later one only needs buffers that exist before the earlier
+//! one runs; a value the earlier loop stores and the later loop reads at the same element
+//! is passed in a register. An optimizer step (new parameter and every new state) is
+//! therefore one pass over memory.
+//!
+//! **Numerics** (shared by every code generator): f32, f16 and bf16 values are computed in
+//! f32 and rounded to their dtype after each op; integers, bools and f64 are computed in
+//! f64 and rounded (truncated and wrapped) to their dtype, exactly as the interpreter does.
+//! Reductions accumulate in f64 in the interpreter's order. Transcendentals are evaluated
+//! by the interpreter's f64 functions and rounded. Elementwise loops therefore give the
+//! interpreter's bits; matmul (f32 accumulation, blocked order) does not.
+
+use crate::ir::{Bin, Graph, IrError, Node, NodeId, Op, Red, Un};
+use crate::plan::{dtype_bytes, ALIGN};
+use lang::types::Dtype;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write;
+
+/// An affine function of the loop indices: `Σ coef[d] * i_d + c`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Affine {
+    pub coef: Vec<i64>,
+    pub c: i64,
+}
+
+impl Affine {
+    fn zero(n: usize) -> Affine {
+        Affine { coef: vec![0; n], c: 0 }
+    }
+    fn var(n: usize, d: usize) -> Affine {
+        let mut a = Affine::zero(n);
+        a.coef[d] = 1;
+        a
+    }
+    fn scale_add(&mut self, other: &Affine, k: i64) {
+        for (x, y) in self.coef.iter_mut().zip(&other.coef) {
+            *x += y * k;
+        }
+        self.c += other.c * k;
+    }
+}
+
+pub type Val = usize;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inst {
+    /// Element `at` (in elements) of buffer `buf`, converted to the compute type.
+    Load { buf: usize, at: Affine },
+    Const(f64),
+    /// The value of an affine function of the loop indices (`iota`).
+    Index(Affine),
+    Un(Un, Val),
+    /// `float` tells whether the operands are floating point (integer `/` and `%` differ).
+    Bin(Bin, Val, Val, bool),
+    Select(Val, Val, Val),
+    Cast(Val),
+}
+
+/// One instruction; its result has `dtype` (computed as described in the module doc).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instr {
+    pub inst: Inst,
+    pub dtype: Dtype,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreVal {
+    Val(Val),
+    /// The reduction's result.
+    Acc,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Store {
+    pub buf: usize,
+    pub at: Affine,
+    pub val: StoreVal,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reduction {
+    pub op: Red,
+    /// The trailing `dims` loop dimensions are reduced.
+    pub dims: usize,
+    pub value: Val,
+    /// The dtype of the result (the accumulator is f64).
+    pub dtype: Dtype,
+}
+
+/// A loop nest: `dims` (outermost first; the first dimension is split across threads),
+/// an SSA body evaluated at every point, an optional reduction over the trailing dims, and
+/// stores.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loop {
+    pub dims: Vec<usize>,
+    pub body: Vec<Instr>,
+    pub reduce: Option<Reduction>,
+    pub stores: Vec<Store>,
+    /// The graph nodes this loop computes (for reports).
+    pub nodes: Vec<NodeId>,
+}
+
+impl Loop {
+    pub fn outer_dims(&self) -> usize {
+        self.dims.len() - self.reduce.as_ref().map(|r| r.dims).unwrap_or(0)
+    }
+}
+
+/// A strided view of a buffer used as a matmul operand `[batch..., rows, cols]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct View {
+    pub buf: usize,
+    pub offset: i64,
+    pub batch_strides: Vec<i64>,
+    pub row_stride: i64,
+    pub col_stride: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kernel {
+    Loop(Loop),
+    /// `out[b] = a[b] @ b[b]` with `a: [m, k]`, `b: [k, n]`, `out` contiguous.
+    MatMul { a: View, b: View, out: usize, batch: Vec<usize>, m: usize, k: usize, n: usize, dtype: Dtype, node: NodeId },
+    /// An op run by the runtime's library (gather, sort, RNG, linear algebra…): operands
+    /// and result are contiguous buffers of the nodes' shapes.
+    Library { node: Node, id: NodeId, operands: Vec<Node>, args: Vec<usize>, out: usize },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum BufKind {
+    /// The entry point's argument `index` (owned by the caller).
+    Input(usize),
+    /// A slice of the arena.
+    Temp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufDecl {
+    pub node: NodeId,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub kind: BufKind,
+    /// Where the value came from (recipe line or pass).
+    pub origin: String,
+    /// Arena offset (temps only), from the plan.
+    pub offset: usize,
+    pub bytes: usize,
+    /// Index of the kernel that writes it (inputs: none) and of the last kernel that reads it.
+    pub born: Option<usize>,
+    pub dies: usize,
+    /// Written into the memory of this argument buffer (an optimizer's `param` and states).
+    pub into: Option<usize>,
+}
+
+impl BufDecl {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One entry point as kernels over buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    pub name: String,
+    pub buffers: Vec<BufDecl>,
+    /// The buffer of each graph input, in argument order.
+    pub inputs: Vec<usize>,
+    /// Named outputs: (name, buffer, the output node's shape).
+    pub outputs: Vec<(String, usize, Vec<usize>)>,
+    pub kernels: Vec<Kernel>,
+    pub arena_bytes: usize,
+    /// The most arena bytes live at once, and the kernel where that happens.
+    pub peak_bytes: usize,
+    pub peak_at: usize,
+    pub argument_bytes: usize,
+    /// What one buffer per graph node with no reuse would take.
+    pub naive_bytes: usize,
+}
+
+fn strides(shape: &[usize]) -> Vec<i64> {
+    let mut s = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1] as i64;
+    }
+    s
+}
+
+fn is_view(op: &Op) -> bool {
+    matches!(op, Op::Broadcast | Op::Transpose { .. } | Op::Reshape | Op::Slice { .. })
+}
+
+fn is_elementwise(op: &Op) -> bool {
+    matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast)
+}
+
+/// Ops computed inside loops.
+fn is_fusible(op: &Op) -> bool {
+    is_elementwise(op) || is_view(op) || matches!(op, Op::Const { .. } | Op::Iota { .. })
+}
+
+fn is_library(n: &Node) -> bool {
+    match &n.op {
+        Op::Input { .. } => false,
+        Op::Reduce { op, .. } => matches!(op, Red::ArgMax | Red::ArgMin),
+        Op::MatMul => !n.dtype.is_float() || matches!(n.dtype, Dtype::F16 | Dtype::BF16),
+        op => !is_fusible(op),
+    }
+}
+
+/// The coordinates of a node as affine functions of the loop indices.
+type Coords = Vec<Affine>;
+
+/// Tries to express the coordinates of `shape` whose row-major flat index is `flat` as
+/// affine functions of the loop indices (`extents` of each loop dimension). Fails when a
+/// loop index would carry across an axis boundary.
+fn unflatten(flat: &Affine, extents: &[usize], shape: &[usize]) -> Option<Coords> {
+    let st = strides(shape);
+    let nd = extents.len();
+    let mut coords: Coords = vec![Affine::zero(nd); shape.len()];
+    if flat.c < 0 {
+        return None;
+    }
+    let mut c = flat.c;
+    for j in 0..shape.len() {
+        coords[j].c = c / st[j];
+        c %= st[j];
+    }
+    for d in 0..nd {
+        let a = flat.coef[d];
+        if a == 0 || extents[d] <= 1 {
+            continue;
+        }
+        if a < 0 {
+            return None;
+        }
+        let j = (0..shape.len()).find(|&j| a >= st[j] && a < st[j] * shape[j] as i64 && a % st[j] == 0)?;
+        coords[j].coef[d] += a / st[j];
+    }
+    // No carries: every coordinate stays inside its axis over the whole iteration space.
+    for j in 0..shape.len() {
+        let max: i64 = coords[j].c + coords[j].coef.iter().zip(extents).map(|(k, e)| k * (*e as i64 - 1)).sum::<i64>();
+        if max >= shape[j] as i64 || coords[j].c < 0 {
+            return None;
+        }
+    }
+    Some(coords)
+}
+
+fn flatten(coords: &Coords, shape: &[usize], nd: usize) -> Affine {
+    let st = strides(shape);
+    let mut a = Affine::zero(nd);
+    for (j, c) in coords.iter().enumerate() {
+        a.scale_add(c, st[j]);
+    }
+    a
+}
+
+/// Why scheduling must retry: a node has to get a buffer.
+struct Materialize(NodeId);
+
+struct Builder<'g> {
+    g: &'g Graph,
+    mat: &'g BTreeSet<NodeId>,
+    /// The node the loop computes (materialized, but computed rather than loaded).
+    root: Option<NodeId>,
+    buf_of: &'g HashMap<NodeId, usize>,
+    extents: Vec<usize>,
+    body: Vec<Instr>,
+    memo: HashMap<(NodeId, Vec<Affine>), Val>,
+    nodes: Vec<NodeId>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, inst: Inst, dtype: Dtype) -> Val {
+        if let Some(i) = self.body.iter().position(|x| x.inst == inst && x.dtype == dtype) {
+            return i;
+        }
+        self.body.push(Instr { inst, dtype });
+        self.body.len() - 1
+    }
+
+    fn buffer(&self, n: NodeId) -> Option<&usize> {
+        let node = self.g.node(n);
+        if Some(n) == self.root {
+            return None;
+        }
+        self.buf_of.get(&n).filter(|_| self.mat.contains(&n) || matches!(node.op, Op::Input { .. }))
+    }
+
+    /// The value of `n` at `coords`.
+    fn value(&mut self, n: NodeId, coords: Coords) -> Result<Val, Materialize> {
+        let key = (n, coords.clone());
+        if let Some(v) = self.memo.get(&key) {
+            return Ok(*v);
+        }
+        let node = self.g.node(n);
+        let nd = self.extents.len();
+        let v = if let Some(&buf) = self.buffer(n) {
+            let at = flatten(&coords, &node.shape, nd);
+            self.push(Inst::Load { buf, at }, node.dtype)
+        } else {
+            if !self.nodes.contains(&n) {
+                self.nodes.push(n);
+            }
+            let ops = self.g.operands(n);
+            match &node.op {
+                Op::Const { value } => self.push(Inst::Const(*value), node.dtype),
+                Op::Iota { axis } => self.push(Inst::Index(coords[*axis].clone()), node.dtype),
+                Op::Unary(u) => {
+                    let a = self.value(ops[0], coords)?;
+                    self.push(Inst::Un(*u, a), node.dtype)
+                }
+                Op::Binary(b) => {
+                    let float = self.g.node(ops[0]).dtype.is_float();
+                    let a = self.value(ops[0], coords.clone())?;
+                    let c = self.value(ops[1], coords)?;
+                    self.push(Inst::Bin(*b, a, c, float), node.dtype)
+                }
+                Op::Select => {
+                    let c = self.value(ops[0], coords.clone())?;
+                    let a = self.value(ops[1], coords.clone())?;
+                    let b = self.value(ops[2], coords)?;
+                    self.push(Inst::Select(c, a, b), node.dtype)
+                }
+                Op::Cast => {
+                    let a = self.value(ops[0], coords)?;
+                    if self.g.node(ops[0]).dtype == node.dtype {
+                        a
+                    } else {
+                        self.push(Inst::Cast(a), node.dtype)
+                    }
+                }
+                Op::Broadcast => {
+                    let s = &self.g.node(ops[0]).shape;
+                    let off = node.shape.len() - s.len();
+                    let c: Coords = (0..s.len())
+                        .map(|i| if s[i] == 1 { Affine::zero(nd) } else { coords[off + i].clone() })
+                        .collect();
+                    self.value(ops[0], c)?
+                }
+                Op::Transpose { perm } => {
+                    let mut c: Coords = vec![Affine::zero(nd); perm.len()];
+                    for (i, p) in perm.iter().enumerate() {
+                        c[*p] = coords[i].clone();
+                    }
+                    self.value(ops[0], c)?
+                }
+                Op::Slice { axis, start } => {
+                    let mut c = coords;
+                    c[*axis].c += *start as i64;
+                    self.value(ops[0], c)?
+                }
+                Op::Reshape => {
+                    let flat = flatten(&coords, &node.shape, nd);
+                    let src = self.g.node(ops[0]);
+                    if let Some(&buf) = self.buffer(ops[0]) {
+                        // A buffer is read by its flat index directly.
+                        self.push(Inst::Load { buf, at: flat }, src.dtype)
+                    } else {
+                        match unflatten(&flat, &self.extents, &src.shape) {
+                            Some(c) => self.value(ops[0], c)?,
+                            None => return Err(Materialize(ops[0])),
+                        }
+                    }
+                }
+                _ => return Err(Materialize(n)),
+            }
+        };
+        self.memo.insert(key, v);
+        Ok(v)
+    }
+}
+
+/// Follows views from `n` down to a materialized node; the strides of `n`'s axes in that
+/// buffer, or the node that must be materialized.
+fn view_of(g: &Graph, mat: &BTreeSet<NodeId>, buf_of: &HashMap<NodeId, usize>, n: NodeId) -> Result<(usize, Affine), Materialize> {
+    let shape = &g.node(n).shape;
+    let nd = shape.len();
+    let coords: Coords = (0..nd).map(|d| Affine::var(nd, d)).collect();
+    let mut b = Builder { g, mat, root: None, buf_of, extents: shape.clone(), body: vec![], memo: HashMap::new(), nodes: vec![] };
+    let v = b.value(n, coords)?;
+    match (&b.body[v].inst, b.body.len()) {
+        (Inst::Load { buf, at }, 1) => Ok((*buf, at.clone())),
+        _ => Err(Materialize(n)),
+    }
+}
+
+/// Drops unit loop dimensions and merges adjacent ones that every access walks
+/// contiguously (`coef[d] == coef[d+1] * extent[d+1]`), within the outer and the reduced dims.
+fn coalesce(l: &mut Loop) {
+    let red = l.reduce.as_ref().map(|r| r.dims).unwrap_or(0);
+    let mut groups: Vec<bool> = (0..l.dims.len()).map(|d| d >= l.dims.len() - red).collect();
+    let mut affines: Vec<&mut Affine> = l
+        .body
+        .iter_mut()
+        .filter_map(|i| match &mut i.inst {
+            Inst::Load { at, .. } | Inst::Index(at) => Some(at),
+            _ => None,
+        })
+        .chain(l.stores.iter_mut().map(|s| &mut s.at))
+        .collect();
+    // Unit dims.
+    let mut d = 0;
+    while d < l.dims.len() {
+        if l.dims[d] == 1 && l.dims.len() > 1 {
+            l.dims.remove(d);
+            groups.remove(d);
+            for a in affines.iter_mut() {
+                a.coef.remove(d);
+            }
+        } else {
+            d += 1;
+        }
+    }
+    let mut d = 0;
+    while d + 1 < l.dims.len() {
+        let n = l.dims[d + 1] as i64;
+        if groups[d] == groups[d + 1] && affines.iter().all(|a| a.coef[d] == a.coef[d + 1] * n) {
+            l.dims[d] *= l.dims[d + 1];
+            l.dims.remove(d + 1);
+            groups.remove(d + 1);
+            for a in affines.iter_mut() {
+                a.coef.remove(d);
+            }
+        } else {
+            d += 1;
+        }
+    }
+    if let Some(r) = &mut l.reduce {
+        r.dims = groups.iter().filter(|g| **g).count();
+    }
+}
+
+/// A topological order that runs small values (scalars, per-row statistics) as early as
+/// possible, so that the large elementwise loops that use them end up next to each other
+/// and can be merged.
+fn order(g: &Graph) -> Vec<NodeId> {
+    let topo = g.topo();
+    let rank: HashMap<NodeId, usize> = topo.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut indeg: HashMap<NodeId, usize> = HashMap::new();
+    for &n in &topo {
+        let mut ops = g.operands(n);
+        ops.sort();
+        ops.dedup();
+        indeg.insert(n, ops.len());
+    }
+    let key = |n: NodeId| (g.node(n).shape.iter().product::<usize>(), rank[&n]);
+    let mut ready: BTreeSet<((usize, usize), NodeId)> = topo.iter().filter(|n| indeg[n] == 0).map(|n| (key(*n), *n)).collect();
+    let mut out = vec![];
+    while let Some(first) = ready.iter().next().copied() {
+        ready.remove(&first);
+        let n = first.1;
+        out.push(n);
+        for u in g.users(n) {
+            let d = indeg.get_mut(&u).expect("user in graph");
+            *d -= 1;
+            if *d == 0 {
+                ready.insert((key(u), u));
+            }
+        }
+    }
+    out
+}
+
+/// Schedules a graph into a program: fusion, kernels, buffers and the arena plan.
+pub fn schedule(g: &Graph) -> Result<Program, IrError> {
+    let order = order(g);
+    let outputs: BTreeSet<NodeId> = g.outputs.iter().map(|o| o.1).collect();
+    let mut mat: BTreeSet<NodeId> = BTreeSet::new();
+    let compute = |n: NodeId, mat: &BTreeSet<NodeId>| -> bool {
+        // Does inlining `n` do arithmetic (rather than reading through views)?
+        let mut stack = vec![n];
+        while let Some(x) = stack.pop() {
+            let node = g.node(x);
+            if x != n && mat.contains(&x) {
+                continue;
+            }
+            match &node.op {
+                Op::Const { .. } | Op::Input { .. } | Op::Iota { .. } => {}
+                op if is_view(op) => stack.extend(g.operands(x)),
+                _ => return true,
+            }
+        }
+        false
+    };
+    for &n in &order {
+        let node = g.node(n);
+        if matches!(node.op, Op::Input { .. }) {
+            continue;
+        }
+        if outputs.contains(&n) || !is_fusible(&node.op) {
+            mat.insert(n);
+        }
+        if is_library(node) {
+            // Library kernels read contiguous buffers (a reshape of one is the same memory).
+            for o in g.operands(n) {
+                let mut s = o;
+                while g.node(s).op == Op::Reshape {
+                    s = g.operands(s)[0];
+                }
+                if !matches!(g.node(s).op, Op::Input { .. }) {
+                    mat.insert(s);
+                }
+            }
+        }
+        if node.op == Op::Broadcast {
+            let o = g.operands(n)[0];
+            let on = g.node(o);
+            if on.shape.iter().product::<usize>() < node.shape.iter().product::<usize>() && compute(o, &mat) {
+                mat.insert(o);
+            }
+        }
+        if is_fusible(&node.op) && !matches!(node.op, Op::Const { .. } | Op::Iota { .. }) {
+            let users = g.users(n);
+            if users.len() > 1 && compute(n, &mat) {
+                mat.insert(n);
+            }
+        }
+    }
+    loop {
+        match try_schedule(g, &order, &mat) {
+            Ok(p) => return Ok(p),
+            Err(Materialize(n)) => {
+                if matches!(g.node(n).op, Op::Input { .. }) || !mat.insert(n) {
+                    return Err(IrError(format!("scheduling %{} failed", n.index())));
+                }
+            }
+        }
+    }
+}
+
+fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>) -> Result<Program, Materialize> {
+    let mut buffers: Vec<BufDecl> = vec![];
+    let mut buf_of: HashMap<NodeId, usize> = HashMap::new();
+    let decl = |n: NodeId, kind: BufKind| {
+        let node = g.node(n);
+        BufDecl {
+            node: n,
+            dtype: node.dtype,
+            shape: node.shape.clone(),
+            kind,
+            origin: node.origin.clone(),
+            offset: 0,
+            bytes: node.shape.iter().product::<usize>().max(1) * dtype_bytes(node.dtype),
+            born: None,
+            dies: 0,
+            into: None,
+        }
+    };
+    let mut inputs = vec![usize::MAX; g.inputs.len()];
+    for &n in order {
+        if let Op::Input { index, .. } = g.node(n).op {
+            buf_of.insert(n, buffers.len());
+            if index < inputs.len() {
+                inputs[index] = buffers.len();
+            }
+            buffers.push(decl(n, BufKind::Input(index)));
+        }
+    }
+    for &n in order {
+        if mat.contains(&n) {
+            // A materialized reshape of a materialized node shares its memory.
+            let node = g.node(n);
+            if node.op == Op::Reshape {
+                let src = g.operands(n)[0];
+                if let Some(&b) = buf_of.get(&src) {
+                    buf_of.insert(n, b);
+                    continue;
+                }
+            }
+            buf_of.insert(n, buffers.len());
+            buffers.push(decl(n, BufKind::Temp));
+        }
+    }
+    let mut kernels: Vec<Kernel> = vec![];
+    for &n in order {
+        if !mat.contains(&n) {
+            continue;
+        }
+        let node = g.node(n);
+        let out = buf_of[&n];
+        let ops = g.operands(n);
+        match &node.op {
+            Op::Reshape if buf_of.get(&ops[0]) == Some(&out) => {}
+            Op::MatMul if !is_library(node) => {
+                let r = node.shape.len();
+                let view = |o: NodeId| -> Result<View, Materialize> {
+                    let (buf, at) = view_of(g, mat, &buf_of, o)?;
+                    Ok(View {
+                        buf,
+                        offset: at.c,
+                        batch_strides: at.coef[..r - 2].to_vec(),
+                        row_stride: at.coef[r - 2],
+                        col_stride: at.coef[r - 1],
+                    })
+                };
+                let a = match view(ops[0]) {
+                    Ok(v) => v,
+                    Err(_) => return Err(Materialize(ops[0])),
+                };
+                let b = match view(ops[1]) {
+                    Ok(v) => v,
+                    Err(_) => return Err(Materialize(ops[1])),
+                };
+                let sa = &g.node(ops[0]).shape;
+                kernels.push(Kernel::MatMul {
+                    a,
+                    b,
+                    out,
+                    batch: node.shape[..r - 2].to_vec(),
+                    m: node.shape[r - 2],
+                    k: sa[r - 1],
+                    n: node.shape[r - 1],
+                    dtype: node.dtype,
+                    node: n,
+                });
+            }
+            Op::Reduce { op, axes } if !is_library(node) => {
+                let src = g.node(ops[0]);
+                let kept: Vec<usize> = (0..src.shape.len()).filter(|a| !axes.contains(a)).collect();
+                let mut extents: Vec<usize> = kept.iter().map(|a| src.shape[*a]).collect();
+                extents.extend(axes.iter().map(|a| src.shape[*a]));
+                let nd = extents.len();
+                let mut coords: Coords = vec![Affine::zero(nd); src.shape.len()];
+                for (d, a) in kept.iter().chain(axes.iter()).enumerate() {
+                    coords[*a] = Affine::var(nd, d);
+                }
+                let mut b = Builder { g, mat, root: None, buf_of: &buf_of, extents: extents.clone(), body: vec![], memo: HashMap::new(), nodes: vec![n] };
+                let value = b.value(ops[0], coords)?;
+                let out_coords: Coords = (0..kept.len()).map(|d| Affine::var(nd, d)).collect();
+                let at = flatten(&out_coords, &node.shape, nd);
+                let mut l = Loop {
+                    dims: extents,
+                    body: b.body,
+                    reduce: Some(Reduction { op: *op, dims: axes.len(), value, dtype: node.dtype }),
+                    stores: vec![Store { buf: out, at, val: StoreVal::Acc }],
+                    nodes: b.nodes,
+                };
+                if l.dims.is_empty() {
+                    l.dims.push(1);
+                }
+                coalesce(&mut l);
+                kernels.push(Kernel::Loop(l));
+            }
+            op if is_fusible(op) => {
+                let nd = node.shape.len().max(1);
+                let extents: Vec<usize> = if node.shape.is_empty() { vec![1] } else { node.shape.clone() };
+                let coords: Coords = (0..node.shape.len()).map(|d| Affine::var(nd, d)).collect();
+                let mut b = Builder { g, mat, root: Some(n), buf_of: &buf_of, extents: extents.clone(), body: vec![], memo: HashMap::new(), nodes: vec![] };
+                let v = b.value(n, coords.clone())?;
+                let at = flatten(&coords, &node.shape, nd);
+                let mut l = Loop { dims: extents, body: b.body, reduce: None, stores: vec![Store { buf: out, at, val: StoreVal::Val(v) }], nodes: b.nodes };
+                coalesce(&mut l);
+                kernels.push(Kernel::Loop(l));
+            }
+            _ => {
+                let mut args = vec![];
+                for o in &ops {
+                    let mut s = *o;
+                    while !buf_of.contains_key(&s) && g.node(s).op == Op::Reshape {
+                        s = g.operands(s)[0];
+                    }
+                    match buf_of.get(&s) {
+                        Some(b) => args.push(*b),
+                        None => return Err(Materialize(*o)),
+                    }
+                }
+                kernels.push(Kernel::Library {
+                    node: node.clone(),
+                    id: n,
+                    operands: ops.iter().map(|o| g.node(*o).clone()).collect(),
+                    args,
+                    out,
+                });
+            }
+        }
+    }
+    let kernels = merge_loops(kernels, &buffers);
+    let outputs = g.outputs.iter().map(|(name, n)| (name.clone(), buf_of[n], g.node(*n).shape.clone())).collect();
+    let mut p = Program {
+        name: g.name.clone(),
+        buffers,
+        inputs,
+        outputs,
+        kernels,
+        arena_bytes: 0,
+        peak_bytes: 0,
+        peak_at: 0,
+        argument_bytes: 0,
+        naive_bytes: 0,
+    };
+    p.naive_bytes = order
+        .iter()
+        .filter(|n| !matches!(g.node(**n).op, Op::Input { .. } | Op::Reshape))
+        .map(|n| align(g.node(*n).shape.iter().product::<usize>().max(1) * dtype_bytes(g.node(*n).dtype)))
+        .sum();
+    plan_arena(&mut p, g);
+    Ok(p)
+}
+
+impl Kernel {
+    /// Buffers the kernel reads.
+    pub fn reads(&self) -> Vec<usize> {
+        let mut v = match self {
+            Kernel::Loop(l) => l
+                .body
+                .iter()
+                .filter_map(|i| match &i.inst {
+                    Inst::Load { buf, .. } => Some(*buf),
+                    _ => None,
+                })
+                .collect(),
+            Kernel::MatMul { a, b, .. } => vec![a.buf, b.buf],
+            Kernel::Library { args, .. } => args.clone(),
+        };
+        v.sort();
+        v.dedup();
+        v
+    }
+    /// Buffers the kernel writes.
+    pub fn writes(&self) -> Vec<usize> {
+        match self {
+            Kernel::Loop(l) => l.stores.iter().map(|s| s.buf).collect(),
+            Kernel::MatMul { out, .. } | Kernel::Library { out, .. } => vec![*out],
+        }
+    }
+}
+
+/// Merges elementwise loops over the same iteration space (see the module doc).
+fn merge_loops(kernels: Vec<Kernel>, buffers: &[BufDecl]) -> Vec<Kernel> {
+    let mut out: Vec<Kernel> = vec![];
+    let mut written_at: HashMap<usize, usize> = HashMap::new();
+    for k in kernels {
+        let target = match &k {
+            Kernel::Loop(l) if l.reduce.is_none() => {
+                let reads = k.reads();
+                // Latest kernel that produced something this one reads.
+                let after = reads.iter().filter_map(|b| written_at.get(b)).max().copied();
+                let mut found = None;
+                for (i, cand) in out.iter().enumerate().rev() {
+                    if after.map(|a| i < a).unwrap_or(false) {
+                        break;
+                    }
+                    if let Kernel::Loop(c) = cand {
+                        if c.reduce.is_none() && c.dims == l.dims && compatible(c, l, buffers) {
+                            found = Some(i);
+                            break;
+                        }
+                    }
+                }
+                found
+            }
+            _ => None,
+        };
+        match (target, k) {
+            (Some(i), Kernel::Loop(l)) => {
+                let Kernel::Loop(c) = &mut out[i] else { unreachable!() };
+                append(c, l);
+                for b in out[i].writes() {
+                    written_at.insert(b, i);
+                }
+            }
+            (_, k) => {
+                out.push(k);
+                let i = out.len() - 1;
+                for b in out[i].writes() {
+                    written_at.insert(b, i);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `l` may join `c` when every buffer `c` stores that `l` loads is read at the element
+/// being stored (passed in a register).
+fn compatible(c: &Loop, l: &Loop, _buffers: &[BufDecl]) -> bool {
+    l.body.iter().all(|i| match &i.inst {
+        Inst::Load { buf, at } => c.stores.iter().filter(|s| s.buf == *buf).all(|s| s.at == *at),
+        _ => true,
+    })
+}
+
+fn append(c: &mut Loop, l: Loop) {
+    let mut map: Vec<Val> = vec![];
+    for i in l.body {
+        let inst = match i.inst {
+            Inst::Load { buf, at } => {
+                if let Some(s) = c.stores.iter().find(|s| s.buf == buf && s.at == at) {
+                    if let StoreVal::Val(v) = s.val {
+                        map.push(v);
+                        continue;
+                    }
+                }
+                Inst::Load { buf, at }
+            }
+            Inst::Un(u, a) => Inst::Un(u, map[a]),
+            Inst::Bin(b, x, y, f) => Inst::Bin(b, map[x], map[y], f),
+            Inst::Select(a, b, d) => Inst::Select(map[a], map[b], map[d]),
+            Inst::Cast(a) => Inst::Cast(map[a]),
+            other => other,
+        };
+        let v = match c.body.iter().position(|x| x.inst == inst && x.dtype == i.dtype) {
+            Some(p) => p,
+            None => {
+                c.body.push(Instr { inst, dtype: i.dtype });
+                c.body.len() - 1
+            }
+        };
+        map.push(v);
+    }
+    for s in l.stores {
+        let val = match s.val {
+            StoreVal::Val(v) => StoreVal::Val(map[v]),
+            StoreVal::Acc => StoreVal::Acc,
+        };
+        c.stores.push(Store { buf: s.buf, at: s.at, val });
+    }
+    c.nodes.extend(l.nodes);
+}
+
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// Liveness over kernels, in-place reuse, writes into arguments, first-fit arena offsets.
+fn plan_arena(p: &mut Program, g: &Graph) {
+    let nk = p.kernels.len();
+    let out_bufs: BTreeSet<usize> = p.outputs.iter().map(|o| o.1).collect();
+    for (i, k) in p.kernels.iter().enumerate() {
+        for b in k.writes() {
+            p.buffers[b].born.get_or_insert(i);
+        }
+        for b in k.reads() {
+            p.buffers[b].dies = p.buffers[b].dies.max(i);
+        }
+    }
+    for b in &mut p.buffers {
+        if let Some(born) = b.born {
+            b.dies = b.dies.max(born);
+        }
+    }
+    for &b in &out_bufs {
+        p.buffers[b].dies = nk;
+    }
+    p.argument_bytes = p.buffers.iter().filter(|b| matches!(b.kind, BufKind::Input(_))).map(|b| b.bytes).sum();
+    // Outputs named like an argument update it in its memory when the argument is not read
+    // after (an elementwise loop may read it at the element it writes).
+    for (name, b, _) in p.outputs.clone() {
+        let Some(arg) = g.inputs.iter().position(|i| matches!(&g.node(*i).op, Op::Input { name: n, .. } if *n == name)) else {
+            continue;
+        };
+        let ab = p.inputs[arg];
+        let (a, o) = (&p.buffers[ab], &p.buffers[b]);
+        if o.kind != BufKind::Temp || a.bytes != o.bytes || a.dtype != o.dtype || o.into.is_some() {
+            continue;
+        }
+        if p.buffers.iter().any(|x| x.into == Some(ab)) {
+            continue;
+        }
+        let Some(born) = o.born else { continue };
+        let last_read = a.dies;
+        let same_element = match &p.kernels[born] {
+            Kernel::Loop(l) if l.reduce.is_none() => {
+                let st = l.stores.iter().find(|s| s.buf == b).map(|s| s.at.clone());
+                l.body.iter().all(|i| match &i.inst {
+                    Inst::Load { buf, at } if *buf == ab => Some(at) == st.as_ref(),
+                    _ => true,
+                })
+            }
+            _ => false,
+        };
+        let read_in_born = p.kernels[born].reads().contains(&ab);
+        if last_read < born || (last_read == born && (!read_in_born || same_element)) {
+            p.buffers[b].into = Some(ab);
+        }
+    }
+    let mut free: Vec<(usize, usize)> = vec![];
+    let mut arena = 0usize;
+    for i in 0..nk {
+        for b in p.kernels[i].writes() {
+            let d = &p.buffers[b];
+            if d.kind != BufKind::Temp || d.born != Some(i) || d.into.is_some() {
+                continue;
+            }
+            let bytes = align(d.bytes);
+            let off = match free.iter().position(|(_, s)| *s >= bytes) {
+                Some(k) => {
+                    let (o, s) = free[k];
+                    if s == bytes {
+                        free.remove(k);
+                    } else {
+                        free[k] = (o + bytes, s - bytes);
+                    }
+                    o
+                }
+                None => {
+                    arena += bytes;
+                    arena - bytes
+                }
+            };
+            p.buffers[b].offset = off;
+        }
+        // Buffers whose last reader is this kernel are free for the next one.
+        for (bi, d) in p.buffers.iter().enumerate() {
+            let _ = bi;
+            if d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some() && d.dies == i {
+                free.push((d.offset, align(d.bytes)));
+            }
+        }
+        free.sort();
+        let mut merged: Vec<(usize, usize)> = vec![];
+        for (o, s) in free.drain(..) {
+            match merged.last_mut() {
+                Some((mo, ms)) if *mo + *ms == o => *ms += s,
+                _ => merged.push((o, s)),
+            }
+        }
+        free = merged;
+    }
+    p.arena_bytes = arena;
+    for i in 0..nk {
+        let live: usize = p
+            .buffers
+            .iter()
+            .filter(|d| d.kind == BufKind::Temp && d.into.is_none() && d.born.map(|b| b <= i).unwrap_or(false) && i <= d.dies)
+            .map(|d| align(d.bytes))
+            .sum();
+        if live > p.peak_bytes {
+            p.peak_bytes = live;
+            p.peak_at = i;
+        }
+    }
+}
+
+impl Program {
+    /// Checks the arena plan: no two temps live in the same kernel overlap in memory.
+    pub fn verify(&self) -> Result<(), String> {
+        let temps: Vec<(usize, &BufDecl)> =
+            self.buffers.iter().enumerate().filter(|(_, d)| d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some()).collect();
+        for (x, (i, a)) in temps.iter().enumerate() {
+            if a.offset % ALIGN != 0 || a.offset + a.bytes > self.arena_bytes {
+                return Err(format!("buffer b{i} is misaligned or outside the arena"));
+            }
+            for (j, b) in &temps[x + 1..] {
+                let (ab, bb) = (a.born.unwrap(), b.born.unwrap());
+                let time = ab <= b.dies && bb <= a.dies;
+                let mem = a.offset < b.offset + b.bytes && b.offset < a.offset + a.bytes;
+                if time && mem {
+                    return Err(format!("buffers b{i} and b{j} are live together and overlap"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The text form of `recipec build --emit kernels`.
+    pub fn text(&self) -> String {
+        let mut s = format!("program {} (arena {} B, peak {} B at k{})\n", self.name, self.arena_bytes, self.peak_bytes, self.peak_at);
+        for (i, b) in self.buffers.iter().enumerate() {
+            let kind = match (&b.kind, b.into) {
+                (BufKind::Input(a), _) => format!("arg {a}"),
+                (BufKind::Temp, Some(a)) => format!("into b{a}"),
+                (BufKind::Temp, None) => format!("arena +{}", b.offset),
+            };
+            let _ = writeln!(s, "  b{i}: {}{:?} {kind}  ; %{} {}", b.dtype, b.shape, b.node.index(), b.origin);
+        }
+        for (i, k) in self.kernels.iter().enumerate() {
+            match k {
+                Kernel::Loop(l) => {
+                    let red = l.reduce.as_ref().map(|r| format!(" reduce_{:?}({} dims) of v{}", r.op, r.dims, r.value).to_lowercase()).unwrap_or_default();
+                    let _ = writeln!(s, "  k{i}: loop {:?}{red}", l.dims);
+                    for (v, ins) in l.body.iter().enumerate() {
+                        let _ = writeln!(s, "    v{v}: {} = {}", ins.dtype, inst_text(&ins.inst));
+                    }
+                    for st in &l.stores {
+                        let val = match st.val {
+                            StoreVal::Val(v) => format!("v{v}"),
+                            StoreVal::Acc => "acc".into(),
+                        };
+                        let _ = writeln!(s, "    store b{}[{}] = {val}", st.buf, aff(&st.at));
+                    }
+                }
+                Kernel::MatMul { a, b, out, batch, m, k, n, dtype, .. } => {
+                    let _ = writeln!(
+                        s,
+                        "  k{i}: matmul {dtype} batch {batch:?} m={m} k={k} n={n}: b{out} = b{}(+{}, {:?}, {}, {}) @ b{}(+{}, {:?}, {}, {})",
+                        a.buf, a.offset, a.batch_strides, a.row_stride, a.col_stride, b.buf, b.offset, b.batch_strides, b.row_stride, b.col_stride
+                    );
+                }
+                Kernel::Library { node, args, out, .. } => {
+                    let a: Vec<String> = args.iter().map(|a| format!("b{a}")).collect();
+                    let _ = writeln!(s, "  k{i}: library {}: b{out} = ({})", node.op.name(), a.join(", "));
+                }
+            }
+        }
+        s
+    }
+}
+
+fn aff(a: &Affine) -> String {
+    let mut t: Vec<String> = a.coef.iter().enumerate().filter(|(_, c)| **c != 0).map(|(d, c)| if *c == 1 { format!("i{d}") } else { format!("{c}*i{d}") }).collect();
+    if a.c != 0 || t.is_empty() {
+        t.push(a.c.to_string());
+    }
+    t.join(" + ")
+}
+
+fn inst_text(i: &Inst) -> String {
+    match i {
+        Inst::Load { buf, at } => format!("load b{buf}[{}]", aff(at)),
+        Inst::Const(c) => format!("const {c:?}"),
+        Inst::Index(a) => format!("index {}", aff(a)),
+        Inst::Un(u, a) => format!("{u:?} v{a}").to_lowercase(),
+        Inst::Bin(b, x, y, _) => format!("{b:?} v{x}, v{y}").to_lowercase(),
+        Inst::Select(c, a, b) => format!("select v{c}, v{a}, v{b}"),
+        Inst::Cast(a) => format!("cast v{a}"),
+    }
+}

@@ -1,0 +1,346 @@
+//! The runtime: runs a scheduled [`Program`] on the CPU.
+//!
+//! Input: a program from `compiler::kernel::schedule` and the entry point's arguments as
+//! [`Buffer`]s. Output: the named outputs. One arena allocation per executable (64-byte
+//! aligned, transparent huge pages requested for large arenas), reused by every run; loops
+//! run as Cranelift-generated code split across threads (rayon), matmuls through the `gemm`
+//! crate, and the remaining ops (gather, sort, RNG, linear algebra…) through the library
+//! below, which shares the interpreter's definitions (so RNG streams are identical).
+//!
+//! Invariants: arguments are validated (dtype, shape) before any generated code runs;
+//! generated code only sees buffers whose sizes the plan was made for. Outputs that the
+//! plan writes into an argument (an optimizer's `param` and states) update that argument
+//! in place and are returned as well.
+
+use compiler::interp::{self, Tensor};
+use compiler::ir::Op;
+use compiler::kernel::{BufKind, Kernel, Program, View};
+use compiler::plan::dtype_bytes;
+use lang::types::Dtype;
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// A tensor in its storage format (f32 as 4-byte floats, bool as bytes…), 8-byte aligned.
+#[derive(Clone, Debug)]
+pub struct Buffer {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    data: Vec<u64>,
+}
+
+/// 64-byte aligned storage.
+#[derive(Clone, Copy)]
+#[repr(align(64))]
+struct Line(#[allow(dead_code)] [u64; 8]);
+
+struct Arena {
+    lines: Vec<Line>,
+}
+
+impl Arena {
+    fn new(bytes: usize) -> Arena {
+        let n = bytes.div_ceil(64);
+        let mut lines: Vec<Line> = Vec::with_capacity(n);
+        #[cfg(target_os = "linux")]
+        if bytes >= 2 << 20 {
+            // SAFETY: advising the kernel about memory this Vec owns; no data is touched.
+            unsafe {
+                libc::madvise(lines.as_mut_ptr() as *mut libc::c_void, n * 64, libc::MADV_HUGEPAGE);
+            }
+        }
+        lines.resize(n, Line([0; 8]));
+        Arena { lines }
+    }
+    fn ptr(&mut self) -> *mut u8 {
+        self.lines.as_mut_ptr() as *mut u8
+    }
+}
+
+impl Buffer {
+    pub fn zeros(dtype: Dtype, shape: Vec<usize>) -> Buffer {
+        let bytes = shape.iter().product::<usize>() * dtype_bytes(dtype);
+        Buffer { dtype, shape, data: vec![0; bytes.div_ceil(8).max(1)] }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> usize {
+        self.numel() * dtype_bytes(self.dtype)
+    }
+    pub fn as_ptr(&self) -> *const u8 {
+        self.data.as_ptr() as *const u8
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.data.as_mut_ptr() as *mut u8
+    }
+    /// The raw bytes (little-endian storage format).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `data` holds at least `bytes()` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.bytes()) }
+    }
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.bytes();
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), n) }
+    }
+    pub fn from_bytes(dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Buffer {
+        let mut b = Buffer::zeros(dtype, shape);
+        let n = b.bytes();
+        b.as_bytes_mut().copy_from_slice(&bytes[..n]);
+        b
+    }
+    pub fn f32s(&self) -> &[f32] {
+        assert_eq!(self.dtype, Dtype::F32);
+        // SAFETY: f32 storage, aligned to 8.
+        unsafe { std::slice::from_raw_parts(self.as_ptr() as *const f32, self.numel()) }
+    }
+    pub fn f32s_mut(&mut self) -> &mut [f32] {
+        assert_eq!(self.dtype, Dtype::F32);
+        let n = self.numel();
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr() as *mut f32, n) }
+    }
+
+    /// Element `i` as f64.
+    pub fn get(&self, i: usize) -> f64 {
+        read(self.dtype, self.as_ptr(), i)
+    }
+
+    pub fn from_tensor(t: &Tensor) -> Buffer {
+        let mut b = Buffer::zeros(t.dtype, t.shape.clone());
+        let p = b.as_mut_ptr();
+        for (i, x) in t.data.iter().enumerate() {
+            write(t.dtype, p, i, *x);
+        }
+        b
+    }
+
+    pub fn to_tensor(&self) -> Tensor {
+        let data = (0..self.numel()).map(|i| self.get(i)).collect();
+        Tensor { dtype: self.dtype, shape: self.shape.clone(), data }
+    }
+}
+
+fn read(d: Dtype, p: *const u8, i: usize) -> f64 {
+    // SAFETY: callers pass an index inside a buffer of dtype `d`.
+    unsafe {
+        match d {
+            Dtype::Bool => (*p.add(i) != 0) as i32 as f64,
+            Dtype::I32 => *(p as *const i32).add(i) as f64,
+            Dtype::I64 => *(p as *const i64).add(i) as f64,
+            Dtype::F16 => codegen_cpu::f16_to_f32(*(p as *const u16).add(i)) as f64,
+            Dtype::BF16 => codegen_cpu::bf16_to_f32(*(p as *const u16).add(i)) as f64,
+            Dtype::F32 => *(p as *const f32).add(i) as f64,
+            Dtype::F64 => *(p as *const f64).add(i),
+        }
+    }
+}
+
+fn write(d: Dtype, p: *mut u8, i: usize, x: f64) {
+    let x = interp::round(d, x);
+    // SAFETY: callers pass an index inside a buffer of dtype `d`.
+    unsafe {
+        match d {
+            Dtype::Bool => *p.add(i) = (x != 0.0) as u8,
+            Dtype::I32 => *(p as *mut i32).add(i) = x as i32,
+            Dtype::I64 => *(p as *mut i64).add(i) = x as i64,
+            Dtype::F16 => *(p as *mut u16).add(i) = codegen_cpu::f32_to_f16(x as f32),
+            Dtype::BF16 => *(p as *mut u16).add(i) = codegen_cpu::f32_to_bf16(x as f32),
+            Dtype::F32 => *(p as *mut f32).add(i) = x as f32,
+            Dtype::F64 => *(p as *mut f64).add(i) = x,
+        }
+    }
+}
+
+/// Which code runs the loops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Cranelift,
+}
+
+/// A program ready to run: generated code and its arena.
+pub struct Executable {
+    pub program: Program,
+    code: codegen_cpu::Compiled,
+    arena: Mutex<Arena>,
+    /// Loops with fewer points than this run on one thread.
+    pub parallel_threshold: usize,
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*const *mut u8);
+// SAFETY: the pointer table outlives every parallel call that uses it, and kernels write
+// disjoint ranges of their outputs.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunError(pub String);
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Executable {
+    pub fn new(program: Program, backend: Backend) -> Result<Executable, RunError> {
+        let Backend::Cranelift = backend;
+        let code = codegen_cpu::compile(&program).map_err(RunError)?;
+        let arena = Mutex::new(Arena::new(program.arena_bytes));
+        Ok(Executable { program, code, arena, parallel_threshold: 1 << 15 })
+    }
+
+    /// Whether kernel `k` was vectorized (for reports and tests).
+    pub fn vectorized(&self, k: usize) -> bool {
+        self.code.vectorized[k]
+    }
+
+    /// Runs on tensors (converted to and from the storage format).
+    pub fn run_tensors(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
+        let mut args: Vec<Buffer> = inputs.iter().map(Buffer::from_tensor).collect();
+        let outs = self.run(&mut args, seed)?;
+        Ok(outs.into_iter().map(|(n, b)| (n, b.to_tensor())).collect())
+    }
+
+    /// Runs on buffers. Outputs planned into an argument update it in place.
+    pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Buffer)>, RunError> {
+        let p = &self.program;
+        if args.len() != p.inputs.len() {
+            return Err(RunError(format!("`{}` takes {} arguments, got {}", p.name, p.inputs.len(), args.len())));
+        }
+        for (i, b) in p.inputs.iter().enumerate() {
+            let d = &p.buffers[*b];
+            if args[i].dtype != d.dtype || args[i].shape != d.shape {
+                return Err(RunError(format!(
+                    "argument {i} of `{}` must be {}{:?}, got {}{:?}",
+                    p.name, d.dtype, d.shape, args[i].dtype, args[i].shape
+                )));
+            }
+        }
+        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let base = arena.ptr();
+        let ptrs: Vec<*mut u8> = p
+            .buffers
+            .iter()
+            .map(|d| match (&d.kind, d.into) {
+                (BufKind::Input(i), _) => args[*i].as_mut_ptr(),
+                (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
+                    BufKind::Input(i) => args[i].as_mut_ptr(),
+                    BufKind::Temp => unreachable!("written into an argument"),
+                },
+                // SAFETY: offsets are inside the arena (checked by `Program::verify`).
+                (BufKind::Temp, None) => unsafe { base.add(d.offset) },
+            })
+            .collect();
+        for (ki, k) in p.kernels.iter().enumerate() {
+            match k {
+                Kernel::Loop(l) => {
+                    let f = self.code.loops[ki].expect("loop compiled");
+                    let extent = if l.outer_dims() == 0 { 1 } else { l.dims[0] };
+                    let points: usize = l.dims.iter().product();
+                    let table = SendPtr(ptrs.as_ptr());
+                    let threads = rayon::current_num_threads();
+                    if points >= self.parallel_threshold && extent >= 2 && threads > 1 {
+                        let chunks = (threads * 4).min(extent);
+                        (0..chunks).into_par_iter().for_each(|c| {
+                            let t = table;
+                            let lo = extent * c / chunks;
+                            let hi = extent * (c + 1) / chunks;
+                            // SAFETY: the generated loop reads and writes only planned
+                            // buffers, and its range `lo..hi` of the outermost index.
+                            unsafe { f(t.0, lo as i64, hi as i64) }
+                        });
+                    } else {
+                        // SAFETY: as above, the whole range.
+                        unsafe { f(table.0, 0, extent as i64) }
+                    }
+                }
+                Kernel::MatMul { a, b, out, batch, m, k, n, dtype, .. } => {
+                    matmul(&ptrs, a, b, *out, batch, *m, *k, *n, *dtype);
+                }
+                Kernel::Library { node, operands, args: a, out, .. } => {
+                    let ops: Vec<Tensor> = operands
+                        .iter()
+                        .zip(a)
+                        .map(|(o, b)| {
+                            let ptr = ptrs[*b] as *const u8;
+                            let numel: usize = o.shape.iter().product();
+                            Tensor { dtype: o.dtype, shape: o.shape.clone(), data: (0..numel).map(|i| read(o.dtype, ptr, i)).collect() }
+                        })
+                        .collect();
+                    library(node, &ops, ptrs[*out], seed)?;
+                }
+            }
+        }
+        let mut outs = vec![];
+        for (name, b, shape) in &p.outputs {
+            let d = &p.buffers[*b];
+            let mut o = Buffer::zeros(d.dtype, shape.clone());
+            let n = o.bytes();
+            // SAFETY: the buffer holds the output's bytes (same element count).
+            unsafe { std::ptr::copy_nonoverlapping(ptrs[*b] as *const u8, o.as_mut_ptr(), n) };
+            outs.push((name.clone(), o));
+        }
+        Ok(outs)
+    }
+}
+
+fn library(node: &compiler::ir::Node, ops: &[Tensor], out: *mut u8, seed: u64) -> Result<(), RunError> {
+    let refs: Vec<&Tensor> = ops.iter().collect();
+    let t = match &node.op {
+        Op::Input { .. } => unreachable!("inputs are buffers"),
+        _ => interp::eval(node, &refs, &[], seed).map_err(|e| RunError(e.0))?,
+    };
+    for (i, x) in t.data.iter().enumerate() {
+        write(node.dtype, out, i, *x);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul(ptrs: &[*mut u8], a: &View, b: &View, out: usize, batch: &[usize], m: usize, k: usize, n: usize, dtype: Dtype) {
+    let nb: usize = batch.iter().product();
+    let offs = |v: &View, bi: usize| -> isize {
+        let mut rem = bi;
+        let mut off = v.offset;
+        for d in (0..batch.len()).rev() {
+            off += (rem % batch[d]) as i64 * v.batch_strides[d];
+            rem /= batch[d];
+        }
+        off as isize
+    };
+    let work = m * n * k;
+    let (pa, pb, po) = (ptrs[a.buf] as usize, ptrs[b.buf] as usize, ptrs[out] as usize);
+    let one = |bi: usize, par: gemm::Parallelism| {
+        let (oa, ob, oo) = (offs(a, bi), offs(b, bi), (bi * m * n) as isize);
+        // SAFETY: the views were derived from the buffers' shapes by the scheduler.
+        unsafe {
+            match dtype {
+                Dtype::F64 => gemm::gemm::<f64>(
+                    m, n, k,
+                    (po as *mut f64).offset(oo), 1, n as isize, false,
+                    (pa as *const f64).offset(oa), a.col_stride as isize, a.row_stride as isize,
+                    (pb as *const f64).offset(ob), b.col_stride as isize, b.row_stride as isize,
+                    0.0, 1.0, false, false, false, par,
+                ),
+                _ => gemm::gemm::<f32>(
+                    m, n, k,
+                    (po as *mut f32).offset(oo), 1, n as isize, false,
+                    (pa as *const f32).offset(oa), a.col_stride as isize, a.row_stride as isize,
+                    (pb as *const f32).offset(ob), b.col_stride as isize, b.row_stride as isize,
+                    0.0, 1.0, false, false, false, par,
+                ),
+            }
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if nb >= threads && nb > 1 {
+        (0..nb).into_par_iter().for_each(|bi| one(bi, gemm::Parallelism::None));
+    } else {
+        let par = if work >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        for bi in 0..nb {
+            one(bi, par);
+        }
+    }
+}

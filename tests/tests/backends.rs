@@ -1,0 +1,234 @@
+//! Differential tests: every stdlib item and every valid case file, scheduled into kernels
+//! and run by the Cranelift backend, gives the interpreter's results.
+//!
+//! Tolerances: loops compute exactly as the interpreter does (see `compiler::kernel`), so
+//! graphs without matmuls must agree to the last bit, except for integers and bools which
+//! always must. Matmuls accumulate in f32 in a blocked order; values downstream of one are
+//! compared with |a - b| ≤ 1e-5 + 1e-4·|b| (f32 has 24 bits; a k ≤ 4096 dot product
+//! of unit-scale values loses at most a few of them).
+
+use compiler::interp::{self, Tensor};
+use compiler::ir::{Graph, Op};
+use compiler::lower::Arg;
+use lang::ast::{FnKind, ItemKind, RuleKind};
+use lang::source::{MemoryLoader, SourceDb};
+use lang::types::{Dtype, ItemRef};
+use runtime::{Backend, Executable};
+use tests::{auto_args, samples};
+
+/// Deterministic pseudo-random inputs for a graph (xorshift; floats roughly N(0, 1),
+/// integers in 0..7, steps in 1..5).
+fn inputs(g: &Graph, seed: u64) -> Vec<Tensor> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    g.inputs
+        .iter()
+        .map(|id| {
+            let n = g.node(*id);
+            let name = match &n.op {
+                Op::Input { name, .. } => name.clone(),
+                _ => String::new(),
+            };
+            let numel: usize = n.shape.iter().product();
+            let data = (0..numel)
+                .map(|_| match n.dtype {
+                    Dtype::Bool => (next() < 0.5) as i32 as f64,
+                    Dtype::I32 | Dtype::I64 if name == "step" => 1.0 + (next() * 4.0).floor(),
+                    Dtype::I32 | Dtype::I64 => (next() * 7.0).floor(),
+                    _ => {
+                        // Sum of uniforms: roughly normal, bounded.
+                        let u: f64 = (0..4).map(|_| next()).sum::<f64>() - 2.0;
+                        u * 1.7
+                    }
+                })
+                .collect();
+            Tensor::new(n.dtype, n.shape.clone(), data)
+        })
+        .collect()
+}
+
+fn has_matmul(g: &Graph) -> bool {
+    g.topo().iter().any(|n| matches!(g.node(*n).op, Op::MatMul | Op::Qr | Op::SvdTopK { .. }))
+}
+
+/// Runs `g` on both backends and compares every output.
+fn differential(g: &Graph, what: &str) {
+    let p = compiler::kernel::schedule(g).unwrap_or_else(|e| panic!("{what}: schedule: {e}"));
+    p.verify().unwrap_or_else(|e| panic!("{what}: plan: {e}\n{}", p.text()));
+    let exe = Executable::new(p, Backend::Cranelift).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
+    let exact = !has_matmul(g);
+    for seed in [1u64, 2] {
+        let ins = inputs(g, seed);
+        let want = interp::run(g, &ins, seed).unwrap_or_else(|e| panic!("{what}: interp: {e}"));
+        let got = exe.run_tensors(&ins, seed).unwrap_or_else(|e| panic!("{what}: run: {e}"));
+        for (name, t) in got {
+            let w = &want[&name];
+            assert_eq!((t.dtype, &t.shape), (w.dtype, &w.shape), "{what}: output `{name}`");
+            for (i, (a, b)) in t.data.iter().zip(&w.data).enumerate() {
+                let ok = if a.is_nan() || b.is_nan() {
+                    a.is_nan() && b.is_nan()
+                } else if exact || !t.dtype.is_float() {
+                    a == b
+                } else {
+                    (a - b).abs() <= 1e-5 + 1e-4 * b.abs()
+                };
+                assert!(
+                    ok,
+                    "{what}: output `{name}` element {i}: cranelift {a}, interpreter {b} (seed {seed})\n{}",
+                    exe.program.text()
+                );
+            }
+        }
+    }
+}
+
+fn stdlib_loader() -> MemoryLoader {
+    let mut loader = MemoryLoader::default();
+    for (m, f, text) in stdlib::MODULES {
+        loader = loader.with(m, &format!("<std>/{f}"), text);
+    }
+    loader
+}
+
+/// Every stdlib item at its sample shapes, and the losses with their gradients.
+#[test]
+fn stdlib_items_match_the_interpreter() {
+    let loader = stdlib_loader();
+    let mut covered = 0;
+    for (module, file, text) in stdlib::MODULES {
+        let mut db = SourceDb::new();
+        let root = db.add(format!("<std>/{file}"), *text);
+        let analysis = lang::analyze(&mut db, &[root], &loader);
+        let mods = &analysis.modules;
+        for (name, &i) in &mods.list[0].items {
+            let r = ItemRef { module: 0, item: i };
+            let item = mods.item(r);
+            let Some(args) = samples(module, name) else { continue };
+            let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
+            let loss = matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || *module == "std.loss");
+            let g = match &item.kind {
+                ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
+                ItemKind::Fn(_) => compiler::entry::function(mods, &db, r, &args, loss),
+                ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
+                    compiler::entry::optimizer(mods, &db, r, (Dtype::F32, vec![37]), &args)
+                }
+                ItemKind::Rule(_) => compiler::entry::sparsity(mods, &db, r, (Dtype::F32, vec![4, 16]), &args),
+                _ => continue,
+            };
+            let mut g = g.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
+            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+            differential(&g, &format!("{module}.{name}"));
+            covered += 1;
+        }
+    }
+    assert!(covered >= 18, "only {covered} stdlib items ran");
+}
+
+/// Awkward sizes (1, 3, 17, 1000, 4099): vector loops with scalar tails, single elements,
+/// odd row lengths, thread splits.
+#[test]
+fn awkward_sizes_match_the_interpreter() {
+    let loader = stdlib_loader();
+    let mut db = SourceDb::new();
+    let src = "use std.optim.adamw\nuse std.optim.sgd\nuse std.optim.sign_sgd\nuse std.loss.cross_entropy\nuse std.loss.linear_cross_entropy\nuse std.models.layer_norm\n";
+    let root = db.add("<awkward>", src);
+    let analysis = lang::analyze(&mut db, &[root], &loader);
+    assert!(!analysis.has_errors());
+    let mods = &analysis.modules;
+    let find = |name: &str| {
+        let m = mods.list.iter().position(|m| m.items.contains_key(name) && m.file != root).unwrap();
+        ItemRef { module: m, item: mods.list[m].items[name] }
+    };
+    let t = |d: Dtype, s: &[usize]| Arg::Tensor(d, s.to_vec());
+    let lr = vec![("lr".to_string(), Arg::Scalar(0.01))];
+    for n in [1usize, 3, 17, 1000, 4099] {
+        for opt in ["adamw", "sgd", "sign_sgd"] {
+            let mut g = compiler::entry::optimizer(mods, &db, find(opt), (Dtype::F32, vec![n]), &lr).unwrap();
+            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+            differential(&g, &format!("{opt} [{n}]"));
+            if opt == "adamw" && n >= 17 {
+                // The step is one vectorized loop over the parameter.
+                let p = compiler::kernel::schedule(&g).unwrap();
+                let exe = Executable::new(p, Backend::Cranelift).unwrap();
+                let big: Vec<usize> = (0..exe.program.kernels.len())
+                    .filter(|k| matches!(&exe.program.kernels[*k], compiler::kernel::Kernel::Loop(l) if l.dims == [n]))
+                    .collect();
+                assert_eq!(big.len(), 1, "adamw [{n}]: {}", exe.program.text());
+                assert!(exe.vectorized(big[0]), "adamw [{n}] is not vectorized:\n{}", exe.program.text());
+            }
+        }
+    }
+    for (rows, v) in [(1usize, 3usize), (3, 17), (17, 1000), (5, 4099)] {
+        let args = vec![("logits".to_string(), t(Dtype::F32, &[rows, v])), ("targets".to_string(), t(Dtype::I32, &[rows]))];
+        let mut g = compiler::entry::function(mods, &db, find("cross_entropy"), &args, true).unwrap();
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        differential(&g, &format!("cross_entropy [{rows}, {v}]"));
+        let args = vec![
+            ("hidden".to_string(), t(Dtype::F32, &[rows, 17])),
+            ("classifier".to_string(), t(Dtype::F32, &[v, 17])),
+            ("targets".to_string(), t(Dtype::I32, &[rows])),
+        ];
+        let mut g = compiler::entry::function(mods, &db, find("linear_cross_entropy"), &args, true).unwrap();
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        differential(&g, &format!("linear_cross_entropy [{rows}, 17] x [{v}, 17]"));
+        let args = vec![
+            ("x".to_string(), t(Dtype::F32, &[rows, v])),
+            ("gain".to_string(), t(Dtype::F32, &[v])),
+            ("bias".to_string(), t(Dtype::F32, &[v])),
+        ];
+        let mut g = compiler::entry::function(mods, &db, find("layer_norm"), &args, false).unwrap();
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        differential(&g, &format!("layer_norm [{rows}, {v}]"));
+    }
+}
+
+/// Every function, loss and rule of the valid case files.
+#[test]
+fn case_files_match_the_interpreter() {
+    let dir = tests::root().join("tests/compile/valid");
+    let mut ran = 0;
+    for path in tests::recipe_files(&dir) {
+        let rel = path.strip_prefix(tests::root()).unwrap().display().to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut db = SourceDb::new();
+        let root = db.add(rel.clone(), text);
+        let analysis = lang::analyze(&mut db, &[root], &tests::RepoLoader);
+        let mods = &analysis.modules;
+        for (i, item) in mods.list[0].ast.items.iter().enumerate() {
+            let r = ItemRef { module: 0, item: i };
+            let (params, rule_param) = match &item.kind {
+                ItemKind::Fn(f) => (f.params.clone(), None),
+                ItemKind::Rule(rd) => (
+                    rd.params.iter().filter(|p| p.name.name != "param").cloned().collect(),
+                    rd.params.iter().find(|p| p.name.name == "param").cloned(),
+                ),
+                _ => continue,
+            };
+            let args = auto_args(&params);
+            let param_shape = match rule_param.and_then(|p| auto_args(&[p]).pop()) {
+                Some((_, Arg::Tensor(_, s))) => s,
+                _ => vec![4, 8],
+            };
+            let g = match &item.kind {
+                ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
+                ItemKind::Fn(f) => compiler::entry::function(mods, &db, r, &args, f.kind == FnKind::Loss),
+                ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
+                    compiler::entry::optimizer(mods, &db, r, (Dtype::F32, param_shape), &args)
+                }
+                ItemKind::Rule(_) => compiler::entry::sparsity(mods, &db, r, (Dtype::F32, param_shape), &args),
+                _ => continue,
+            };
+            let Ok(mut g) = g else { continue };
+            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+            let name = item.name().map(|n| n.name.clone()).unwrap_or_default();
+            differential(&g, &format!("{rel}: {name}"));
+            ran += 1;
+        }
+    }
+    assert!(ran >= 60, "only {ran} case items ran");
+}
