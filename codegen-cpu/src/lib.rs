@@ -243,6 +243,10 @@ struct Gen<'a, 'b> {
     /// Every distinct affine of the loop, and its running value at the current level.
     affines: Vec<Affine>,
     bufs: Value,
+    /// Loop-invariant values (computed once before the loops): scalar and 4-lane forms.
+    inv: Vec<bool>,
+    inv_s: Vec<Option<Value>>,
+    inv_v: Vec<Option<Value>>,
 }
 
 fn aff_id(affines: &mut Vec<Affine>, a: &Affine) -> usize {
@@ -267,7 +271,20 @@ impl<'a, 'b> Gen<'a, 'b> {
             aff_id(&mut affines, &s.at);
         }
         let dummy = Value::from_u32(0);
-        Gen { b, l, p, bases: vec![None; p.buffers.len()], affines, bufs: dummy }
+        // Invariant: loads that no loop index moves, constants, and ops on invariants.
+        let mut inv = vec![false; l.body.len()];
+        for (v, i) in l.body.iter().enumerate() {
+            inv[v] = match &i.inst {
+                Inst::Load { at, .. } => at.coef.iter().all(|c| *c == 0),
+                Inst::Const(_) => true,
+                Inst::Index(_) => false,
+                Inst::Un(_, a) | Inst::Cast(a) => inv[*a],
+                Inst::Bin(_, a, b2, _) => inv[*a] && inv[*b2],
+                Inst::Select(c, a, b2) => inv[*c] && inv[*a] && inv[*b2],
+            };
+        }
+        let n = l.body.len();
+        Gen { b, l, p, bases: vec![None; p.buffers.len()], affines, bufs: dummy, inv, inv_s: vec![None; n], inv_v: vec![None; n] }
     }
 
     fn aid(&self, a: &Affine) -> usize {
@@ -348,6 +365,7 @@ impl<'a, 'b> Gen<'a, 'b> {
         }
         let partial: Vec<Value> = self.affines.iter().map(|a| self.b.ins().iconst(types::I64, a.c)).collect();
         let vec = self.vectorizable();
+        self.hoist(&partial, vec);
         let outer = self.l.outer_dims();
         if outer == 0 {
             self.reduction(partial);
@@ -356,6 +374,32 @@ impl<'a, 'b> Gen<'a, 'b> {
         }
         self.b.ins().return_(&[]);
         vec
+    }
+
+    /// Computes the loop-invariant values once, before the loops (and their 4-lane splats).
+    fn hoist(&mut self, partial: &[Value], vec: bool) {
+        if !self.inv.iter().any(|x| *x) {
+            return;
+        }
+        let vals = self.values_where(partial, false, true);
+        for v in 0..self.l.body.len() {
+            if !self.inv[v] {
+                continue;
+            }
+            self.inv_s[v] = Some(vals[v]);
+            if vec {
+                let dt = self.l.body[v].dtype;
+                self.inv_v[v] = Some(if dt == Dtype::F32 {
+                    self.b.ins().splat(types::F32X4, vals[v])
+                } else {
+                    // A condition (0 or 1 in f64) as a lane mask.
+                    let z = self.b.ins().f64const(0.0);
+                    let c = self.b.ins().fcmp(FloatCC::NotEqual, vals[v], z);
+                    let m = self.b.ins().bmask(types::I32, c);
+                    self.b.ins().splat(types::I32X4, m)
+                });
+            }
+        }
     }
 
     fn advance(&mut self, partial: &[Value], d: usize, i: Value) -> Vec<Value> {
@@ -622,10 +666,27 @@ impl<'a, 'b> Gen<'a, 'b> {
     }
 
     fn values(&mut self, part: &[Value], lanes: bool) -> Vec<Value> {
+        self.values_where(part, lanes, false)
+    }
+
+    /// The body's values at one point; with `only_invariant`, just the invariant ones (the
+    /// others are placeholders), otherwise the invariant ones come from `hoist`.
+    fn values_where(&mut self, part: &[Value], lanes: bool, only_invariant: bool) -> Vec<Value> {
         let l = self.l;
         let last = l.dims.len() - 1;
         let mut vals: Vec<Value> = Vec::with_capacity(l.body.len());
-        for ins in &l.body {
+        for (vi, ins) in l.body.iter().enumerate() {
+            if only_invariant && !self.inv[vi] {
+                vals.push(Value::from_u32(0));
+                continue;
+            }
+            if !only_invariant {
+                let pre = if lanes { self.inv_v[vi] } else { self.inv_s[vi] };
+                if let Some(x) = pre {
+                    vals.push(x);
+                    continue;
+                }
+            }
             let dt = ins.dtype;
             let ty = if lanes && dt == Dtype::F32 { types::F32X4 } else { compute_ty(dt) };
             let v = match &ins.inst {

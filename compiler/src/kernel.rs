@@ -691,8 +691,19 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>) -> Result<P
             }
         }
     }
-    let kernels = merge_loops(kernels, &buffers);
-    let outputs = g.outputs.iter().map(|(name, n)| (name.clone(), buf_of[n], g.node(*n).shape.clone())).collect();
+    let mut kernels = merge_loops(kernels, &buffers);
+    let outputs: Vec<(String, usize, Vec<usize>)> =
+        g.outputs.iter().map(|(name, n)| (name.clone(), buf_of[n], g.node(*n).shape.clone())).collect();
+    // A value that merging passed in a register and nothing else reads needs no store.
+    let mut read: BTreeSet<usize> = kernels.iter().flat_map(|k| k.reads()).collect();
+    read.extend(outputs.iter().map(|o| o.1));
+    for k in &mut kernels {
+        if let Kernel::Loop(l) = k {
+            l.stores.retain(|s| read.contains(&s.buf));
+        }
+    }
+    kernels.retain(|k| !matches!(k, Kernel::Loop(l) if l.stores.is_empty()));
+    read.clear();
     let mut p = Program {
         name: g.name.clone(),
         buffers,
@@ -970,10 +981,52 @@ impl Program {
         Ok(())
     }
 
+    /// The report of `recipec build --emit plan`: what the runtime allocates for this entry
+    /// point, the buffers live at the peak (largest first) with the recipe line that
+    /// created each, and what a naive execution (one buffer per graph node) would need.
+    pub fn report(&self) -> String {
+        use crate::plan::human;
+        let mut out = format!("plan {}\n", self.name);
+        out.push_str(&format!("  arguments      {:>12}  (owned by the caller)\n", human(self.argument_bytes)));
+        out.push_str(&format!("  arena          {:>12}  ({} kernels)\n", human(self.arena_bytes), self.kernels.len()));
+        out.push_str(&format!("  peak live      {:>12}  at kernel k{}\n", human(self.peak_bytes), self.peak_at));
+        out.push_str(&format!("  naive          {:>12}  (one buffer per graph node, no reuse)\n", human(self.naive_bytes)));
+        let mut updated: Vec<String> =
+            self.buffers.iter().filter_map(|b| b.into).map(|a| self.buffers[a].origin.clone()).collect();
+        updated.sort();
+        updated.dedup();
+        if !updated.is_empty() {
+            out.push_str(&format!("  updated in place: {}\n", updated.join(", ")));
+        }
+        out.push_str("  live at the peak, largest first:\n");
+        let mut live: Vec<&BufDecl> = self.live_at(self.peak_at);
+        live.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.born.cmp(&b.born)));
+        for b in live.iter().take(12) {
+            let ty = format!("{}{:?}", b.dtype, b.shape);
+            out.push_str(&format!("    {:>10}  {:<18} {}\n", human(align(b.bytes)), ty, b.origin));
+        }
+        if live.len() > 12 {
+            out.push_str(&format!("    … and {} smaller buffers\n", live.len() - 12));
+        }
+        out
+    }
+
+    /// The arena buffers live while kernel `k` runs.
+    pub fn live_at(&self, k: usize) -> Vec<&BufDecl> {
+        self.buffers
+            .iter()
+            .filter(|d| d.kind == BufKind::Temp && d.into.is_none() && d.born.map(|b| b <= k).unwrap_or(false) && k <= d.dies)
+            .collect()
+    }
+
     /// The text form of `recipec build --emit kernels`.
     pub fn text(&self) -> String {
         let mut s = format!("program {} (arena {} B, peak {} B at k{})\n", self.name, self.arena_bytes, self.peak_bytes, self.peak_at);
         for (i, b) in self.buffers.iter().enumerate() {
+            if b.kind == BufKind::Temp && b.born.is_none() {
+                // Fused away after merging: never written.
+                continue;
+            }
             let kind = match (&b.kind, b.into) {
                 (BufKind::Input(a), _) => format!("arg {a}"),
                 (BufKind::Temp, Some(a)) => format!("into b{a}"),

@@ -27,7 +27,7 @@ fn tiny_gpt_gradients_match_finite_differences() {
     let r = item(&p, 0, "tiny");
     let g = compiler::entry::recipe_step(&p.analysis.modules, &p.db, r).unwrap();
     g.verify().unwrap();
-    let plan = compiler::plan::plan(&g);
+    let plan = compiler::kernel::schedule(&g).unwrap();
     plan.verify().unwrap();
     let mut rng = Rng(42);
     // Inputs in graph order: tokens, targets, then parameters as first used.

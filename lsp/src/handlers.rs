@@ -319,11 +319,12 @@ impl Server {
             let r = lang::types::ItemRef { module: 0, item: i };
             let mut g = compiler::entry::recipe_step(modules, &a.db, r).ok()?;
             compiler::passes::run_pipeline(&mut g, None, &mut vec![]).ok()?;
-            let plan = compiler::plan::plan(&g);
+            let plan = compiler::kernel::schedule(&g).ok()?;
             let name = a.db.file(a.file).name.rsplit('/').next().unwrap_or("").to_string();
             let mut lines: HashMap<usize, (usize, usize)> = HashMap::new();
-            for b in plan.buffers.values() {
-                let origin = &g.node(b.node).origin;
+            let at_peak: Vec<*const compiler::kernel::BufDecl> = plan.live_at(plan.peak_at).into_iter().map(|b| b as *const _).collect();
+            for b in plan.buffers.iter().filter(|b| b.kind == compiler::kernel::BufKind::Temp && b.into.is_none()) {
+                let origin = &b.origin;
                 let rest = origin.strip_prefix("d/").unwrap_or(origin);
                 let mut parts = rest.rsplitn(3, ':');
                 let (_col, line, file) = (parts.next(), parts.next(), parts.next());
@@ -333,11 +334,11 @@ impl Server {
                 let Some(line) = line.and_then(|l| l.parse::<usize>().ok()) else { continue };
                 let e = lines.entry(line).or_insert((0, 0));
                 e.0 += b.bytes;
-                if b.born <= plan.peak_at && plan.peak_at <= b.dies {
+                if at_peak.contains(&(b as *const _)) {
                     e.1 += b.bytes;
                 }
             }
-            Some(LinePlan { peak: plan.peak_live_bytes, lines })
+            Some(LinePlan { peak: plan.peak_bytes, lines })
         })();
         self.plans.borrow_mut().insert(uri.to_string(), (text.clone(), plan.clone()));
         plan

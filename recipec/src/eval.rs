@@ -352,9 +352,9 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         print!("{g}");
     }
     if req.emit.iter().any(|e| e == "plan") {
-        let p = compiler::plan::plan(&g);
+        let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
         p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
-        print!("{}", p.report(&g));
+        print!("{}", p.report());
     }
     if req.emit.iter().any(|e| e == "kernels") {
         let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;

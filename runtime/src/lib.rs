@@ -152,6 +152,13 @@ fn write(d: Dtype, p: *mut u8, i: usize, x: f64) {
     }
 }
 
+/// An output: in an argument (updated in place; the output's shape) or its own buffer.
+#[derive(Debug)]
+pub enum Out {
+    Arg(usize, Vec<usize>),
+    Buf(Buffer),
+}
+
 /// Which code runs the loops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -200,11 +207,25 @@ impl Executable {
     pub fn run_tensors(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
         let mut args: Vec<Buffer> = inputs.iter().map(Buffer::from_tensor).collect();
         let outs = self.run(&mut args, seed)?;
-        Ok(outs.into_iter().map(|(n, b)| (n, b.to_tensor())).collect())
+        Ok(outs
+            .into_iter()
+            .map(|(n, o)| {
+                let t = match o {
+                    Out::Arg(i, shape) => {
+                        let mut t = args[i].to_tensor();
+                        t.shape = shape;
+                        t
+                    }
+                    Out::Buf(b) => b.to_tensor(),
+                };
+                (n, t)
+            })
+            .collect())
     }
 
-    /// Runs on buffers. Outputs planned into an argument update it in place.
-    pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Buffer)>, RunError> {
+    /// Runs on buffers. Outputs planned into an argument update it in place and are
+    /// returned as [`Out::Arg`]; the others are copied out of the arena.
+    pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         let p = &self.program;
         if args.len() != p.inputs.len() {
             return Err(RunError(format!("`{}` takes {} arguments, got {}", p.name, p.inputs.len(), args.len())));
@@ -276,11 +297,23 @@ impl Executable {
         let mut outs = vec![];
         for (name, b, shape) in &p.outputs {
             let d = &p.buffers[*b];
+            let arg = match (&d.kind, d.into) {
+                (BufKind::Input(i), _) => Some(*i),
+                (_, Some(a)) => match p.buffers[a].kind {
+                    BufKind::Input(i) => Some(i),
+                    BufKind::Temp => None,
+                },
+                _ => None,
+            };
+            if let Some(i) = arg {
+                outs.push((name.clone(), Out::Arg(i, shape.clone())));
+                continue;
+            }
             let mut o = Buffer::zeros(d.dtype, shape.clone());
             let n = o.bytes();
             // SAFETY: the buffer holds the output's bytes (same element count).
             unsafe { std::ptr::copy_nonoverlapping(ptrs[*b] as *const u8, o.as_mut_ptr(), n) };
-            outs.push((name.clone(), o));
+            outs.push((name.clone(), Out::Buf(o)));
         }
         Ok(outs)
     }

@@ -15,6 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("recipec", &["lang", "stdlib", "compiler", "codegen-cpu", "codegen-cuda", "runtime", "lsp"]),
     ("lsp", &["lang", "stdlib", "compiler"]),
     ("tests", &["lang", "stdlib", "compiler", "codegen-cpu", "codegen-cuda", "runtime"]),
+    ("bench", &["lang", "stdlib", "compiler", "codegen-cpu", "codegen-cuda", "runtime"]),
 ];
 
 #[test]
