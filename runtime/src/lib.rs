@@ -172,6 +172,8 @@ pub struct Executable {
     arena: Mutex<Arena>,
     /// Loops with fewer points than this run on one thread.
     pub parallel_threshold: usize,
+    /// Seconds spent in each kernel, when profiling (`RECIPEC_PROFILE=1`).
+    profile: Option<Mutex<Vec<f64>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -195,7 +197,30 @@ impl Executable {
         let Backend::Cranelift = backend;
         let code = codegen_cpu::compile(&program).map_err(RunError)?;
         let arena = Mutex::new(Arena::new(program.arena_bytes));
-        Ok(Executable { program, code, arena, parallel_threshold: 1 << 15 })
+        let profile = std::env::var("RECIPEC_PROFILE").ok().filter(|v| v == "1").map(|_| Mutex::new(vec![0.0; program.kernels.len()]));
+        Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, profile })
+    }
+
+    /// With `RECIPEC_PROFILE=1`: the kernels that took the most time over all runs so far,
+    /// one line each (seconds, kernel, what it is, where it came from).
+    pub fn profile_report(&self, top: usize) -> Option<String> {
+        let prof = self.profile.as_ref()?.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let total: f64 = prof.iter().sum();
+        let mut idx: Vec<usize> = (0..prof.len()).collect();
+        idx.sort_by(|a, b| prof[*b].partial_cmp(&prof[*a]).unwrap());
+        let mut out = format!("profile of `{}`: {:.1} ms in {} kernels\n", self.program.name, total * 1e3, prof.len());
+        for k in idx.into_iter().take(top) {
+            let (what, origin) = match &self.program.kernels[k] {
+                Kernel::Loop(l) => (
+                    format!("loop {:?}{}{}", l.dims, if l.reduce.is_some() { " reduce" } else { "" }, if self.code.vectorized[k] { " x4" } else { "" }),
+                    self.program.buffers[l.stores[0].buf].origin.clone(),
+                ),
+                Kernel::MatMul { batch, m, k: kk, n, out, .. } => (format!("matmul {batch:?} {m}x{kk}x{n}"), self.program.buffers[*out].origin.clone()),
+                Kernel::Library { node, out, .. } => (format!("library {} {:?}", node.op.name(), node.shape), self.program.buffers[*out].origin.clone()),
+            };
+            out.push_str(&format!("  {:>8.2} ms {:>5.1}%  k{k:<4} {what:<40} {origin}\n", prof[k] * 1e3, 100.0 * prof[k] / total.max(1e-12)));
+        }
+        Some(out)
     }
 
     /// Whether kernel `k` was vectorized (for reports and tests).
@@ -254,7 +279,9 @@ impl Executable {
                 (BufKind::Temp, None) => unsafe { base.add(d.offset) },
             })
             .collect();
+        let profile = self.profile.as_ref();
         for (ki, k) in p.kernels.iter().enumerate() {
+            let started = profile.map(|_| std::time::Instant::now());
             match k {
                 Kernel::Loop(l) => {
                     let f = self.code.loops[ki].expect("loop compiled");
@@ -292,6 +319,9 @@ impl Executable {
                         .collect();
                     library(node, &ops, ptrs[*out], seed)?;
                 }
+            }
+            if let (Some(prof), Some(t)) = (profile, started) {
+                prof.lock().unwrap_or_else(|e| e.into_inner())[ki] += t.elapsed().as_secs_f64();
             }
         }
         let mut outs = vec![];
