@@ -307,6 +307,7 @@ impl Executable {
                 Kernel::MatMul { a, b, out, batch, m, k, n, dtype, .. } => {
                     matmul(&ptrs, a, b, *out, batch, *m, *k, *n, *dtype);
                 }
+                Kernel::Library { node, operands, args: a, out, .. } if indexing(node, operands, a, &ptrs, *out) => {}
                 Kernel::Library { node, operands, args: a, out, .. } => {
                     let ops: Vec<Tensor> = operands
                         .iter()
@@ -346,6 +347,102 @@ impl Executable {
             outs.push((name.clone(), Out::Buf(o)));
         }
         Ok(outs)
+    }
+}
+
+fn clamp_index(v: f64, extent: usize) -> usize {
+    if v <= 0.0 || v.is_nan() {
+        0
+    } else {
+        (v as usize).min(extent.saturating_sub(1))
+    }
+}
+
+/// `take`, `gather` and their transposes run natively (the interpreter's semantics: clamped
+/// indices; sums accumulated in f64 and rounded once). Returns false for other ops.
+fn indexing(node: &compiler::ir::Node, operands: &[compiler::ir::Node], args: &[usize], ptrs: &[*mut u8], out: usize) -> bool {
+    let split = |shape: &[usize], axis: usize| -> (usize, usize, usize) {
+        (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
+    };
+    if !matches!(node.op, Op::Take { .. } | Op::Gather { .. } | Op::TakeAdd { .. } | Op::ScatterAdd { .. }) {
+        return false;
+    }
+    let (d, od) = (node.dtype, operands[0].dtype);
+    let (x, ix, o) = (ptrs[args[0]] as *const u8, ptrs[args[1]] as *const u8, ptrs[out]);
+    let idt = operands[1].dtype;
+    // Shapes equal but along `axis` (else the general library path).
+    let same_but = |a: &[usize], b: &[usize], axis: usize| a.len() == b.len() && (0..a.len()).all(|i| i == axis || a[i] == b[i]);
+    match &node.op {
+        Op::Gather { axis } if !same_but(&node.shape, &operands[0].shape, *axis) => false,
+        Op::ScatterAdd { axis } if !same_but(&operands[2].shape, &operands[0].shape, *axis) => false,
+        Op::Take { axis } => {
+            let (outer, xa, inner) = split(&operands[0].shape, *axis);
+            let nidx: usize = operands[1].shape.iter().product();
+            for a in 0..outer {
+                for j in 0..nidx {
+                    let k = clamp_index(read(idt, ix, j), xa);
+                    let (src, dst) = ((a * xa + k) * inner, (a * nidx + j) * inner);
+                    if d == od && d == Dtype::F32 {
+                        // SAFETY: rows of `inner` f32 inside both buffers (shapes from the plan).
+                        unsafe { std::ptr::copy_nonoverlapping((x as *const f32).add(src), (o as *mut f32).add(dst), inner) };
+                    } else {
+                        for t in 0..inner {
+                            write(d, o, dst + t, read(od, x, src + t));
+                        }
+                    }
+                }
+            }
+            true
+        }
+        Op::Gather { axis } => {
+            let (outer, xa, post) = split(&operands[0].shape, *axis);
+            let ya = node.shape[*axis];
+            for a in 0..outer {
+                for y in 0..ya {
+                    for t in 0..post {
+                        let i = (a * ya + y) * post + t;
+                        let k = clamp_index(read(idt, ix, i), xa);
+                        write(d, o, i, read(od, x, (a * xa + k) * post + t));
+                    }
+                }
+            }
+            true
+        }
+        Op::TakeAdd { axis } | Op::ScatterAdd { axis } => {
+            let v = ptrs[args[2]] as *const u8;
+            let vd = operands[2].dtype;
+            let (outer, xa, inner) = split(&operands[0].shape, *axis);
+            let numel: usize = node.shape.iter().product();
+            let mut acc: Vec<f64> = (0..numel).map(|i| read(od, x, i)).collect();
+            if let Op::TakeAdd { .. } = node.op {
+                let nidx: usize = operands[1].shape.iter().product();
+                for a in 0..outer {
+                    for j in 0..nidx {
+                        let k = clamp_index(read(idt, ix, j), xa);
+                        let (dst, src) = ((a * xa + k) * inner, (a * nidx + j) * inner);
+                        for t in 0..inner {
+                            acc[dst + t] += read(vd, v, src + t);
+                        }
+                    }
+                }
+            } else {
+                let ya = operands[2].shape[*axis];
+                for a in 0..outer {
+                    for y in 0..ya {
+                        for t in 0..inner {
+                            let i = (a * ya + y) * inner + t;
+                            let k = clamp_index(read(idt, ix, i), xa);
+                            acc[(a * xa + k) * inner + t] += read(vd, v, i);
+                        }
+                    }
+                }
+            }
+            for (i, x) in acc.into_iter().enumerate() {
+                write(d, o, i, x);
+            }
+            true
+        }
+        _ => false,
     }
 }
 
