@@ -499,27 +499,36 @@ impl<'a, 'b> Gen<'a, 'b> {
     }
 
     fn red_level(&mut self, d: usize, partial: Vec<Value>, acc: Variable, r: &compiler::kernel::Reduction) {
+        if d == self.l.dims.len() {
+            // Every reduced dim had extent 1 (coalesced away): one term.
+            self.accumulate(&partial, acc, r);
+            return;
+        }
         let zero = self.b.ins().iconst(types::I64, 0);
         let end = self.b.ins().iconst(types::I64, self.l.dims[d] as i64);
         let last = d + 1 == self.l.dims.len();
         self.counted(zero, end, 1, &mut |g, i| {
             let part = g.advance(&partial, d, i);
             if last {
-                let vals = g.values(&part, false);
-                let x = vals[r.value];
-                let x = if g.b.func.dfg.value_type(x) == types::F32 { g.b.ins().fpromote(types::F64, x) } else { x };
-                let a = g.b.use_var(acc);
-                let n = match r.op {
-                    Red::Sum => g.b.ins().fadd(a, x),
-                    Red::Prod => g.b.ins().fmul(a, x),
-                    Red::Max => g.b.ins().fmax(a, x),
-                    _ => g.b.ins().fmin(a, x),
-                };
-                g.b.def_var(acc, n);
+                g.accumulate(&part, acc, r);
             } else {
                 g.red_level(d + 1, part, acc, r);
             }
         });
+    }
+
+    fn accumulate(&mut self, part: &[Value], acc: Variable, r: &compiler::kernel::Reduction) {
+        let vals = self.values(part, false);
+        let x = vals[r.value];
+        let x = if self.b.func.dfg.value_type(x) == types::F32 { self.b.ins().fpromote(types::F64, x) } else { x };
+        let a = self.b.use_var(acc);
+        let n = match r.op {
+            Red::Sum => self.b.ins().fadd(a, x),
+            Red::Prod => self.b.ins().fmul(a, x),
+            Red::Max => self.b.ins().fmax(a, x),
+            _ => self.b.ins().fmin(a, x),
+        };
+        self.b.def_var(acc, n);
     }
 
     fn addr(&mut self, buf: usize, off: Value, size: i64) -> Value {

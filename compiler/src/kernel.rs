@@ -135,8 +135,23 @@ pub struct View {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kernel {
     Loop(Loop),
-    /// `out[b] = a[b] @ b[b]` with `a: [m, k]`, `b: [k, n]`, `out` contiguous.
-    MatMul { a: View, b: View, out: usize, batch: Vec<usize>, m: usize, k: usize, n: usize, dtype: Dtype, node: NodeId },
+    /// `out[b] = acc[b] + a[b] @ b[b]` (without `acc`: just the product) with `a: [m, k]`,
+    /// `b: [k, n]`; `out` starts at element `out_offset` with rows `out_row_stride` apart
+    /// (a column block of a concatenation) and `acc` is contiguous.
+    MatMul {
+        a: View,
+        b: View,
+        out: usize,
+        acc: Option<usize>,
+        out_offset: i64,
+        out_row_stride: i64,
+        batch: Vec<usize>,
+        m: usize,
+        k: usize,
+        n: usize,
+        dtype: Dtype,
+        node: NodeId,
+    },
     /// An op run by the runtime's library (gather, sort, RNG, linear algebra…): operands
     /// and result are contiguous buffers of the nodes' shapes.
     Library { node: Node, id: NodeId, operands: Vec<Node>, args: Vec<usize>, out: usize },
@@ -166,6 +181,9 @@ pub struct BufDecl {
     pub dies: usize,
     /// Written into the memory of this argument buffer (an optimizer's `param` and states).
     pub into: Option<usize>,
+    /// Takes over the arena slice of this buffer, which dies in the kernel that writes this
+    /// one (an elementwise update in place, a matmul accumulating into its addend).
+    pub reuses: Option<usize>,
 }
 
 impl BufDecl {
@@ -270,6 +288,9 @@ fn flatten(coords: &Coords, shape: &[usize], nd: usize) -> Affine {
     }
     a
 }
+
+/// The most buffers one fused loop reads.
+pub const MAX_LOADS: usize = 16;
 
 /// Why scheduling must retry: a node has to get a buffer.
 struct Materialize(NodeId);
@@ -447,9 +468,8 @@ fn coalesce(l: &mut Loop) {
     }
 }
 
-/// A topological order that runs small values (scalars, per-row statistics) as early as
-/// possible, so that the large elementwise loops that use them end up next to each other
-/// and can be merged.
+/// A topological order that runs scalars as early as possible, so that the large
+/// elementwise loops that use them end up next to each other and can be merged.
 fn order(g: &Graph) -> Vec<NodeId> {
     let topo = g.topo();
     let rank: HashMap<NodeId, usize> = topo.iter().enumerate().map(|(i, n)| (*n, i)).collect();
@@ -460,7 +480,9 @@ fn order(g: &Graph) -> Vec<NodeId> {
         ops.dedup();
         indeg.insert(n, ops.len());
     }
-    let key = |n: NodeId| (g.node(n).shape.iter().product::<usize>(), rank[&n]);
+    // Scalars first; otherwise creation order (which keeps the blocks of a blocked matmul
+    // together, so each block's temporaries die before the next block starts).
+    let key = |n: NodeId| ((g.node(n).shape.iter().product::<usize>() > 1) as usize, rank[&n]);
     let mut ready: BTreeSet<((usize, usize), NodeId)> = topo.iter().filter(|n| indeg[n] == 0).map(|n| (key(*n), *n)).collect();
     let mut out = vec![];
     while let Some(first) = ready.iter().next().copied() {
@@ -499,9 +521,21 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
         }
         false
     };
+    let fusion = MatMulFusion::find(g, &outputs);
     for &n in &order {
         let node = g.node(n);
         if matches!(node.op, Op::Input { .. }) {
+            continue;
+        }
+        if fusion.epilogue_of.contains_key(&n) {
+            // Computed by the matmul kernel of the `add` it feeds.
+            continue;
+        }
+        if let Some((_, acc)) = fusion.epilogue.get(&n) {
+            mat.insert(n);
+            if !matches!(g.node(*acc).op, Op::Input { .. }) {
+                mat.insert(*acc);
+            }
             continue;
         }
         if outputs.contains(&n) || !is_fusible(&node.op) {
@@ -533,8 +567,36 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
             }
         }
     }
+    // A fused loop reads at most MAX_LOADS buffers: a long chain such as the running
+    // maximum over column blocks is materialized along the way, so its inputs die early.
+    let mut leaves: HashMap<NodeId, BTreeSet<NodeId>> = HashMap::new();
+    for &n in &order {
+        let node = g.node(n);
+        let mut set: BTreeSet<NodeId> = BTreeSet::new();
+        let ops = g.operands(n);
+        if matches!(node.op, Op::Input { .. }) {
+            set.insert(n);
+        } else if is_fusible(&node.op) {
+            let mut parts: Vec<(usize, NodeId)> = vec![];
+            for o in &ops {
+                let l = if mat.contains(o) || matches!(g.node(*o).op, Op::Input { .. }) { BTreeSet::from([*o]) } else { leaves[o].clone() };
+                parts.push((l.len(), *o));
+                set.extend(l);
+            }
+            if set.len() > MAX_LOADS {
+                parts.sort();
+                let (_, widest) = parts.last().copied().expect("operands");
+                mat.insert(widest);
+                set = ops
+                    .iter()
+                    .flat_map(|o| if mat.contains(o) || matches!(g.node(*o).op, Op::Input { .. }) { BTreeSet::from([*o]) } else { leaves[o].clone() })
+                    .collect();
+            }
+        }
+        leaves.insert(n, set);
+    }
     loop {
-        match try_schedule(g, &order, &mat) {
+        match try_schedule(g, &order, &mat, &fusion) {
             Ok(p) => return Ok(p),
             Err(Materialize(n)) => {
                 if matches!(g.node(n).op, Op::Input { .. }) || !mat.insert(n) {
@@ -545,7 +607,60 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
     }
 }
 
-fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>) -> Result<Program, Materialize> {
+/// Matmul epilogues: `acc + A @ B` (the product used only there) is one matmul kernel that
+/// accumulates into `acc`; and matmuls used only by a `concat` write their block of it.
+struct MatMulFusion {
+    /// `add` node → (its matmul operand, its other operand).
+    epilogue: HashMap<NodeId, (NodeId, NodeId)>,
+    /// matmul → the `add` it is fused into.
+    epilogue_of: HashMap<NodeId, NodeId>,
+    /// matmul → (the `concat`, element offset, row stride of the concat's buffer).
+    into_concat: HashMap<NodeId, (NodeId, i64, i64)>,
+}
+
+impl MatMulFusion {
+    fn find(g: &Graph, outputs: &BTreeSet<NodeId>) -> MatMulFusion {
+        let mut f = MatMulFusion { epilogue: HashMap::new(), epilogue_of: HashMap::new(), into_concat: HashMap::new() };
+        let plain = |m: NodeId| {
+            let node = g.node(m);
+            node.op == Op::MatMul && !is_library(node) && !outputs.contains(&m)
+        };
+        for n in g.topo() {
+            let node = g.node(n);
+            let ops = g.operands(n);
+            match &node.op {
+                Op::Binary(Bin::Add) if node.dtype.is_float() => {
+                    for (m, acc) in [(ops[0], ops[1]), (ops[1], ops[0])] {
+                        if m != acc && plain(m) && g.users(m) == [n] && g.node(m).shape == node.shape {
+                            f.epilogue.insert(n, (m, acc));
+                            f.epilogue_of.insert(m, n);
+                            break;
+                        }
+                    }
+                }
+                Op::Concat { axis } if node.shape.len() == 2 => {
+                    let ok = ops.iter().all(|m| plain(*m) && g.users(*m) == [n] && g.node(*m).shape.len() == 2);
+                    let mut distinct = ops.clone();
+                    distinct.sort();
+                    distinct.dedup();
+                    if ok && distinct.len() == ops.len() {
+                        let mut start = 0i64;
+                        for m in &ops {
+                            let s = &g.node(*m).shape;
+                            let (off, stride) = if *axis == 0 { (start * node.shape[1] as i64, node.shape[1] as i64) } else { (start, node.shape[1] as i64) };
+                            f.into_concat.insert(*m, (n, off, stride));
+                            start += s[*axis] as i64;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
+fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>, fusion: &MatMulFusion) -> Result<Program, Materialize> {
     let mut buffers: Vec<BufDecl> = vec![];
     let mut buf_of: HashMap<NodeId, usize> = HashMap::new();
     let decl = |n: NodeId, kind: BufKind| {
@@ -561,6 +676,7 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>) -> Result<P
             born: None,
             dies: 0,
             into: None,
+            reuses: None,
         }
     };
     let mut inputs = vec![usize::MAX; g.inputs.len()];
@@ -574,7 +690,16 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>) -> Result<P
         }
     }
     for &n in order {
-        if mat.contains(&n) {
+        if let Some((c, _, _)) = fusion.into_concat.get(&n) {
+            // A block of a concatenation is written in place.
+            let b = *buf_of.entry(*c).or_insert_with(|| {
+                buffers.push(decl(*c, BufKind::Temp));
+                buffers.len() - 1
+            });
+            buf_of.insert(n, b);
+            continue;
+        }
+        if mat.contains(&n) && !buf_of.contains_key(&n) {
             // A materialized reshape of a materialized node shares its memory.
             let node = g.node(n);
             if node.op == Op::Reshape {
@@ -596,9 +721,17 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>) -> Result<P
         let node = g.node(n);
         let out = buf_of[&n];
         let ops = g.operands(n);
+        let epi = fusion.epilogue.get(&n).copied();
+        let (mm, ops) = match epi {
+            Some((m, _)) => (m, g.operands(m)),
+            None => (n, ops),
+        };
+        let mnode = g.node(mm);
         match &node.op {
             Op::Reshape if buf_of.get(&ops[0]) == Some(&out) => {}
-            Op::MatMul if !is_library(node) => {
+            Op::Concat { .. } if g.operands(n).iter().all(|o| fusion.into_concat.contains_key(o)) => {}
+            _ if epi.is_some() || (node.op == Op::MatMul && !is_library(node)) => {
+                let node = mnode;
                 let r = node.shape.len();
                 let view = |o: NodeId| -> Result<View, Materialize> {
                     let (buf, at) = view_of(g, mat, &buf_of, o)?;
@@ -619,16 +752,30 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>) -> Result<P
                     Err(_) => return Err(Materialize(ops[1])),
                 };
                 let sa = &g.node(ops[0]).shape;
+                let acc = match epi {
+                    Some((_, acc)) => match buf_of.get(&acc) {
+                        Some(b) => Some(*b),
+                        None => return Err(Materialize(acc)),
+                    },
+                    None => None,
+                };
+                let (out_offset, out_row_stride) = match fusion.into_concat.get(&n) {
+                    Some((_, off, stride)) => (*off, *stride),
+                    None => (0, node.shape[r - 1] as i64),
+                };
                 kernels.push(Kernel::MatMul {
                     a,
                     b,
                     out,
+                    acc,
+                    out_offset,
+                    out_row_stride,
                     batch: node.shape[..r - 2].to_vec(),
                     m: node.shape[r - 2],
                     k: sa[r - 1],
                     n: node.shape[r - 1],
                     dtype: node.dtype,
-                    node: n,
+                    node: mm,
                 });
             }
             Op::Reduce { op, axes } if !is_library(node) => {
@@ -737,7 +884,7 @@ impl Kernel {
                     _ => None,
                 })
                 .collect(),
-            Kernel::MatMul { a, b, .. } => vec![a.buf, b.buf],
+            Kernel::MatMul { a, b, acc, .. } => [a.buf, b.buf].into_iter().chain(*acc).collect(),
             Kernel::Library { args, .. } => args.clone(),
         };
         v.sort();
@@ -904,6 +1051,7 @@ fn plan_arena(p: &mut Program, g: &Graph) {
     }
     let mut free: Vec<(usize, usize)> = vec![];
     let mut arena = 0usize;
+    let mut donated: BTreeSet<usize> = BTreeSet::new();
     for i in 0..nk {
         for b in p.kernels[i].writes() {
             let d = &p.buffers[b];
@@ -911,6 +1059,38 @@ fn plan_arena(p: &mut Program, g: &Graph) {
                 continue;
             }
             let bytes = align(d.bytes);
+            // In place: a buffer that dies here, read only at the element being written
+            // (an elementwise loop) or as the addend of an accumulating matmul.
+            let donor = p.kernels[i].reads().into_iter().find(|&r| {
+                let x = &p.buffers[r];
+                x.kind == BufKind::Temp
+                    && x.into.is_none()
+                    && x.born.map(|bb| bb < i).unwrap_or(false)
+                    && x.dies == i
+                    && dtype_bytes(x.dtype) == dtype_bytes(d.dtype)
+                    && x.numel() == d.numel()
+                    && !out_bufs.contains(&r)
+                    && !donated.contains(&r)
+                    && match &p.kernels[i] {
+                        Kernel::Loop(l) if l.reduce.is_none() => {
+                            let st = l.stores.iter().find(|s| s.buf == b).map(|s| &s.at);
+                            l.body.iter().all(|ins| match &ins.inst {
+                                Inst::Load { buf, at } if *buf == r => Some(at) == st,
+                                _ => true,
+                            })
+                        }
+                        Kernel::MatMul { acc, out, out_offset, out_row_stride, n, a, b: bv, .. } => {
+                            *acc == Some(r) && *out == b && *out_offset == 0 && *out_row_stride == *n as i64 && a.buf != r && bv.buf != r
+                        }
+                        _ => false,
+                    }
+            });
+            if let Some(r) = donor {
+                donated.insert(r);
+                p.buffers[b].offset = p.buffers[r].offset;
+                p.buffers[b].reuses = Some(r);
+                continue;
+            }
             let off = match free.iter().position(|(_, s)| *s >= bytes) {
                 Some(k) => {
                     let (o, s) = free[k];
@@ -928,10 +1108,10 @@ fn plan_arena(p: &mut Program, g: &Graph) {
             };
             p.buffers[b].offset = off;
         }
-        // Buffers whose last reader is this kernel are free for the next one.
+        // Buffers whose last reader is this kernel are free for the next one (unless a
+        // buffer written here took their slice over).
         for (bi, d) in p.buffers.iter().enumerate() {
-            let _ = bi;
-            if d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some() && d.dies == i {
+            if d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some() && d.dies == i && !donated.contains(&bi) {
                 free.push((d.offset, align(d.bytes)));
             }
         }
@@ -947,12 +1127,13 @@ fn plan_arena(p: &mut Program, g: &Graph) {
     }
     p.arena_bytes = arena;
     for i in 0..nk {
-        let live: usize = p
-            .buffers
-            .iter()
-            .filter(|d| d.kind == BufKind::Temp && d.into.is_none() && d.born.map(|b| b <= i).unwrap_or(false) && i <= d.dies)
-            .map(|d| align(d.bytes))
-            .sum();
+        let live: usize = p.live_at(i).iter().map(|d| align(d.bytes)).sum::<usize>()
+            - p.buffers
+                .iter()
+                .filter(|d| d.born == Some(i))
+                .filter_map(|d| d.reuses)
+                .map(|r| align(p.buffers[r].bytes))
+                .sum::<usize>();
         if live > p.peak_bytes {
             p.peak_bytes = live;
             p.peak_at = i;
@@ -973,7 +1154,8 @@ impl Program {
                 let (ab, bb) = (a.born.unwrap(), b.born.unwrap());
                 let time = ab <= b.dies && bb <= a.dies;
                 let mem = a.offset < b.offset + b.bytes && b.offset < a.offset + a.bytes;
-                if time && mem {
+                let handoff = a.reuses == Some(*j) || b.reuses == Some(*i);
+                if time && mem && !handoff {
                     return Err(format!("buffers b{i} and b{j} are live together and overlap"));
                 }
             }
@@ -1030,7 +1212,10 @@ impl Program {
             let kind = match (&b.kind, b.into) {
                 (BufKind::Input(a), _) => format!("arg {a}"),
                 (BufKind::Temp, Some(a)) => format!("into b{a}"),
-                (BufKind::Temp, None) => format!("arena +{}", b.offset),
+                (BufKind::Temp, None) => match b.reuses {
+                    Some(r) => format!("arena +{} (in place of b{r})", b.offset),
+                    None => format!("arena +{}", b.offset),
+                },
             };
             let _ = writeln!(s, "  b{i}: {}{:?} {kind}  ; %{} {}", b.dtype, b.shape, b.node.index(), b.origin);
         }
@@ -1050,10 +1235,12 @@ impl Program {
                         let _ = writeln!(s, "    store b{}[{}] = {val}", st.buf, aff(&st.at));
                     }
                 }
-                Kernel::MatMul { a, b, out, batch, m, k, n, dtype, .. } => {
+                Kernel::MatMul { a, b, out, acc, out_offset, out_row_stride, batch, m, k, n, dtype, .. } => {
+                    let acc = acc.map(|a| format!("b{a} + ")).unwrap_or_default();
+                    let at = if *out_offset != 0 || *out_row_stride != *n as i64 { format!("(+{out_offset}, rows {out_row_stride})") } else { String::new() };
                     let _ = writeln!(
                         s,
-                        "  k{i}: matmul {dtype} batch {batch:?} m={m} k={k} n={n}: b{out} = b{}(+{}, {:?}, {}, {}) @ b{}(+{}, {:?}, {}, {})",
+                        "  k{i}: matmul {dtype} batch {batch:?} m={m} k={k} n={n}: b{out}{at} = {acc}b{}(+{}, {:?}, {}, {}) @ b{}(+{}, {:?}, {}, {})",
                         a.buf, a.offset, a.batch_strides, a.row_stride, a.col_stride, b.buf, b.offset, b.batch_strides, b.row_stride, b.col_stride
                     );
                 }

@@ -8,6 +8,7 @@
 //! [`autodiff`] and [`passes::PIPELINE`].
 
 pub mod autodiff;
+pub mod block;
 pub mod builtins;
 pub mod entry;
 pub mod interp;

@@ -44,6 +44,13 @@ pub static PIPELINE: &[Pass] = &[
         run: cse,
     },
     Pass {
+        name: "block-matmul-reductions",
+        summary: "compute large matmuls feeding reductions in column blocks, never holding the product",
+        needs: "canonical",
+        produces: "canonical",
+        run: crate::block::block_matmul_reductions,
+    },
+    Pass {
         name: "eliminate-dead-code",
         summary: "remove nodes no output depends on (inputs stay)",
         needs: "canonical",

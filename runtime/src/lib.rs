@@ -304,8 +304,17 @@ impl Executable {
                         unsafe { f(table.0, 0, extent as i64) }
                     }
                 }
-                Kernel::MatMul { a, b, out, batch, m, k, n, dtype, .. } => {
-                    matmul(&ptrs, a, b, *out, batch, *m, *k, *n, *dtype);
+                Kernel::MatMul { a, b, out, acc, out_offset, out_row_stride, batch, m, k, n, dtype, .. } => {
+                    if let Some(acc) = acc {
+                        if ptrs[*acc] != ptrs[*out] {
+                            // The addend is not updated in place: start from a copy of it.
+                            let bytes = batch.iter().product::<usize>() * m * n * dtype_bytes(*dtype);
+                            // SAFETY: both buffers hold the (contiguous) product's elements.
+                            unsafe { std::ptr::copy_nonoverlapping(ptrs[*acc] as *const u8, ptrs[*out], bytes) };
+                        }
+                    }
+                    let o = OutView { buf: *out, offset: *out_offset, row_stride: *out_row_stride, accumulate: acc.is_some() };
+                    matmul(&ptrs, a, b, &o, batch, *m, *k, *n, *dtype);
                 }
                 Kernel::Library { node, operands, args: a, out, .. } if indexing(node, operands, a, &ptrs, *out) => {}
                 Kernel::Library { node, operands, args: a, out, .. } => {
@@ -458,8 +467,15 @@ fn library(node: &compiler::ir::Node, ops: &[Tensor], out: *mut u8, seed: u64) -
     Ok(())
 }
 
+struct OutView {
+    buf: usize,
+    offset: i64,
+    row_stride: i64,
+    accumulate: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
-fn matmul(ptrs: &[*mut u8], a: &View, b: &View, out: usize, batch: &[usize], m: usize, k: usize, n: usize, dtype: Dtype) {
+fn matmul(ptrs: &[*mut u8], a: &View, b: &View, out: &OutView, batch: &[usize], m: usize, k: usize, n: usize, dtype: Dtype) {
     let nb: usize = batch.iter().product();
     let offs = |v: &View, bi: usize| -> isize {
         let mut rem = bi;
@@ -471,25 +487,26 @@ fn matmul(ptrs: &[*mut u8], a: &View, b: &View, out: usize, batch: &[usize], m: 
         off as isize
     };
     let work = m * n * k;
-    let (pa, pb, po) = (ptrs[a.buf] as usize, ptrs[b.buf] as usize, ptrs[out] as usize);
+    let (pa, pb, po) = (ptrs[a.buf] as usize, ptrs[b.buf] as usize, ptrs[out.buf] as usize);
+    let (rs, acc) = (out.row_stride as isize, out.accumulate);
     let one = |bi: usize, par: gemm::Parallelism| {
-        let (oa, ob, oo) = (offs(a, bi), offs(b, bi), (bi * m * n) as isize);
+        let (oa, ob, oo) = (offs(a, bi), offs(b, bi), out.offset as isize + (bi * m * n) as isize);
         // SAFETY: the views were derived from the buffers' shapes by the scheduler.
         unsafe {
             match dtype {
                 Dtype::F64 => gemm::gemm::<f64>(
                     m, n, k,
-                    (po as *mut f64).offset(oo), 1, n as isize, false,
+                    (po as *mut f64).offset(oo), 1, rs, acc,
                     (pa as *const f64).offset(oa), a.col_stride as isize, a.row_stride as isize,
                     (pb as *const f64).offset(ob), b.col_stride as isize, b.row_stride as isize,
-                    0.0, 1.0, false, false, false, par,
+                    if acc { 1.0 } else { 0.0 }, 1.0, false, false, false, par,
                 ),
                 _ => gemm::gemm::<f32>(
                     m, n, k,
-                    (po as *mut f32).offset(oo), 1, n as isize, false,
+                    (po as *mut f32).offset(oo), 1, rs, acc,
                     (pa as *const f32).offset(oa), a.col_stride as isize, a.row_stride as isize,
                     (pb as *const f32).offset(ob), b.col_stride as isize, b.row_stride as isize,
-                    0.0, 1.0, false, false, false, par,
+                    if acc { 1.0 } else { 0.0 }, 1.0, false, false, false, par,
                 ),
             }
         }

@@ -232,3 +232,73 @@ fn case_files_match_the_interpreter() {
     }
     assert!(ran >= 60, "only {ran} case items ran");
 }
+
+/// Runs `blocked` (interpreter and Cranelift) against `reference` on the interpreter. Block
+/// results combine in a different order than one long sum, so values are compared at
+/// |a - b| ≤ 1e-5 + 1e-4·|b|.
+fn compare_blocked(reference: &Graph, blocked: &Graph, what: &str) {
+    let p = compiler::kernel::schedule(blocked).unwrap_or_else(|e| panic!("{what}: schedule: {e}"));
+    p.verify().unwrap_or_else(|e| panic!("{what}: plan: {e}"));
+    let exe = Executable::new(p, Backend::Cranelift).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
+    for seed in [3u64, 4] {
+        let ins = inputs(reference, seed);
+        let want = interp::run(reference, &ins, seed).unwrap();
+        let by_interp: Vec<(String, Tensor)> = interp::run(blocked, &ins, seed).unwrap().into_iter().collect();
+        let by_code = exe.run_tensors(&ins, seed).unwrap();
+        for (how, got) in [("interpreter", by_interp), ("cranelift", by_code)] {
+            for (name, t) in got {
+                let w = &want[&name];
+                assert_eq!((t.dtype, &t.shape), (w.dtype, &w.shape), "{what}: `{name}`");
+                for (i, (a, b)) in t.data.iter().zip(&w.data).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 + 1e-4 * b.abs() || (a.is_nan() && b.is_nan()),
+                        "{what}: blocked on the {how}, `{name}`[{i}] = {a}, unblocked {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn dce(g: &mut Graph) {
+    let pass = compiler::passes::PIPELINE.iter().find(|p| p.name == "eliminate-dead-code").unwrap();
+    (pass.run)(g).unwrap();
+}
+
+/// The blocked linear cross-entropy (forward and backward) equals the unblocked one, at
+/// awkward block widths (the last block narrower), and no `[N, V]` value remains.
+#[test]
+fn blocked_linear_cross_entropy_matches() {
+    let loader = stdlib_loader();
+    let mut db = SourceDb::new();
+    let root = db.add("<blocked>", "use std.loss.linear_cross_entropy\nuse std.loss.cross_entropy\n");
+    let analysis = lang::analyze(&mut db, &[root], &loader);
+    let mods = &analysis.modules;
+    let find = |name: &str| {
+        let m = mods.list.iter().position(|m| m.items.contains_key(name) && m.file != root).unwrap();
+        ItemRef { module: m, item: mods.list[m].items[name] }
+    };
+    let t = |d: Dtype, s: &[usize]| Arg::Tensor(d, s.to_vec());
+    for (n, d, v, cols) in [(3usize, 5usize, 17usize, 4usize), (8, 4, 32, 10), (17, 3, 1000, 7), (5, 17, 4099, 1000), (1, 2, 3, 1)] {
+        let args = vec![
+            ("hidden".to_string(), t(Dtype::F32, &[n, d])),
+            ("classifier".to_string(), t(Dtype::F32, &[v, d])),
+            ("targets".to_string(), t(Dtype::I32, &[n])),
+        ];
+        let mut g = compiler::entry::function(mods, &db, find("linear_cross_entropy"), &args, true).unwrap();
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        let mut blocked = g.clone();
+        let opts = compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols) };
+        let r = compiler::block::run(&mut blocked, &opts).unwrap();
+        dce(&mut blocked);
+        blocked.verify().unwrap();
+        let what = format!("linear_cross_entropy N={n} D={d} V={v} in blocks of {cols}");
+        assert_eq!(r.changed, 1, "{what}: expected one blocked matmul\n{g}");
+        // Views such as the column index may keep the shape; no buffer may.
+        let p = compiler::kernel::schedule(&blocked).unwrap();
+        for b in &p.buffers {
+            assert!(b.shape != [n, v] || b.born.is_none(), "{what}: an [N, V] buffer remains:\n{}", p.text());
+        }
+        compare_blocked(&g, &blocked, &what);
+    }
+}

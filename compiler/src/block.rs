@@ -1,0 +1,371 @@
+//! `block-matmul-reductions`: a matmul whose `[N, V]` product only feeds elementwise work,
+//! reductions and further matmuls is computed in column blocks of V, so the product never
+//! exists in memory (the Cut Cross-Entropy result, found on the naive formula).
+//!
+//! **Region.** From a large rank-2 matmul `Z = A @ B` (`[N, V]`), the region is every node
+//! of shape `[N, V]` reached from `Z` through elementwise ops. Every use of a region node
+//! outside the region must be a *consumer* the pass can split over column blocks: a
+//! reduction over axis 1 (per-row statistics, combined block by block), over axis 0 or both;
+//! a `gather` along axis 1 with one index per row (the target logit); a matmul that contracts
+//! V (`region @ W`, the block products summed); or a matmul `L @ region` (its column blocks
+//! concatenated). Otherwise the matmul is left alone.
+//!
+//! **Phases.** A region node that needs a consumer's result (the softmax needs the row
+//! maximum, then the row sum) can only run after a full pass over the blocks. Each node
+//! gets the first pass in which all it reads exists; each pass recomputes the blocks of `Z`
+//! it needs (one extra matmul per pass, as the paper's backward recomputes the logits)
+//! instead of keeping them.
+//!
+//! **Rewrite.** For every pass and block, the needed region nodes are cloned at the block's
+//! width; values from outside the region are sliced (elementwise expressions over
+//! broadcasts are cloned with their leaves sliced, so nothing `[N, V]` is materialized); a
+//! one-hot `scatter_add` (the gradient of the gather) becomes a `select` on the column
+//! index, and a gather along axis 1 becomes a masked row sum (exact: one non-zero term).
+//! Block results combine with `add`/`max`/`min`/`mul` chains or a `concat`. The result is an
+//! ordinary graph: the interpreter runs it, and the differential tests compare it with the
+//! unblocked one.
+
+use crate::ir::{Bin, Graph, IrError, NodeId, Op, Red};
+use crate::passes::PassReport;
+use lang::types::Dtype;
+use std::collections::{BTreeSet, HashMap};
+
+#[derive(Clone, Debug)]
+pub struct BlockOptions {
+    /// Only products of at least this many bytes are blocked.
+    pub min_bytes: usize,
+    /// The bytes of one `[N, w]` block (sets the block width w).
+    pub block_bytes: usize,
+    /// A fixed block width (tests use awkward ones), instead of `block_bytes`.
+    pub cols: Option<usize>,
+}
+
+impl Default for BlockOptions {
+    fn default() -> Self {
+        BlockOptions { min_bytes: 32 << 20, block_bytes: 2 << 20, cols: None }
+    }
+}
+
+impl BlockOptions {
+    /// The defaults, overridden by `RECIPEC_BLOCK_MIN_BYTES` and `RECIPEC_BLOCK_COLS`.
+    pub fn from_env() -> BlockOptions {
+        let mut o = BlockOptions::default();
+        if let Some(v) = std::env::var("RECIPEC_BLOCK_MIN_BYTES").ok().and_then(|v| v.parse().ok()) {
+            o.min_bytes = v;
+        }
+        if let Some(v) = std::env::var("RECIPEC_BLOCK_COLS").ok().and_then(|v| v.parse().ok()) {
+            o.cols = Some(v);
+        }
+        o
+    }
+}
+
+/// The pass (default options).
+pub fn block_matmul_reductions(g: &mut Graph) -> Result<PassReport, IrError> {
+    run(g, &BlockOptions::from_env())
+}
+
+fn bytes(g: &Graph, n: NodeId) -> usize {
+    let node = g.node(n);
+    node.shape.iter().product::<usize>() * crate::plan::dtype_bytes(node.dtype)
+}
+
+pub fn run(g: &mut Graph, opts: &BlockOptions) -> Result<PassReport, IrError> {
+    let cands: Vec<NodeId> = g
+        .topo()
+        .into_iter()
+        .filter(|n| {
+            let node = g.node(*n);
+            node.op == Op::MatMul && node.shape.len() == 2 && node.dtype.is_float() && bytes(g, *n) >= opts.min_bytes
+        })
+        .collect();
+    let mut changed = 0;
+    for z in cands {
+        if g.contains(z) && block(g, z, opts)? {
+            changed += 1;
+        }
+    }
+    Ok(PassReport { changed })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Consumer {
+    /// A reduction over the given axes (1: rows, 0: columns, both).
+    Reduce(Red, bool, bool),
+    /// `gather(x, idx[N, 1], axis = 1)`.
+    Pick,
+    /// `x @ W`, contracting V.
+    Contract,
+    /// `L @ x`, column blocks.
+    Columns,
+    /// `transpose(L @ x)`: row blocks `xᵀ Lᵀ` (the transpose node is what gets replaced).
+    ColumnsT(NodeId),
+}
+
+fn elementwise(op: &Op) -> bool {
+    matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast)
+}
+
+fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError> {
+    let (n, v) = (g.node(z).shape[0], g.node(z).shape[1]);
+    let nv = vec![n, v];
+    let cols = opts.cols.unwrap_or_else(|| (opts.block_bytes / (n * crate::plan::dtype_bytes(g.node(z).dtype)).max(1)).clamp(16, 4096));
+    if cols >= v {
+        return Ok(false);
+    }
+    // The region.
+    let mut region: BTreeSet<NodeId> = BTreeSet::from([z]);
+    let mut work = vec![z];
+    while let Some(x) = work.pop() {
+        for u in g.users(x) {
+            let un = g.node(u);
+            if !region.contains(&u) && un.shape == nv && elementwise(&un.op) {
+                region.insert(u);
+                work.push(u);
+            }
+        }
+    }
+    // Its consumers.
+    let outputs: BTreeSet<NodeId> = g.outputs.iter().map(|o| o.1).collect();
+    let mut consumers: Vec<(NodeId, Consumer)> = vec![];
+    for &x in &region {
+        if outputs.contains(&x) {
+            return Ok(false);
+        }
+        for u in g.users(x) {
+            if region.contains(&u) || consumers.iter().any(|c| c.0 == u) {
+                continue;
+            }
+            let un = g.node(u);
+            let ops = g.operands(u);
+            let kind = match &un.op {
+                Op::Reduce { op, axes } if !matches!(op, Red::ArgMax | Red::ArgMin) => {
+                    Consumer::Reduce(*op, axes.contains(&0), axes.contains(&1))
+                }
+                Op::Gather { axis: 1 } if ops[0] == x && !region.contains(&ops[1]) && g.node(ops[1]).shape == [n, 1] => Consumer::Pick,
+                Op::MatMul if ops[0] == x && !region.contains(&ops[1]) => Consumer::Contract,
+                Op::MatMul if ops[1] == x && !region.contains(&ops[0]) => {
+                    let users = g.users(u);
+                    match users.as_slice() {
+                        [t] if g.node(*t).op == (Op::Transpose { perm: vec![1, 0] }) && !outputs.contains(&u) => Consumer::ColumnsT(*t),
+                        _ => Consumer::Columns,
+                    }
+                }
+                _ => return Ok(false),
+            };
+            consumers.push((u, kind));
+        }
+    }
+    if consumers.is_empty() {
+        return Ok(false);
+    }
+    // Phases: the first pass in which everything a node reads exists.
+    let cons: HashMap<NodeId, Consumer> = consumers.iter().copied().collect();
+    let mut phase: HashMap<NodeId, usize> = HashMap::new();
+    let mut avail: HashMap<NodeId, usize> = HashMap::new();
+    for id in g.topo() {
+        let ops = g.operands(id);
+        let p = ops.iter().map(|o| if region.contains(o) { phase[o] } else { avail.get(o).copied().unwrap_or(0) }).max().unwrap_or(0);
+        if region.contains(&id) {
+            phase.insert(id, p);
+        } else if cons.contains_key(&id) {
+            phase.insert(id, p);
+            avail.insert(id, p + 1);
+        } else {
+            avail.insert(id, p);
+        }
+    }
+    let passes = consumers.iter().map(|c| phase[&c.0]).max().unwrap_or(0) + 1;
+    let origin_of = |g: &Graph, x: NodeId| g.node(x).origin.clone();
+    let starts: Vec<usize> = (0..v).step_by(cols).collect();
+    let topo: Vec<NodeId> = g.topo().into_iter().filter(|x| region.contains(x)).collect();
+    // The nodes that replace each consumer: a running combination or the parts to concatenate.
+    let mut acc: HashMap<NodeId, NodeId> = HashMap::new();
+    let mut parts: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+    for p in 0..passes {
+        let here: Vec<(NodeId, Consumer)> = consumers.iter().copied().filter(|c| phase[&c.0] == p).collect();
+        if here.is_empty() {
+            continue;
+        }
+        // Region nodes this pass needs.
+        let mut need: BTreeSet<NodeId> = BTreeSet::new();
+        let mut stack: Vec<NodeId> = here.iter().flat_map(|(c, _)| g.operands(*c)).filter(|o| region.contains(o)).collect();
+        while let Some(x) = stack.pop() {
+            if need.insert(x) {
+                stack.extend(g.operands(x).into_iter().filter(|o| region.contains(o)));
+            }
+        }
+        for &start in &starts {
+            let w = cols.min(v - start);
+            let mut clone: HashMap<NodeId, NodeId> = HashMap::new();
+            let mut sliced: HashMap<NodeId, NodeId> = HashMap::new();
+            for &x in topo.iter().filter(|x| need.contains(x)) {
+                let node = g.node(x).clone();
+                let ops = g.operands(x);
+                let new = if x == z {
+                    let b = ops[1];
+                    let bn = g.node(b).clone();
+                    let bs = g.add(Op::Slice { axis: 1, start }, bn.dtype, vec![bn.shape[0], w], &[b], &bn.origin)?;
+                    g.add(Op::MatMul, node.dtype, vec![n, w], &[ops[0], bs], &node.origin)?
+                } else {
+                    let mut o2 = vec![];
+                    for o in ops {
+                        o2.push(match clone.get(&o) {
+                            Some(c) => *c,
+                            None => slice_of(g, o, start, w, v, &mut sliced)?,
+                        });
+                    }
+                    g.add(node.op.clone(), node.dtype, vec![n, w], &o2, &node.origin)?
+                };
+                clone.insert(x, new);
+            }
+            for &(c, kind) in &here {
+                let cn = g.node(c).clone();
+                let ops = g.operands(c);
+                let o = &cn.origin;
+                match kind {
+                    Consumer::Reduce(op, cols_axis, rows_axis) => {
+                        let x = clone[&ops[0]];
+                        let axes: Vec<usize> = [(cols_axis, 0usize), (rows_axis, 1)].iter().filter(|a| a.0).map(|a| a.1).collect();
+                        let shape = match (cols_axis, rows_axis) {
+                            (true, true) => vec![],
+                            (true, false) => vec![w],
+                            _ => vec![n],
+                        };
+                        let part = g.add(Op::Reduce { op, axes }, cn.dtype, shape.clone(), &[x], o)?;
+                        if cols_axis && !rows_axis {
+                            parts.entry(c).or_default().push(part);
+                        } else {
+                            let bin = match op {
+                                Red::Sum => Bin::Add,
+                                Red::Max => Bin::Max,
+                                Red::Min => Bin::Min,
+                                _ => Bin::Mul,
+                            };
+                            combine(g, &mut acc, c, part, bin, cn.dtype, shape, o)?;
+                        }
+                    }
+                    Consumer::Pick => {
+                        let x = clone[&ops[0]];
+                        let hit = one_hot(g, ops[1], start, w, n, v, o)?;
+                        let zero = g.add(Op::Const { value: 0.0 }, cn.dtype, vec![], &[], o)?;
+                        let zero = g.add(Op::Broadcast, cn.dtype, vec![n, w], &[zero], o)?;
+                        let sel = g.add(Op::Select, cn.dtype, vec![n, w], &[hit, x, zero], o)?;
+                        let part = g.add(Op::Reduce { op: Red::Sum, axes: vec![1] }, cn.dtype, vec![n], &[sel], o)?;
+                        combine(g, &mut acc, c, part, Bin::Add, cn.dtype, vec![n], o)?;
+                    }
+                    Consumer::Contract => {
+                        let x = clone[&ops[0]];
+                        let wn = g.node(ops[1]).clone();
+                        let ws = g.add(Op::Slice { axis: 0, start }, wn.dtype, vec![w, wn.shape[1]], &[ops[1]], &wn.origin)?;
+                        let part = g.add(Op::MatMul, cn.dtype, cn.shape.clone(), &[x, ws], o)?;
+                        combine(g, &mut acc, c, part, Bin::Add, cn.dtype, cn.shape.clone(), o)?;
+                    }
+                    Consumer::Columns => {
+                        let x = clone[&ops[1]];
+                        let part = g.add(Op::MatMul, cn.dtype, vec![cn.shape[0], w], &[ops[0], x], o)?;
+                        parts.entry(c).or_default().push(part);
+                    }
+                    Consumer::ColumnsT(_) => {
+                        let x = clone[&ops[1]];
+                        let k = cn.shape[0];
+                        let xt = g.add(Op::Transpose { perm: vec![1, 0] }, cn.dtype, vec![w, n], &[x], o)?;
+                        let ln = g.node(ops[0]).clone();
+                        let lt = g.add(Op::Transpose { perm: vec![1, 0] }, ln.dtype, vec![n, k], &[ops[0]], &ln.origin)?;
+                        let part = g.add(Op::MatMul, cn.dtype, vec![w, k], &[xt, lt], o)?;
+                        parts.entry(c).or_default().push(part);
+                    }
+                }
+            }
+        }
+    }
+    for (c, kind) in &consumers {
+        let cn = g.node(*c).clone();
+        let new = match kind {
+            Consumer::Reduce(_, true, false) => g.add(Op::Concat { axis: 0 }, cn.dtype, cn.shape.clone(), &parts[c], &cn.origin)?,
+            Consumer::Columns => g.add(Op::Concat { axis: 1 }, cn.dtype, cn.shape.clone(), &parts[c], &cn.origin)?,
+            Consumer::ColumnsT(t) => {
+                let tn = g.node(*t).clone();
+                let cat = g.add(Op::Concat { axis: 0 }, cn.dtype, tn.shape.clone(), &parts[c], &tn.origin)?;
+                g.replace_uses(*t, cat);
+                continue;
+            }
+            Consumer::Pick => g.add(Op::Reshape, cn.dtype, cn.shape.clone(), &[acc[c]], &cn.origin)?,
+            _ => acc[c],
+        };
+        g.replace_uses(*c, new);
+    }
+    let _ = origin_of;
+    Ok(true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn combine(g: &mut Graph, acc: &mut HashMap<NodeId, NodeId>, c: NodeId, part: NodeId, bin: Bin, dtype: Dtype, shape: Vec<usize>, o: &str) -> Result<(), IrError> {
+    let new = match acc.get(&c) {
+        Some(a) => g.add(Op::Binary(bin), dtype, shape, &[*a, part], o)?,
+        None => part,
+    };
+    acc.insert(c, new);
+    Ok(())
+}
+
+/// `bool[N, w]`: whether column `start + j` is row i's (clamped) index in `idx: [N, 1]`.
+fn one_hot(g: &mut Graph, idx: NodeId, start: usize, w: usize, n: usize, v: usize, o: &str) -> Result<NodeId, IrError> {
+    let it = g.node(idx).dtype;
+    let lo = g.add(Op::Const { value: 0.0 }, it, vec![], &[], o)?;
+    let lo = g.add(Op::Broadcast, it, vec![n, 1], &[lo], o)?;
+    let hi = g.add(Op::Const { value: (v - 1) as f64 }, it, vec![], &[], o)?;
+    let hi = g.add(Op::Broadcast, it, vec![n, 1], &[hi], o)?;
+    let c = g.add(Op::Binary(Bin::Max), it, vec![n, 1], &[idx, lo], o)?;
+    let c = g.add(Op::Binary(Bin::Min), it, vec![n, 1], &[c, hi], o)?;
+    let c = g.add(Op::Broadcast, it, vec![n, w], &[c], o)?;
+    let col = g.add(Op::Iota { axis: 1 }, it, vec![n, v], &[], o)?;
+    let col = g.add(Op::Slice { axis: 1, start }, it, vec![n, w], &[col], o)?;
+    g.add(Op::Binary(Bin::Eq), Dtype::Bool, vec![n, w], &[col, c], o)
+}
+
+/// Columns `start..start + w` of an outside `[N, V]` value. Elementwise expressions over
+/// broadcasts are cloned with their leaves sliced (so they stay fusible); a one-hot
+/// `scatter_add` becomes a select; anything else is a slice of its buffer.
+fn slice_of(g: &mut Graph, x: NodeId, start: usize, w: usize, v: usize, memo: &mut HashMap<NodeId, NodeId>) -> Result<NodeId, IrError> {
+    if let Some(s) = memo.get(&x) {
+        return Ok(*s);
+    }
+    let node = g.node(x).clone();
+    let ops = g.operands(x);
+    let n = node.shape[0];
+    let o = &node.origin;
+    let new = match &node.op {
+        Op::Broadcast => {
+            let src = g.node(ops[0]).clone();
+            // The operand's last axis lines up with V (NumPy alignment at the right).
+            let src2 = if src.shape.last() == Some(&v) {
+                let mut s = src.shape.clone();
+                *s.last_mut().unwrap() = w;
+                g.add(Op::Slice { axis: src.shape.len() - 1, start }, src.dtype, s, &[ops[0]], &src.origin)?
+            } else {
+                ops[0]
+            };
+            g.add(Op::Broadcast, node.dtype, vec![n, w], &[src2], o)?
+        }
+        op if elementwise(op) => {
+            let mut o2 = vec![];
+            for a in ops {
+                o2.push(slice_of(g, a, start, w, v, memo)?);
+            }
+            g.add(node.op.clone(), node.dtype, vec![n, w], &o2, o)?
+        }
+        Op::ScatterAdd { axis: 1 } if g.node(ops[1]).shape == [n, 1] && g.node(ops[2]).shape == [n, 1] => {
+            let base = slice_of(g, ops[0], start, w, v, memo)?;
+            let hit = one_hot(g, ops[1], start, w, n, v, o)?;
+            let vals = g.add(Op::Broadcast, node.dtype, vec![n, w], &[ops[2]], o)?;
+            let zero = g.add(Op::Const { value: 0.0 }, node.dtype, vec![], &[], o)?;
+            let zero = g.add(Op::Broadcast, node.dtype, vec![n, w], &[zero], o)?;
+            let add = g.add(Op::Select, node.dtype, vec![n, w], &[hit, vals, zero], o)?;
+            g.add(Op::Binary(Bin::Add), node.dtype, vec![n, w], &[base, add], o)?
+        }
+        _ => g.add(Op::Slice { axis: 1, start }, node.dtype, vec![n, w], &[x], o)?,
+    };
+    memo.insert(x, new);
+    Ok(new)
+}
