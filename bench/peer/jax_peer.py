@@ -2,8 +2,11 @@
 Rust runner can interleave it with its own runs in one process tree.
 
 Commands (one per line): `adamw N` sets up an AdamW step over N f32 parameters with
-`jax.jit(optax.adamw)` (buffers donated, so the update is in place); `run K` times K steps
-and prints one line per step: seconds. `quit` ends.
+`jax.jit(optax.adamw)` (buffers donated, so the update is in place); `lce N D V` sets up the
+loss and both gradients of the naive linear cross-entropy (`hidden @ classifier.T`, then
+log-sum-exp minus the target logit, averaged) under `jax.jit`; `run K` times K steps and
+prints one line per step: seconds; `rss` prints this process's peak resident bytes.
+`quit` ends.
 """
 import sys, time
 
@@ -38,12 +41,41 @@ def main():
             jax.block_until_ready(p)
             state = [p, s, g]
             print("ready", flush=True)
+        elif cmd[0] == "lce":
+            n, d, v = int(cmd[1]), int(cmd[2]), int(cmd[3])
+            h = jax.random.normal(jax.random.PRNGKey(0), (n, d), jnp.float32) * 0.1
+            c = jax.random.normal(jax.random.PRNGKey(1), (v, d), jnp.float32) * 0.1
+            y = jax.random.randint(jax.random.PRNGKey(2), (n,), 0, v, jnp.int32)
+
+            def loss(h, c):
+                z = h @ c.T
+                lse = jax.nn.logsumexp(z, axis=1)
+                picked = jnp.take_along_axis(z, y[:, None], axis=1)[:, 0]
+                return jnp.mean(lse - picked)
+
+            f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            jax.block_until_ready(f(h, c))
+
+            def lce_step():
+                jax.block_until_ready(f(h, c))
+
+            step = lce_step
+            state = None
+            print("ready", flush=True)
+        elif cmd[0] == "rss":
+            with open("/proc/self/status") as fh:
+                for l in fh:
+                    if l.startswith("VmHWM:"):
+                        print(int(l.split()[1]) * 1024, flush=True)
         elif cmd[0] == "run":
             for _ in range(int(cmd[1])):
                 t = time.perf_counter()
-                p, s = step(state[0], state[1], state[2])
-                jax.block_until_ready(p)
-                state[0], state[1] = p, s
+                if state is None:
+                    step()
+                else:
+                    p, s = step(state[0], state[1], state[2])
+                    jax.block_until_ready(p)
+                    state[0], state[1] = p, s
                 print(time.perf_counter() - t, flush=True)
         elif cmd[0] == "quit":
             return
