@@ -21,7 +21,48 @@ impl NodeId {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+impl serde::Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.0.index() as u32)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(NodeId(NodeIndex::new(u32::deserialize(d)? as usize)))
+    }
+}
+
+/// f64 values (constants may be ±inf or NaN, which JSON numbers cannot hold) as the text
+/// the graph's text form uses.
+pub mod f64_serde {
+    pub fn serialize<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::fmt_f64(*v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        let t = <String as serde::Deserialize>::deserialize(d)?;
+        match t.as_str() {
+            "inf" => Ok(f64::INFINITY),
+            "-inf" => Ok(f64::NEG_INFINITY),
+            "nan" => Ok(f64::NAN),
+            _ => t.parse().map_err(|_| serde::de::Error::custom(format!("bad number `{t}`"))),
+        }
+    }
+}
+
+/// `Dtype` (from `lang`) as its name in serialized forms.
+pub mod dtype_serde {
+    use lang::types::Dtype;
+    pub fn serialize<S: serde::Serializer>(d: &Dtype, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_string())
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Dtype, D::Error> {
+        let name = <String as serde::Deserialize>::deserialize(d)?;
+        Dtype::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown dtype `{name}`")))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Un {
     Neg,
     Not,
@@ -48,7 +89,7 @@ pub enum Un {
     StopGradient,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Bin {
     Add,
     Sub,
@@ -68,7 +109,7 @@ pub enum Bin {
     Or,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Red {
     Sum,
     Prod,
@@ -79,7 +120,7 @@ pub enum Red {
 }
 
 /// The op set. Each per-op rule (shape check, gradient, interpreter) is an exhaustive match.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// An argument of the entry point.
     Input {
@@ -88,6 +129,7 @@ pub enum Op {
     },
     /// A scalar constant of the node's dtype.
     Const {
+        #[serde(with = "f64_serde")]
         value: f64,
     },
     Unary(Un),
@@ -259,9 +301,10 @@ fn fmt_f64(v: f64) -> String {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     pub op: Op,
+    #[serde(with = "dtype_serde")]
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     /// Where the node came from: `line:col` of the recipe source, or a pass name.

@@ -33,7 +33,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
 /// An affine function of the loop indices: `Σ coef[d] * i_d + c`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Affine {
     pub coef: Vec<i64>,
     pub c: i64,
@@ -58,11 +58,11 @@ impl Affine {
 
 pub type Val = usize;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Inst {
     /// Element `at` (in elements) of buffer `buf`, converted to the compute type.
     Load { buf: usize, at: Affine },
-    Const(f64),
+    Const(#[serde(with = "crate::ir::f64_serde")] f64),
     /// The value of an affine function of the loop indices (`iota`).
     Index(Affine),
     Un(Un, Val),
@@ -73,40 +73,42 @@ pub enum Inst {
 }
 
 /// One instruction; its result has `dtype` (computed as described in the module doc).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Instr {
     pub inst: Inst,
+    #[serde(with = "crate::ir::dtype_serde")]
     pub dtype: Dtype,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum StoreVal {
     Val(Val),
     /// The reduction's result.
     Acc,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Store {
     pub buf: usize,
     pub at: Affine,
     pub val: StoreVal,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reduction {
     pub op: Red,
     /// The trailing `dims` loop dimensions are reduced.
     pub dims: usize,
     pub value: Val,
     /// The dtype of the result (the accumulator is f64).
+    #[serde(with = "crate::ir::dtype_serde")]
     pub dtype: Dtype,
 }
 
 /// A loop nest: `dims` (outermost first; the first dimension is split across threads),
 /// an SSA body evaluated at every point, an optional reduction over the trailing dims, and
 /// stores.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Loop {
     pub dims: Vec<usize>,
     pub body: Vec<Instr>,
@@ -123,7 +125,7 @@ impl Loop {
 }
 
 /// A strided view of a buffer used as a matmul operand `[batch..., rows, cols]`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct View {
     pub buf: usize,
     pub offset: i64,
@@ -132,7 +134,7 @@ pub struct View {
     pub col_stride: i64,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Kernel {
     Loop(Loop),
     /// `out[b] = acc[b] + a[b] @ b[b]` (without `acc`: just the product) with `a: [m, k]`,
@@ -149,6 +151,7 @@ pub enum Kernel {
         m: usize,
         k: usize,
         n: usize,
+        #[serde(with = "crate::ir::dtype_serde")]
         dtype: Dtype,
         node: NodeId,
     },
@@ -157,7 +160,7 @@ pub enum Kernel {
     Library { node: Node, id: NodeId, operands: Vec<Node>, args: Vec<usize>, out: usize },
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum BufKind {
     /// The entry point's argument `index` (owned by the caller).
     Input(usize),
@@ -165,9 +168,10 @@ pub enum BufKind {
     Temp,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BufDecl {
     pub node: NodeId,
+    #[serde(with = "crate::ir::dtype_serde")]
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub kind: BufKind,
@@ -193,12 +197,13 @@ impl BufDecl {
 }
 
 /// One entry point as kernels over buffers.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Program {
     pub name: String,
     pub buffers: Vec<BufDecl>,
-    /// The buffer of each graph input, in argument order.
+    /// The buffer of each graph input, in argument order, and the arguments' names.
     pub inputs: Vec<usize>,
+    pub input_names: Vec<String>,
     /// Named outputs: (name, buffer, the output node's shape).
     pub outputs: Vec<(String, usize, Vec<usize>)>,
     pub kernels: Vec<Kernel>,
@@ -851,10 +856,19 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>, fusion: &Ma
     }
     kernels.retain(|k| !matches!(k, Kernel::Loop(l) if l.stores.is_empty()));
     read.clear();
+    let input_names = g
+        .inputs
+        .iter()
+        .map(|i| match &g.node(*i).op {
+            Op::Input { name, .. } => name.clone(),
+            _ => String::new(),
+        })
+        .collect();
     let mut p = Program {
         name: g.name.clone(),
         buffers,
         inputs,
+        input_names,
         outputs,
         kernels,
         arena_bytes: 0,

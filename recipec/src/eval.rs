@@ -27,6 +27,8 @@ pub struct Request {
     pub shapes: Vec<String>,
     /// Lower and print, do not run or write (`recipec build --emit graph`).
     pub dry: bool,
+    /// `recipec build -o DIR`: write the entry point's artifact there.
+    pub artifact: Option<PathBuf>,
 }
 
 /// Parses `f32[4, 7]` (or `i32[]`, `f32`).
@@ -344,7 +346,7 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         }
     }
     let mut timings = vec![];
-    if req.dry && after.is_none() && !req.time_passes && !req.emit.iter().any(|e| e == "plan" || e == "kernels") {
+    if req.dry && after.is_none() && !req.time_passes && req.artifact.is_none() && !req.emit.iter().any(|e| e == "plan" || e == "kernels") {
         return Ok(g);
     }
     compiler::passes::run_pipeline(&mut g, after, &mut timings).map_err(|e| Fail("E0502", e.0))?;
@@ -360,6 +362,24 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
         p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
         print!("{}", p.text());
+    }
+    if let Some(dir) = &req.artifact {
+        let started = std::time::Instant::now();
+        let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
+        p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
+        // Generate the code once now, so a build fails here rather than when it is loaded.
+        runtime::Executable::new(p.clone(), runtime::Backend::Cranelift)
+            .map_err(|e| Fail("E0502", format!("this is a bug in recipec: code generation failed: {e}")))?;
+        let source = req.file.display().to_string();
+        runtime::artifact::write(dir, &source, std::slice::from_ref(&p)).map_err(|e| Fail("E0501", e.0))?;
+        timings.push(("schedule + code generation + write", started.elapsed()));
+        eprintln!(
+            "wrote {} (`{}`: {} kernels, arena {})",
+            dir.display(),
+            p.name,
+            p.kernels.len(),
+            compiler::plan::human(p.arena_bytes)
+        );
     }
     if req.time_passes {
         for (n, t) in &timings {

@@ -111,6 +111,9 @@ enum Command {
         /// Print the time each pass took.
         #[arg(long)]
         time_passes: bool,
+        /// Write the entry point's artifact (manifest and scheduled program) to this directory.
+        #[arg(short = 'o', long = "out", value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Run one pass on a graph in text form (a file, or `-` for standard input).
     Opt { pass: String, file: PathBuf },
@@ -129,10 +132,10 @@ fn main() -> ExitCode {
         Command::Check { files, message_format, deny_warnings } => check(&files, message_format, deny_warnings),
         Command::Fmt { files, check } => fmt(&files, check),
         Command::Explain { code, all } => explain(code, all),
-        Command::Build { file, emit, item, shapes, hps, grad, time_passes } => {
+        Command::Build { file, emit, item, shapes, hps, grad, time_passes, out } => {
             let (graph_emit, front_emit): (Vec<String>, Vec<String>) =
                 emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan" || e == "kernels");
-            if !graph_emit.is_empty() {
+            if !graph_emit.is_empty() || out.is_some() {
                 // Without `--item`, a file's recipe: its training step (loss and gradients).
                 let item = match item {
                     Some(i) => i,
@@ -140,7 +143,7 @@ fn main() -> ExitCode {
                         Some(r) => r,
                         None => {
                             eprintln!(
-                                "error: `--emit graph` and `--emit plan` need a recipe in the file, or `--item NAME` (and `--shape ARG=TYPE` for its tensor arguments)"
+                                "error: `--emit graph`, `--emit plan` and `-o DIR` need a recipe in the file, or `--item NAME` (and `--shape ARG=TYPE` for its tensor arguments)"
                             );
                             return ExitCode::from(2);
                         }
@@ -165,6 +168,7 @@ fn main() -> ExitCode {
                     out: PathBuf::new(),
                     shapes,
                     dry: true,
+                    artifact: out,
                 });
             }
             build(&file, &front_emit, true)
@@ -192,6 +196,7 @@ fn main() -> ExitCode {
                 out,
                 shapes: vec![],
                 dry: false,
+                artifact: None,
             })
         }
         Command::Passes => {

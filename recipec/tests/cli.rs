@@ -354,3 +354,39 @@ fn results_are_deterministic() {
     };
     assert_eq!(plan(), plan());
 }
+
+/// `recipec build -o DIR` writes the same bytes every time; a second build replaces the
+/// first only once complete; an unwritable destination fails with exit 1 and leaves nothing.
+#[test]
+fn build_writes_deterministic_artifacts() {
+    let dir = temp_dir("artifact");
+    let build = |out: &Path| {
+        recipec()
+            .args(["build", "recipes/tiny_gpt.recipe", "-o"])
+            .arg(out)
+            .current_dir(repo())
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    for d in [&a, &b, &a] {
+        let out = build(d);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("tiny_gpt"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut files: Vec<String> = std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    files.sort();
+    assert_eq!(files, ["manifest.json", "tiny_gpt.program.json"]);
+    for f in &files {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f} differs between builds");
+    }
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["format"], "recipec-artifact");
+    assert_eq!(m["entries"][0]["arguments"][0]["name"], "batch.inputs");
+    // A destination inside a regular file cannot be created.
+    std::fs::write(dir.join("file"), "x").unwrap();
+    let out = build(&dir.join("file").join("art"));
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot create"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

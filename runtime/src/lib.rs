@@ -12,6 +12,8 @@
 //! plan writes into an argument (an optimizer's `param` and states) update that argument
 //! in place and are returned as well.
 
+pub mod artifact;
+
 use compiler::interp::{self, Tensor};
 use compiler::ir::Op;
 use compiler::kernel::{BufKind, Kernel, Program, View};

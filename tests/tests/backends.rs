@@ -302,3 +302,39 @@ fn blocked_linear_cross_entropy_matches() {
         compare_blocked(&g, &blocked, &what);
     }
 }
+
+/// An artifact written and loaded back runs exactly as the program it was written from;
+/// a damaged one is rejected with a message naming the file.
+#[test]
+fn artifacts_round_trip_and_reject_damage() {
+    let loader = stdlib_loader();
+    let mut db = SourceDb::new();
+    let root = db.add("<artifact>", "use std.loss.cross_entropy\n");
+    let analysis = lang::analyze(&mut db, &[root], &loader);
+    let mods = &analysis.modules;
+    let m = mods.list.iter().position(|m| m.items.contains_key("cross_entropy") && m.file != root).unwrap();
+    let r = ItemRef { module: m, item: mods.list[m].items["cross_entropy"] };
+    let args = vec![
+        ("logits".to_string(), Arg::Tensor(Dtype::F32, vec![7, 13])),
+        ("targets".to_string(), Arg::Tensor(Dtype::I32, vec![7])),
+    ];
+    let mut g = compiler::entry::function(mods, &db, r, &args, true).unwrap();
+    compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+    let p = compiler::kernel::schedule(&g).unwrap();
+    let dir = std::env::temp_dir().join(format!("recipec-artifact-{}", std::process::id()));
+    runtime::artifact::write(&dir, "<artifact>", std::slice::from_ref(&p)).unwrap();
+    let back = runtime::artifact::load(&dir).unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].text(), p.text());
+    let (a, b) = (Executable::new(p, Backend::Cranelift).unwrap(), Executable::new(back[0].clone(), Backend::Cranelift).unwrap());
+    let ins = inputs(&g, 9);
+    let (x, y) = (a.run_tensors(&ins, 0).unwrap(), b.run_tensors(&ins, 0).unwrap());
+    assert_eq!(x, y);
+    // Damage: a truncated program file.
+    let f = dir.join("cross_entropy.program.json");
+    let text = std::fs::read_to_string(&f).unwrap();
+    std::fs::write(&f, &text[..text.len() / 2]).unwrap();
+    let e = runtime::artifact::load(&dir).unwrap_err();
+    assert!(e.0.contains("cross_entropy.program.json") && e.0.contains("damaged"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
