@@ -91,18 +91,42 @@ fn main() {
             None
         }
     };
+    // The LLVM backend on its own copy of the arguments (built with `--features llvm`).
+    #[cfg(feature = "llvm")]
+    let llvm = {
+        let p = compiler::kernel::schedule(&g).expect("schedules");
+        Executable::new(p, Backend::Llvm).expect("LLVM compiles")
+    };
+    #[cfg(feature = "llvm")]
+    let mut largs = args.clone();
+    let mut lstep = step;
     let mut results = vec![];
     for _ in 0..rounds {
         let a = median(&time(steps, || ours(&mut args, &mut step)));
         let b = median(&time(steps, || theirs(&mut c, &mut c_step)));
         let j = peer.as_mut().map(|p| median(&p.run(steps))).unwrap_or(f64::NAN);
-        results.push(vec![a, b, j]);
+        #[cfg(feature = "llvm")]
+        let l = median(&time(steps, || {
+            lstep += 1;
+            largs[is].as_bytes_mut().copy_from_slice(&lstep.to_le_bytes());
+            llvm.run(&mut largs, 0).expect("runs");
+        }));
+        #[cfg(not(feature = "llvm"))]
+        let l = {
+            lstep += 0;
+            f64::NAN
+        };
+        results.push(if cfg!(feature = "llvm") { vec![l, a, b, j] } else { vec![a, b, j, l] });
     }
     let bytes = 28.0 * n as f64;
     report(
         "AdamW step (median of per-round medians; GB/s = 28 bytes per parameter)",
         &|t| format!("{:>6.1} GB/s", bytes / t / 1e9),
-        &["recipec (cranelift)", "hand-written C (-O3, OpenMP)", "jax.jit(optax.adamw)"],
+        &if cfg!(feature = "llvm") {
+            ["recipec (llvm)", "recipec (cranelift)", "hand-written C (-O3, OpenMP)", "jax.jit(optax.adamw)"]
+        } else {
+            ["recipec (cranelift)", "hand-written C (-O3, OpenMP)", "jax.jit(optax.adamw)", "recipec (llvm)"]
+        },
         &results,
     );
     println!("  (a ratio above 1 means recipec is faster; goals: >= 1.5x JAX, >= 0.85x of C, i.e. C ratio <= 1.18)");

@@ -28,9 +28,14 @@ use red_ops::*;
 /// A compiled loop: `bufs`, then the outermost index range.
 pub type LoopFn = unsafe extern "C" fn(bufs: *const *mut u8, lo: i64, hi: i64);
 
+#[cfg(feature = "llvm")]
+pub mod llvm;
+
 /// The native code of a program's loops. Keeps the JIT memory alive.
 pub struct Compiled {
-    _module: JITModule,
+    _module: Option<JITModule>,
+    #[cfg(feature = "llvm")]
+    _llvm: Option<llvm::Engine>,
     /// Per kernel: the function of a loop kernel, `None` for the others.
     pub loops: Vec<Option<LoopFn>>,
     /// Per kernel: whether the loop was vectorized.
@@ -232,7 +237,25 @@ pub fn compile(p: &Program) -> Result<Compiled, String> {
             })
         })
         .collect();
-    Ok(Compiled { _module: module, loops, vectorized })
+    Ok(Compiled {
+        _module: Some(module),
+        #[cfg(feature = "llvm")]
+        _llvm: None,
+        loops,
+        vectorized,
+    })
+}
+
+/// Compiles every loop kernel of `p` with LLVM (O3 for the host CPU).
+#[cfg(feature = "llvm")]
+pub fn compile_llvm(p: &Program) -> Result<Compiled, String> {
+    let (engine, loops) = llvm::compile(p)?;
+    let n = loops.len();
+    Ok(Compiled { _module: None, _llvm: Some(engine), loops, vectorized: vec![false; n] })
+}
+
+fn compute_ty_is_f32(d: Dtype) -> bool {
+    compute_ty(d) == types::F32
 }
 
 struct Gen<'a, 'b> {

@@ -165,6 +165,9 @@ pub enum Out {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Cranelift,
+    /// LLVM 14, O3 for the host CPU (cargo feature `llvm`).
+    #[cfg(feature = "llvm")]
+    Llvm,
 }
 
 /// A program ready to run: generated code and its arena.
@@ -196,8 +199,12 @@ impl std::fmt::Display for RunError {
 
 impl Executable {
     pub fn new(program: Program, backend: Backend) -> Result<Executable, RunError> {
-        let Backend::Cranelift = backend;
-        let code = codegen_cpu::compile(&program).map_err(RunError)?;
+        let code = match backend {
+            Backend::Cranelift => codegen_cpu::compile(&program),
+            #[cfg(feature = "llvm")]
+            Backend::Llvm => codegen_cpu::compile_llvm(&program),
+        }
+        .map_err(RunError)?;
         let arena = Mutex::new(Arena::new(program.arena_bytes));
         let profile = std::env::var("RECIPEC_PROFILE").ok().filter(|v| v == "1").map(|_| Mutex::new(vec![0.0; program.kernels.len()]));
         Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, profile })

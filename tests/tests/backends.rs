@@ -56,11 +56,26 @@ fn has_matmul(g: &Graph) -> bool {
     g.topo().iter().any(|n| matches!(g.node(*n).op, Op::MatMul | Op::Qr | Op::SvdTopK { .. }))
 }
 
-/// Runs `g` on both backends and compares every output.
+/// The code generators under test: Cranelift, and LLVM when built with `--features llvm`.
+fn backends() -> Vec<Backend> {
+    #[allow(unused_mut)]
+    let mut v = vec![Backend::Cranelift];
+    #[cfg(feature = "llvm")]
+    v.push(Backend::Llvm);
+    v
+}
+
+/// Runs `g` on every code generator and compares every output with the interpreter.
 fn differential(g: &Graph, what: &str) {
+    for b in backends() {
+        differential_on(g, &format!("{what} [{b:?}]"), b);
+    }
+}
+
+fn differential_on(g: &Graph, what: &str, backend: Backend) {
     let p = compiler::kernel::schedule(g).unwrap_or_else(|e| panic!("{what}: schedule: {e}"));
     p.verify().unwrap_or_else(|e| panic!("{what}: plan: {e}\n{}", p.text()));
-    let exe = Executable::new(p, Backend::Cranelift).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
+    let exe = Executable::new(p, backend).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
     let exact = !has_matmul(g);
     for seed in [1u64, 2] {
         let ins = inputs(g, seed);
@@ -79,7 +94,7 @@ fn differential(g: &Graph, what: &str) {
                 };
                 assert!(
                     ok,
-                    "{what}: output `{name}` element {i}: cranelift {a}, interpreter {b} (seed {seed})\n{}",
+                    "{what}: output `{name}` element {i}: generated code {a}, interpreter {b} (seed {seed})\n{}",
                     exe.program.text()
                 );
             }
@@ -237,15 +252,21 @@ fn case_files_match_the_interpreter() {
 /// results combine in a different order than one long sum, so values are compared at
 /// |a - b| ≤ 1e-5 + 1e-4·|b|.
 fn compare_blocked(reference: &Graph, blocked: &Graph, what: &str) {
+    for b in backends() {
+        compare_blocked_on(reference, blocked, &format!("{what} [{b:?}]"), b);
+    }
+}
+
+fn compare_blocked_on(reference: &Graph, blocked: &Graph, what: &str, backend: Backend) {
     let p = compiler::kernel::schedule(blocked).unwrap_or_else(|e| panic!("{what}: schedule: {e}"));
     p.verify().unwrap_or_else(|e| panic!("{what}: plan: {e}"));
-    let exe = Executable::new(p, Backend::Cranelift).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
+    let exe = Executable::new(p, backend).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
     for seed in [3u64, 4] {
         let ins = inputs(reference, seed);
         let want = interp::run(reference, &ins, seed).unwrap();
         let by_interp: Vec<(String, Tensor)> = interp::run(blocked, &ins, seed).unwrap().into_iter().collect();
         let by_code = exe.run_tensors(&ins, seed).unwrap();
-        for (how, got) in [("interpreter", by_interp), ("cranelift", by_code)] {
+        for (how, got) in [("interpreter", by_interp), ("generated code", by_code)] {
             for (name, t) in got {
                 let w = &want[&name];
                 assert_eq!((t.dtype, &t.shape), (w.dtype, &w.shape), "{what}: `{name}`");

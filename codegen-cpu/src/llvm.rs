@@ -1,0 +1,621 @@
+//! The LLVM backend (feature `llvm`): each loop kernel as LLVM IR (textual, scalar, one
+//! function per kernel with the same `fn(bufs, lo, hi)` signature as the Cranelift code),
+//! optimized with LLVM 14's `default<O3>` pipeline for the host CPU (the loop vectorizer
+//! turns the innermost loops into AVX2 where the body allows) and compiled by MCJIT.
+//!
+//! The numerics are the Cranelift backend's (see the crate doc): same compute types, same
+//! rounding after every op, the same helper functions for transcendentals, f64
+//! accumulators, saturating float-to-int stores. Min and max propagate NaN (compare and
+//! select), rounding uses `llvm.roundeven`.
+
+use crate::{code, compute_ty_is_f32, rc_bin, rc_f16_to_f32, rc_f32_to_f16, rc_round, rc_un, LoopFn, BINS, DTYPES, UNS};
+use compiler::interp;
+use compiler::ir::{Bin, Red, Un};
+use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal};
+use inkwell::context::Context;
+use inkwell::execution_engine::ExecutionEngine;
+use inkwell::memory_buffer::MemoryBuffer;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::OptimizationLevel;
+use lang::types::Dtype;
+use std::fmt::Write;
+
+/// Keeps the LLVM context and engine alive as long as the code is used.
+pub struct Engine {
+    engine: Option<ExecutionEngine<'static>>,
+    ctx: *mut Context,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The engine borrows the context: drop it first.
+        self.engine.take();
+        // SAFETY: `ctx` came from `Box::into_raw` in `compile` and is dropped once, here.
+        unsafe { drop(Box::from_raw(self.ctx)) };
+    }
+}
+
+/// Compiles every loop kernel; returns the engine and each kernel's function.
+pub fn compile(p: &Program) -> Result<(Engine, Vec<Option<LoopFn>>), String> {
+    Target::initialize_native(&InitializationConfig::default()).map_err(|e| format!("LLVM has no native target: {e}"))?;
+    let cpu = TargetMachine::get_host_cpu_name().to_string();
+    let features = TargetMachine::get_host_cpu_features().to_string();
+    let mut ir = String::new();
+    let _ = writeln!(ir, "; recipec kernels for `{}`", p.name);
+    for (ki, k) in p.kernels.iter().enumerate() {
+        if let Kernel::Loop(l) = k {
+            let last = l.dims.len() - 1;
+            let parallel = (l.reduce.is_none() && l.stores.iter().all(|st| st.at.coef[last] != 0)).then_some((3 * ki, 3 * ki + 1));
+            Gen { out: &mut ir, l, p, next: 0, parallel }.function(ki);
+            if let Some((group, lp)) = parallel {
+                let _ = writeln!(ir, "!{group} = distinct !{{}}");
+                let _ = writeln!(ir, "!{lp} = distinct !{{!{lp}, !{}}}", lp + 1);
+                let _ = writeln!(ir, "!{} = !{{!\"llvm.loop.parallel_accesses\", !{group}}}", lp + 1);
+            }
+        }
+    }
+    let _ = writeln!(ir, "attributes #0 = {{ \"target-cpu\"=\"{cpu}\" \"target-features\"=\"{features}\" }}");
+    for decl in [
+        "declare float @llvm.sqrt.f32(float)",
+        "declare double @llvm.sqrt.f64(double)",
+        "declare float @llvm.fabs.f32(float)",
+        "declare double @llvm.fabs.f64(double)",
+        "declare float @llvm.floor.f32(float)",
+        "declare double @llvm.floor.f64(double)",
+        "declare float @llvm.ceil.f32(float)",
+        "declare double @llvm.ceil.f64(double)",
+        "declare float @llvm.roundeven.f32(float)",
+        "declare double @llvm.roundeven.f64(double)",
+        "declare i64 @llvm.fptosi.sat.i64.f64(double)",
+    ] {
+        let _ = writeln!(ir, "{decl}");
+    }
+    let ctx: &'static Context = Box::leak(Box::new(Context::create()));
+    let ctx_ptr = ctx as *const Context as *mut Context;
+    let fail = |e: String| {
+        // SAFETY: nothing borrows the context once we give up.
+        unsafe { drop(Box::from_raw(ctx_ptr)) };
+        e
+    };
+    let buf = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), &p.name);
+    let module = ctx.create_module_from_ir(buf).map_err(|e| fail(format!("generated LLVM IR does not parse: {e}\n{ir}")))?;
+    let triple = TargetMachine::get_default_triple();
+    let target = Target::from_triple(&triple).map_err(|e| fail(e.to_string()))?;
+    let tm = target
+        .create_target_machine(&triple, &cpu, &features, OptimizationLevel::Aggressive, RelocMode::Default, CodeModel::JITDefault)
+        .ok_or_else(|| fail("LLVM cannot target this CPU".into()))?;
+    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| fail(format!("LLVM passes failed: {e}")))?;
+    let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).map_err(|e| fail(e.to_string()))?;
+    let mut loops = vec![];
+    for (ki, k) in p.kernels.iter().enumerate() {
+        loops.push(match k {
+            Kernel::Loop(_) => {
+                let addr = engine.get_function_address(&format!("k{ki}")).map_err(|e| fail(format!("kernel k{ki}: {e:?}")))?;
+                // SAFETY: the function was emitted with the `LoopFn` signature.
+                Some(unsafe { std::mem::transmute::<usize, LoopFn>(addr) })
+            }
+            _ => None,
+        });
+    }
+    Ok((Engine { engine: Some(engine), ctx: ctx_ptr }, loops))
+}
+
+struct Gen<'a> {
+    out: &'a mut String,
+    l: &'a Loop,
+    p: &'a Program,
+    next: usize,
+    /// Metadata ids of the innermost loop's access group and loop properties, when its
+    /// iterations are independent (every iteration stores its own elements and reads stored
+    /// buffers only at those elements: the scheduler guarantees the latter).
+    parallel: Option<(usize, usize)>,
+}
+
+fn ty(d: Dtype) -> &'static str {
+    if compute_ty_is_f32(d) {
+        "float"
+    } else {
+        "double"
+    }
+}
+
+fn storage(d: Dtype) -> &'static str {
+    match d {
+        Dtype::Bool => "i8",
+        Dtype::I32 => "i32",
+        Dtype::I64 => "i64",
+        Dtype::F16 | Dtype::BF16 => "i16",
+        Dtype::F32 => "float",
+        Dtype::F64 => "double",
+    }
+}
+
+/// An LLVM float literal: the bits of the value as a double, in hex (exact).
+fn lit(v: f64, f32ty: bool) -> String {
+    let v = if f32ty { v as f32 as f64 } else { v };
+    format!("0x{:016X}", v.to_bits())
+}
+
+impl Gen<'_> {
+    fn t(&mut self) -> String {
+        self.next += 1;
+        format!("%t{}", self.next)
+    }
+    fn emit(&mut self, s: &str) {
+        self.out.push_str("  ");
+        self.out.push_str(s);
+        self.out.push('\n');
+    }
+    fn label(&mut self, l: &str) {
+        let _ = writeln!(self.out, "{l}:");
+    }
+
+    fn function(mut self, ki: usize) {
+        let _ = writeln!(self.out, "define void @k{ki}(i8** %bufs, i64 %lo, i64 %hi) #0 {{");
+        self.label("entry");
+        let mut used: Vec<usize> = self.l.body.iter().filter_map(|i| if let Inst::Load { buf, .. } = &i.inst { Some(*buf) } else { None }).chain(self.l.stores.iter().map(|s| s.buf)).collect();
+        used.sort();
+        used.dedup();
+        for b in used {
+            let st = storage(self.p.buffers[b].dtype);
+            self.emit(&format!("%bp{b} = getelementptr i8*, i8** %bufs, i64 {b}"));
+            self.emit(&format!("%braw{b} = load i8*, i8** %bp{b}"));
+            self.emit(&format!("%b{b} = bitcast i8* %braw{b} to {st}*"));
+        }
+        if self.l.reduce.is_some() {
+            self.emit("%acc = alloca double");
+        }
+        let n = self.l.dims.len();
+        let outer = self.l.outer_dims();
+        if outer == 0 {
+            self.reduction(0);
+        } else {
+            self.level(0, outer, n);
+        }
+        self.emit("ret void");
+        let _ = writeln!(self.out, "}}\n");
+    }
+
+    /// The value of an affine at the current point: Σ coef·i_d + c.
+    fn affine(&mut self, a: &Affine) -> String {
+        let mut acc = a.c.to_string();
+        for (d, c) in a.coef.iter().enumerate() {
+            if *c == 0 {
+                continue;
+            }
+            let m = self.t();
+            self.emit(&format!("{m} = mul i64 %i{d}, {c}"));
+            let s = self.t();
+            self.emit(&format!("{s} = add i64 {acc}, {m}"));
+            acc = s;
+        }
+        acc
+    }
+
+    fn counted(&mut self, d: usize, start: &str, end: &str, body: &mut dyn FnMut(&mut Self)) {
+        let id = self.next;
+        self.next += 1;
+        let (pre, head, bodyl, latch, exit) =
+            (format!("L{d}_{id}_pre"), format!("L{d}_{id}_head"), format!("L{d}_{id}_body"), format!("L{d}_{id}_latch"), format!("L{d}_{id}_exit"));
+        self.emit(&format!("br label %{pre}"));
+        self.label(&pre);
+        self.emit(&format!("br label %{head}"));
+        self.label(&head);
+        self.emit(&format!("%i{d} = phi i64 [ {start}, %{pre} ], [ %i{d}_next_{id}, %{latch} ]"));
+        let c = self.t();
+        self.emit(&format!("{c} = icmp slt i64 %i{d}, {end}"));
+        self.emit(&format!("br i1 {c}, label %{bodyl}, label %{exit}"));
+        self.label(&bodyl);
+        body(self);
+        self.emit(&format!("br label %{latch}"));
+        self.label(&latch);
+        self.emit(&format!("%i{d}_next_{id} = add i64 %i{d}, 1"));
+        match self.parallel {
+            Some((_, lp)) if d + 1 == self.l.dims.len() => self.emit(&format!("br label %{head}, !llvm.loop !{lp}")),
+            _ => self.emit(&format!("br label %{head}")),
+        }
+        self.label(&exit);
+    }
+
+    fn level(&mut self, d: usize, outer: usize, n: usize) {
+        let (start, end) = if d == 0 { ("%lo".to_string(), "%hi".to_string()) } else { ("0".to_string(), self.l.dims[d].to_string()) };
+        self.counted(d, &start, &end, &mut |g| {
+            if d + 1 == outer {
+                if g.l.reduce.is_some() {
+                    g.reduction(outer);
+                } else {
+                    let vals = g.values();
+                    g.stores(&vals, None);
+                }
+            } else {
+                g.level(d + 1, outer, n);
+            }
+        });
+    }
+
+    fn reduction(&mut self, outer: usize) {
+        let r = self.l.reduce.clone().expect("reduction");
+        let init = match r.op {
+            Red::Sum => 0.0,
+            Red::Prod => 1.0,
+            Red::Max => f64::NEG_INFINITY,
+            _ => f64::INFINITY,
+        };
+        self.emit(&format!("store double {}, double* %acc", lit(init, false)));
+        self.red_level(outer, &r);
+        let a = self.t();
+        self.emit(&format!("{a} = load double, double* %acc"));
+        let v = self.round(r.dtype, &a, "double");
+        self.stores(&[], Some(v));
+    }
+
+    fn red_level(&mut self, d: usize, r: &compiler::kernel::Reduction) {
+        if d == self.l.dims.len() {
+            self.accumulate(r);
+            return;
+        }
+        let end = self.l.dims[d].to_string();
+        let last = d + 1 == self.l.dims.len();
+        self.counted(d, "0", &end, &mut |g| {
+            if last {
+                g.accumulate(r);
+            } else {
+                g.red_level(d + 1, r);
+            }
+        });
+    }
+
+    fn accumulate(&mut self, r: &compiler::kernel::Reduction) {
+        let vals = self.values();
+        let mut x = vals[r.value].clone();
+        if compute_ty_is_f32(self.l.body[r.value].dtype) {
+            let e = self.t();
+            self.emit(&format!("{e} = fpext float {x} to double"));
+            x = e;
+        }
+        let a = self.t();
+        self.emit(&format!("{a} = load double, double* %acc"));
+        let nv = self.t();
+        match r.op {
+            Red::Sum => self.emit(&format!("{nv} = fadd double {a}, {x}")),
+            Red::Prod => self.emit(&format!("{nv} = fmul double {a}, {x}")),
+            Red::Max | Red::Min => {
+                let m = self.minmax(r.op == Red::Max, &a, &x, "double");
+                self.emit(&format!("{nv} = fadd double {m}, -0.0"));
+            }
+            _ => unreachable!("arg reductions are library kernels"),
+        }
+        self.emit(&format!("store double {nv}, double* %acc"));
+    }
+
+    fn stores(&mut self, vals: &[String], acc: Option<String>) {
+        for s in &self.l.stores.clone() {
+            let v = match (&s.val, &acc) {
+                (StoreVal::Val(v), None) => vals[*v].clone(),
+                (StoreVal::Acc, Some(a)) => a.clone(),
+                _ => continue,
+            };
+            let off = self.affine(&s.at);
+            self.store(s.buf, &off, &v);
+        }
+    }
+
+    fn call(&mut self, f: usize, ret: &str, args: &[(&str, String)]) -> String {
+        let sig: Vec<&str> = args.iter().map(|a| a.0).collect();
+        let a: Vec<String> = args.iter().map(|(t, v)| format!("{t} {v}")).collect();
+        let r = self.t();
+        self.emit(&format!("{r} = call {ret} inttoptr (i64 {f} to {ret} ({})*)({})", sig.join(", "), a.join(", ")));
+        r
+    }
+
+    fn load(&mut self, buf: usize, off: &str) -> String {
+        let d = self.p.buffers[buf].dtype;
+        let st = storage(d);
+        let p = self.t();
+        self.emit(&format!("{p} = getelementptr {st}, {st}* %b{buf}, i64 {off}"));
+        let x = self.t();
+        let md = self.access();
+        self.emit(&format!("{x} = load {st}, {st}* {p}{md}"));
+        let r = self.t();
+        match d {
+            Dtype::F32 | Dtype::F64 => return x,
+            Dtype::I32 | Dtype::I64 => self.emit(&format!("{r} = sitofp {st} {x} to double")),
+            Dtype::Bool => self.emit(&format!("{r} = uitofp i8 {x} to double")),
+            Dtype::BF16 => {
+                let z = self.t();
+                self.emit(&format!("{z} = zext i16 {x} to i32"));
+                let s = self.t();
+                self.emit(&format!("{s} = shl i32 {z}, 16"));
+                self.emit(&format!("{r} = bitcast i32 {s} to float"));
+            }
+            Dtype::F16 => {
+                let z = self.t();
+                self.emit(&format!("{z} = zext i16 {x} to i64"));
+                return self.call(rc_f16_to_f32 as *const () as usize, "float", &[("i64", z)]);
+            }
+        }
+        r
+    }
+
+    fn store(&mut self, buf: usize, off: &str, v: &str) {
+        let d = self.p.buffers[buf].dtype;
+        let st = storage(d);
+        let p = self.t();
+        self.emit(&format!("{p} = getelementptr {st}, {st}* %b{buf}, i64 {off}"));
+        let x = match d {
+            Dtype::F32 | Dtype::F64 => v.to_string(),
+            Dtype::I32 | Dtype::I64 => {
+                let w = self.t();
+                self.emit(&format!("{w} = call i64 @llvm.fptosi.sat.i64.f64(double {v})"));
+                if d == Dtype::I32 {
+                    let t = self.t();
+                    self.emit(&format!("{t} = trunc i64 {w} to i32"));
+                    t
+                } else {
+                    w
+                }
+            }
+            Dtype::Bool => {
+                let c = self.t();
+                self.emit(&format!("{c} = fcmp une double {v}, 0.0"));
+                let z = self.t();
+                self.emit(&format!("{z} = zext i1 {c} to i8"));
+                z
+            }
+            Dtype::BF16 => {
+                let b = self.t();
+                self.emit(&format!("{b} = bitcast float {v} to i32"));
+                let s = self.t();
+                self.emit(&format!("{s} = lshr i32 {b}, 16"));
+                let t = self.t();
+                self.emit(&format!("{t} = trunc i32 {s} to i16"));
+                t
+            }
+            Dtype::F16 => {
+                let h = self.call(rc_f32_to_f16 as *const () as usize, "i64", &[("float", v.to_string())]);
+                let t = self.t();
+                self.emit(&format!("{t} = trunc i64 {h} to i16"));
+                t
+            }
+        };
+        let md = self.access();
+        self.emit(&format!("store {st} {x}, {st}* {p}{md}"));
+    }
+
+    fn access(&self) -> String {
+        match self.parallel {
+            Some((g, _)) => format!(", !llvm.access.group !{g}"),
+            None => String::new(),
+        }
+    }
+
+    /// Rounds `x` (of LLVM type `t`) to `dtype`, in `dtype`'s compute type.
+    fn round(&mut self, dtype: Dtype, x: &str, t: &str) -> String {
+        match dtype {
+            Dtype::F32 if t == "double" => {
+                let r = self.t();
+                self.emit(&format!("{r} = fptrunc double {x} to float"));
+                r
+            }
+            Dtype::F64 if t == "float" => {
+                let r = self.t();
+                self.emit(&format!("{r} = fpext float {x} to double"));
+                r
+            }
+            Dtype::F32 | Dtype::F64 => x.to_string(),
+            _ => {
+                let xd = if t == "float" {
+                    let e = self.t();
+                    self.emit(&format!("{e} = fpext float {x} to double"));
+                    e
+                } else {
+                    x.to_string()
+                };
+                let r = self.call(rc_round as *const () as usize, "double", &[("i64", code(&DTYPES, &dtype).to_string()), ("double", xd)]);
+                if compute_ty_is_f32(dtype) {
+                    let f = self.t();
+                    self.emit(&format!("{f} = fptrunc double {r} to float"));
+                    f
+                } else {
+                    r
+                }
+            }
+        }
+    }
+
+    fn values(&mut self) -> Vec<String> {
+        let l = self.l;
+        let mut vals: Vec<String> = vec![];
+        for ins in &l.body {
+            let dt = ins.dtype;
+            let t = ty(dt);
+            let v = match &ins.inst {
+                Inst::Load { buf, at } => {
+                    let off = self.affine(at);
+                    self.load(*buf, &off)
+                }
+                Inst::Const(c) => lit(interp::round(dt, *c), t == "float"),
+                Inst::Index(at) => {
+                    let off = self.affine(at);
+                    let x = self.t();
+                    self.emit(&format!("{x} = sitofp i64 {off} to double"));
+                    if matches!(dt, Dtype::I32 | Dtype::I64) {
+                        x
+                    } else {
+                        self.round(dt, &x, "double")
+                    }
+                }
+                Inst::Un(u, a) => {
+                    let xt = ty(l.body[*a].dtype);
+                    let x = vals[*a].clone();
+                    self.unary(*u, &x, xt, dt)
+                }
+                Inst::Bin(b, x, y, float) => {
+                    let xt = ty(l.body[*x].dtype);
+                    let (x, y) = (vals[*x].clone(), vals[*y].clone());
+                    self.binary(*b, &x, &y, xt, *float, dt)
+                }
+                Inst::Select(c, a, b) => {
+                    let k = self.t();
+                    self.emit(&format!("{k} = fcmp une double {}, 0.0", vals[*c]));
+                    let r = self.t();
+                    self.emit(&format!("{r} = select i1 {k}, {t} {}, {t} {}", vals[*a], vals[*b]));
+                    r
+                }
+                Inst::Cast(a) => {
+                    let from = l.body[*a].dtype;
+                    let x = vals[*a].clone();
+                    self.cast(&x, from, dt)
+                }
+            };
+            vals.push(v);
+        }
+        vals
+    }
+
+    fn cast(&mut self, x: &str, from: Dtype, to: Dtype) -> String {
+        let ft = ty(from);
+        match to {
+            Dtype::Bool => {
+                let xd = if ft == "float" {
+                    let e = self.t();
+                    self.emit(&format!("{e} = fpext float {x} to double"));
+                    e
+                } else {
+                    x.to_string()
+                };
+                let c = self.t();
+                self.emit(&format!("{c} = fcmp une double {xd}, 0.0"));
+                let r = self.t();
+                self.emit(&format!("{r} = select i1 {c}, double 1.0, double 0.0"));
+                r
+            }
+            Dtype::F16 | Dtype::BF16 if ft == "double" => {
+                let r = self.call(rc_round as *const () as usize, "double", &[("i64", code(&DTYPES, &to).to_string()), ("double", x.to_string())]);
+                let f = self.t();
+                self.emit(&format!("{f} = fptrunc double {r} to float"));
+                f
+            }
+            _ => self.round(to, x, ft),
+        }
+    }
+
+    fn unary(&mut self, u: Un, x: &str, xt: &str, dt: Dtype) -> String {
+        let sfx = if xt == "float" { "f32" } else { "f64" };
+        let r = self.t();
+        let native = match u {
+            Un::Neg => Some(format!("{r} = fneg {xt} {x}")),
+            Un::Abs => Some(format!("{r} = call {xt} @llvm.fabs.{sfx}({xt} {x})")),
+            Un::Sqrt => Some(format!("{r} = call {xt} @llvm.sqrt.{sfx}({xt} {x})")),
+            Un::Floor => Some(format!("{r} = call {xt} @llvm.floor.{sfx}({xt} {x})")),
+            Un::Ceil => Some(format!("{r} = call {xt} @llvm.ceil.{sfx}({xt} {x})")),
+            Un::Round => Some(format!("{r} = call {xt} @llvm.roundeven.{sfx}({xt} {x})")),
+            Un::StopGradient => Some(format!("{r} = fadd {xt} {x}, -0.0")),
+            Un::Relu => {
+                let c = self.t();
+                self.emit(&format!("{c} = fcmp ogt {xt} {x}, 0.0"));
+                Some(format!("{r} = select i1 {c}, {xt} {x}, {xt} 0.0"))
+            }
+            _ => None,
+        };
+        match native {
+            Some(line) => {
+                self.emit(&line);
+                match dt {
+                    Dtype::F32 | Dtype::F64 => r,
+                    _ => self.round(dt, &r, xt),
+                }
+            }
+            None => {
+                let xd = if xt == "float" {
+                    let e = self.t();
+                    self.emit(&format!("{e} = fpext float {x} to double"));
+                    e
+                } else {
+                    x.to_string()
+                };
+                let c = self.call(rc_un as *const () as usize, "double", &[("i64", code(&UNS, &u).to_string()), ("double", xd)]);
+                self.round(dt, &c, "double")
+            }
+        }
+    }
+
+    /// NaN-propagating maximum (or minimum) of `x` and `y` (what Cranelift's `fmax` does;
+    /// LLVM 14's x86 backend cannot select `llvm.maximum`).
+    fn minmax(&mut self, max: bool, x: &str, y: &str, t: &str) -> String {
+        let (uno, c, sel, r) = (self.t(), self.t(), self.t(), self.t());
+        self.emit(&format!("{uno} = fcmp uno {t} {x}, {y}"));
+        self.emit(&format!("{c} = fcmp {} {t} {x}, {y}", if max { "ogt" } else { "olt" }));
+        self.emit(&format!("{sel} = select i1 {c}, {t} {x}, {t} {y}"));
+        self.emit(&format!("{r} = select i1 {uno}, {t} 0x7FF8000000000000, {t} {sel}"));
+        r
+    }
+
+    fn binary(&mut self, op: Bin, x: &str, y: &str, xt: &str, float: bool, dt: Dtype) -> String {
+        let cmp = match op {
+            Bin::Eq => Some("oeq"),
+            Bin::Ne => Some("une"),
+            Bin::Lt => Some("olt"),
+            Bin::Le => Some("ole"),
+            Bin::Gt => Some("ogt"),
+            Bin::Ge => Some("oge"),
+            _ => None,
+        };
+        if let Some(cc) = cmp {
+            let c = self.t();
+            self.emit(&format!("{c} = fcmp {cc} {xt} {x}, {y}"));
+            let r = self.t();
+            self.emit(&format!("{r} = select i1 {c}, double 1.0, double 0.0"));
+            return r;
+        }
+        if matches!(op, Bin::And | Bin::Or) {
+            let (a, b) = (self.t(), self.t());
+            self.emit(&format!("{a} = fcmp une double {x}, 0.0"));
+            self.emit(&format!("{b} = fcmp une double {y}, 0.0"));
+            let c = self.t();
+            self.emit(&format!("{c} = {} i1 {a}, {b}", if op == Bin::And { "and" } else { "or" }));
+            let r = self.t();
+            self.emit(&format!("{r} = select i1 {c}, double 1.0, double 0.0"));
+            return r;
+        }
+        let r = self.t();
+        let native = match op {
+            Bin::Add => Some(format!("{r} = fadd {xt} {x}, {y}")),
+            Bin::Sub => Some(format!("{r} = fsub {xt} {x}, {y}")),
+            Bin::Mul => Some(format!("{r} = fmul {xt} {x}, {y}")),
+            Bin::Div if float => Some(format!("{r} = fdiv {xt} {x}, {y}")),
+            Bin::Min | Bin::Max => {
+                let m = self.minmax(op == Bin::Max, x, y, xt);
+                Some(format!("{r} = fadd {xt} {m}, -0.0"))
+            }
+            _ => None,
+        };
+        match native {
+            Some(line) => {
+                self.emit(&line);
+                match dt {
+                    Dtype::F32 | Dtype::F64 => r,
+                    Dtype::I32 | Dtype::I64 if matches!(op, Bin::Min | Bin::Max) => r,
+                    _ => self.round(dt, &r, xt),
+                }
+            }
+            None => {
+                let (xd, yd) = if xt == "float" {
+                    let (a, b) = (self.t(), self.t());
+                    self.emit(&format!("{a} = fpext float {x} to double"));
+                    self.emit(&format!("{b} = fpext float {y} to double"));
+                    (a, b)
+                } else {
+                    (x.to_string(), y.to_string())
+                };
+                let c = self.call(
+                    rc_bin as *const () as usize,
+                    "double",
+                    &[("i64", code(&BINS, &op).to_string()), ("double", xd), ("double", yd), ("i64", (float as i64).to_string())],
+                );
+                self.round(dt, &c, "double")
+            }
+        }
+    }
+}
