@@ -65,6 +65,9 @@ impl Peer {
     /// Starts the peer, or says why it cannot (no Python with JAX and optax).
     pub fn start() -> Result<Peer, String> {
         let python = match std::env::var("RECIPEC_PYTHON") {
+            // `cargo bench` runs in the package directory: a relative path means the
+            // workspace root's.
+            Ok(p) if PathBuf::from(&p).is_relative() && p.contains('/') => root().join(p),
             Ok(p) => PathBuf::from(p),
             Err(_) => {
                 let venv = root().join(".ci/venv/bin/python");
