@@ -9,11 +9,27 @@ use lang::types::Dtype;
 use runtime::{Backend, Buffer, Executable};
 
 extern "C" {
-    fn adamw_c(p: *mut f32, g: *const f32, m: *mut f32, v: *mut f32, n: usize, lr: f32, b1: f32, b2: f32, eps: f32, wd: f32, step: i32);
+    fn adamw_c(
+        p: *mut f32,
+        g: *const f32,
+        m: *mut f32,
+        v: *mut f32,
+        n: usize,
+        lr: f32,
+        b1: f32,
+        b2: f32,
+        eps: f32,
+        wd: f32,
+        step: i32,
+    );
 }
 
 fn main() {
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(if smoke() { 1 << 20 } else { 50_000_000 });
+    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(if smoke() {
+        1 << 20
+    } else {
+        50_000_000
+    });
     let rounds = if smoke() { 2 } else { 7 };
     let steps = if smoke() { 3 } else { 5 };
     let (lr, wd) = (1e-3, 0.1);
@@ -23,7 +39,10 @@ fn main() {
     let exe = Executable::new(p, Backend::Cranelift).expect("compiles");
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     let loops = exe.program.kernels.len();
-    println!("AdamW over {n} f32 parameters ({} threads); recipec: {loops} kernels, built in {build_ms:.1} ms", rayon::current_num_threads());
+    println!(
+        "AdamW over {n} f32 parameters ({} threads); recipec: {loops} kernels, built in {build_ms:.1} ms",
+        rayon::current_num_threads()
+    );
 
     // Arguments in the graph's order: param, grad, step, state_m, state_v.
     let names: Vec<String> = g
@@ -54,11 +73,12 @@ fn main() {
     let (ip, ig, is, im, iv) = (idx("param"), idx("grad"), idx("step"), idx("state_m"), idx("state_v"));
     fill(&mut args[ip], 1, 2.0);
     fill(&mut args[ig], 2, 0.02);
-    let mut c = (args[ip].clone(), args[ig].clone(), Buffer::zeros(Dtype::F32, vec![n]), Buffer::zeros(Dtype::F32, vec![n]));
+    let mut c =
+        (args[ip].clone(), args[ig].clone(), Buffer::zeros(Dtype::F32, vec![n]), Buffer::zeros(Dtype::F32, vec![n]));
 
     // Same start, same 3 steps: recipec and C agree (a sanity check of the comparison).
     let mut step = 0;
-    let mut ours = |args: &mut Vec<Buffer>, step: &mut i32| {
+    let ours = |args: &mut Vec<Buffer>, step: &mut i32| {
         *step += 1;
         args[is].as_bytes_mut().copy_from_slice(&step.to_le_bytes());
         exe.run(args, 0).expect("runs");
@@ -68,7 +88,19 @@ fn main() {
         *step += 1;
         // SAFETY: four distinct buffers of n f32 each.
         unsafe {
-            adamw_c(c.0.f32s_mut().as_mut_ptr(), c.1.f32s().as_ptr(), c.2.f32s_mut().as_mut_ptr(), c.3.f32s_mut().as_mut_ptr(), n, lr as f32, 0.9, 0.999, 1e-8, wd as f32, *step)
+            adamw_c(
+                c.0.f32s_mut().as_mut_ptr(),
+                c.1.f32s().as_ptr(),
+                c.2.f32s_mut().as_mut_ptr(),
+                c.3.f32s_mut().as_mut_ptr(),
+                n,
+                lr as f32,
+                0.9,
+                0.999,
+                1e-8,
+                wd as f32,
+                *step,
+            )
         }
     };
     for _ in 0..3 {
@@ -99,6 +131,7 @@ fn main() {
     };
     #[cfg(feature = "llvm")]
     let mut largs = args.clone();
+    #[cfg(feature = "llvm")]
     let mut lstep = step;
     let mut results = vec![];
     for _ in 0..rounds {
@@ -112,10 +145,7 @@ fn main() {
             llvm.run(&mut largs, 0).expect("runs");
         }));
         #[cfg(not(feature = "llvm"))]
-        let l = {
-            lstep += 0;
-            f64::NAN
-        };
+        let l = f64::NAN;
         results.push(if cfg!(feature = "llvm") { vec![l, a, b, j] } else { vec![a, b, j, l] });
     }
     let bytes = 28.0 * n as f64;

@@ -42,8 +42,21 @@ fn main() {
         exe = Some((e, g));
     }
     let (exe, g) = exe.unwrap();
-    println!("recipes/tiny_gpt.recipe training step: {} graph nodes, {} kernels", g.node_count(), exe.program.kernels.len());
-    for (name, v) in ["check (front end)", "lower + autodiff + passes", "schedule (fusion, plan)", "Cranelift code generation", "total"].iter().zip(&stages) {
+    println!(
+        "recipes/tiny_gpt.recipe training step: {} graph nodes, {} kernels",
+        g.node_count(),
+        exe.program.kernels.len()
+    );
+    for (name, v) in [
+        "check (front end)",
+        "lower + autodiff + passes",
+        "schedule (fusion, plan)",
+        "Cranelift code generation",
+        "total",
+    ]
+    .iter()
+    .zip(&stages)
+    {
         println!("  {name:<28} median {:>8.1} ms", median(v) * 1e3);
     }
     println!("  (goal: total under 1000 ms)");
@@ -57,7 +70,13 @@ fn main() {
             let n = g.node(*id);
             let numel: usize = n.shape.iter().product();
             let data = (0..numel)
-                .map(|i| if n.dtype == Dtype::I32 { ((i * 7 + k) % 256) as f64 } else { (((i * 2654435761 + k) % 1000) as f64 / 1000.0 - 0.5) * 0.1 })
+                .map(|i| {
+                    if n.dtype == Dtype::I32 {
+                        ((i * 7 + k) % 256) as f64
+                    } else {
+                        (((i * 2654435761 + k) % 1000) as f64 / 1000.0 - 0.5) * 0.1
+                    }
+                })
                 .collect();
             Buffer::from_tensor(&Tensor::new(n.dtype, n.shape.clone(), data))
         })

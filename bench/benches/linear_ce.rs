@@ -14,7 +14,9 @@ use runtime::{Backend, Buffer, Executable};
 fn vm_hwm() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }

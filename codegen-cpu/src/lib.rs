@@ -17,7 +17,9 @@ use compiler::interp;
 use compiler::ir::{Bin, Un};
 use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value};
+use cranelift_codegen::ir::{
+    types, AbiParam, Endianness, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
+};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -208,9 +210,7 @@ pub fn compile(p: &Program) -> Result<Compiled, String> {
         sig.params.push(AbiParam::new(ptr));
         sig.params.push(AbiParam::new(types::I64));
         sig.params.push(AbiParam::new(types::I64));
-        let id = module
-            .declare_function(&format!("k{ki}"), Linkage::Local, &sig)
-            .map_err(|e| e.to_string())?;
+        let id = module.declare_function(&format!("k{ki}"), Linkage::Local, &sig).map_err(|e| e.to_string())?;
         ctx.func.signature = sig;
         ctx.func.name = UserFuncName::user(0, id.as_u32());
         let tc = module.target_config();
@@ -254,6 +254,7 @@ pub fn compile_llvm(p: &Program) -> Result<Compiled, String> {
     Ok(Compiled { _module: None, _llvm: Some(engine), loops, vectorized: vec![false; n] })
 }
 
+#[cfg(feature = "llvm")]
 fn compute_ty_is_f32(d: Dtype) -> bool {
     compute_ty(d) == types::F32
 }
@@ -307,7 +308,17 @@ impl<'a, 'b> Gen<'a, 'b> {
             };
         }
         let n = l.body.len();
-        Gen { b, l, p, bases: vec![None; p.buffers.len()], affines, bufs: dummy, inv, inv_s: vec![None; n], inv_v: vec![None; n] }
+        Gen {
+            b,
+            l,
+            p,
+            bases: vec![None; p.buffers.len()],
+            affines,
+            bufs: dummy,
+            inv,
+            inv_s: vec![None; n],
+            inv_v: vec![None; n],
+        }
     }
 
     fn aid(&self, a: &Affine) -> usize {
@@ -341,7 +352,9 @@ impl<'a, 'b> Gen<'a, 'b> {
                         || (bd == Dtype::Bool && at.coef[last] == 0 && mask_only(v))
                 }
                 Inst::Const(_) => i.dtype == Dtype::F32,
-                Inst::Un(u, _) => i.dtype == Dtype::F32 && matches!(u, Un::Neg | Un::Abs | Un::Sqrt | Un::StopGradient | Un::Relu),
+                Inst::Un(u, _) => {
+                    i.dtype == Dtype::F32 && matches!(u, Un::Neg | Un::Abs | Un::Sqrt | Un::StopGradient | Un::Relu)
+                }
                 Inst::Bin(b, x, y, _) => {
                     let f32ops = l.body[*x].dtype == Dtype::F32 && l.body[*y].dtype == Dtype::F32;
                     match b {
@@ -365,7 +378,9 @@ impl<'a, 'b> Gen<'a, 'b> {
             }
         }
         l.stores.iter().all(|s| {
-            self.p.buffers[s.buf].dtype == Dtype::F32 && s.at.coef[last] == 1 && matches!(s.val, StoreVal::Val(v) if l.body[v].dtype == Dtype::F32)
+            self.p.buffers[s.buf].dtype == Dtype::F32
+                && s.at.coef[last] == 1
+                && matches!(s.val, StoreVal::Val(v) if l.body[v].dtype == Dtype::F32)
         })
     }
 
@@ -376,10 +391,16 @@ impl<'a, 'b> Gen<'a, 'b> {
         let params = self.b.block_params(block).to_vec();
         self.bufs = params[0];
         let (lo, hi) = (params[1], params[2]);
-        let mut used: Vec<usize> = self.l.body.iter().filter_map(|i| match &i.inst {
-            Inst::Load { buf, .. } => Some(*buf),
-            _ => None,
-        }).chain(self.l.stores.iter().map(|s| s.buf)).collect();
+        let mut used: Vec<usize> = self
+            .l
+            .body
+            .iter()
+            .filter_map(|i| match &i.inst {
+                Inst::Load { buf, .. } => Some(*buf),
+                _ => None,
+            })
+            .chain(self.l.stores.iter().map(|s| s.buf))
+            .collect();
         used.sort();
         used.dedup();
         for b in used {
@@ -728,7 +749,11 @@ impl<'a, 'b> Gen<'a, 'b> {
                 }
                 Inst::Const(c) => {
                     let c = interp::round(dt, *c);
-                    let s = if compute_ty(dt) == types::F32 { self.b.ins().f32const(c as f32) } else { self.b.ins().f64const(c) };
+                    let s = if compute_ty(dt) == types::F32 {
+                        self.b.ins().f32const(c as f32)
+                    } else {
+                        self.b.ins().f64const(c)
+                    };
                     if lanes {
                         self.b.ins().splat(types::F32X4, s)
                     } else {
@@ -759,7 +784,11 @@ impl<'a, 'b> Gen<'a, 'b> {
                     let (c, a, b) = (vals[*c], vals[*a], vals[*b]);
                     if lanes {
                         // `c` is a lane mask from a vector compare.
-                        let m = self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), c);
+                        let m = self.b.ins().bitcast(
+                            types::F32X4,
+                            MemFlagsData::new().with_endianness(Endianness::Little),
+                            c,
+                        );
                         self.b.ins().bitselect(m, a, b)
                     } else {
                         let z = self.b.ins().f64const(0.0);
@@ -813,7 +842,8 @@ impl<'a, 'b> Gen<'a, 'b> {
                     let z = self.b.ins().f32const(0.0);
                     let z = self.b.ins().splat(types::F32X4, z);
                     let m = self.b.ins().fcmp(FloatCC::GreaterThan, x, z);
-                    let m = self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), m);
+                    let m =
+                        self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), m);
                     Some(self.b.ins().bitselect(m, x, z))
                 } else {
                     let z = if xt == types::F32 { self.b.ins().f32const(0.0) } else { self.b.ins().f64const(0.0) };
@@ -891,7 +921,12 @@ impl<'a, 'b> Gen<'a, 'b> {
                 };
                 let c = self.b.ins().iconst(types::I64, code(&BINS, &op));
                 let f = self.b.ins().iconst(types::I64, float as i64);
-                let r = self.call(rc_bin as *const u8, &[types::I64, types::F64, types::F64, types::I64], types::F64, &[c, x, y, f]);
+                let r = self.call(
+                    rc_bin as *const u8,
+                    &[types::I64, types::F64, types::F64, types::I64],
+                    types::F64,
+                    &[c, x, y, f],
+                );
                 self.round(dt, r, types::F64)
             }
         }

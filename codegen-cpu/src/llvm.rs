@@ -8,7 +8,9 @@
 //! accumulators, saturating float-to-int stores. Min and max propagate NaN (compare and
 //! select), rounding uses `llvm.roundeven`.
 
-use crate::{code, compute_ty_is_f32, rc_bin, rc_f16_to_f32, rc_f32_to_f16, rc_round, rc_un, LoopFn, BINS, DTYPES, UNS};
+use crate::{
+    code, compute_ty_is_f32, rc_bin, rc_f16_to_f32, rc_f32_to_f16, rc_round, rc_un, LoopFn, BINS, DTYPES, UNS,
+};
 use compiler::interp;
 use compiler::ir::{Bin, Red, Un};
 use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal};
@@ -38,7 +40,8 @@ impl Drop for Engine {
 
 /// Compiles every loop kernel; returns the engine and each kernel's function.
 pub fn compile(p: &Program) -> Result<(Engine, Vec<Option<LoopFn>>), String> {
-    Target::initialize_native(&InitializationConfig::default()).map_err(|e| format!("LLVM has no native target: {e}"))?;
+    Target::initialize_native(&InitializationConfig::default())
+        .map_err(|e| format!("LLVM has no native target: {e}"))?;
     let cpu = TargetMachine::get_host_cpu_name().to_string();
     let features = TargetMachine::get_host_cpu_features().to_string();
     let mut ir = String::new();
@@ -46,7 +49,8 @@ pub fn compile(p: &Program) -> Result<(Engine, Vec<Option<LoopFn>>), String> {
     for (ki, k) in p.kernels.iter().enumerate() {
         if let Kernel::Loop(l) = k {
             let last = l.dims.len() - 1;
-            let parallel = (l.reduce.is_none() && l.stores.iter().all(|st| st.at.coef[last] != 0)).then_some((3 * ki, 3 * ki + 1));
+            let parallel =
+                (l.reduce.is_none() && l.stores.iter().all(|st| st.at.coef[last] != 0)).then_some((3 * ki, 3 * ki + 1));
             Gen { out: &mut ir, l, p, next: 0, parallel }.function(ki);
             if let Some((group, lp)) = parallel {
                 let _ = writeln!(ir, "!{group} = distinct !{{}}");
@@ -79,19 +83,30 @@ pub fn compile(p: &Program) -> Result<(Engine, Vec<Option<LoopFn>>), String> {
         e
     };
     let buf = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), &p.name);
-    let module = ctx.create_module_from_ir(buf).map_err(|e| fail(format!("generated LLVM IR does not parse: {e}\n{ir}")))?;
+    let module =
+        ctx.create_module_from_ir(buf).map_err(|e| fail(format!("generated LLVM IR does not parse: {e}\n{ir}")))?;
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(|e| fail(e.to_string()))?;
     let tm = target
-        .create_target_machine(&triple, &cpu, &features, OptimizationLevel::Aggressive, RelocMode::Default, CodeModel::JITDefault)
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::Default,
+            CodeModel::JITDefault,
+        )
         .ok_or_else(|| fail("LLVM cannot target this CPU".into()))?;
-    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| fail(format!("LLVM passes failed: {e}")))?;
+    module
+        .run_passes("default<O3>", &tm, PassBuilderOptions::create())
+        .map_err(|e| fail(format!("LLVM passes failed: {e}")))?;
     let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).map_err(|e| fail(e.to_string()))?;
     let mut loops = vec![];
     for (ki, k) in p.kernels.iter().enumerate() {
         loops.push(match k {
             Kernel::Loop(_) => {
-                let addr = engine.get_function_address(&format!("k{ki}")).map_err(|e| fail(format!("kernel k{ki}: {e:?}")))?;
+                let addr =
+                    engine.get_function_address(&format!("k{ki}")).map_err(|e| fail(format!("kernel k{ki}: {e:?}")))?;
                 // SAFETY: the function was emitted with the `LoopFn` signature.
                 Some(unsafe { std::mem::transmute::<usize, LoopFn>(addr) })
             }
@@ -154,7 +169,13 @@ impl Gen<'_> {
     fn function(mut self, ki: usize) {
         let _ = writeln!(self.out, "define void @k{ki}(i8** %bufs, i64 %lo, i64 %hi) #0 {{");
         self.label("entry");
-        let mut used: Vec<usize> = self.l.body.iter().filter_map(|i| if let Inst::Load { buf, .. } = &i.inst { Some(*buf) } else { None }).chain(self.l.stores.iter().map(|s| s.buf)).collect();
+        let mut used: Vec<usize> = self
+            .l
+            .body
+            .iter()
+            .filter_map(|i| if let Inst::Load { buf, .. } = &i.inst { Some(*buf) } else { None })
+            .chain(self.l.stores.iter().map(|s| s.buf))
+            .collect();
         used.sort();
         used.dedup();
         for b in used {
@@ -196,8 +217,13 @@ impl Gen<'_> {
     fn counted(&mut self, d: usize, start: &str, end: &str, body: &mut dyn FnMut(&mut Self)) {
         let id = self.next;
         self.next += 1;
-        let (pre, head, bodyl, latch, exit) =
-            (format!("L{d}_{id}_pre"), format!("L{d}_{id}_head"), format!("L{d}_{id}_body"), format!("L{d}_{id}_latch"), format!("L{d}_{id}_exit"));
+        let (pre, head, bodyl, latch, exit) = (
+            format!("L{d}_{id}_pre"),
+            format!("L{d}_{id}_head"),
+            format!("L{d}_{id}_body"),
+            format!("L{d}_{id}_latch"),
+            format!("L{d}_{id}_exit"),
+        );
         self.emit(&format!("br label %{pre}"));
         self.label(&pre);
         self.emit(&format!("br label %{head}"));
@@ -219,7 +245,8 @@ impl Gen<'_> {
     }
 
     fn level(&mut self, d: usize, outer: usize, n: usize) {
-        let (start, end) = if d == 0 { ("%lo".to_string(), "%hi".to_string()) } else { ("0".to_string(), self.l.dims[d].to_string()) };
+        let (start, end) =
+            if d == 0 { ("%lo".to_string(), "%hi".to_string()) } else { ("0".to_string(), self.l.dims[d].to_string()) };
         self.counted(d, &start, &end, &mut |g| {
             if d + 1 == outer {
                 if g.l.reduce.is_some() {
@@ -412,7 +439,11 @@ impl Gen<'_> {
                 } else {
                     x.to_string()
                 };
-                let r = self.call(rc_round as *const () as usize, "double", &[("i64", code(&DTYPES, &dtype).to_string()), ("double", xd)]);
+                let r = self.call(
+                    rc_round as *const () as usize,
+                    "double",
+                    &[("i64", code(&DTYPES, &dtype).to_string()), ("double", xd)],
+                );
                 if compute_ty_is_f32(dtype) {
                     let f = self.t();
                     self.emit(&format!("{f} = fptrunc double {r} to float"));
@@ -492,7 +523,11 @@ impl Gen<'_> {
                 r
             }
             Dtype::F16 | Dtype::BF16 if ft == "double" => {
-                let r = self.call(rc_round as *const () as usize, "double", &[("i64", code(&DTYPES, &to).to_string()), ("double", x.to_string())]);
+                let r = self.call(
+                    rc_round as *const () as usize,
+                    "double",
+                    &[("i64", code(&DTYPES, &to).to_string()), ("double", x.to_string())],
+                );
                 let f = self.t();
                 self.emit(&format!("{f} = fptrunc double {r} to float"));
                 f
@@ -535,7 +570,11 @@ impl Gen<'_> {
                 } else {
                     x.to_string()
                 };
-                let c = self.call(rc_un as *const () as usize, "double", &[("i64", code(&UNS, &u).to_string()), ("double", xd)]);
+                let c = self.call(
+                    rc_un as *const () as usize,
+                    "double",
+                    &[("i64", code(&UNS, &u).to_string()), ("double", xd)],
+                );
                 self.round(dt, &c, "double")
             }
         }
@@ -612,7 +651,12 @@ impl Gen<'_> {
                 let c = self.call(
                     rc_bin as *const () as usize,
                     "double",
-                    &[("i64", code(&BINS, &op).to_string()), ("double", xd), ("double", yd), ("i64", (float as i64).to_string())],
+                    &[
+                        ("i64", code(&BINS, &op).to_string()),
+                        ("double", xd),
+                        ("double", yd),
+                        ("i64", (float as i64).to_string()),
+                    ],
                 );
                 self.round(dt, &c, "double")
             }

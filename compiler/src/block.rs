@@ -109,7 +109,9 @@ fn elementwise(op: &Op) -> bool {
 fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError> {
     let (n, v) = (g.node(z).shape[0], g.node(z).shape[1]);
     let nv = vec![n, v];
-    let cols = opts.cols.unwrap_or_else(|| (opts.block_bytes / (n * crate::plan::dtype_bytes(g.node(z).dtype)).max(1)).clamp(16, 4096));
+    let cols = opts
+        .cols
+        .unwrap_or_else(|| (opts.block_bytes / (n * crate::plan::dtype_bytes(g.node(z).dtype)).max(1)).clamp(16, 4096));
     if cols >= v {
         return Ok(false);
     }
@@ -142,12 +144,18 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                 Op::Reduce { op, axes } if !matches!(op, Red::ArgMax | Red::ArgMin) => {
                     Consumer::Reduce(*op, axes.contains(&0), axes.contains(&1))
                 }
-                Op::Gather { axis: 1 } if ops[0] == x && !region.contains(&ops[1]) && g.node(ops[1]).shape == [n, 1] => Consumer::Pick,
+                Op::Gather { axis: 1 }
+                    if ops[0] == x && !region.contains(&ops[1]) && g.node(ops[1]).shape == [n, 1] =>
+                {
+                    Consumer::Pick
+                }
                 Op::MatMul if ops[0] == x && !region.contains(&ops[1]) => Consumer::Contract,
                 Op::MatMul if ops[1] == x && !region.contains(&ops[0]) => {
                     let users = g.users(u);
                     match users.as_slice() {
-                        [t] if g.node(*t).op == (Op::Transpose { perm: vec![1, 0] }) && !outputs.contains(&u) => Consumer::ColumnsT(*t),
+                        [t] if g.node(*t).op == (Op::Transpose { perm: vec![1, 0] }) && !outputs.contains(&u) => {
+                            Consumer::ColumnsT(*t)
+                        }
                         _ => Consumer::Columns,
                     }
                 }
@@ -165,7 +173,11 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     let mut avail: HashMap<NodeId, usize> = HashMap::new();
     for id in g.topo() {
         let ops = g.operands(id);
-        let p = ops.iter().map(|o| if region.contains(o) { phase[o] } else { avail.get(o).copied().unwrap_or(0) }).max().unwrap_or(0);
+        let p = ops
+            .iter()
+            .map(|o| if region.contains(o) { phase[o] } else { avail.get(o).copied().unwrap_or(0) })
+            .max()
+            .unwrap_or(0);
         if region.contains(&id) {
             phase.insert(id, p);
         } else if cons.contains_key(&id) {
@@ -189,7 +201,8 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
         }
         // Region nodes this pass needs.
         let mut need: BTreeSet<NodeId> = BTreeSet::new();
-        let mut stack: Vec<NodeId> = here.iter().flat_map(|(c, _)| g.operands(*c)).filter(|o| region.contains(o)).collect();
+        let mut stack: Vec<NodeId> =
+            here.iter().flat_map(|(c, _)| g.operands(*c)).filter(|o| region.contains(o)).collect();
         while let Some(x) = stack.pop() {
             if need.insert(x) {
                 stack.extend(g.operands(x).into_iter().filter(|o| region.contains(o)));
@@ -226,7 +239,8 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                 match kind {
                     Consumer::Reduce(op, cols_axis, rows_axis) => {
                         let x = clone[&ops[0]];
-                        let axes: Vec<usize> = [(cols_axis, 0usize), (rows_axis, 1)].iter().filter(|a| a.0).map(|a| a.1).collect();
+                        let axes: Vec<usize> =
+                            [(cols_axis, 0usize), (rows_axis, 1)].iter().filter(|a| a.0).map(|a| a.1).collect();
                         let shape = match (cols_axis, rows_axis) {
                             (true, true) => vec![],
                             (true, false) => vec![w],
@@ -257,7 +271,8 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                     Consumer::Contract => {
                         let x = clone[&ops[0]];
                         let wn = g.node(ops[1]).clone();
-                        let ws = g.add(Op::Slice { axis: 0, start }, wn.dtype, vec![w, wn.shape[1]], &[ops[1]], &wn.origin)?;
+                        let ws =
+                            g.add(Op::Slice { axis: 0, start }, wn.dtype, vec![w, wn.shape[1]], &[ops[1]], &wn.origin)?;
                         let part = g.add(Op::MatMul, cn.dtype, cn.shape.clone(), &[x, ws], o)?;
                         combine(g, &mut acc, c, part, Bin::Add, cn.dtype, cn.shape.clone(), o)?;
                     }
@@ -271,7 +286,8 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                         let k = cn.shape[0];
                         let xt = g.add(Op::Transpose { perm: vec![1, 0] }, cn.dtype, vec![w, n], &[x], o)?;
                         let ln = g.node(ops[0]).clone();
-                        let lt = g.add(Op::Transpose { perm: vec![1, 0] }, ln.dtype, vec![n, k], &[ops[0]], &ln.origin)?;
+                        let lt =
+                            g.add(Op::Transpose { perm: vec![1, 0] }, ln.dtype, vec![n, k], &[ops[0]], &ln.origin)?;
                         let part = g.add(Op::MatMul, cn.dtype, vec![w, k], &[xt, lt], o)?;
                         parts.entry(c).or_default().push(part);
                     }
@@ -282,7 +298,9 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     for (c, kind) in &consumers {
         let cn = g.node(*c).clone();
         let new = match kind {
-            Consumer::Reduce(_, true, false) => g.add(Op::Concat { axis: 0 }, cn.dtype, cn.shape.clone(), &parts[c], &cn.origin)?,
+            Consumer::Reduce(_, true, false) => {
+                g.add(Op::Concat { axis: 0 }, cn.dtype, cn.shape.clone(), &parts[c], &cn.origin)?
+            }
             Consumer::Columns => g.add(Op::Concat { axis: 1 }, cn.dtype, cn.shape.clone(), &parts[c], &cn.origin)?,
             Consumer::ColumnsT(t) => {
                 let tn = g.node(*t).clone();
@@ -300,7 +318,16 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
 }
 
 #[allow(clippy::too_many_arguments)]
-fn combine(g: &mut Graph, acc: &mut HashMap<NodeId, NodeId>, c: NodeId, part: NodeId, bin: Bin, dtype: Dtype, shape: Vec<usize>, o: &str) -> Result<(), IrError> {
+fn combine(
+    g: &mut Graph,
+    acc: &mut HashMap<NodeId, NodeId>,
+    c: NodeId,
+    part: NodeId,
+    bin: Bin,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    o: &str,
+) -> Result<(), IrError> {
     let new = match acc.get(&c) {
         Some(a) => g.add(Op::Binary(bin), dtype, shape, &[*a, part], o)?,
         None => part,
@@ -327,7 +354,14 @@ fn one_hot(g: &mut Graph, idx: NodeId, start: usize, w: usize, n: usize, v: usiz
 /// Columns `start..start + w` of an outside `[N, V]` value. Elementwise expressions over
 /// broadcasts are cloned with their leaves sliced (so they stay fusible); a one-hot
 /// `scatter_add` becomes a select; anything else is a slice of its buffer.
-fn slice_of(g: &mut Graph, x: NodeId, start: usize, w: usize, v: usize, memo: &mut HashMap<NodeId, NodeId>) -> Result<NodeId, IrError> {
+fn slice_of(
+    g: &mut Graph,
+    x: NodeId,
+    start: usize,
+    w: usize,
+    v: usize,
+    memo: &mut HashMap<NodeId, NodeId>,
+) -> Result<NodeId, IrError> {
     if let Some(s) = memo.get(&x) {
         return Ok(*s);
     }

@@ -61,7 +61,10 @@ pub type Val = usize;
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Inst {
     /// Element `at` (in elements) of buffer `buf`, converted to the compute type.
-    Load { buf: usize, at: Affine },
+    Load {
+        buf: usize,
+        at: Affine,
+    },
     Const(#[serde(with = "crate::ir::f64_serde")] f64),
     /// The value of an affine function of the loop indices (`iota`).
     Index(Affine),
@@ -157,7 +160,13 @@ pub enum Kernel {
     },
     /// An op run by the runtime's library (gather, sort, RNG, linear algebra…): operands
     /// and result are contiguous buffers of the nodes' shapes.
-    Library { node: Node, id: NodeId, operands: Vec<Node>, args: Vec<usize>, out: usize },
+    Library {
+        node: Node,
+        id: NodeId,
+        operands: Vec<Node>,
+        args: Vec<usize>,
+        out: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -415,11 +424,25 @@ impl Builder<'_> {
 
 /// Follows views from `n` down to a materialized node; the strides of `n`'s axes in that
 /// buffer, or the node that must be materialized.
-fn view_of(g: &Graph, mat: &BTreeSet<NodeId>, buf_of: &HashMap<NodeId, usize>, n: NodeId) -> Result<(usize, Affine), Materialize> {
+fn view_of(
+    g: &Graph,
+    mat: &BTreeSet<NodeId>,
+    buf_of: &HashMap<NodeId, usize>,
+    n: NodeId,
+) -> Result<(usize, Affine), Materialize> {
     let shape = &g.node(n).shape;
     let nd = shape.len();
     let coords: Coords = (0..nd).map(|d| Affine::var(nd, d)).collect();
-    let mut b = Builder { g, mat, root: None, buf_of, extents: shape.clone(), body: vec![], memo: HashMap::new(), nodes: vec![] };
+    let mut b = Builder {
+        g,
+        mat,
+        root: None,
+        buf_of,
+        extents: shape.clone(),
+        body: vec![],
+        memo: HashMap::new(),
+        nodes: vec![],
+    };
     let v = b.value(n, coords)?;
     match (&b.body[v].inst, b.body.len()) {
         (Inst::Load { buf, at }, 1) => Ok((*buf, at.clone())),
@@ -488,7 +511,8 @@ fn order(g: &Graph) -> Vec<NodeId> {
     // Scalars first; otherwise creation order (which keeps the blocks of a blocked matmul
     // together, so each block's temporaries die before the next block starts).
     let key = |n: NodeId| ((g.node(n).shape.iter().product::<usize>() > 1) as usize, rank[&n]);
-    let mut ready: BTreeSet<((usize, usize), NodeId)> = topo.iter().filter(|n| indeg[n] == 0).map(|n| (key(*n), *n)).collect();
+    let mut ready: BTreeSet<((usize, usize), NodeId)> =
+        topo.iter().filter(|n| indeg[n] == 0).map(|n| (key(*n), *n)).collect();
     let mut out = vec![];
     while let Some(first) = ready.iter().next().copied() {
         ready.remove(&first);
@@ -584,7 +608,11 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
         } else if is_fusible(&node.op) {
             let mut parts: Vec<(usize, NodeId)> = vec![];
             for o in &ops {
-                let l = if mat.contains(o) || matches!(g.node(*o).op, Op::Input { .. }) { BTreeSet::from([*o]) } else { leaves[o].clone() };
+                let l = if mat.contains(o) || matches!(g.node(*o).op, Op::Input { .. }) {
+                    BTreeSet::from([*o])
+                } else {
+                    leaves[o].clone()
+                };
                 parts.push((l.len(), *o));
                 set.extend(l);
             }
@@ -594,7 +622,13 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
                 mat.insert(widest);
                 set = ops
                     .iter()
-                    .flat_map(|o| if mat.contains(o) || matches!(g.node(*o).op, Op::Input { .. }) { BTreeSet::from([*o]) } else { leaves[o].clone() })
+                    .flat_map(|o| {
+                        if mat.contains(o) || matches!(g.node(*o).op, Op::Input { .. }) {
+                            BTreeSet::from([*o])
+                        } else {
+                            leaves[o].clone()
+                        }
+                    })
                     .collect();
             }
         }
@@ -652,7 +686,11 @@ impl MatMulFusion {
                         let mut start = 0i64;
                         for m in &ops {
                             let s = &g.node(*m).shape;
-                            let (off, stride) = if *axis == 0 { (start * node.shape[1] as i64, node.shape[1] as i64) } else { (start, node.shape[1] as i64) };
+                            let (off, stride) = if *axis == 0 {
+                                (start * node.shape[1] as i64, node.shape[1] as i64)
+                            } else {
+                                (start, node.shape[1] as i64)
+                            };
                             f.into_concat.insert(*m, (n, off, stride));
                             start += s[*axis] as i64;
                         }
@@ -665,7 +703,12 @@ impl MatMulFusion {
     }
 }
 
-fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>, fusion: &MatMulFusion) -> Result<Program, Materialize> {
+fn try_schedule(
+    g: &Graph,
+    order: &[NodeId],
+    mat: &BTreeSet<NodeId>,
+    fusion: &MatMulFusion,
+) -> Result<Program, Materialize> {
     let mut buffers: Vec<BufDecl> = vec![];
     let mut buf_of: HashMap<NodeId, usize> = HashMap::new();
     let decl = |n: NodeId, kind: BufKind| {
@@ -793,7 +836,16 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>, fusion: &Ma
                 for (d, a) in kept.iter().chain(axes.iter()).enumerate() {
                     coords[*a] = Affine::var(nd, d);
                 }
-                let mut b = Builder { g, mat, root: None, buf_of: &buf_of, extents: extents.clone(), body: vec![], memo: HashMap::new(), nodes: vec![n] };
+                let mut b = Builder {
+                    g,
+                    mat,
+                    root: None,
+                    buf_of: &buf_of,
+                    extents: extents.clone(),
+                    body: vec![],
+                    memo: HashMap::new(),
+                    nodes: vec![n],
+                };
                 let value = b.value(ops[0], coords)?;
                 let out_coords: Coords = (0..kept.len()).map(|d| Affine::var(nd, d)).collect();
                 let at = flatten(&out_coords, &node.shape, nd);
@@ -814,10 +866,25 @@ fn try_schedule(g: &Graph, order: &[NodeId], mat: &BTreeSet<NodeId>, fusion: &Ma
                 let nd = node.shape.len().max(1);
                 let extents: Vec<usize> = if node.shape.is_empty() { vec![1] } else { node.shape.clone() };
                 let coords: Coords = (0..node.shape.len()).map(|d| Affine::var(nd, d)).collect();
-                let mut b = Builder { g, mat, root: Some(n), buf_of: &buf_of, extents: extents.clone(), body: vec![], memo: HashMap::new(), nodes: vec![] };
+                let mut b = Builder {
+                    g,
+                    mat,
+                    root: Some(n),
+                    buf_of: &buf_of,
+                    extents: extents.clone(),
+                    body: vec![],
+                    memo: HashMap::new(),
+                    nodes: vec![],
+                };
                 let v = b.value(n, coords.clone())?;
                 let at = flatten(&coords, &node.shape, nd);
-                let mut l = Loop { dims: extents, body: b.body, reduce: None, stores: vec![Store { buf: out, at, val: StoreVal::Val(v) }], nodes: b.nodes };
+                let mut l = Loop {
+                    dims: extents,
+                    body: b.body,
+                    reduce: None,
+                    stores: vec![Store { buf: out, at, val: StoreVal::Val(v) }],
+                    nodes: b.nodes,
+                };
                 coalesce(&mut l);
                 kernels.push(Kernel::Loop(l));
             }
@@ -1035,7 +1102,8 @@ fn plan_arena(p: &mut Program, g: &Graph) {
     // Outputs named like an argument update it in its memory when the argument is not read
     // after (an elementwise loop may read it at the element it writes).
     for (name, b, _) in p.outputs.clone() {
-        let Some(arg) = g.inputs.iter().position(|i| matches!(&g.node(*i).op, Op::Input { name: n, .. } if *n == name)) else {
+        let Some(arg) = g.inputs.iter().position(|i| matches!(&g.node(*i).op, Op::Input { name: n, .. } if *n == name))
+        else {
             continue;
         };
         let ab = p.inputs[arg];
@@ -1094,7 +1162,12 @@ fn plan_arena(p: &mut Program, g: &Graph) {
                             })
                         }
                         Kernel::MatMul { acc, out, out_offset, out_row_stride, n, a, b: bv, .. } => {
-                            *acc == Some(r) && *out == b && *out_offset == 0 && *out_row_stride == *n as i64 && a.buf != r && bv.buf != r
+                            *acc == Some(r)
+                                && *out == b
+                                && *out_offset == 0
+                                && *out_row_stride == *n as i64
+                                && a.buf != r
+                                && bv.buf != r
                         }
                         _ => false,
                     }
@@ -1125,7 +1198,8 @@ fn plan_arena(p: &mut Program, g: &Graph) {
         // Buffers whose last reader is this kernel are free for the next one (unless a
         // buffer written here took their slice over).
         for (bi, d) in p.buffers.iter().enumerate() {
-            if d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some() && d.dies == i && !donated.contains(&bi) {
+            if d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some() && d.dies == i && !donated.contains(&bi)
+            {
                 free.push((d.offset, align(d.bytes)));
             }
         }
@@ -1158,8 +1232,12 @@ fn plan_arena(p: &mut Program, g: &Graph) {
 impl Program {
     /// Checks the arena plan: no two temps live in the same kernel overlap in memory.
     pub fn verify(&self) -> Result<(), String> {
-        let temps: Vec<(usize, &BufDecl)> =
-            self.buffers.iter().enumerate().filter(|(_, d)| d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some()).collect();
+        let temps: Vec<(usize, &BufDecl)> = self
+            .buffers
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some())
+            .collect();
         for (x, (i, a)) in temps.iter().enumerate() {
             if a.offset % ALIGN != 0 || a.offset + a.bytes > self.arena_bytes {
                 return Err(format!("buffer b{i} is misaligned or outside the arena"));
@@ -1186,7 +1264,10 @@ impl Program {
         out.push_str(&format!("  arguments      {:>12}  (owned by the caller)\n", human(self.argument_bytes)));
         out.push_str(&format!("  arena          {:>12}  ({} kernels)\n", human(self.arena_bytes), self.kernels.len()));
         out.push_str(&format!("  peak live      {:>12}  at kernel k{}\n", human(self.peak_bytes), self.peak_at));
-        out.push_str(&format!("  naive          {:>12}  (one buffer per graph node, no reuse)\n", human(self.naive_bytes)));
+        out.push_str(&format!(
+            "  naive          {:>12}  (one buffer per graph node, no reuse)\n",
+            human(self.naive_bytes)
+        ));
         let mut updated: Vec<String> =
             self.buffers.iter().filter_map(|b| b.into).map(|a| self.buffers[a].origin.clone()).collect();
         updated.sort();
@@ -1211,13 +1292,18 @@ impl Program {
     pub fn live_at(&self, k: usize) -> Vec<&BufDecl> {
         self.buffers
             .iter()
-            .filter(|d| d.kind == BufKind::Temp && d.into.is_none() && d.born.map(|b| b <= k).unwrap_or(false) && k <= d.dies)
+            .filter(|d| {
+                d.kind == BufKind::Temp && d.into.is_none() && d.born.map(|b| b <= k).unwrap_or(false) && k <= d.dies
+            })
             .collect()
     }
 
     /// The text form of `recipec build --emit kernels`.
     pub fn text(&self) -> String {
-        let mut s = format!("program {} (arena {} B, peak {} B at k{})\n", self.name, self.arena_bytes, self.peak_bytes, self.peak_at);
+        let mut s = format!(
+            "program {} (arena {} B, peak {} B at k{})\n",
+            self.name, self.arena_bytes, self.peak_bytes, self.peak_at
+        );
         for (i, b) in self.buffers.iter().enumerate() {
             if b.kind == BufKind::Temp && b.born.is_none() {
                 // Fused away after merging: never written.
@@ -1236,7 +1322,11 @@ impl Program {
         for (i, k) in self.kernels.iter().enumerate() {
             match k {
                 Kernel::Loop(l) => {
-                    let red = l.reduce.as_ref().map(|r| format!(" reduce_{:?}({} dims) of v{}", r.op, r.dims, r.value).to_lowercase()).unwrap_or_default();
+                    let red = l
+                        .reduce
+                        .as_ref()
+                        .map(|r| format!(" reduce_{:?}({} dims) of v{}", r.op, r.dims, r.value).to_lowercase())
+                        .unwrap_or_default();
                     let _ = writeln!(s, "  k{i}: loop {:?}{red}", l.dims);
                     for (v, ins) in l.body.iter().enumerate() {
                         let _ = writeln!(s, "    v{v}: {} = {}", ins.dtype, inst_text(&ins.inst));
@@ -1251,7 +1341,11 @@ impl Program {
                 }
                 Kernel::MatMul { a, b, out, acc, out_offset, out_row_stride, batch, m, k, n, dtype, .. } => {
                     let acc = acc.map(|a| format!("b{a} + ")).unwrap_or_default();
-                    let at = if *out_offset != 0 || *out_row_stride != *n as i64 { format!("(+{out_offset}, rows {out_row_stride})") } else { String::new() };
+                    let at = if *out_offset != 0 || *out_row_stride != *n as i64 {
+                        format!("(+{out_offset}, rows {out_row_stride})")
+                    } else {
+                        String::new()
+                    };
                     let _ = writeln!(
                         s,
                         "  k{i}: matmul {dtype} batch {batch:?} m={m} k={k} n={n}: b{out}{at} = {acc}b{}(+{}, {:?}, {}, {}) @ b{}(+{}, {:?}, {}, {})",
@@ -1269,7 +1363,13 @@ impl Program {
 }
 
 fn aff(a: &Affine) -> String {
-    let mut t: Vec<String> = a.coef.iter().enumerate().filter(|(_, c)| **c != 0).map(|(d, c)| if *c == 1 { format!("i{d}") } else { format!("{c}*i{d}") }).collect();
+    let mut t: Vec<String> = a
+        .coef
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c != 0)
+        .map(|(d, c)| if *c == 1 { format!("i{d}") } else { format!("{c}*i{d}") })
+        .collect();
     if a.c != 0 || t.is_empty() {
         t.push(a.c.to_string());
     }

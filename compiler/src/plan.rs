@@ -26,4 +26,3 @@ pub fn human(bytes: usize) -> String {
         format!("{bytes} B")
     }
 }
-

@@ -322,7 +322,8 @@ impl Server {
             let plan = compiler::kernel::schedule(&g).ok()?;
             let name = a.db.file(a.file).name.rsplit('/').next().unwrap_or("").to_string();
             let mut lines: HashMap<usize, (usize, usize)> = HashMap::new();
-            let at_peak: Vec<*const compiler::kernel::BufDecl> = plan.live_at(plan.peak_at).into_iter().map(|b| b as *const _).collect();
+            let at_peak: Vec<*const compiler::kernel::BufDecl> =
+                plan.live_at(plan.peak_at).into_iter().map(|b| b as *const _).collect();
             for b in plan.buffers.iter().filter(|b| b.kind == compiler::kernel::BufKind::Temp && b.into.is_none()) {
                 let origin = &b.origin;
                 let rest = origin.strip_prefix("d/").unwrap_or(origin);

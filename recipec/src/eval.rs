@@ -346,7 +346,12 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         }
     }
     let mut timings = vec![];
-    if req.dry && after.is_none() && !req.time_passes && req.artifact.is_none() && !req.emit.iter().any(|e| e == "plan" || e == "kernels") {
+    if req.dry
+        && after.is_none()
+        && !req.time_passes
+        && req.artifact.is_none()
+        && !req.emit.iter().any(|e| e == "plan" || e == "kernels")
+    {
         return Ok(g);
     }
     compiler::passes::run_pipeline(&mut g, after, &mut timings).map_err(|e| Fail("E0502", e.0))?;

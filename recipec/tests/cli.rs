@@ -361,12 +361,7 @@ fn results_are_deterministic() {
 fn build_writes_deterministic_artifacts() {
     let dir = temp_dir("artifact");
     let build = |out: &Path| {
-        recipec()
-            .args(["build", "recipes/tiny_gpt.recipe", "-o"])
-            .arg(out)
-            .current_dir(repo())
-            .output()
-            .unwrap()
+        recipec().args(["build", "recipes/tiny_gpt.recipe", "-o"]).arg(out).current_dir(repo()).output().unwrap()
     };
     let (a, b) = (dir.join("a"), dir.join("b"));
     for d in [&a, &b, &a] {
@@ -374,7 +369,8 @@ fn build_writes_deterministic_artifacts() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stderr).contains("tiny_gpt"), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let mut files: Vec<String> = std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let mut files: Vec<String> =
+        std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     files.sort();
     assert_eq!(files, ["manifest.json", "tiny_gpt.program.json"]);
     for f in &files {

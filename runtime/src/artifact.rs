@@ -23,7 +23,8 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> RunError {
 }
 
 fn entry_file(p: &Program) -> String {
-    let safe: String = p.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    let safe: String =
+        p.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
     format!("{safe}.program.json")
 }
 
@@ -101,8 +102,8 @@ pub fn write(dir: &Path, source: &str, programs: &[Program]) -> Result<(), RunEr
 pub fn load(dir: &Path) -> Result<Vec<Program>, RunError> {
     let mpath = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).map_err(|e| io("read", &mpath, e))?;
-    let m: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| RunError(format!("{} is not a recipec manifest: {e}", mpath.display())))?;
+    let m: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| RunError(format!("{} is not a recipec manifest: {e}", mpath.display())))?;
     if m["format"] != FORMAT {
         return Err(RunError(format!("{} is not a recipec artifact manifest", mpath.display())));
     }
@@ -115,13 +116,16 @@ pub fn load(dir: &Path) -> Result<Vec<Program>, RunError> {
     }
     let mut out = vec![];
     for e in m["entries"].as_array().into_iter().flatten() {
-        let file = e["program"].as_str().ok_or_else(|| RunError(format!("{}: an entry has no program file", mpath.display())))?;
+        let file = e["program"]
+            .as_str()
+            .ok_or_else(|| RunError(format!("{}: an entry has no program file", mpath.display())))?;
         if file.contains('/') || file.contains("..") {
             return Err(RunError(format!("{}: bad program file name `{file}`", mpath.display())));
         }
         let path = dir.join(file);
         let text = std::fs::read_to_string(&path).map_err(|e| io("read", &path, e))?;
-        let p: Program = serde_json::from_str(&text).map_err(|e| RunError(format!("{} is damaged: {e}", path.display())))?;
+        let p: Program =
+            serde_json::from_str(&text).map_err(|e| RunError(format!("{} is damaged: {e}", path.display())))?;
         p.verify().map_err(|e| RunError(format!("{}: invalid memory plan: {e}", path.display())))?;
         out.push(p);
     }

@@ -206,7 +206,10 @@ impl Executable {
         }
         .map_err(RunError)?;
         let arena = Mutex::new(Arena::new(program.arena_bytes));
-        let profile = std::env::var("RECIPEC_PROFILE").ok().filter(|v| v == "1").map(|_| Mutex::new(vec![0.0; program.kernels.len()]));
+        let profile = std::env::var("RECIPEC_PROFILE")
+            .ok()
+            .filter(|v| v == "1")
+            .map(|_| Mutex::new(vec![0.0; program.kernels.len()]));
         Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, profile })
     }
 
@@ -221,13 +224,26 @@ impl Executable {
         for k in idx.into_iter().take(top) {
             let (what, origin) = match &self.program.kernels[k] {
                 Kernel::Loop(l) => (
-                    format!("loop {:?}{}{}", l.dims, if l.reduce.is_some() { " reduce" } else { "" }, if self.code.vectorized[k] { " x4" } else { "" }),
+                    format!(
+                        "loop {:?}{}{}",
+                        l.dims,
+                        if l.reduce.is_some() { " reduce" } else { "" },
+                        if self.code.vectorized[k] { " x4" } else { "" }
+                    ),
                     self.program.buffers[l.stores[0].buf].origin.clone(),
                 ),
-                Kernel::MatMul { batch, m, k: kk, n, out, .. } => (format!("matmul {batch:?} {m}x{kk}x{n}"), self.program.buffers[*out].origin.clone()),
-                Kernel::Library { node, out, .. } => (format!("library {} {:?}", node.op.name(), node.shape), self.program.buffers[*out].origin.clone()),
+                Kernel::MatMul { batch, m, k: kk, n, out, .. } => {
+                    (format!("matmul {batch:?} {m}x{kk}x{n}"), self.program.buffers[*out].origin.clone())
+                }
+                Kernel::Library { node, out, .. } => {
+                    (format!("library {} {:?}", node.op.name(), node.shape), self.program.buffers[*out].origin.clone())
+                }
             };
-            out.push_str(&format!("  {:>8.2} ms {:>5.1}%  k{k:<4} {what:<40} {origin}\n", prof[k] * 1e3, 100.0 * prof[k] / total.max(1e-12)));
+            out.push_str(&format!(
+                "  {:>8.2} ms {:>5.1}%  k{k:<4} {what:<40} {origin}\n",
+                prof[k] * 1e3,
+                100.0 * prof[k] / total.max(1e-12)
+            ));
         }
         Some(out)
     }
@@ -322,7 +338,12 @@ impl Executable {
                             unsafe { std::ptr::copy_nonoverlapping(ptrs[*acc] as *const u8, ptrs[*out], bytes) };
                         }
                     }
-                    let o = OutView { buf: *out, offset: *out_offset, row_stride: *out_row_stride, accumulate: acc.is_some() };
+                    let o = OutView {
+                        buf: *out,
+                        offset: *out_offset,
+                        row_stride: *out_row_stride,
+                        accumulate: acc.is_some(),
+                    };
                     matmul(&ptrs, a, b, &o, batch, *m, *k, *n, *dtype);
                 }
                 Kernel::Library { node, operands, args: a, out, .. } if indexing(node, operands, a, &ptrs, *out) => {}
@@ -333,7 +354,11 @@ impl Executable {
                         .map(|(o, b)| {
                             let ptr = ptrs[*b] as *const u8;
                             let numel: usize = o.shape.iter().product();
-                            Tensor { dtype: o.dtype, shape: o.shape.clone(), data: (0..numel).map(|i| read(o.dtype, ptr, i)).collect() }
+                            Tensor {
+                                dtype: o.dtype,
+                                shape: o.shape.clone(),
+                                data: (0..numel).map(|i| read(o.dtype, ptr, i)).collect(),
+                            }
                         })
                         .collect();
                     library(node, &ops, ptrs[*out], seed)?;
@@ -378,7 +403,13 @@ fn clamp_index(v: f64, extent: usize) -> usize {
 
 /// `take`, `gather` and their transposes run natively (the interpreter's semantics: clamped
 /// indices; sums accumulated in f64 and rounded once). Returns false for other ops.
-fn indexing(node: &compiler::ir::Node, operands: &[compiler::ir::Node], args: &[usize], ptrs: &[*mut u8], out: usize) -> bool {
+fn indexing(
+    node: &compiler::ir::Node,
+    operands: &[compiler::ir::Node],
+    args: &[usize],
+    ptrs: &[*mut u8],
+    out: usize,
+) -> bool {
     let split = |shape: &[usize], axis: usize| -> (usize, usize, usize) {
         (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
     };
@@ -389,7 +420,8 @@ fn indexing(node: &compiler::ir::Node, operands: &[compiler::ir::Node], args: &[
     let (x, ix, o) = (ptrs[args[0]] as *const u8, ptrs[args[1]] as *const u8, ptrs[out]);
     let idt = operands[1].dtype;
     // Shapes equal but along `axis` (else the general library path).
-    let same_but = |a: &[usize], b: &[usize], axis: usize| a.len() == b.len() && (0..a.len()).all(|i| i == axis || a[i] == b[i]);
+    let same_but =
+        |a: &[usize], b: &[usize], axis: usize| a.len() == b.len() && (0..a.len()).all(|i| i == axis || a[i] == b[i]);
     match &node.op {
         Op::Gather { axis } if !same_but(&node.shape, &operands[0].shape, *axis) => false,
         Op::ScatterAdd { axis } if !same_but(&operands[2].shape, &operands[0].shape, *axis) => false,
@@ -402,7 +434,9 @@ fn indexing(node: &compiler::ir::Node, operands: &[compiler::ir::Node], args: &[
                     let (src, dst) = ((a * xa + k) * inner, (a * nidx + j) * inner);
                     if d == od && d == Dtype::F32 {
                         // SAFETY: rows of `inner` f32 inside both buffers (shapes from the plan).
-                        unsafe { std::ptr::copy_nonoverlapping((x as *const f32).add(src), (o as *mut f32).add(dst), inner) };
+                        unsafe {
+                            std::ptr::copy_nonoverlapping((x as *const f32).add(src), (o as *mut f32).add(dst), inner)
+                        };
                     } else {
                         for t in 0..inner {
                             write(d, o, dst + t, read(od, x, src + t));
@@ -484,7 +518,17 @@ struct OutView {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn matmul(ptrs: &[*mut u8], a: &View, b: &View, out: &OutView, batch: &[usize], m: usize, k: usize, n: usize, dtype: Dtype) {
+fn matmul(
+    ptrs: &[*mut u8],
+    a: &View,
+    b: &View,
+    out: &OutView,
+    batch: &[usize],
+    m: usize,
+    k: usize,
+    n: usize,
+    dtype: Dtype,
+) {
     let nb: usize = batch.iter().product();
     let offs = |v: &View, bi: usize| -> isize {
         let mut rem = bi;
@@ -504,18 +548,46 @@ fn matmul(ptrs: &[*mut u8], a: &View, b: &View, out: &OutView, batch: &[usize], 
         unsafe {
             match dtype {
                 Dtype::F64 => gemm::gemm::<f64>(
-                    m, n, k,
-                    (po as *mut f64).offset(oo), 1, rs, acc,
-                    (pa as *const f64).offset(oa), a.col_stride as isize, a.row_stride as isize,
-                    (pb as *const f64).offset(ob), b.col_stride as isize, b.row_stride as isize,
-                    if acc { 1.0 } else { 0.0 }, 1.0, false, false, false, par,
+                    m,
+                    n,
+                    k,
+                    (po as *mut f64).offset(oo),
+                    1,
+                    rs,
+                    acc,
+                    (pa as *const f64).offset(oa),
+                    a.col_stride as isize,
+                    a.row_stride as isize,
+                    (pb as *const f64).offset(ob),
+                    b.col_stride as isize,
+                    b.row_stride as isize,
+                    if acc { 1.0 } else { 0.0 },
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
                 ),
                 _ => gemm::gemm::<f32>(
-                    m, n, k,
-                    (po as *mut f32).offset(oo), 1, rs, acc,
-                    (pa as *const f32).offset(oa), a.col_stride as isize, a.row_stride as isize,
-                    (pb as *const f32).offset(ob), b.col_stride as isize, b.row_stride as isize,
-                    if acc { 1.0 } else { 0.0 }, 1.0, false, false, false, par,
+                    m,
+                    n,
+                    k,
+                    (po as *mut f32).offset(oo),
+                    1,
+                    rs,
+                    acc,
+                    (pa as *const f32).offset(oa),
+                    a.col_stride as isize,
+                    a.row_stride as isize,
+                    (pb as *const f32).offset(ob),
+                    b.col_stride as isize,
+                    b.row_stride as isize,
+                    if acc { 1.0 } else { 0.0 },
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
                 ),
             }
         }
@@ -524,7 +596,8 @@ fn matmul(ptrs: &[*mut u8], a: &View, b: &View, out: &OutView, batch: &[usize], 
     if nb >= threads && nb > 1 {
         (0..nb).into_par_iter().for_each(|bi| one(bi, gemm::Parallelism::None));
     } else {
-        let par = if work >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let par =
+            if work >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         for bi in 0..nb {
             one(bi, par);
         }

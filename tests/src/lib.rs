@@ -195,3 +195,25 @@ pub fn auto_args(params: &[lang::ast::Param]) -> Vec<(String, Arg)> {
     out
 }
 
+/// The graph of a function, loss, schedule, optimizer or sparsity rule at `args` (`None`
+/// for other items): `grads` adds a function's gradients; an optimizer's parameter has shape
+/// `shapes.0`, a sparsity rule's `shapes.1`.
+pub fn item_graph(
+    mods: &lang::resolve::Modules,
+    db: &SourceDb,
+    r: lang::types::ItemRef,
+    args: &[(String, Arg)],
+    grads: bool,
+    shapes: (Vec<usize>, Vec<usize>),
+) -> Option<Result<compiler::ir::Graph, compiler::lower::LowerError>> {
+    use lang::ast::{FnKind, ItemKind, RuleKind};
+    Some(match &mods.item(r).kind {
+        ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, db, r, args),
+        ItemKind::Fn(_) => compiler::entry::function(mods, db, r, args, grads),
+        ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
+            compiler::entry::optimizer(mods, db, r, (Dtype::F32, shapes.0), args)
+        }
+        ItemKind::Rule(_) => compiler::entry::sparsity(mods, db, r, (Dtype::F32, shapes.1), args),
+        _ => return None,
+    })
+}

@@ -10,7 +10,7 @@
 use compiler::interp::{self, Tensor};
 use compiler::ir::{Graph, Op};
 use compiler::lower::Arg;
-use lang::ast::{FnKind, ItemKind, RuleKind};
+use lang::ast::{FnKind, ItemKind};
 use lang::source::{MemoryLoader, SourceDb};
 use lang::types::{Dtype, ItemRef};
 use runtime::{Backend, Executable};
@@ -126,15 +126,7 @@ fn stdlib_items_match_the_interpreter() {
             let Some(args) = samples(module, name) else { continue };
             let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
             let loss = matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || *module == "std.loss");
-            let g = match &item.kind {
-                ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
-                ItemKind::Fn(_) => compiler::entry::function(mods, &db, r, &args, loss),
-                ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
-                    compiler::entry::optimizer(mods, &db, r, (Dtype::F32, vec![37]), &args)
-                }
-                ItemKind::Rule(_) => compiler::entry::sparsity(mods, &db, r, (Dtype::F32, vec![4, 16]), &args),
-                _ => continue,
-            };
+            let Some(g) = tests::item_graph(mods, &db, r, &args, loss, (vec![37], vec![4, 16])) else { continue };
             let mut g = g.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
             compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
             differential(&g, &format!("{module}.{name}"));
@@ -179,7 +171,8 @@ fn awkward_sizes_match_the_interpreter() {
         }
     }
     for (rows, v) in [(1usize, 3usize), (3, 17), (17, 1000), (5, 4099)] {
-        let args = vec![("logits".to_string(), t(Dtype::F32, &[rows, v])), ("targets".to_string(), t(Dtype::I32, &[rows]))];
+        let args =
+            vec![("logits".to_string(), t(Dtype::F32, &[rows, v])), ("targets".to_string(), t(Dtype::I32, &[rows]))];
         let mut g = compiler::entry::function(mods, &db, find("cross_entropy"), &args, true).unwrap();
         compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
         differential(&g, &format!("cross_entropy [{rows}, {v}]"));
@@ -229,14 +222,9 @@ fn case_files_match_the_interpreter() {
                 Some((_, Arg::Tensor(_, s))) => s,
                 _ => vec![4, 8],
             };
-            let g = match &item.kind {
-                ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
-                ItemKind::Fn(f) => compiler::entry::function(mods, &db, r, &args, f.kind == FnKind::Loss),
-                ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
-                    compiler::entry::optimizer(mods, &db, r, (Dtype::F32, param_shape), &args)
-                }
-                ItemKind::Rule(_) => compiler::entry::sparsity(mods, &db, r, (Dtype::F32, param_shape), &args),
-                _ => continue,
+            let grads = matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss);
+            let Some(g) = tests::item_graph(mods, &db, r, &args, grads, (param_shape.clone(), param_shape)) else {
+                continue;
             };
             let Ok(mut g) = g else { continue };
             compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
@@ -300,7 +288,9 @@ fn blocked_linear_cross_entropy_matches() {
         ItemRef { module: m, item: mods.list[m].items[name] }
     };
     let t = |d: Dtype, s: &[usize]| Arg::Tensor(d, s.to_vec());
-    for (n, d, v, cols) in [(3usize, 5usize, 17usize, 4usize), (8, 4, 32, 10), (17, 3, 1000, 7), (5, 17, 4099, 1000), (1, 2, 3, 1)] {
+    for (n, d, v, cols) in
+        [(3usize, 5usize, 17usize, 4usize), (8, 4, 32, 10), (17, 3, 1000, 7), (5, 17, 4099, 1000), (1, 2, 3, 1)]
+    {
         let args = vec![
             ("hidden".to_string(), t(Dtype::F32, &[n, d])),
             ("classifier".to_string(), t(Dtype::F32, &[v, d])),
@@ -347,7 +337,10 @@ fn artifacts_round_trip_and_reject_damage() {
     let back = runtime::artifact::load(&dir).unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].text(), p.text());
-    let (a, b) = (Executable::new(p, Backend::Cranelift).unwrap(), Executable::new(back[0].clone(), Backend::Cranelift).unwrap());
+    let (a, b) = (
+        Executable::new(p, Backend::Cranelift).unwrap(),
+        Executable::new(back[0].clone(), Backend::Cranelift).unwrap(),
+    );
     let ins = inputs(&g, 9);
     let (x, y) = (a.run_tensors(&ins, 0).unwrap(), b.run_tensors(&ins, 0).unwrap());
     assert_eq!(x, y);

@@ -4,11 +4,10 @@
 //! verifies and its text form parses back to the same text.
 
 use compiler::ir::{parse_graph, Graph};
-use tests::{auto_args, samples};
 use compiler::lower::Arg;
-use lang::ast::{FnKind, ItemKind, RuleKind};
+use lang::ast::{FnKind, ItemKind};
 use lang::source::{MemoryLoader, SourceDb};
-use lang::types::Dtype;
+use tests::{auto_args, samples};
 
 fn round_trip(g: &Graph, what: &str) {
     g.verify().unwrap_or_else(|e| panic!("{what}: {e}\n{g}"));
@@ -54,16 +53,8 @@ fn stdlib_graphs() {
             let src = &text[item.span.range()];
             let mut snap = format!("SOURCE\n{src}\n");
             let mods = &analysis.modules;
-            let lowered = match &item.kind {
-                ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
-                ItemKind::Fn(_) => compiler::entry::function(mods, &db, r, &args, false),
-                ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
-                    compiler::entry::optimizer(mods, &db, r, (Dtype::F32, vec![4]), &args)
-                }
-                ItemKind::Rule(_) => compiler::entry::sparsity(mods, &db, r, (Dtype::F32, vec![2, 8]), &args),
-                _ => continue,
-            }
-            .unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
+            let Some(lowered) = tests::item_graph(mods, &db, r, &args, false, (vec![4], vec![2, 8])) else { continue };
+            let lowered = lowered.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
             round_trip(&lowered, &format!("{module}.{name} lowered"));
             snap.push_str(&format!("\nLOWERED\n{lowered}"));
             if matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || module == &"std.loss") {
@@ -121,14 +112,9 @@ fn case_file_graphs() {
                 },
                 _ => vec![],
             };
-            let g = match &item.kind {
-                ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, &db, r, &args),
-                ItemKind::Fn(f) => compiler::entry::function(mods, &db, r, &args, f.kind == FnKind::Loss),
-                ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
-                    compiler::entry::optimizer(mods, &db, r, (Dtype::F32, param_shape), &args)
-                }
-                ItemKind::Rule(_) => compiler::entry::sparsity(mods, &db, r, (Dtype::F32, param_shape), &args),
-                _ => continue,
+            let grads = matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss);
+            let Some(g) = tests::item_graph(mods, &db, r, &args, grads, (param_shape.clone(), param_shape)) else {
+                continue;
             };
             any = true;
             match g {
