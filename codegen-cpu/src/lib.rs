@@ -173,6 +173,16 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     (x.to_bits() >> 16) as u16
 }
 
+/// The identity a reduction's f64 accumulator starts from.
+fn red_init(op: Red) -> f64 {
+    match op {
+        Red::Sum => 0.0,
+        Red::Prod => 1.0,
+        Red::Max => f64::NEG_INFINITY,
+        _ => f64::INFINITY,
+    }
+}
+
 fn compute_ty(d: Dtype) -> Type {
     match d {
         Dtype::F32 | Dtype::F16 | Dtype::BF16 => types::F32,
@@ -521,12 +531,7 @@ impl<'a, 'b> Gen<'a, 'b> {
     /// The reduced dims with an f64 accumulator, then the store of the result.
     fn reduction(&mut self, partial: Vec<Value>) {
         let r = self.l.reduce.clone().expect("reduction");
-        let init = match r.op {
-            Red::Sum => 0.0,
-            Red::Prod => 1.0,
-            Red::Max => f64::NEG_INFINITY,
-            _ => f64::INFINITY,
-        };
+        let init = red_init(r.op);
         let acc = self.b.declare_var(types::F64);
         let z = self.b.ins().f64const(init);
         self.b.def_var(acc, z);

@@ -263,12 +263,7 @@ impl Gen<'_> {
 
     fn reduction(&mut self, outer: usize) {
         let r = self.l.reduce.clone().expect("reduction");
-        let init = match r.op {
-            Red::Sum => 0.0,
-            Red::Prod => 1.0,
-            Red::Max => f64::NEG_INFINITY,
-            _ => f64::INFINITY,
-        };
+        let init = crate::red_init(r.op);
         self.emit(&format!("store double {}, double* %acc", lit(init, false)));
         self.red_level(outer, &r);
         let a = self.t();
@@ -295,12 +290,7 @@ impl Gen<'_> {
 
     fn accumulate(&mut self, r: &compiler::kernel::Reduction) {
         let vals = self.values();
-        let mut x = vals[r.value].clone();
-        if compute_ty_is_f32(self.l.body[r.value].dtype) {
-            let e = self.t();
-            self.emit(&format!("{e} = fpext float {x} to double"));
-            x = e;
-        }
+        let x = self.to_double(&vals[r.value].clone(), ty(self.l.body[r.value].dtype));
         let a = self.t();
         self.emit(&format!("{a} = load double, double* %acc"));
         let nv = self.t();
@@ -410,6 +400,17 @@ impl Gen<'_> {
         self.emit(&format!("store {st} {x}, {st}* {p}{md}"));
     }
 
+    /// `x` (of LLVM type `t`) as a double.
+    fn to_double(&mut self, x: &str, t: &str) -> String {
+        if t == "float" {
+            let e = self.t();
+            self.emit(&format!("{e} = fpext float {x} to double"));
+            e
+        } else {
+            x.to_string()
+        }
+    }
+
     fn access(&self) -> String {
         match self.parallel {
             Some((g, _)) => format!(", !llvm.access.group !{g}"),
@@ -432,13 +433,7 @@ impl Gen<'_> {
             }
             Dtype::F32 | Dtype::F64 => x.to_string(),
             _ => {
-                let xd = if t == "float" {
-                    let e = self.t();
-                    self.emit(&format!("{e} = fpext float {x} to double"));
-                    e
-                } else {
-                    x.to_string()
-                };
+                let xd = self.to_double(x, t);
                 let r = self.call(
                     rc_round as *const () as usize,
                     "double",
@@ -509,13 +504,7 @@ impl Gen<'_> {
         let ft = ty(from);
         match to {
             Dtype::Bool => {
-                let xd = if ft == "float" {
-                    let e = self.t();
-                    self.emit(&format!("{e} = fpext float {x} to double"));
-                    e
-                } else {
-                    x.to_string()
-                };
+                let xd = self.to_double(x, ft);
                 let c = self.t();
                 self.emit(&format!("{c} = fcmp une double {xd}, 0.0"));
                 let r = self.t();
@@ -563,13 +552,7 @@ impl Gen<'_> {
                 }
             }
             None => {
-                let xd = if xt == "float" {
-                    let e = self.t();
-                    self.emit(&format!("{e} = fpext float {x} to double"));
-                    e
-                } else {
-                    x.to_string()
-                };
+                let xd = self.to_double(x, xt);
                 let c = self.call(
                     rc_un as *const () as usize,
                     "double",
@@ -640,14 +623,7 @@ impl Gen<'_> {
                 }
             }
             None => {
-                let (xd, yd) = if xt == "float" {
-                    let (a, b) = (self.t(), self.t());
-                    self.emit(&format!("{a} = fpext float {x} to double"));
-                    self.emit(&format!("{b} = fpext float {y} to double"));
-                    (a, b)
-                } else {
-                    (x.to_string(), y.to_string())
-                };
+                let (xd, yd) = (self.to_double(x, xt), self.to_double(y, xt));
                 let c = self.call(
                     rc_bin as *const () as usize,
                     "double",

@@ -510,6 +510,46 @@ fn library(node: &compiler::ir::Node, ops: &[Tensor], out: *mut u8, seed: u64) -
     Ok(())
 }
 
+/// `out = (acc ? out : 0) + a @ b` through `gemm`; each operand is (base address, element
+/// offset, (row stride, column stride)), the output (base, offset, row stride).
+///
+/// # Safety
+/// The addresses, offsets and strides must describe memory inside live buffers of `T`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Copy + 'static>(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: (usize, isize, isize),
+    acc: bool,
+    a: (usize, isize, (isize, isize)),
+    b: (usize, isize, (isize, isize)),
+    (zero, one): (T, T),
+    par: gemm::Parallelism,
+) {
+    gemm::gemm::<T>(
+        m,
+        n,
+        k,
+        (out.0 as *mut T).offset(out.1),
+        1,
+        out.2,
+        acc,
+        (a.0 as *const T).offset(a.1),
+        a.2 .1,
+        a.2 .0,
+        (b.0 as *const T).offset(b.1),
+        b.2 .1,
+        b.2 .0,
+        if acc { one } else { zero },
+        one,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
 struct OutView {
     buf: usize,
     offset: i64,
@@ -544,51 +584,12 @@ fn matmul(
     let (rs, acc) = (out.row_stride as isize, out.accumulate);
     let one = |bi: usize, par: gemm::Parallelism| {
         let (oa, ob, oo) = (offs(a, bi), offs(b, bi), out.offset as isize + (bi * m * n) as isize);
+        let (ac, bc) = ((a.row_stride as isize, a.col_stride as isize), (b.row_stride as isize, b.col_stride as isize));
         // SAFETY: the views were derived from the buffers' shapes by the scheduler.
         unsafe {
             match dtype {
-                Dtype::F64 => gemm::gemm::<f64>(
-                    m,
-                    n,
-                    k,
-                    (po as *mut f64).offset(oo),
-                    1,
-                    rs,
-                    acc,
-                    (pa as *const f64).offset(oa),
-                    a.col_stride as isize,
-                    a.row_stride as isize,
-                    (pb as *const f64).offset(ob),
-                    b.col_stride as isize,
-                    b.row_stride as isize,
-                    if acc { 1.0 } else { 0.0 },
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                ),
-                _ => gemm::gemm::<f32>(
-                    m,
-                    n,
-                    k,
-                    (po as *mut f32).offset(oo),
-                    1,
-                    rs,
-                    acc,
-                    (pa as *const f32).offset(oa),
-                    a.col_stride as isize,
-                    a.row_stride as isize,
-                    (pb as *const f32).offset(ob),
-                    b.col_stride as isize,
-                    b.row_stride as isize,
-                    if acc { 1.0 } else { 0.0 },
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                ),
+                Dtype::F64 => gemm_into::<f64>(m, n, k, (po, oo, rs), acc, (pa, oa, ac), (pb, ob, bc), (0.0, 1.0), par),
+                _ => gemm_into::<f32>(m, n, k, (po, oo, rs), acc, (pa, oa, ac), (pb, ob, bc), (0.0, 1.0), par),
             }
         }
     };
