@@ -417,9 +417,10 @@ pub fn call(lw: &mut Lowerer, name: &str, args: &[Arg], span: Span) -> R<Val> {
             Ok(Val::T(lw.node(Op::Slice { axis: ax, start: *a as usize }, d, s, &[xv], &origin)?))
         }
         "zeros" | "ones" | "full" => {
-            let shape = match get(0) {
-                Some(v) => usizes(lw, v, span)?,
-                None => return lw.fail(span, "a shape is needed"),
+            let shape = match (get(0), lw.init_shape.clone()) {
+                (Some(v), _) => usizes(lw, v, span)?,
+                (None, Some(s)) => s,
+                (None, None) => return lw.fail(span, "a shape is needed"),
             };
             let (dtype, value) = match name {
                 "zeros" => (dtype_arg(lw, get(1), Dtype::F32, span)?, 0.0),
@@ -449,9 +450,10 @@ pub fn call(lw: &mut Lowerer, name: &str, args: &[Arg], span: Span) -> R<Val> {
             Ok(Val::T(lw.node(Op::Iota { axis: 0 }, dtype, vec![(*n).max(0) as usize], &[], &origin)?))
         }
         "uniform" | "normal" => {
-            let shape = match get(0) {
-                Some(v) => usizes(lw, v, span)?,
-                None => return lw.fail(span, "a shape is needed"),
+            let shape = match (get(0), lw.init_shape.clone()) {
+                (Some(v), _) => usizes(lw, v, span)?,
+                (None, Some(s)) => s,
+                (None, None) => return lw.fail(span, "a shape is needed"),
             };
             let stream = lw.stream();
             let op = if name == "uniform" { Op::Uniform { stream } } else { Op::Normal { stream } };

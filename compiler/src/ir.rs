@@ -402,6 +402,47 @@ impl Graph {
         out
     }
 
+    /// Copies `src` into this graph: each of `src`'s inputs is replaced by the node `bind`
+    /// gives for its name (an input without a binding is an error), random streams are
+    /// shifted by `stream_offset` (so two copies draw independent numbers), and `src`'s
+    /// outputs are returned by name.
+    pub fn inline(
+        &mut self,
+        src: &Graph,
+        bind: &mut dyn FnMut(&str) -> Option<NodeId>,
+        stream_offset: u64,
+    ) -> Result<Vec<(String, NodeId)>, IrError> {
+        let mut map: std::collections::HashMap<NodeId, NodeId> = std::collections::HashMap::new();
+        for id in src.topo() {
+            let n = src.node(id);
+            let new = match &n.op {
+                Op::Input { name, .. } => {
+                    let b = bind(name).ok_or_else(|| IrError(format!("`{name}` of `{}` is not bound", src.name)))?;
+                    let bn = self.node(b);
+                    if bn.shape != n.shape || bn.dtype != n.dtype {
+                        return Err(IrError(format!(
+                            "`{name}` of `{}` must be {}{:?}, got {}{:?}",
+                            src.name, n.dtype, n.shape, bn.dtype, bn.shape
+                        )));
+                    }
+                    b
+                }
+                op => {
+                    let op = match op.clone() {
+                        Op::Uniform { stream } => Op::Uniform { stream: stream + stream_offset },
+                        Op::Normal { stream } => Op::Normal { stream: stream + stream_offset },
+                        Op::Sample { stream, axis } => Op::Sample { stream: stream + stream_offset, axis },
+                        o => o,
+                    };
+                    let ops: Vec<NodeId> = src.operands(id).iter().map(|o| map[o]).collect();
+                    self.add(op, n.dtype, n.shape.clone(), &ops, &n.origin)?
+                }
+            };
+            map.insert(id, new);
+        }
+        Ok(src.outputs.iter().map(|(name, id)| (name.clone(), map[id])).collect())
+    }
+
     /// Replaces every use of `old` by `new` (outputs too).
     pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
         let edges: Vec<(NodeIndex, usize, petgraph::stable_graph::EdgeIndex)> =

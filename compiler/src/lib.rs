@@ -18,3 +18,4 @@ pub mod lower;
 pub mod passes;
 pub mod plan;
 pub mod rng;
+pub mod train;

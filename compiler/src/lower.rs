@@ -95,6 +95,12 @@ pub struct Lowerer<'a> {
     pub params: std::collections::BTreeMap<String, NodeId>,
     /// The models whose methods are being lowered (innermost last).
     models: Vec<std::rc::Rc<ModelVal>>,
+    /// The shape a shape-less `zeros()`/`normal(...)` takes (while lowering a `param`
+    /// initializer).
+    pub(crate) init_shape: Option<Vec<usize>>,
+    /// Parameters under a sparsity rule: the forward pass uses `param * mask.<path>`, and
+    /// `params` maps the path to that product (gradients are taken with respect to it).
+    pub masked: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -109,6 +115,8 @@ impl<'a> Lowerer<'a> {
             depth: 0,
             params: Default::default(),
             models: vec![],
+            init_shape: None,
+            masked: Default::default(),
         }
     }
 
@@ -950,7 +958,14 @@ impl<'a> Lowerer<'a> {
         })?;
         let index = self.graph.inputs.len();
         let origin = self.origin(span);
-        let n = self.node(Op::Input { index, name: key.clone() }, dtype, shape, &[], &origin)?;
+        let n = self.node(Op::Input { index, name: key.clone() }, dtype, shape.clone(), &[], &origin)?;
+        let n = if self.masked.contains(&key) {
+            let index = self.graph.inputs.len();
+            let m = self.node(Op::Input { index, name: format!("mask.{key}") }, dtype, shape.clone(), &[], &origin)?;
+            self.node(Op::Binary(Bin::Mul), dtype, shape, &[n, m], &origin)?
+        } else {
+            n
+        };
         self.params.insert(key, n);
         Ok(Val::T(n))
     }
@@ -1077,6 +1092,97 @@ impl<'a> Lowerer<'a> {
     pub(crate) fn node_of(&mut self, v: &Val, dtype: Dtype, origin: &str, span: lang::source::Span) -> R<NodeId> {
         self.to_node(v, dtype, origin, span)
     }
+    /// Every parameter of a model instance and its sub-models, in declaration order, with the
+    /// value of its initializer (`normal(std = 0.02)` takes the parameter's shape):
+    /// `(path, node)`, paths as in [`Lowerer::params`].
+    pub fn initial_values(&mut self, mv: &std::rc::Rc<ModelVal>) -> R<Vec<(String, NodeId)>> {
+        let mut out = vec![];
+        let def = self.model_def(mv);
+        self.init_members(mv, &def.members, &[], &mut out)?;
+        Ok(out)
+    }
+
+    fn init_members(
+        &mut self,
+        mv: &std::rc::Rc<ModelVal>,
+        members: &'a [Member],
+        extra: &[(String, Val)],
+        out: &mut Vec<(String, NodeId)>,
+    ) -> R<()> {
+        for m in members {
+            match &m.kind {
+                MemberKind::Param { name, index, ty, init } => {
+                    let i = match index {
+                        Some(e) => match self.in_model(mv, extra, |me| me.expr(e))? {
+                            Val::Int(i) => Some(i),
+                            _ => return self.at(e.span, "a parameter index must be a constant integer"),
+                        },
+                        None => None,
+                    };
+                    let mut path: Vec<String> = vec!["model".into()];
+                    path.extend(mv.prefix.iter().cloned());
+                    path.push(name.name.clone());
+                    if let Some(i) = i {
+                        path.push(i.to_string());
+                    }
+                    let dtype = Dtype::parse(&ty.dtype.name).unwrap_or(Dtype::F32);
+                    let dims = ty.dims.clone().unwrap_or_default();
+                    let origin = self.origin(m.span);
+                    let value = self.in_model(mv, extra, |me| {
+                        let mut shape = vec![];
+                        for d in &dims {
+                            match me.expr(d)? {
+                                Val::Int(v) if v >= 0 => shape.push(v as usize),
+                                _ => return me.at(d.span, "a parameter's dimensions must be non-negative constants"),
+                            }
+                        }
+                        let saved = me.init_shape.replace(shape.clone());
+                        let v = me.expr(init);
+                        me.init_shape = saved;
+                        let n = me.to_node(&v?, dtype, &origin, init.span)?;
+                        let n = me.cast(n, dtype, &origin)?;
+                        if me.shape(n).len() > shape.len() {
+                            return me.at(init.span, "the initializer's shape does not fit the parameter");
+                        }
+                        me.broadcast(n, &shape, &origin)
+                    })?;
+                    out.push((path.join("."), value));
+                }
+                MemberKind::Sub { name, index, value } => {
+                    let i = match index {
+                        Some(e) => match self.in_model(mv, extra, |me| me.expr(e))? {
+                            Val::Int(i) => Some(i),
+                            _ => return self.at(e.span, "a sub-model index must be a constant integer"),
+                        },
+                        None => None,
+                    };
+                    let Val::Model(sub) = self.sub_instance(mv, &name.name, value, i, extra)? else {
+                        return self.at(value.span, "a `sub` is a model call");
+                    };
+                    self.initial_values_into(&sub, out)?;
+                }
+                MemberKind::For { var, start, end, members } => {
+                    let (a, b) = self.in_model(mv, extra, |me| Ok((me.expr(start)?, me.expr(end)?)))?;
+                    let (Val::Int(a), Val::Int(b)) = (a, b) else {
+                        return self.at(m.span, "a `for` range must be constant integers");
+                    };
+                    for i in a..b {
+                        let mut inner = extra.to_vec();
+                        inner.push((var.name.clone(), Val::Int(i)));
+                        self.init_members(mv, members, &inner, out)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn initial_values_into(&mut self, mv: &std::rc::Rc<ModelVal>, out: &mut Vec<(String, NodeId)>) -> R<()> {
+        let def = self.model_def(mv);
+        self.init_members(mv, &def.members, &[], out)
+    }
+
     pub(crate) fn stream(&mut self) -> u64 {
         self.next_stream += 1;
         self.next_stream

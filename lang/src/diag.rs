@@ -361,6 +361,35 @@ at build time.",
 "recipec eval models.recipe gpt --out out/",
 "Evaluate a function, loss, schedule, optimizer, sparsity rule or decoding policy.";
 
+"E0601", "the recipe cannot be trained as written",
+"`recipec train` (and `recipec sample`) build every graph of the recipe before anything runs: \
+the parameters' initializers, the loss and its gradients, each `optimize` group's optimizer \
+with its hyperparameters (a schedule is evaluated at each step), each `sparsify` rule, and \
+the decoding policy. A shape that does not fit the model (an N:M rule whose group size does \
+not divide the weight's last axis, a loss whose arguments disagree), a hyperparameter that is \
+neither a number nor a schedule, or a data source without `context` and `batch` is reported \
+here, with the recipe line at fault, and no training starts.",
+"recipe r {\n    model = gpt(D = 30)\n    sparsify model.blocks.*.mlp.w1 with nm(n = 2, m = 4)\n    ...\n}",
+"Fix the line the diagnostic points at; `recipec build FILE --emit plan` shows the shapes the \
+recipe's graphs get.";
+
+"E0602", "invalid checkpoint",
+"`--resume DIR` and `recipec sample DIR` read `DIR/checkpoint.safetensors`. The file is \
+rejected when it is truncated, damaged (its checksum does not match), of another recipe, or \
+lacks a tensor the recipe needs or has it with another shape. A rejected checkpoint is never \
+overwritten: training does not start.",
+"recipec train recipes/tiny_gpt.recipe --resume runs/tiny_gpt   # after the file was cut short",
+"Resume from an intact checkpoint (checkpoints are written atomically, so the last one written \
+completely is the one in the directory), or start afresh with another `--out`.";
+
+"E0603", "training stopped",
+"Training or sampling failed while running: the data could not be read or is too short for \
+the recipe's `context` and `batch`, the output directory is not writable or already holds a \
+checkpoint of another run, or the loss became NaN or infinite (the last good state is saved).",
+"recipec train recipes/tiny_gpt.recipe --out runs/a   # runs/a holds an earlier run",
+"Check the data path and sizes, choose an empty `--out` (or `--resume` the run that is there), \
+and for a diverging loss lower the learning rate or set `grad_clip`.";
+
 "W0001", "unused binding",
 "A `let` binding is never read. Prefix the name with `_` to keep it on purpose.",
 "fn g(x: f32) -> f32 {\n    let y = x * 2.0\n    x\n}",

@@ -1,7 +1,8 @@
 //! `recipec eval`: run one item on the reference interpreter with arguments from `.npy`
 //! files. The contract (documented in the README) is relied on by users' scripts.
 
-use crate::{load, loader, npy, render};
+use crate::{load, loader, render};
+use runtime::npy;
 use compiler::interp::{self, Tensor};
 use compiler::ir::{Graph, Op};
 use compiler::lower::Arg;

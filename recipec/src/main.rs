@@ -3,8 +3,8 @@
 
 mod eval;
 mod loader;
-mod npy;
 mod render;
+mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lang::source::{FileId, SourceDb};
@@ -118,6 +118,49 @@ enum Command {
     },
     /// Run one pass on a graph in text form (a file, or `-` for standard input).
     Opt { pass: String, file: PathBuf },
+    /// Train a recipe: progress on stderr, checkpoint, `metrics.jsonl` and `loss.svg` in
+    /// `--out` (default `runs/RECIPE`). Ctrl-C saves a checkpoint and stops.
+    Train {
+        file: PathBuf,
+        /// The recipe to train, when the file has several (default: the first).
+        #[arg(long)]
+        recipe: Option<String>,
+        /// Train to this step instead of the recipe's `steps`.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Steps between checkpoints, instead of the recipe's `checkpoint_every`.
+        #[arg(long)]
+        checkpoint_every: Option<usize>,
+        /// Output directory (default: `runs/RECIPE`, or the `--resume` directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue from the checkpoint in this directory.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// `cranelift` (default) or `llvm` (in builds with the `llvm` feature).
+        #[arg(long, default_value = "cranelift")]
+        backend: String,
+    },
+    /// Generate text from a trained checkpoint with the recipe's `decode` policy.
+    Sample {
+        /// The `--out` directory of `recipec train`.
+        dir: PathBuf,
+        /// Text to continue (default: a newline).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// How many tokens to generate.
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        /// Seed of the policy's sampling (default: the recipe's seed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Another decoding policy, e.g. `--policy "top_p(p = 0.95)"` or `greedy()`.
+        #[arg(long)]
+        policy: Option<String>,
+        /// `cranelift` (default) or `llvm`.
+        #[arg(long, default_value = "cranelift")]
+        backend: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -175,6 +218,12 @@ fn main() -> ExitCode {
             build(&file, &front_emit, true)
         }
         Command::Opt { pass, file } => opt(&pass, &file),
+        Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {
+            train::train(train::TrainRequest { file, recipe, steps, checkpoint_every, out, resume, backend })
+        }
+        Command::Sample { dir, prompt, tokens, seed, policy, backend } => {
+            train::sample(train::SampleRequest { dir, prompt, tokens, seed, policy, backend })
+        }
         Command::Lsp => match lsp::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -13,6 +13,11 @@
 //! in place and are returned as well.
 
 pub mod artifact;
+pub mod checkpoint;
+pub mod data;
+pub mod npy;
+pub mod plot;
+pub mod train;
 
 use compiler::interp::{self, Tensor};
 use compiler::ir::Op;

@@ -1,0 +1,257 @@
+//! `recipec train` and `recipec sample`: front end → training plan → runtime loops.
+
+use crate::{load, loader, render};
+use lang::diag::Diagnostic;
+use lang::source::SourceDb;
+use lang::types::ItemRef;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+pub struct TrainRequest {
+    pub file: PathBuf,
+    pub recipe: Option<String>,
+    pub steps: Option<usize>,
+    pub checkpoint_every: Option<usize>,
+    pub out: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub backend: String,
+}
+
+pub struct SampleRequest {
+    pub dir: PathBuf,
+    pub prompt: Option<String>,
+    pub tokens: usize,
+    pub seed: Option<u64>,
+    pub policy: Option<String>,
+    pub backend: String,
+}
+
+fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
+    eprintln!("error[{code}]: {msg}");
+    if !help.is_empty() {
+        eprintln!("  = help: {help}");
+    }
+    ExitCode::from(1)
+}
+
+fn backend(name: &str) -> Result<runtime::Backend, ExitCode> {
+    match name {
+        "cranelift" => Ok(runtime::Backend::Cranelift),
+        #[cfg(feature = "llvm")]
+        "llvm" => Ok(runtime::Backend::Llvm),
+        #[cfg(not(feature = "llvm"))]
+        "llvm" => Err(error(
+            "E0501",
+            "this recipec was built without the LLVM backend",
+            "build it with `cargo build --release -p recipec --features llvm` (needs LLVM 14: `apt install llvm-14-dev`)",
+        )),
+        other => Err(error("E0501", format!("unknown backend `{other}`"), "the training backends are cranelift and llvm")),
+    }
+}
+
+/// Analyzes the file(s), renders diagnostics, and finds the recipe.
+fn front_end(
+    db: &mut SourceDb,
+    roots: &[lang::source::FileId],
+    recipe: Option<&str>,
+) -> Result<(lang::Analysis, ItemRef), ExitCode> {
+    let analysis = lang::analyze(db, roots, &loader::FsLoader);
+    let color = crate::color();
+    for d in &analysis.diagnostics {
+        // The synthetic import of `recipec sample --policy` is never "unused".
+        if d.code == "W0002" && db.file(d.labels.first().map(|l| l.file).unwrap_or(roots[0])).name.ends_with("<sample>") {
+            continue;
+        }
+        eprint!("{}", render::render(db, d, color));
+    }
+    if analysis.has_errors() {
+        return Err(ExitCode::from(1));
+    }
+    let m = &analysis.modules.list[0];
+    let mut found = None;
+    for (i, item) in m.ast.items.iter().enumerate() {
+        if let lang::ast::ItemKind::Recipe(r) = &item.kind {
+            if recipe.map(|n| n == r.name.name).unwrap_or(found.is_none()) {
+                found = Some(ItemRef { module: 0, item: i });
+            }
+        }
+    }
+    match found {
+        Some(r) => Ok((analysis, r)),
+        None => Err(error(
+            "E0601",
+            match recipe {
+                Some(n) => format!("no recipe `{n}` in {}", db.file(roots[0]).name),
+                None => format!("{} has no recipe", db.file(roots[0]).name),
+            },
+            "a trainable file declares `recipe NAME { model = ..., data = ..., loss = ..., optimize ... }`",
+        )),
+    }
+}
+
+fn plan_error(db: &SourceDb, e: compiler::lower::LowerError) -> ExitCode {
+    let mut d = Diagnostic::error("E0601", e.message.clone());
+    if let Some((f, span)) = e.at {
+        d = d.label(f, span, "here");
+    }
+    d = d.help("nothing ran; fix this line (`recipec explain E0601`)");
+    eprint!("{}", render::render(db, &d, crate::color()));
+    ExitCode::from(1)
+}
+
+pub fn train(req: TrainRequest) -> ExitCode {
+    let be = match backend(&req.backend) {
+        Ok(b) => b,
+        Err(c) => return c,
+    };
+    let (mut db, roots, ok) = load(std::slice::from_ref(&req.file));
+    if !ok {
+        return ExitCode::from(1);
+    }
+    let (analysis, r) = match front_end(&mut db, &roots, req.recipe.as_deref()) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let plan = match compiler::train::plan(&analysis.modules, &db, r) {
+        Ok(p) => p,
+        Err(e) => return plan_error(&db, e),
+    };
+    let out = req
+        .out
+        .clone()
+        .or_else(|| req.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
+    if let Some(dir) = &req.resume {
+        if let Err(e) = runtime::train::load_state(&plan, &dir.join("checkpoint.safetensors")) {
+            return error("E0602", e, "the checkpoint was left as it is; resume from an intact one or start afresh with another `--out`");
+        }
+    }
+    let opts = runtime::train::TrainOptions {
+        steps: req.steps,
+        checkpoint_every: req.checkpoint_every,
+        out: out.clone(),
+        resume: req.resume.clone(),
+        backend: be,
+        progress_bar: std::io::stderr().is_terminal(),
+        source: db.file(roots[0]).text.clone(),
+        source_path: req.file.clone(),
+    };
+    runtime::train::install_interrupt_handler();
+    let stderr = std::io::stderr();
+    let mut log = stderr.lock();
+    match runtime::train::train(&plan, &opts, &mut log) {
+        Ok(s) => {
+            let val = s.val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                log,
+                "{} at step {} after {:.1} s: training loss {:.4}, validation loss {val} (unigram baseline {:.4})",
+                if s.interrupted { "interrupted" } else { "done" },
+                s.steps_done,
+                s.seconds,
+                s.final_loss,
+                s.unigram
+            );
+            let _ = writeln!(
+                log,
+                "wrote {d}/checkpoint.safetensors, {d}/metrics.jsonl, {d}/loss.svg\nsample with: recipec sample {d}{}",
+                if s.interrupted { format!("\ncontinue with: recipec train {} --resume {}", req.file.display(), out.display()) } else { String::new() },
+                d = out.display()
+            );
+            if s.interrupted {
+                ExitCode::from(130)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(log);
+            error("E0603", e, "see `recipec explain E0603`")
+        }
+    }
+}
+
+pub fn sample(req: SampleRequest) -> ExitCode {
+    let be = match backend(&req.backend) {
+        Ok(b) => b,
+        Err(c) => return c,
+    };
+    let run_path = req.dir.join("run.json");
+    let run: serde_json::Value = match std::fs::read_to_string(&run_path).map(|t| serde_json::from_str(&t)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return error("E0602", format!("{}: {e}", run_path.display()), "the directory is not a `recipec train` output"),
+        Err(e) => {
+            return error(
+                "E0602",
+                format!("cannot read {}: {e}", run_path.display()),
+                "pass the `--out` directory of `recipec train` (default `runs/RECIPE`)",
+            )
+        }
+    };
+    let source = match std::fs::read_to_string(req.dir.join("recipe.recipe")) {
+        Ok(t) => t,
+        Err(e) => return error("E0602", format!("cannot read {}: {e}", req.dir.join("recipe.recipe").display()), ""),
+    };
+    let source_path = run.get("source_path").and_then(|v| v.as_str()).unwrap_or("recipe.recipe").to_string();
+    let recipe = run.get("recipe").and_then(|v| v.as_str()).map(|s| s.to_string());
+    let mut db = SourceDb::new();
+    let mut roots = vec![db.add(source_path.clone(), source)];
+    if req.policy.is_some() {
+        let dir = Path::new(&source_path).parent().map(|p| p.display().to_string()).unwrap_or_default();
+        let name = if dir.is_empty() { "<sample>".to_string() } else { format!("{dir}/<sample>") };
+        roots.push(db.add(name, "use std.decode.{greedy, temperature, top_k, top_p}\n".to_string()));
+    }
+    let (analysis, r) = match front_end(&mut db, &roots, recipe.as_deref()) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let plan = match compiler::train::plan(&analysis.modules, &db, r) {
+        Ok(p) => p,
+        Err(e) => return plan_error(&db, e),
+    };
+    let decode = match &req.policy {
+        Some(text) => {
+            let f = db.add("<--policy>", text.clone());
+            let expr = match lang::parse::parse_expr(f, text) {
+                Ok(e) => e,
+                Err(diags) => {
+                    for d in &diags {
+                        eprint!("{}", render::render(&db, d, crate::color()));
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            let masked: Vec<String> = plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
+            match compiler::train::decode_graph(&analysis.modules, &db, r, &expr, &masked, plan.data.context) {
+                Ok(g) => g,
+                Err(e) => return plan_error(&db, e),
+            }
+        }
+        None => match &plan.decode {
+            Some(g) => g.clone(),
+            None => {
+                return error(
+                    "E0601",
+                    format!("recipe `{}` sets no `decode` policy", plan.name),
+                    "add `decode = top_k(k = 40)` to the recipe, or pass `--policy \"top_k(k = 40)\"`",
+                )
+            }
+        },
+    };
+    let state = match runtime::train::load_state(&plan, &req.dir.join("checkpoint.safetensors")) {
+        Ok((s, _)) => s,
+        Err(e) => return error("E0602", e, "sample from the directory of a finished or interrupted `recipec train`"),
+    };
+    let prompt = req.prompt.clone().unwrap_or_default();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let _ = out.write_all(prompt.as_bytes());
+    let seed = req.seed.unwrap_or(plan.settings.seed);
+    match runtime::train::sample(&decode, &state, plan.data.context, prompt.as_bytes(), req.tokens, seed, be, &mut out) {
+        Ok(_) => {
+            let _ = writeln!(out);
+            ExitCode::SUCCESS
+        }
+        Err(e) => error("E0603", e, ""),
+    }
+}

@@ -1,0 +1,588 @@
+//! The training loop and the decoding loop over a [`TrainPlan`]'s graphs.
+//!
+//! A step `s` (from 1): refresh the sparsity masks (`masks` graph), run `grad` on each of
+//! `accumulate` micro-batches and average, run `update` (clipping, sparsity gradient rules,
+//! optimizers; schedules read `step`). All tensors live in one map by name (`model.…`,
+//! `state.model.….m`, `mask.model.…`, `grad.model.…`); each graph takes its arguments from it
+//! by name and writes its outputs back (optimizer outputs update their argument in place).
+//!
+//! Determinism: the batch of step `s` depends only on (seed, s) (see [`crate::data`]),
+//! random nodes draw from the counter-based RNG under `seed ^ hash(s)`, and the kernels'
+//! work split does not depend on timing, so the same seed gives the same losses bit for bit,
+//! and a run resumed from a checkpoint continues exactly as the uninterrupted run would.
+//!
+//! Output directory: `checkpoint.safetensors` (atomic, every `checkpoint_every` steps, at
+//! the end and on Ctrl-C), `metrics.jsonl` (one JSON object per logged step and per
+//! validation), `loss.svg`, and `recipe.recipe` + `run.json` (what `recipec sample` needs).
+
+use crate::checkpoint::Checkpoint;
+use crate::data::Corpus;
+use crate::{Backend, Buffer, Executable, Out, RunError};
+use compiler::interp::Tensor;
+use compiler::ir::Graph;
+use compiler::train::TrainPlan;
+use lang::types::Dtype;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Set by the SIGINT handler; the loop checks it between steps.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C finishes the current step, saves a checkpoint and stops.
+pub fn install_interrupt_handler() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
+}
+
+/// Schedules and compiles a graph (the standard pass pipeline, fusion, memory plan).
+pub fn compile(g: &Graph, backend: Backend) -> Result<Executable, RunError> {
+    let mut g = g.clone();
+    compiler::passes::run_pipeline(&mut g, None, &mut vec![])
+        .map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
+    let p = compiler::kernel::schedule(&g).map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
+    Executable::new(p, backend)
+}
+
+/// Runs `exe` with arguments taken by name from `extra` first, then `state`; the arguments
+/// go back into `state` (updated in place where the program wrote into them) and every
+/// output is stored in `state` under its name.
+pub fn run_named(
+    exe: &Executable,
+    state: &mut BTreeMap<String, Buffer>,
+    mut extra: BTreeMap<String, Buffer>,
+    seed: u64,
+) -> Result<(), RunError> {
+    let names = exe.program.input_names.clone();
+    let mut args = Vec::with_capacity(names.len());
+    for n in &names {
+        match extra.remove(n).or_else(|| state.remove(n)) {
+            Some(b) => args.push(b),
+            None => {
+                // Put back what was taken before failing.
+                for (m, b) in names.iter().zip(args) {
+                    state.insert(m.clone(), b);
+                }
+                return Err(RunError(format!("`{}` needs `{n}`, which the training state lacks", exe.program.name)));
+            }
+        }
+    }
+    let result = exe.run(&mut args, seed);
+    let mut fresh = vec![];
+    if let Ok(outs) = &result {
+        for (name, o) in outs {
+            match o {
+                Out::Arg(i, shape) if names[*i] == *name && *shape == args[*i].shape => {}
+                Out::Arg(i, shape) => {
+                    let mut b = Buffer::from_bytes(args[*i].dtype, shape.clone(), args[*i].as_bytes());
+                    b.shape = shape.clone();
+                    fresh.push((name.clone(), b));
+                }
+                Out::Buf(_) => {}
+            }
+        }
+    }
+    for (n, b) in names.iter().zip(args) {
+        state.insert(n.clone(), b);
+    }
+    for (name, o) in result? {
+        if let Out::Buf(b) = o {
+            state.insert(name, b);
+        }
+    }
+    for (name, b) in fresh {
+        state.insert(name, b);
+    }
+    Ok(())
+}
+
+fn scalar(state: &BTreeMap<String, Buffer>, name: &str) -> f64 {
+    state.get(name).map(|b| b.get(0)).unwrap_or(f64::NAN)
+}
+
+fn i32_buffer(shape: Vec<usize>, data: &[i32]) -> Buffer {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Buffer::from_bytes(Dtype::I32, shape, &bytes)
+}
+
+fn step_buffer(step: usize) -> Buffer {
+    i32_buffer(vec![], &[step as i32])
+}
+
+/// The seed of step `s`'s random nodes.
+fn step_seed(seed: u64, s: usize) -> u64 {
+    seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// What the user asked for on the command line.
+pub struct TrainOptions {
+    /// Override of the recipe's `steps`.
+    pub steps: Option<usize>,
+    pub checkpoint_every: Option<usize>,
+    pub out: PathBuf,
+    /// A directory holding a checkpoint to continue from.
+    pub resume: Option<PathBuf>,
+    pub backend: Backend,
+    /// Draw a progress bar (on a terminal) rather than plain lines.
+    pub progress_bar: bool,
+    /// The recipe's source text and path (written beside the checkpoint).
+    pub source: String,
+    pub source_path: PathBuf,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps_done: usize,
+    pub final_loss: f64,
+    pub val_loss: Option<f64>,
+    pub unigram: f64,
+    pub seconds: f64,
+    pub interrupted: bool,
+}
+
+/// The compiled graphs of a plan.
+pub struct Programs {
+    pub grad: Executable,
+    pub eval: Executable,
+    pub update: Executable,
+    pub masks: Option<Executable>,
+    pub init: Executable,
+}
+
+impl Programs {
+    pub fn new(plan: &TrainPlan, backend: Backend) -> Result<Programs, RunError> {
+        Ok(Programs {
+            grad: compile(&plan.grad, backend)?,
+            eval: compile(&plan.eval, backend)?,
+            update: compile(&plan.update, backend)?,
+            masks: plan.masks.as_ref().map(|g| compile(g, backend)).transpose()?,
+            init: compile(&plan.init, backend)?,
+        })
+    }
+}
+
+/// The names of the tensors a checkpoint holds.
+fn persistent(plan: &TrainPlan) -> Vec<(String, Dtype, Vec<usize>)> {
+    let mut v = vec![];
+    for p in &plan.params {
+        v.push((p.path.clone(), p.dtype, p.shape.clone()));
+        if p.sparsity.is_some() {
+            v.push((format!("mask.{}", p.path), p.dtype, p.shape.clone()));
+            v.push((format!("grad.{}", p.path), p.dtype, p.shape.clone()));
+        }
+    }
+    v.extend(plan.states.iter().cloned());
+    v
+}
+
+/// The initial training state: parameters from their initializers under the seed, optimizer
+/// states zero (the optimizer graph initializes them at step 1), masks one, gradients zero.
+pub fn initial_state(plan: &TrainPlan, progs: &Programs) -> Result<BTreeMap<String, Buffer>, RunError> {
+    let mut state = BTreeMap::new();
+    run_named(&progs.init, &mut state, BTreeMap::new(), plan.settings.seed)?;
+    for (name, dtype, shape) in persistent(plan) {
+        if state.contains_key(&name) {
+            continue;
+        }
+        let mut b = Buffer::zeros(dtype, shape.clone());
+        if name.starts_with("mask.") {
+            let n: usize = shape.iter().product();
+            b = Buffer::from_tensor(&Tensor::new(dtype, shape, vec![1.0; n]));
+        }
+        state.insert(name, b);
+    }
+    Ok(state)
+}
+
+/// Loads a checkpoint and checks it fits the plan (names, dtypes, shapes).
+pub fn load_state(plan: &TrainPlan, path: &Path) -> Result<(BTreeMap<String, Buffer>, usize), RunError> {
+    let ck = Checkpoint::load(path)?;
+    if ck.metadata.get("format").map(|s| s.as_str()) != Some("recipec-checkpoint-1") {
+        return Err(RunError(format!("{}: not a recipec checkpoint (no `format` metadata)", path.display())));
+    }
+    let step: usize = ck
+        .metadata
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| RunError(format!("{}: the checkpoint has no step", path.display())))?;
+    if ck.metadata.get("recipe") != Some(&plan.name) {
+        return Err(RunError(format!(
+            "{}: the checkpoint is of recipe `{}`, not `{}`",
+            path.display(),
+            ck.metadata.get("recipe").cloned().unwrap_or_default(),
+            plan.name
+        )));
+    }
+    let state = ck.tensors;
+    for (name, dtype, shape) in persistent(plan) {
+        match state.get(&name) {
+            None => return Err(RunError(format!("{}: the checkpoint lacks `{name}`", path.display()))),
+            Some(b) if b.dtype != dtype || b.shape != shape => {
+                return Err(RunError(format!(
+                    "{}: `{name}` is {}{:?} in the checkpoint but {dtype}{shape:?} in the recipe",
+                    path.display(),
+                    b.dtype,
+                    b.shape
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok((state, step))
+}
+
+fn save_state(plan: &TrainPlan, state: &BTreeMap<String, Buffer>, step: usize, dir: &Path) -> Result<(), RunError> {
+    let mut ck = Checkpoint::default();
+    for (name, ..) in persistent(plan) {
+        let b = state.get(&name).ok_or_else(|| RunError(format!("the training state lacks `{name}`")))?;
+        ck.tensors.insert(name, Buffer::from_bytes(b.dtype, b.shape.clone(), b.as_bytes()));
+    }
+    let s = &plan.settings;
+    for (k, v) in [
+        ("format", "recipec-checkpoint-1".to_string()),
+        ("recipe", plan.name.clone()),
+        ("step", step.to_string()),
+        ("seed", s.seed.to_string()),
+        ("rng", format!("philox4x32-10; graph seed of step s = seed ^ (s * 0x9E3779B97F4A7C15); data order keyed by (seed, epoch)")),
+        ("data_position", (step * s.accumulate * plan.data.batch).to_string()),
+    ] {
+        ck.metadata.insert(k.to_string(), v);
+    }
+    ck.save(&dir.join("checkpoint.safetensors"))
+}
+
+/// Mean validation loss over the recipe's `eval_batches` fixed batches.
+pub fn validation_loss(
+    plan: &TrainPlan,
+    progs: &Programs,
+    corpus: &Corpus,
+    state: &mut BTreeMap<String, Buffer>,
+) -> Result<f64, RunError> {
+    let (b, t) = (plan.data.batch, plan.data.context);
+    let n = plan.settings.eval_batches;
+    let mut total = 0.0;
+    for k in 0..n {
+        let (x, y) = corpus.val_batch(k, n);
+        let mut extra = BTreeMap::new();
+        extra.insert("batch.inputs".to_string(), i32_buffer(vec![b, t], &x));
+        extra.insert("batch.targets".to_string(), i32_buffer(vec![b, t], &y));
+        run_named(&progs.eval, state, extra, plan.settings.seed)?;
+        total += scalar(state, "loss");
+    }
+    Ok(total / n as f64)
+}
+
+fn json_num(x: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(x).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+}
+
+fn fmt_duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `step` (a resumed run rewrites what follows).
+fn truncate_metrics(path: &Path, step: usize) -> Result<Vec<serde_json::Value>, RunError> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
+    let kept: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("step").and_then(|s| s.as_u64()).map(|s| s as usize <= step).unwrap_or(false))
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    let body: String = kept.iter().map(|v| format!("{v}\n")).collect();
+    std::fs::write(&tmp, body).map_err(|e| RunError(format!("cannot write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| RunError(format!("cannot write {}: {e}", path.display())))?;
+    Ok(kept)
+}
+
+fn write_plot(dir: &Path, name: &str, metrics: &[serde_json::Value], unigram: f64) -> Result<(), RunError> {
+    let get = |key: &str| -> Vec<(f64, f64)> {
+        metrics
+            .iter()
+            .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
+            .collect()
+    };
+    let (train, val) = (get("loss"), get("val_loss"));
+    let svg = crate::plot::svg(
+        &format!("recipe `{name}`: loss"),
+        &[
+            crate::plot::Series { name: "training loss", color: "#1f77b4", points: &train },
+            crate::plot::Series { name: "validation loss", color: "#d62728", points: &val },
+        ],
+        Some(("unigram baseline", unigram)),
+    );
+    let path = dir.join("loss.svg");
+    let tmp = dir.join("loss.svg.tmp");
+    std::fs::write(&tmp, svg)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| RunError(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Trains `plan`, printing progress to `log` (stderr in the CLI).
+pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Result<TrainSummary, RunError> {
+    let started = Instant::now();
+    let s = &plan.settings;
+    let steps = opts.steps.unwrap_or(s.steps);
+    let ck_every = opts.checkpoint_every.unwrap_or(s.checkpoint_every).max(1);
+    let base = opts.source_path.parent().unwrap_or(Path::new("."));
+    let tokens = crate::data::load_tokens(&plan.data.kind, &plan.data.path, base)?;
+    let corpus = Corpus::new(tokens, plan.data.val_fraction, plan.data.context, plan.data.batch, s.seed)?;
+    let unigram = corpus.unigram_entropy();
+    let progs = Programs::new(plan, opts.backend)?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| RunError(format!("cannot create {}: {e}", opts.out.display())))?;
+    let ck_path = opts.out.join("checkpoint.safetensors");
+    let (mut state, start) = match &opts.resume {
+        Some(dir) => load_state(plan, &dir.join("checkpoint.safetensors"))?,
+        None => (initial_state(plan, &progs)?, 0),
+    };
+    if opts.resume.is_none() && ck_path.exists() {
+        // A fresh run into a directory with a checkpoint would overwrite it.
+        return Err(RunError(format!(
+            "{} already holds a checkpoint: continue it with `--resume {}`, or choose another `--out`",
+            opts.out.display(),
+            opts.out.display()
+        )));
+    }
+    if let Some(dir) = &opts.resume {
+        if dir != &opts.out && ck_path.exists() {
+            return Err(RunError(format!(
+                "{} already holds a checkpoint; resume into the same directory or an empty one",
+                opts.out.display()
+            )));
+        }
+    }
+    // What `recipec sample` needs beside the checkpoint.
+    let run = serde_json::json!({
+        "recipe": plan.name,
+        "source_path": opts.source_path.display().to_string(),
+        "seed": s.seed,
+    });
+    std::fs::write(opts.out.join("recipe.recipe"), &opts.source)
+        .and_then(|_| std::fs::write(opts.out.join("run.json"), format!("{run:#}\n")))
+        .map_err(|e| RunError(format!("cannot write into {}: {e}", opts.out.display())))?;
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let mut metrics = if let Some(dir) = &opts.resume {
+        if dir != &opts.out {
+            let _ = std::fs::copy(dir.join("metrics.jsonl"), &metrics_path);
+        }
+        truncate_metrics(&metrics_path, start)?
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+        vec![]
+    };
+    let mut mfile = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| RunError(format!("cannot write {}: {e}", metrics_path.display())))?;
+    let n_params: usize = plan.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
+    let _ = writeln!(
+        log,
+        "training `{}`: {} parameters, {} tokens ({} for validation), unigram baseline {:.3} nats/token, steps {}..={steps}{}",
+        plan.name,
+        n_params,
+        corpus.tokens.len(),
+        corpus.tokens.len() - corpus.split,
+        unigram,
+        start + 1,
+        if opts.resume.is_some() { " (resumed)" } else { "" }
+    );
+    if corpus.max_token() < 0 {
+        return Err(RunError("negative token".into()));
+    }
+    let tokens_per_step = (plan.data.batch * plan.data.context * s.accumulate) as f64;
+    let mut emit = |v: serde_json::Value, metrics: &mut Vec<serde_json::Value>| -> Result<(), RunError> {
+        writeln!(mfile, "{v}").and_then(|_| mfile.flush()).map_err(|e| RunError(format!("metrics: {e}")))?;
+        metrics.push(v);
+        Ok(())
+    };
+    let loop_start = Instant::now();
+    let mut last_draw = Instant::now() - std::time::Duration::from_secs(1);
+    let (mut last_loss, mut val_loss) = (f64::NAN, None);
+    let mut interrupted = false;
+    let mut done = start;
+    for step in start + 1..=steps {
+        if let Some(m) = &progs.masks {
+            let mut extra = BTreeMap::new();
+            extra.insert("step".to_string(), step_buffer(step));
+            run_named(m, &mut state, extra, step_seed(s.seed, step))?;
+        }
+        // Gradients, averaged over micro-batches.
+        let mut loss = 0.0;
+        let mut acc: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for micro in 0..s.accumulate {
+            let (x, y) = corpus.train_batch(((step - 1) * s.accumulate + micro) as u64);
+            let mut extra = BTreeMap::new();
+            extra.insert("batch.inputs".to_string(), i32_buffer(vec![plan.data.batch, plan.data.context], &x));
+            extra.insert("batch.targets".to_string(), i32_buffer(vec![plan.data.batch, plan.data.context], &y));
+            run_named(&progs.grad, &mut state, extra, step_seed(s.seed, step) ^ micro as u64)?;
+            loss += scalar(&state, "loss");
+            if s.accumulate > 1 {
+                for p in &plan.params {
+                    let g = &state[&format!("grad.{}", p.path)];
+                    let a = acc.entry(p.path.clone()).or_insert_with(|| vec![0.0; g.numel()]);
+                    for (i, x) in a.iter_mut().enumerate() {
+                        *x += g.get(i);
+                    }
+                }
+            }
+        }
+        if s.accumulate > 1 {
+            let k = s.accumulate as f64;
+            for p in &plan.params {
+                let a = &acc[&p.path];
+                let t = Tensor::new(p.dtype, p.shape.clone(), a.iter().map(|x| x / k).collect());
+                state.insert(format!("grad.{}", p.path), Buffer::from_tensor(&t));
+            }
+        }
+        let loss = loss / s.accumulate as f64;
+        let mut extra = BTreeMap::new();
+        extra.insert("step".to_string(), step_buffer(step));
+        run_named(&progs.update, &mut state, extra, step_seed(s.seed, step))?;
+        done = step;
+        last_loss = loss;
+        if !loss.is_finite() {
+            save_state(plan, &state, step - 1, &opts.out).ok();
+            return Err(RunError(format!("the loss is {loss} at step {step}: training diverged")));
+        }
+        let elapsed = loop_start.elapsed().as_secs_f64();
+        let rate = (step - start) as f64 * tokens_per_step / elapsed.max(1e-9);
+        let eta = (steps - step) as f64 * tokens_per_step / rate.max(1e-9);
+        let gn = scalar(&state, "grad_norm");
+        if step % s.log_every == 0 || step == steps || step == start + 1 {
+            emit(
+                serde_json::json!({"step": step, "loss": json_num(loss), "grad_norm": json_num(gn),
+                    "tokens_per_s": json_num(rate.round()), "elapsed_s": json_num((elapsed * 1000.0).round() / 1000.0)}),
+                &mut metrics,
+            )?;
+            if !opts.progress_bar {
+                let _ = writeln!(
+                    log,
+                    "step {step:>6}/{steps}  loss {loss:.4}  grad norm {gn:.3}  {:.0} tokens/s  ETA {}",
+                    rate,
+                    fmt_duration(eta)
+                );
+            }
+        }
+        if opts.progress_bar && (last_draw.elapsed().as_secs_f64() > 0.1 || step == steps) {
+            last_draw = Instant::now();
+            let width = 30;
+            let filled = (width * step) / steps.max(1);
+            let _ = write!(
+                log,
+                "\r[{}{}] step {step}/{steps}  loss {loss:.4}  {:.0} tok/s  ETA {}   ",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                rate,
+                fmt_duration(eta)
+            );
+            let _ = log.flush();
+        }
+        if step % s.eval_every == 0 || step == steps {
+            let v = validation_loss(plan, &progs, &corpus, &mut state)?;
+            val_loss = Some(v);
+            emit(serde_json::json!({"step": step, "val_loss": json_num(v)}), &mut metrics)?;
+            if opts.progress_bar {
+                let _ = write!(log, "\r{}\r", " ".repeat(90));
+            }
+            let _ = writeln!(log, "step {step:>6}/{steps}  validation loss {v:.4}  (unigram baseline {unigram:.3})");
+        }
+        let stop = INTERRUPTED.load(Ordering::SeqCst);
+        if step % ck_every == 0 || step == steps || stop {
+            save_state(plan, &state, step, &opts.out)?;
+            write_plot(&opts.out, &plan.name, &metrics, unigram)?;
+        }
+        if stop {
+            interrupted = true;
+            break;
+        }
+    }
+    if opts.progress_bar {
+        let _ = writeln!(log);
+    }
+    if start >= steps {
+        let _ = writeln!(log, "the checkpoint is already at step {start} of {steps}: nothing to do");
+    }
+    write_plot(&opts.out, &plan.name, &metrics, unigram)?;
+    for e in [&progs.grad, &progs.update] {
+        if let Some(r) = e.profile_report(25) {
+            let _ = write!(log, "{r}");
+        }
+    }
+    Ok(TrainSummary {
+        steps_done: done,
+        final_loss: last_loss,
+        val_loss,
+        unigram,
+        seconds: started.elapsed().as_secs_f64(),
+        interrupted,
+    })
+}
+
+/// Autoregressive decoding from a checkpoint's parameters: for each new token, the model's
+/// logits over the last `context` tokens (the prompt, then what was generated), the
+/// policy's choice at the last position, streamed to `out` as it is chosen.
+///
+/// Each token recomputes the forward pass over its window (there is no KV cache yet); the
+/// policy's randomness draws under `seed ^ hash(token index)`, so a seed gives one text.
+pub fn sample(
+    decode: &Graph,
+    state: &BTreeMap<String, Buffer>,
+    context: usize,
+    prompt: &[u8],
+    n: usize,
+    seed: u64,
+    backend: Backend,
+    out: &mut dyn Write,
+) -> Result<Vec<i32>, RunError> {
+    let exe = compile(decode, backend)?;
+    let mut st: BTreeMap<String, Buffer> = BTreeMap::new();
+    for name in &exe.program.input_names {
+        if name == "tokens" || name == "pos" {
+            continue;
+        }
+        let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
+        st.insert(name.clone(), Buffer::from_bytes(b.dtype, b.shape.clone(), b.as_bytes()));
+    }
+    let mut seq: Vec<i32> = prompt.iter().map(|&b| b as i32).collect();
+    if seq.is_empty() {
+        seq.push(b'\n' as i32);
+    }
+    let mut generated = vec![];
+    for i in 0..n {
+        let window = &seq[seq.len().saturating_sub(context)..];
+        let mut toks = window.to_vec();
+        let pos = toks.len() - 1;
+        toks.resize(context, 0);
+        let mut extra = BTreeMap::new();
+        extra.insert("tokens".to_string(), i32_buffer(vec![1, context], &toks));
+        extra.insert("pos".to_string(), i32_buffer(vec![], &[pos as i32]));
+        run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
+        let t = scalar(&st, "token") as i32;
+        seq.push(t);
+        generated.push(t);
+        if (0..256).contains(&t) {
+            out.write_all(&[t as u8]).map_err(|e| RunError(format!("output: {e}")))?;
+        } else {
+            write!(out, "<{t}>").map_err(|e| RunError(format!("output: {e}")))?;
+        }
+        let _ = out.flush();
+    }
+    Ok(generated)
+}
