@@ -363,7 +363,9 @@ impl<'a, 'b> Gen<'a, 'b> {
                 }
                 Inst::Const(_) => i.dtype == Dtype::F32,
                 Inst::Un(u, _) => {
-                    i.dtype == Dtype::F32 && matches!(u, Un::Neg | Un::Abs | Un::Sqrt | Un::StopGradient | Un::Relu)
+                    i.dtype == Dtype::F32
+                        && (matches!(u, Un::Neg | Un::Abs | Un::Sqrt | Un::StopGradient | Un::Relu)
+                            || compiler::math::has_f32(*u))
                 }
                 Inst::Bin(b, x, y, _) => {
                     let f32ops = l.body[*x].dtype == Dtype::F32 && l.body[*y].dtype == Dtype::F32;
@@ -832,7 +834,140 @@ impl<'a, 'b> Gen<'a, 'b> {
         }
     }
 
+    // ---- recipec's f32 exp/erf/gelu (`compiler::math`), the same operation sequence.
+
+    fn fk(&mut self, lanes: bool, v: f32) -> Value {
+        let c = self.b.ins().f32const(v);
+        if lanes {
+            self.b.ins().splat(types::F32X4, c)
+        } else {
+            c
+        }
+    }
+
+    fn ik(&mut self, lanes: bool, v: i64) -> Value {
+        let c = self.b.ins().iconst(types::I32, v);
+        if lanes {
+            self.b.ins().splat(types::I32X4, c)
+        } else {
+            c
+        }
+    }
+
+    /// `if a cc b { x } else { y }` on f32 scalars or lanes.
+    fn fsel(&mut self, lanes: bool, cc: FloatCC, a: Value, b: Value, x: Value, y: Value) -> Value {
+        let c = self.b.ins().fcmp(cc, a, b);
+        if lanes {
+            let m = self.b.ins().bitcast(types::F32X4, MemFlagsData::new().with_endianness(Endianness::Little), c);
+            self.b.ins().bitselect(m, x, y)
+        } else {
+            self.b.ins().select(c, x, y)
+        }
+    }
+
+    fn int_bits_to_f32(&mut self, lanes: bool, v: Value) -> Value {
+        let t = if lanes { types::F32X4 } else { types::F32 };
+        self.b.ins().bitcast(t, MemFlagsData::new().with_endianness(Endianness::Little), v)
+    }
+
+    fn horner(&mut self, lanes: bool, x: Value, coefs: &[f32]) -> Value {
+        let mut p = self.fk(lanes, coefs[0]);
+        for &c in &coefs[1..] {
+            let m = self.b.ins().fmul(p, x);
+            let k = self.fk(lanes, c);
+            p = self.b.ins().fadd(m, k);
+        }
+        p
+    }
+
+    fn exp_f32(&mut self, lanes: bool, x: Value) -> Value {
+        use compiler::math::*;
+        let (hi, lo) = (self.fk(lanes, EXP_HI), self.fk(lanes, EXP_LO));
+        let xc = self.fsel(lanes, FloatCC::GreaterThan, x, hi, hi, x);
+        let xc = self.fsel(lanes, FloatCC::LessThan, x, lo, lo, xc);
+        let l2e = self.fk(lanes, LOG2E);
+        let magic = self.fk(lanes, ROUND_MAGIC);
+        let t = self.b.ins().fmul(xc, l2e);
+        let t = self.b.ins().fadd(t, magic);
+        let n = self.b.ins().fsub(t, magic);
+        let (c1, c2) = (self.fk(lanes, LN2_HI), self.fk(lanes, LN2_LO));
+        let m1 = self.b.ins().fmul(n, c1);
+        let r = self.b.ins().fsub(xc, m1);
+        let m2 = self.b.ins().fmul(n, c2);
+        let r = self.b.ins().fsub(r, m2);
+        let z = self.b.ins().fmul(r, r);
+        let p = self.horner(lanes, r, &EXP_P);
+        let p = self.b.ins().fmul(p, z);
+        let p = self.b.ins().fadd(p, r);
+        let one = self.fk(lanes, 1.0);
+        let p = self.b.ins().fadd(p, one);
+        let it = if lanes { types::I32X4 } else { types::I32 };
+        let ni = self.b.ins().fcvt_to_sint_sat(it, n);
+        let h = self.b.ins().sshr_imm_u(ni, 1);
+        let bias = self.ik(lanes, 127);
+        let e1 = self.b.ins().iadd(h, bias);
+        let e1 = self.b.ins().ishl_imm_u(e1, 23);
+        let s1 = self.int_bits_to_f32(lanes, e1);
+        let e2 = self.b.ins().isub(ni, h);
+        let e2 = self.b.ins().iadd(e2, bias);
+        let e2 = self.b.ins().ishl_imm_u(e2, 23);
+        let s2 = self.int_bits_to_f32(lanes, e2);
+        let y = self.b.ins().fmul(p, s1);
+        let y = self.b.ins().fmul(y, s2);
+        let zero = self.fk(lanes, 0.0);
+        let inf = self.fk(lanes, f32::INFINITY);
+        let y = self.fsel(lanes, FloatCC::LessThan, x, lo, zero, y);
+        let y = self.fsel(lanes, FloatCC::GreaterThan, x, hi, inf, y);
+        self.fsel(lanes, FloatCC::Unordered, x, x, x, y)
+    }
+
+    fn erf_f32(&mut self, lanes: bool, x: Value) -> Value {
+        use compiler::math::*;
+        let ax = self.b.ins().fabs(x);
+        let z = self.b.ins().fmul(x, x);
+        let small: Vec<f32> = ERF_SMALL.iter().rev().copied().collect();
+        let s = self.horner(lanes, z, &small);
+        let small = self.b.ins().fmul(x, s);
+        let p = self.fk(lanes, ERF_P);
+        let one = self.fk(lanes, 1.0);
+        let pa = self.b.ins().fmul(p, ax);
+        let den = self.b.ins().fadd(one, pa);
+        let t = self.b.ins().fdiv(one, den);
+        let a: Vec<f32> = ERF_A.iter().rev().copied().collect();
+        let q = self.horner(lanes, t, &a);
+        let sq = self.b.ins().fmul(ax, ax);
+        let neg = self.b.ins().fneg(sq);
+        let e = self.exp_f32(lanes, neg);
+        let tq = self.b.ins().fmul(t, q);
+        let tqe = self.b.ins().fmul(tq, e);
+        let large = self.b.ins().fsub(one, tqe);
+        let nl = self.b.ins().fneg(large);
+        let zero = self.fk(lanes, 0.0);
+        let large = self.fsel(lanes, FloatCC::LessThan, x, zero, nl, large);
+        let half = self.fk(lanes, 0.5);
+        self.fsel(lanes, FloatCC::LessThan, ax, half, small, large)
+    }
+
+    fn gelu_f32(&mut self, lanes: bool, x: Value) -> Value {
+        let c = self.fk(lanes, compiler::math::FRAC_1_SQRT_2);
+        let xs = self.b.ins().fmul(x, c);
+        let e = self.erf_f32(lanes, xs);
+        let one = self.fk(lanes, 1.0);
+        let e1 = self.b.ins().fadd(one, e);
+        let half = self.fk(lanes, 0.5);
+        let hx = self.b.ins().fmul(half, x);
+        self.b.ins().fmul(hx, e1)
+    }
+
     fn unary(&mut self, u: Un, x: Value, xt: Type, dt: Dtype, lanes: bool) -> Value {
+        if dt == Dtype::F32 && (lanes || xt == types::F32) {
+            match u {
+                Un::Exp => return self.exp_f32(lanes, x),
+                Un::Erf => return self.erf_f32(lanes, x),
+                Un::Gelu => return self.gelu_f32(lanes, x),
+                _ => {}
+            }
+        }
         let native = match u {
             Un::Neg => Some(self.b.ins().fneg(x)),
             Un::Abs => Some(self.b.ins().fabs(x)),

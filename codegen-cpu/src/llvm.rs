@@ -72,6 +72,7 @@ pub fn compile(p: &Program) -> Result<(Engine, Vec<Option<LoopFn>>), String> {
         "declare float @llvm.roundeven.f32(float)",
         "declare double @llvm.roundeven.f64(double)",
         "declare i64 @llvm.fptosi.sat.i64.f64(double)",
+        "declare i32 @llvm.fptosi.sat.i32.f32(float)",
     ] {
         let _ = writeln!(ir, "{decl}");
     }
@@ -150,6 +151,11 @@ fn storage(d: Dtype) -> &'static str {
 fn lit(v: f64, f32ty: bool) -> String {
     let v = if f32ty { v as f32 as f64 } else { v };
     format!("0x{:016X}", v.to_bits())
+}
+
+/// An f32 constant in LLVM's textual form (the double with the same value, in hex).
+fn fk(v: f32) -> String {
+    format!("0x{:016X}", (v as f64).to_bits())
 }
 
 impl Gen<'_> {
@@ -525,7 +531,114 @@ impl Gen<'_> {
         }
     }
 
+    // ---- recipec's f32 exp/erf/gelu (`compiler::math`): the same operation sequence, no
+    // fast-math flags (so LLVM neither fuses nor reassociates), vectorized by the loop
+    // vectorizer.
+
+    fn f2(&mut self, op: &str, a: &str, b: &str) -> String {
+        let r = self.t();
+        self.emit(&format!("{r} = {op} float {a}, {b}"));
+        r
+    }
+
+    /// `if a cc b { x } else { y }` (cc an `fcmp` predicate).
+    fn fsel(&mut self, cc: &str, a: &str, b: &str, x: &str, y: &str) -> String {
+        let (c, r) = (self.t(), self.t());
+        self.emit(&format!("{c} = fcmp {cc} float {a}, {b}"));
+        self.emit(&format!("{r} = select i1 {c}, float {x}, float {y}"));
+        r
+    }
+
+    fn horner(&mut self, x: &str, coefs: &[f32]) -> String {
+        let mut p = fk(coefs[0]);
+        for &c in &coefs[1..] {
+            let m = self.f2("fmul", &p, x);
+            p = self.f2("fadd", &m, &fk(c));
+        }
+        p
+    }
+
+    fn pow2_bits(&mut self, e: &str) -> String {
+        let (a, b, f) = (self.t(), self.t(), self.t());
+        self.emit(&format!("{a} = add i32 {e}, 127"));
+        self.emit(&format!("{b} = shl i32 {a}, 23"));
+        self.emit(&format!("{f} = bitcast i32 {b} to float"));
+        f
+    }
+
+    fn exp_f32(&mut self, x: &str) -> String {
+        use compiler::math::*;
+        let (hi, lo) = (fk(EXP_HI), fk(EXP_LO));
+        let xc = self.fsel("ogt", x, &hi, &hi, x);
+        let xc = self.fsel("olt", x, &lo, &lo, &xc);
+        let t = self.f2("fmul", &xc, &fk(LOG2E));
+        let t = self.f2("fadd", &t, &fk(ROUND_MAGIC));
+        let n = self.f2("fsub", &t, &fk(ROUND_MAGIC));
+        let m1 = self.f2("fmul", &n, &fk(LN2_HI));
+        let r = self.f2("fsub", &xc, &m1);
+        let m2 = self.f2("fmul", &n, &fk(LN2_LO));
+        let r = self.f2("fsub", &r, &m2);
+        let z = self.f2("fmul", &r, &r);
+        let p = self.horner(&r, &EXP_P);
+        let p = self.f2("fmul", &p, &z);
+        let p = self.f2("fadd", &p, &r);
+        let p = self.f2("fadd", &p, &fk(1.0));
+        let (ni, h, d) = (self.t(), self.t(), self.t());
+        self.emit(&format!("{ni} = call i32 @llvm.fptosi.sat.i32.f32(float {n})"));
+        self.emit(&format!("{h} = ashr i32 {ni}, 1"));
+        self.emit(&format!("{d} = sub i32 {ni}, {h}"));
+        let s1 = self.pow2_bits(&h);
+        let s2 = self.pow2_bits(&d);
+        let y = self.f2("fmul", &p, &s1);
+        let y = self.f2("fmul", &y, &s2);
+        let y = self.fsel("olt", x, &lo, &fk(0.0), &y);
+        let y = self.fsel("ogt", x, &hi, &fk(f32::INFINITY), &y);
+        self.fsel("uno", x, x, x, &y)
+    }
+
+    fn erf_f32(&mut self, x: &str) -> String {
+        use compiler::math::*;
+        let ax = self.t();
+        self.emit(&format!("{ax} = call float @llvm.fabs.f32(float {x})"));
+        let z = self.f2("fmul", x, x);
+        let small: Vec<f32> = ERF_SMALL.iter().rev().copied().collect();
+        let s = self.horner(&z, &small);
+        let small = self.f2("fmul", x, &s);
+        let pa = self.f2("fmul", &fk(ERF_P), &ax);
+        let den = self.f2("fadd", &fk(1.0), &pa);
+        let t = self.f2("fdiv", &fk(1.0), &den);
+        let a: Vec<f32> = ERF_A.iter().rev().copied().collect();
+        let q = self.horner(&t, &a);
+        let sq = self.f2("fmul", &ax, &ax);
+        let neg = self.t();
+        self.emit(&format!("{neg} = fneg float {sq}"));
+        let e = self.exp_f32(&neg);
+        let tq = self.f2("fmul", &t, &q);
+        let tqe = self.f2("fmul", &tq, &e);
+        let large = self.f2("fsub", &fk(1.0), &tqe);
+        let nl = self.t();
+        self.emit(&format!("{nl} = fneg float {large}"));
+        let large = self.fsel("olt", x, &fk(0.0), &nl, &large);
+        self.fsel("olt", &ax, &fk(0.5), &small, &large)
+    }
+
+    fn gelu_f32(&mut self, x: &str) -> String {
+        let xs = self.f2("fmul", x, &fk(compiler::math::FRAC_1_SQRT_2));
+        let e = self.erf_f32(&xs);
+        let e1 = self.f2("fadd", &fk(1.0), &e);
+        let hx = self.f2("fmul", &fk(0.5), x);
+        self.f2("fmul", &hx, &e1)
+    }
+
     fn unary(&mut self, u: Un, x: &str, xt: &str, dt: Dtype) -> String {
+        if dt == Dtype::F32 && xt == "float" {
+            match u {
+                Un::Exp => return self.exp_f32(x),
+                Un::Erf => return self.erf_f32(x),
+                Un::Gelu => return self.gelu_f32(x),
+                _ => {}
+            }
+        }
         let sfx = if xt == "float" { "f32" } else { "f64" };
         let r = self.t();
         let native = match u {

@@ -241,6 +241,9 @@ pub fn eval(n: &crate::ir::Node, o: &[&Tensor], inputs: &[Tensor], seed: u64) ->
             t.clone()
         }
         Op::Const { value } => mk(vec![*value]),
+        Op::Unary(u) if n.dtype == Dtype::F32 && crate::math::has_f32(*u) => {
+            mk(o[0].data.iter().map(|x| crate::math::unary_f32(*u, *x as f32) as f64).collect())
+        }
         Op::Unary(u) => mk(o[0].data.iter().map(|x| unary(*u, *x)).collect()),
         Op::Binary(b) => {
             let float = o[0].dtype.is_float();

@@ -15,6 +15,7 @@ pub mod interp;
 pub mod ir;
 pub mod kernel;
 pub mod lower;
+pub mod math;
 pub mod passes;
 pub mod plan;
 pub mod rng;

@@ -152,7 +152,8 @@ fn settings(lw: &mut Lowerer, rec: &RecipeDef, f: lang::source::FileId) -> R<Set
 
 fn data_spec(lw: &mut Lowerer, rec: &RecipeDef, f: lang::source::FileId) -> R<DataSpec> {
     let Some(data) = field(rec, "data") else { return fail("a recipe needs `data`", None) };
-    let bad = || fail("`data` must be `text(path, context = T, batch = B)` or `tokens(path, ...)`", Some((f, data.span)));
+    let bad =
+        || fail("`data` must be `text(path, context = T, batch = B)` or `tokens(path, ...)`", Some((f, data.span)));
     let ExprKind::Call { callee, args } = &data.kind else { return bad() };
     let ExprKind::Name(kind) = &callee.kind else { return bad() };
     if kind != "text" && kind != "tokens" {
@@ -173,12 +174,15 @@ fn data_spec(lw: &mut Lowerer, rec: &RecipeDef, f: lang::source::FileId) -> R<Da
             ("val", Val::Float(v)) if (0.0..0.5).contains(&v) => spec.val_fraction = v,
             (k, _) => {
                 return fail(
-                    format!("`{kind}`: `{k}` must be {}", match k {
-                        "path" => "a string",
-                        "context" | "batch" => "a positive integer",
-                        "val" => "a fraction in [0, 0.5)",
-                        _ => "one of path, context, batch, val",
-                    }),
+                    format!(
+                        "`{kind}`: `{k}` must be {}",
+                        match k {
+                            "path" => "a string",
+                            "context" | "batch" => "a positive integer",
+                            "val" => "a fraction in [0, 0.5)",
+                            _ => "one of path, context, batch, val",
+                        }
+                    ),
                     Some((f, a.value.span)),
                 )
             }
@@ -290,7 +294,9 @@ fn rule_args(
             Some(n) => n.name.clone(),
             None => match hyper.get(i) {
                 Some(k) => k.to_string(),
-                None => return fail(format!("`{name}` takes {} hyperparameters", hyper.len()), Some((f, a.value.span))),
+                None => {
+                    return fail(format!("`{name}` takes {} hyperparameters", hyper.len()), Some((f, a.value.span)))
+                }
             },
         };
         let arg = match lw.expr(&a.value)? {
@@ -474,15 +480,10 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
         if let Some(rule) = sparsify[i] {
             let (item, args, nodes) = rule_args(&mut lw, modules, rule, f)?;
             let sg = entry::sparsity(modules, db, item, (p.dtype, p.shape.clone()), &args)
-                .map_err(|e| at_rule(e, f, rule.span, &p.path))?;
+                .map_err(|e| at_rule(db, e, f, rule.span, p))?;
             let index = lw.graph.inputs.len();
-            let m_in = lw.node(
-                Op::Input { index, name: format!("mask.{}", p.path) },
-                p.dtype,
-                p.shape.clone(),
-                &[],
-                "mask",
-            )?;
+            let m_in =
+                lw.node(Op::Input { index, name: format!("mask.{}", p.path) }, p.dtype, p.shape.clone(), &[], "mask")?;
             let outs = lw
                 .graph
                 .inline(
@@ -496,7 +497,7 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
                     },
                     offset,
                 )
-                .map_err(|e| at_rule(e.into(), f, rule.span, &p.path))?;
+                .map_err(|e| at_rule(db, e.into(), f, rule.span, p))?;
             g = outs.iter().find(|o| o.0 == "grad").map(|o| o.1).unwrap_or(g);
             mask_graph_parts.push((i, sg, nodes));
         }
@@ -505,7 +506,7 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
         };
         let (item, args, nodes) = rule_args(&mut lw, modules, rule, f)?;
         let og = entry::optimizer(modules, db, item, (p.dtype, p.shape.clone()), &args)
-            .map_err(|e| at_rule(e, f, rule.span, &p.path))?;
+            .map_err(|e| at_rule(db, e, f, rule.span, p))?;
         let mut bound: BTreeMap<String, NodeId> = BTreeMap::new();
         for id in &og.inputs {
             if let Op::Input { name, .. } = &og.node(*id).op {
@@ -513,7 +514,8 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
                     let full = format!("state.{}.{s}", p.path);
                     let n = og.node(*id);
                     let index = lw.graph.inputs.len();
-                    let input = lw.node(Op::Input { index, name: full.clone() }, n.dtype, n.shape.clone(), &[], "state")?;
+                    let input =
+                        lw.node(Op::Input { index, name: full.clone() }, n.dtype, n.shape.clone(), &[], "state")?;
                     states.push((full, n.dtype, n.shape.clone()));
                     bound.insert(name.clone(), input);
                 }
@@ -531,7 +533,7 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
                 },
                 offset + (1 << 31),
             )
-            .map_err(|e| at_rule(e.into(), f, rule.span, &p.path))?;
+            .map_err(|e| at_rule(db, e.into(), f, rule.span, p))?;
         for (name, n) in outs {
             let out = if name == "param" {
                 p.path.clone()
@@ -575,7 +577,7 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
                     },
                     ((*i as u64) + 1) << 32,
                 )
-                .map_err(|e| at_rule(e.into(), f, rule.span, &p.path))?;
+                .map_err(|e| at_rule(db, e.into(), f, rule.span, p))?;
             let m = outs.iter().find(|o| o.0 == "mask").map(|o| o.1).unwrap_or(mi);
             lw.graph.outputs.push((format!("mask.{}", p.path), m));
         }
@@ -600,11 +602,20 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
     })
 }
 
-fn at_rule(mut e: LowerError, f: lang::source::FileId, span: Span, path: &str) -> LowerError {
-    if e.at.is_none() {
-        e.at = Some((f, span));
-        e.message = format!("{} (for `{path}`)", e.message);
-    }
+/// Points an error inside a rule's body (often in the stdlib) at the recipe line that applies
+/// the rule to `path`, naming the parameter and where inside the rule it failed.
+fn at_rule(db: &SourceDb, mut e: LowerError, f: lang::source::FileId, span: Span, p: &ParamSpec) -> LowerError {
+    let inside = match e.at {
+        Some((file, s)) if file != f => {
+            let src = db.file(file);
+            let (l, c) = src.line_col(s.start);
+            format!(" at {}:{l}:{c}", src.name)
+        }
+        Some(_) => return e,
+        None => String::new(),
+    };
+    e.message = format!("{} (applying the rule to `{}`: {}{:?}{inside})", e.message, p.path, p.dtype, p.shape);
+    e.at = Some((f, span));
     e
 }
 
@@ -661,10 +672,15 @@ pub fn decode_graph(
     };
     let Some(item) = modules.find_item(r.module, name).or_else(|| {
         modules.list.iter().enumerate().find_map(|(m, _)| {
-            modules.find_item(m, name).filter(|it| matches!(&modules.item(*it).kind, ItemKind::Fn(fd) if fd.kind == FnKind::Decode))
+            modules
+                .find_item(m, name)
+                .filter(|it| matches!(&modules.item(*it).kind, ItemKind::Fn(fd) if fd.kind == FnKind::Decode))
         })
     }) else {
-        return fail(format!("no decoding policy `{name}` (the stdlib has greedy, temperature, top_k, top_p)"), Some((f, sp)));
+        return fail(
+            format!("no decoding policy `{name}` (the stdlib has greedy, temperature, top_k, top_p)"),
+            Some((f, sp)),
+        );
     };
     let ItemKind::Fn(fd) = &modules.item(item).kind else {
         return fail(format!("`{name}` is not a decoding policy"), Some((f, sp)));
@@ -685,7 +701,10 @@ pub fn decode_graph(
             },
         };
         if !rest.contains(&key.as_str()) {
-            return fail(format!("`{name}` has no setting `{key}` (settings: {})", rest.join(", ")), Some((f, a.value.span)));
+            return fail(
+                format!("`{name}` has no setting `{key}` (settings: {})", rest.join(", ")),
+                Some((f, a.value.span)),
+            );
         }
         let v = lw.expr(&a.value)?;
         vals.insert(key, v);

@@ -2,12 +2,12 @@
 //! files. The contract (documented in the README) is relied on by users' scripts.
 
 use crate::{load, loader, render};
-use runtime::npy;
 use compiler::interp::{self, Tensor};
 use compiler::ir::{Graph, Op};
 use compiler::lower::Arg;
 use lang::ast::{FnKind, ItemKind, RuleKind};
 use lang::types::Dtype;
+use runtime::npy;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;

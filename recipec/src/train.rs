@@ -60,7 +60,8 @@ fn front_end(
     let color = crate::color();
     for d in &analysis.diagnostics {
         // The synthetic import of `recipec sample --policy` is never "unused".
-        if d.code == "W0002" && db.file(d.labels.first().map(|l| l.file).unwrap_or(roots[0])).name.ends_with("<sample>") {
+        if d.code == "W0002" && db.file(d.labels.first().map(|l| l.file).unwrap_or(roots[0])).name.ends_with("<sample>")
+        {
             continue;
         }
         eprint!("{}", render::render(db, d, color));
@@ -117,14 +118,14 @@ pub fn train(req: TrainRequest) -> ExitCode {
         Ok(p) => p,
         Err(e) => return plan_error(&db, e),
     };
-    let out = req
-        .out
-        .clone()
-        .or_else(|| req.resume.clone())
-        .unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
+    let out = req.out.clone().or_else(|| req.resume.clone()).unwrap_or_else(|| PathBuf::from("runs").join(&plan.name));
     if let Some(dir) = &req.resume {
         if let Err(e) = runtime::train::load_state(&plan, &dir.join("checkpoint.safetensors")) {
-            return error("E0602", e, "the checkpoint was left as it is; resume from an intact one or start afresh with another `--out`");
+            return error(
+                "E0602",
+                e,
+                "the checkpoint was left as it is; resume from an intact one or start afresh with another `--out`",
+            );
         }
     }
     let opts = runtime::train::TrainOptions {
@@ -155,7 +156,11 @@ pub fn train(req: TrainRequest) -> ExitCode {
             let _ = writeln!(
                 log,
                 "wrote {d}/checkpoint.safetensors, {d}/metrics.jsonl, {d}/loss.svg\nsample with: recipec sample {d}{}",
-                if s.interrupted { format!("\ncontinue with: recipec train {} --resume {}", req.file.display(), out.display()) } else { String::new() },
+                if s.interrupted {
+                    format!("\ncontinue with: recipec train {} --resume {}", req.file.display(), out.display())
+                } else {
+                    String::new()
+                },
                 d = out.display()
             );
             if s.interrupted {
@@ -179,7 +184,13 @@ pub fn sample(req: SampleRequest) -> ExitCode {
     let run_path = req.dir.join("run.json");
     let run: serde_json::Value = match std::fs::read_to_string(&run_path).map(|t| serde_json::from_str(&t)) {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => return error("E0602", format!("{}: {e}", run_path.display()), "the directory is not a `recipec train` output"),
+        Ok(Err(e)) => {
+            return error(
+                "E0602",
+                format!("{}: {e}", run_path.display()),
+                "the directory is not a `recipec train` output",
+            )
+        }
         Err(e) => {
             return error(
                 "E0602",
@@ -221,7 +232,8 @@ pub fn sample(req: SampleRequest) -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let masked: Vec<String> = plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
+            let masked: Vec<String> =
+                plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
             match compiler::train::decode_graph(&analysis.modules, &db, r, &expr, &masked, plan.data.context) {
                 Ok(g) => g,
                 Err(e) => return plan_error(&db, e),
@@ -247,7 +259,8 @@ pub fn sample(req: SampleRequest) -> ExitCode {
     let mut out = stdout.lock();
     let _ = out.write_all(prompt.as_bytes());
     let seed = req.seed.unwrap_or(plan.settings.seed);
-    match runtime::train::sample(&decode, &state, plan.data.context, prompt.as_bytes(), req.tokens, seed, be, &mut out) {
+    match runtime::train::sample(&decode, &state, plan.data.context, prompt.as_bytes(), req.tokens, seed, be, &mut out)
+    {
         Ok(_) => {
             let _ = writeln!(out);
             ExitCode::SUCCESS

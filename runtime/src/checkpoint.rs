@@ -133,10 +133,14 @@ impl Checkpoint {
                 .collect::<Option<_>>()
                 .ok_or_else(|| bad("bad data_offsets"))?;
             let [a, b] = offs[..] else { return Err(bad("data_offsets must have two entries")) };
-            let numel = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(|| bad("shape overflows"))?;
+            let numel =
+                shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(|| bad("shape overflows"))?;
             let want = numel * compiler::plan::dtype_bytes(dtype);
             if a > b || b > data.len() {
-                return Err(bad(&format!("data {a}..{b} lies outside the file's {} data bytes (truncated?)", data.len())));
+                return Err(bad(&format!(
+                    "data {a}..{b} lies outside the file's {} data bytes (truncated?)",
+                    data.len()
+                )));
             }
             if b - a != want {
                 return Err(bad(&format!("{} bytes for {} {shape:?} ({want} expected)", b - a, st_dtype(dtype))));

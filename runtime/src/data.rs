@@ -71,7 +71,13 @@ pub fn load_tokens(kind: &str, path: &str, base: &Path) -> Result<Vec<i32>, RunE
 }
 
 impl Corpus {
-    pub fn new(tokens: Vec<i32>, val_fraction: f64, context: usize, batch: usize, seed: u64) -> Result<Corpus, RunError> {
+    pub fn new(
+        tokens: Vec<i32>,
+        val_fraction: f64,
+        context: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Result<Corpus, RunError> {
         let n = tokens.len();
         let split = ((n as f64) * (1.0 - val_fraction)).round() as usize;
         let need = context + 1;
@@ -107,7 +113,8 @@ impl Corpus {
     /// targets, each `batch × context` tokens, row-major.
     pub fn train_batch(&self, index: u64) -> (Vec<i32>, Vec<i32>) {
         let w = self.starts.len() as u64;
-        let (mut x, mut y) = (Vec::with_capacity(self.batch * self.context), Vec::with_capacity(self.batch * self.context));
+        let (mut x, mut y) =
+            (Vec::with_capacity(self.batch * self.context), Vec::with_capacity(self.batch * self.context));
         for b in 0..self.batch as u64 {
             let j = index * self.batch as u64 + b;
             let start = {

@@ -96,12 +96,8 @@ pub fn svg(title: &str, series: &[Series], reference: Option<(&str, f64)>) -> St
         ));
     }
     for (i, s) in series.iter().enumerate() {
-        let d: Vec<String> = s
-            .points
-            .iter()
-            .filter(|p| p.1.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
+        let d: Vec<String> =
+            s.points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
         if !d.is_empty() {
             o.push_str(&format!(
                 "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
@@ -134,12 +130,25 @@ mod tests {
         let b = [(10.0, 3.1), (20.0, 2.6)];
         let s = svg(
             "tiny <gpt>",
-            &[Series { name: "train", color: "#1f77b4", points: &a }, Series { name: "validation", color: "#d62728", points: &b }],
+            &[
+                Series { name: "train", color: "#1f77b4", points: &a },
+                Series { name: "validation", color: "#d62728", points: &b },
+            ],
             Some(("unigram", 3.05)),
         );
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert_eq!(s.matches("<polyline").count(), 2);
         assert!(s.contains("tiny &lt;gpt&gt;") && s.contains("unigram 3.050"));
-        assert_eq!(s, svg("tiny <gpt>", &[Series { name: "train", color: "#1f77b4", points: &a }, Series { name: "validation", color: "#d62728", points: &b }], Some(("unigram", 3.05))));
+        assert_eq!(
+            s,
+            svg(
+                "tiny <gpt>",
+                &[
+                    Series { name: "train", color: "#1f77b4", points: &a },
+                    Series { name: "validation", color: "#d62728", points: &b }
+                ],
+                Some(("unigram", 3.05))
+            )
+        );
     }
 }

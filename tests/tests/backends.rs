@@ -352,3 +352,60 @@ fn artifacts_round_trip_and_reject_damage() {
     assert!(e.0.contains("cross_entropy.program.json") && e.0.contains("damaged"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `exp`, `erf` and `gelu` on f32 have recipec's own definitions (`compiler::math`): the
+/// vectorized and scalar generated code give the interpreter's bits, special values included.
+#[test]
+fn transcendentals_match_the_interpreter_bit_for_bit() {
+    use compiler::ir::Un;
+    let specials = [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        0.0,
+        -0.0,
+        88.7,
+        88.73,
+        89.0,
+        -87.29,
+        -87.31,
+        -87.34,
+        -103.0,
+        0.4999999,
+        0.5,
+        -0.5,
+        3.9,
+        1e-30,
+        -1e30,
+    ];
+    for n in [1usize, 3, 17, 1000, 4099] {
+        let mut g = Graph::new("transcendentals");
+        let x = g.add(Op::Input { index: 0, name: "x".into() }, Dtype::F32, vec![n], &[], "x").unwrap();
+        for (name, u) in [("exp", Un::Exp), ("erf", Un::Erf), ("gelu", Un::Gelu)] {
+            let y = g.add(Op::Unary(u), Dtype::F32, vec![n], &[x], name).unwrap();
+            g.outputs.push((name.to_string(), y));
+        }
+        let data: Vec<f64> = (0..n)
+            .map(|i| if i < specials.len() { specials[i] } else { ((i as f64) * 0.7331).sin() * 12.0 - 1.0 })
+            .collect();
+        let ins = vec![Tensor::new(Dtype::F32, vec![n], data)];
+        let want = interp::run(&g, &ins, 0).unwrap();
+        for b in backends() {
+            let p = compiler::kernel::schedule(&g).unwrap();
+            let exe = Executable::new(p, b).unwrap();
+            if n >= 17 && b == Backend::Cranelift {
+                assert!(
+                    (0..exe.program.kernels.len()).any(|k| exe.vectorized(k)),
+                    "not vectorized:\n{}",
+                    exe.program.text()
+                );
+            }
+            for (name, t) in exe.run_tensors(&ins, 0).unwrap() {
+                for (i, (a, w)) in t.data.iter().zip(&want[&name].data).enumerate() {
+                    let same = (a.is_nan() && w.is_nan()) || a.to_bits() == w.to_bits();
+                    assert!(same, "{name}({}) [{b:?}, n = {n}]: {a:e}, interpreter {w:e}", ins[0].data[i]);
+                }
+            }
+        }
+    }
+}

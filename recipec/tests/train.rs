@@ -1,0 +1,217 @@
+//! `recipec train` and `recipec sample` end to end on a small recipe: determinism, resuming
+//! after SIGKILL bit for bit, damaged checkpoints, bad recipes rejected before training.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn recipec() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_recipec"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("recipec-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A ~30k-parameter GPT with AdamW on a schedule, 2:4 sparsity on the MLP input weights,
+/// checkpoints every 4 steps and a log line every step.
+const SMALL: &str = r#"use std.models.gpt
+use std.loss.cross_entropy
+use std.optim.adamw
+use std.schedule.wsd
+use std.sparsity.nm
+use std.decode.greedy
+
+recipe small {
+    model = gpt(V = 256, D = 32, L = 2, H = 2, T = 32)
+    data = text("embedded:kjv", context = 32, batch = 4)
+    loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))
+    steps = 24
+    optimize model.** with adamw(lr = wsd(peak = 3e-3, total = 24, warmup = 4, decay_frac = 0.25), weight_decay = 0.1)
+    sparsify model.blocks.*.mlp.w1 with nm(n = 2, m = 4)
+    checkpoint_every = 4
+    eval_every = 8
+    eval_batches = 2
+    log_every = 1
+    decode = greedy()
+    seed = 3
+}
+"#;
+
+fn write_recipe(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("small.recipe");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn train(recipe: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    recipec().arg("train").arg(recipe).arg("--out").arg(out).args(extra).output().unwrap()
+}
+
+/// `(step, key, value)` of every number logged except timings.
+fn losses(dir: &Path) -> Vec<(u64, String, String)> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let mut v = vec![];
+    for line in text.lines() {
+        let j: serde_json::Value = serde_json::from_str(line).unwrap();
+        let step = j["step"].as_u64().unwrap();
+        for key in ["loss", "val_loss", "grad_norm"] {
+            if let Some(x) = j.get(key) {
+                v.push((step, key.to_string(), x.to_string()));
+            }
+        }
+    }
+    v
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
+    let dir = temp_dir("resume");
+    let recipe = write_recipe(&dir, SMALL);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let out = train(&recipe, &a, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("step     24/24") && err.contains("validation loss"), "{err}");
+    for f in ["checkpoint.safetensors", "metrics.jsonl", "loss.svg", "recipe.recipe", "run.json"] {
+        assert!(a.join(f).exists(), "{f} missing");
+    }
+    let want = losses(&a);
+    assert_eq!(want.iter().filter(|x| x.1 == "loss").count(), 24);
+    assert_eq!(want.iter().filter(|x| x.1 == "val_loss").count(), 3);
+
+    // Kill at a step that varies from run to run (after the first checkpoint exists).
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let kill_after = 5 + (nanos as usize % 17);
+    let mut child = recipec()
+        .arg("train")
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&b)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(b.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+        if lines >= kill_after || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended before it could be killed: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = train(&recipe, &b, &["--resume", b.to_str().unwrap()]);
+    assert!(out.status.success(), "killed after {kill_after} lines: {}", stderr(&out));
+    assert!(stderr(&out).contains("(resumed)"));
+    assert_eq!(losses(&b), want, "killed after {kill_after} metric lines");
+    assert_eq!(
+        std::fs::read(a.join("checkpoint.safetensors")).unwrap(),
+        std::fs::read(b.join("checkpoint.safetensors")).unwrap(),
+        "the resumed run's final checkpoint differs"
+    );
+
+    // Sampling: the recipe's greedy policy is deterministic; another policy can be named.
+    let s1 = recipec().args(["sample"]).arg(&a).args(["--tokens", "24", "--prompt", "And "]).output().unwrap();
+    assert!(s1.status.success(), "{}", stderr(&s1));
+    let s2 = recipec().args(["sample"]).arg(&b).args(["--tokens", "24", "--prompt", "And "]).output().unwrap();
+    assert_eq!(s1.stdout, s2.stdout);
+    assert!(
+        s1.stdout.starts_with(b"And ") && s1.stdout.len() == 4 + 24 + 1,
+        "{:?}",
+        String::from_utf8_lossy(&s1.stdout)
+    );
+    let s3 = recipec()
+        .args(["sample"])
+        .arg(&a)
+        .args(["--tokens", "16", "--policy", "top_k(k = 5, t = 0.9)", "--seed", "7"])
+        .output()
+        .unwrap();
+    assert!(s3.status.success(), "{}", stderr(&s3));
+    let bad = recipec().args(["sample"]).arg(&a).args(["--policy", "nucleus(p = 0.9)"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("no decoding policy `nucleus`"), "{}", stderr(&bad));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn damaged_checkpoints_are_rejected_and_never_overwritten() {
+    let dir = temp_dir("damage");
+    let recipe = write_recipe(&dir, &SMALL.replace("steps = 24", "steps = 4"));
+    let a = dir.join("a");
+    let out = train(&recipe, &a, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ck = a.join("checkpoint.safetensors");
+    let good = std::fs::read(&ck).unwrap();
+    // Truncated, bit-flipped, and garbage files.
+    let mut flipped = good.clone();
+    let at = good.len() - 100;
+    flipped[at] ^= 0x40;
+    for (what, bytes) in [
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("flipped", flipped),
+        ("garbage", b"not a checkpoint".to_vec()),
+    ] {
+        std::fs::write(&ck, &bytes).unwrap();
+        let out = train(&recipe, &a, &["--resume", a.to_str().unwrap(), "--steps", "8"]);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("error[E0602]") && err.contains("not a valid checkpoint"), "{what}: {err}");
+        assert_eq!(std::fs::read(&ck).unwrap(), bytes, "{what}: the damaged file was modified");
+        let out = recipec().arg("sample").arg(&a).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        assert!(stderr(&out).contains("E0602"));
+    }
+    // A fresh run never writes over an existing checkpoint.
+    std::fs::write(&ck, &good).unwrap();
+    let out = train(&recipe, &a, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("error[E0603]") && stderr(&out).contains("already holds a checkpoint"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&ck).unwrap(), good);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_recipes_fail_before_training_with_a_diagnostic() {
+    let dir = temp_dir("bad");
+    let cases = [
+        // A selector that matches no parameter (the checker, E0403).
+        (SMALL.replace("model.blocks.*.mlp.w1", "model.blocks.*.mlp.w9"), "E0403"),
+        // 2:4 groups do not divide the 30-wide rows of `w2` (the plan, E0601).
+        (SMALL.replace("D = 32, L = 2, H = 2", "D = 30, L = 2, H = 2").replace("mlp.w1 with", "mlp.w2 with"), "E0601"),
+        // A hyperparameter that is neither a number nor a schedule.
+        (SMALL.replace("weight_decay = 0.1", "weight_decay = \"x\""), "E0318"),
+    ];
+    // Data too short for the recipe's windows: reported before any training.
+    std::fs::write(dir.join("tiny.txt"), "In the beginning").unwrap();
+    let cases = [
+        cases[0].clone(),
+        cases[1].clone(),
+        cases[2].clone(),
+        (SMALL.replace("\"embedded:kjv\"", "\"tiny.txt\""), "E0603"),
+    ];
+    for (i, (text, code)) in cases.iter().enumerate() {
+        let recipe = write_recipe(&dir, text);
+        let out_dir = dir.join(format!("out{i}"));
+        let out = train(&recipe, &out_dir, &[]);
+        assert_eq!(out.status.code(), Some(1), "case {i}: {}", stderr(&out));
+        assert!(stderr(&out).contains(code), "case {i}: {}", stderr(&out));
+        assert!(!out_dir.exists(), "case {i}: wrote {}", out_dir.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,201 @@
+//! Training plans (`compiler::train`) run by the runtime's loop: the recipe's optimizer
+//! groups, schedules, gradient clipping, sparsity masks and gradient accumulation do what
+//! the recipe says, checked against hand computations on small models.
+
+use compiler::interp::{self, Tensor};
+use compiler::train::TrainPlan;
+use lang::source::{MemoryLoader, SourceDb};
+use lang::types::{Dtype, ItemRef};
+use runtime::train::{initial_state, run_named, Programs};
+use runtime::{Backend, Buffer};
+use std::collections::BTreeMap;
+
+fn loader() -> MemoryLoader {
+    let mut loader = MemoryLoader::default();
+    for (m, f, text) in stdlib::MODULES {
+        loader = loader.with(m, &format!("<std>/{f}"), text);
+    }
+    loader
+}
+
+fn plan_of(src: &str) -> TrainPlan {
+    let mut db = SourceDb::new();
+    let root = db.add("t.recipe", src);
+    let analysis = lang::analyze(&mut db, &[root], &loader());
+    assert!(!analysis.has_errors(), "{:?}", analysis.diagnostics);
+    let m = &analysis.modules.list[0];
+    let item = m.ast.items.iter().position(|i| matches!(i.kind, lang::ast::ItemKind::Recipe(_))).expect("a recipe");
+    compiler::train::plan(&analysis.modules, &db, ItemRef { module: 0, item }).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn values(b: &Buffer) -> Vec<f64> {
+    b.to_tensor().data
+}
+
+const MLP: &str = r#"use std.models.mlp
+use std.optim.sgd
+use std.schedule.wsd
+use std.sparsity.nm
+
+recipe r {
+    model = mlp(I = 4, H = 8, O = 4)
+    data = text("embedded:kjv", context = 4, batch = 2)
+    loss = mean(model.forward(f32(batch.inputs) / 100.0))
+    optimize model.** with sgd(lr = wsd(peak = 0.5, total = 10, warmup = 4))
+    grad_clip = 0.1
+    seed = 5
+}
+"#;
+
+#[test]
+fn update_clips_the_global_norm_and_evaluates_the_schedule_at_the_step() {
+    let plan = plan_of(MLP);
+    let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
+    let mut state = initial_state(&plan, &progs).unwrap();
+    let before = state.clone_values();
+    let mut n = 0usize;
+    for p in &plan.params {
+        let numel: usize = p.shape.iter().product();
+        n += numel;
+        let t = Tensor::new(p.dtype, p.shape.clone(), vec![1.0; numel]);
+        state.insert(format!("grad.{}", p.path), Buffer::from_tensor(&t));
+    }
+    let step = 3;
+    let mut extra = BTreeMap::new();
+    extra.insert("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, step as f64)));
+    run_named(&progs.update, &mut state, extra, 0).unwrap();
+    let norm = (n as f64).sqrt();
+    assert!((state["grad_norm"].get(0) - norm).abs() < 1e-4 * norm);
+    // The schedule at step 3, evaluated on its own.
+    let lr = {
+        let mut db = SourceDb::new();
+        let root = db.add("s.recipe", "use std.schedule.wsd\n");
+        let a = lang::analyze(&mut db, &[root], &loader());
+        let m = a.modules.list.iter().position(|m| m.items.contains_key("wsd") && m.file != root).unwrap();
+        let r = ItemRef { module: m, item: a.modules.list[m].items["wsd"] };
+        let args = [
+            ("peak".to_string(), compiler::lower::Arg::Scalar(0.5)),
+            ("total".to_string(), compiler::lower::Arg::Scalar(10.0)),
+            ("warmup".to_string(), compiler::lower::Arg::Scalar(4.0)),
+        ];
+        let g = compiler::entry::schedule(&a.modules, &db, r, &args).unwrap();
+        interp::run(&g, &[Tensor::scalar(Dtype::I32, step as f64)], 0).unwrap()["out"].data[0]
+    };
+    assert!(lr > 0.0 && lr < 0.5, "warmup: {lr}");
+    let scale = (0.1 / (norm + 1e-6)).min(1.0);
+    for p in &plan.params {
+        let (old, new) = (&before[&p.path], values(&state[&p.path]));
+        for (a, b) in old.iter().zip(&new) {
+            let want = a - lr * scale;
+            assert!((b - want).abs() < 1e-6, "{}: {b} vs {want}", p.path);
+        }
+    }
+}
+
+#[test]
+fn masks_follow_the_rule_and_the_forward_pass_uses_them() {
+    let src = MLP.replace("    grad_clip = 0.1\n", "    sparsify model.w1 with nm(n = 2, m = 4)\n");
+    let plan = plan_of(&src);
+    assert_eq!(plan.params.iter().filter(|p| p.sparsity.is_some()).count(), 1);
+    let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
+    let mut state = initial_state(&plan, &progs).unwrap();
+    let mut extra = BTreeMap::new();
+    extra.insert("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, 1.0)));
+    run_named(progs.masks.as_ref().unwrap(), &mut state, extra, 0).unwrap();
+    let w = values(&state["model.w1"]);
+    let mask = values(&state["mask.model.w1"]);
+    // w1 is [4, 8]: in each group of 4 along the rows, the 2 largest magnitudes are kept.
+    for g in 0..8 {
+        let idx: Vec<usize> = (g * 4..g * 4 + 4).collect();
+        let kept: Vec<usize> = idx.iter().copied().filter(|&i| mask[i] == 1.0).collect();
+        assert_eq!(kept.len(), 2, "group {g}: {:?}", &mask[g * 4..g * 4 + 4]);
+        let min_kept = kept.iter().map(|&i| w[i].abs()).fold(f64::MAX, f64::min);
+        for &i in &idx {
+            if mask[i] == 0.0 {
+                assert!(w[i].abs() <= min_kept);
+            }
+        }
+    }
+    // The loss with the mask equals the loss of the dense weights zeroed where masked.
+    let batch = |state: &mut BTreeMap<String, Buffer>| {
+        let mut extra = BTreeMap::new();
+        let x = Tensor::new(Dtype::I32, vec![2, 4], vec![65.0, 110.0, 100.0, 32.0, 71.0, 111.0, 100.0, 10.0]);
+        extra.insert("batch.inputs".to_string(), Buffer::from_tensor(&x));
+        extra.insert("batch.targets".to_string(), Buffer::from_tensor(&x));
+        run_named(&progs.eval, state, extra, 0).unwrap();
+        state["loss"].get(0)
+    };
+    let masked = batch(&mut state);
+    let zeroed: Vec<f64> = w.iter().zip(&mask).map(|(a, m)| a * m).collect();
+    state.insert("model.w1".into(), Buffer::from_tensor(&Tensor::new(Dtype::F32, vec![4, 8], zeroed)));
+    state.insert("mask.model.w1".into(), Buffer::from_tensor(&Tensor::new(Dtype::F32, vec![4, 8], vec![1.0; 32])));
+    assert_eq!(batch(&mut state), masked);
+    let dense = {
+        state.insert("model.w1".into(), Buffer::from_tensor(&Tensor::new(Dtype::F32, vec![4, 8], w.clone())));
+        batch(&mut state)
+    };
+    assert_ne!(dense, masked);
+}
+
+#[test]
+fn the_example_recipes_plan() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let tiny = plan_of(&std::fs::read_to_string(root.join("recipes/tiny_gpt.recipe")).unwrap());
+    let n: usize = tiny.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
+    assert!((900_000..1_200_000).contains(&n), "{n}");
+    assert_eq!(tiny.states.len(), 2 * tiny.params.len(), "adamw keeps m and v per parameter");
+    assert!(tiny.params.iter().all(|p| p.optimizer.as_deref() == Some("adamw")));
+    assert!(tiny.decode.is_some() && tiny.masks.is_none());
+    let sparse = plan_of(&std::fs::read_to_string(root.join("recipes/sparse_gpt.recipe")).unwrap());
+    assert_eq!(sparse.params.iter().filter(|p| p.sparsity.as_deref() == Some("nm")).count(), 8);
+    assert!(sparse.params.iter().any(|p| p.optimizer.as_deref() == Some("sgd")));
+    assert!(sparse.params.iter().any(|p| p.optimizer.as_deref() == Some("adam")));
+    assert!(sparse.masks.is_some());
+}
+
+#[test]
+fn accumulating_two_half_batches_matches_one_full_batch() {
+    let dir = std::env::temp_dir().join(format!("recipec-accumulate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |batch: usize, acc: usize, name: &str| -> Vec<f64> {
+        let src = MLP
+            .replace("batch = 2", &format!("batch = {batch}"))
+            .replace("    seed = 5\n", &format!("    seed = 5\n    accumulate = {acc}\n    log_every = 1\n"));
+        let plan = plan_of(&src);
+        let out = dir.join(name);
+        let opts = runtime::train::TrainOptions {
+            steps: Some(4),
+            checkpoint_every: None,
+            out: out.clone(),
+            resume: None,
+            backend: Backend::Cranelift,
+            progress_bar: false,
+            source: src.clone(),
+            source_path: dir.join("t.recipe"),
+        };
+        runtime::train::train(&plan, &opts, &mut std::io::sink()).unwrap();
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+            .collect()
+    };
+    let full = run(4, 1, "full");
+    let halves = run(2, 2, "halves");
+    assert_eq!(full.len(), 4);
+    for (a, b) in full.iter().zip(&halves) {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{full:?} vs {halves:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A snapshot of every tensor's values (for before/after comparisons).
+trait CloneValues {
+    fn clone_values(&self) -> BTreeMap<String, Vec<f64>>;
+}
+
+impl CloneValues for BTreeMap<String, Buffer> {
+    fn clone_values(&self) -> BTreeMap<String, Vec<f64>> {
+        self.iter().map(|(k, v)| (k.clone(), values(v))).collect()
+    }
+}
