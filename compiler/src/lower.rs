@@ -946,16 +946,7 @@ impl<'a> Lowerer<'a> {
         }
         let dtype = Dtype::parse(&ty.dtype.name).unwrap_or(Dtype::F32);
         let dims = ty.dims.clone().unwrap_or_default();
-        let shape = self.in_model(mv, extra, |me| {
-            let mut shape = vec![];
-            for d in &dims {
-                match me.expr(d)? {
-                    Val::Int(v) if v >= 0 => shape.push(v as usize),
-                    _ => return me.at(d.span, "a parameter's dimensions must be non-negative constants"),
-                }
-            }
-            Ok(shape)
-        })?;
+        let shape = self.in_model(mv, extra, |me| me.param_dims(&dims))?;
         let index = self.graph.inputs.len();
         let origin = self.origin(span);
         let n = self.node(Op::Input { index, name: key.clone() }, dtype, shape.clone(), &[], &origin)?;
@@ -968,6 +959,18 @@ impl<'a> Lowerer<'a> {
         };
         self.params.insert(key, n);
         Ok(Val::T(n))
+    }
+
+    /// A parameter's declared dimensions, evaluated in the model's scope.
+    fn param_dims(&mut self, dims: &[Expr]) -> R<Vec<usize>> {
+        let mut shape = vec![];
+        for d in dims {
+            match self.expr(d)? {
+                Val::Int(v) if v >= 0 => shape.push(v as usize),
+                _ => return self.at(d.span, "a parameter's dimensions must be non-negative constants"),
+            }
+        }
+        Ok(shape)
     }
 
     /// The value of member `name` of a model instance.
@@ -1129,13 +1132,7 @@ impl<'a> Lowerer<'a> {
                     let dims = ty.dims.clone().unwrap_or_default();
                     let origin = self.origin(m.span);
                     let value = self.in_model(mv, extra, |me| {
-                        let mut shape = vec![];
-                        for d in &dims {
-                            match me.expr(d)? {
-                                Val::Int(v) if v >= 0 => shape.push(v as usize),
-                                _ => return me.at(d.span, "a parameter's dimensions must be non-negative constants"),
-                            }
-                        }
+                        let shape = me.param_dims(&dims)?;
                         let saved = me.init_shape.replace(shape.clone());
                         let v = me.expr(init);
                         me.init_shape = saved;

@@ -50,7 +50,7 @@ pub struct DataSpec {
     pub path: String,
     pub context: usize,
     pub batch: usize,
-    /// The fraction of the data held out for validation (default 0.05).
+    /// `split`: the fraction of the data held out for validation (default 0.05).
     pub val_fraction: f64,
     pub span: Span,
 }
@@ -164,14 +164,14 @@ fn data_spec(lw: &mut Lowerer, rec: &RecipeDef, f: lang::source::FileId) -> R<Da
     for (i, a) in args.iter().enumerate() {
         let key = match &a.name {
             Some(n) => n.name.clone(),
-            None => ["path", "context", "batch", "val"].get(i).map(|s| s.to_string()).unwrap_or_default(),
+            None => ["path", "context", "batch", "split"].get(i).map(|s| s.to_string()).unwrap_or_default(),
         };
         let v = lw.expr(&a.value)?;
         match (key.as_str(), v) {
             ("path", Val::Str(s)) => spec.path = s,
             ("context", Val::Int(v)) if v >= 1 => spec.context = v as usize,
             ("batch", Val::Int(v)) if v >= 1 => spec.batch = v as usize,
-            ("val", Val::Float(v)) if (0.0..0.5).contains(&v) => spec.val_fraction = v,
+            ("split", Val::Float(v)) if v > 0.0 && v < 0.5 => spec.val_fraction = v,
             (k, _) => {
                 return fail(
                     format!(
@@ -179,8 +179,8 @@ fn data_spec(lw: &mut Lowerer, rec: &RecipeDef, f: lang::source::FileId) -> R<Da
                         match k {
                             "path" => "a string",
                             "context" | "batch" => "a positive integer",
-                            "val" => "a fraction in [0, 0.5)",
-                            _ => "one of path, context, batch, val",
+                            "split" => "the fraction held out for validation, in (0, 0.5)",
+                            _ => "one of path, context, batch, split",
                         }
                     ),
                     Some((f, a.value.span)),

@@ -1,5 +1,5 @@
-//! `recipec`: the command line over the recipe front end (and, later, the compiler and
-//! runtime). Renders diagnostics; the crates below only return them.
+//! `recipec`: the command line over the front end, the compiler and the runtime. Renders
+//! diagnostics; the crates below only return them.
 
 mod eval;
 mod loader;
@@ -475,7 +475,7 @@ fn build(file: &PathBuf, emit: &[String], note: bool) -> ExitCode {
     }
     if emit.is_empty() && note {
         eprintln!(
-            "checked {}; code generation arrives with the compiler (see the README's status section)",
+            "checked {}; `--emit plan` or `--emit kernels` show what the compiler makes of it, `-o DIR` writes an artifact, `recipec train` trains a recipe",
             file.display()
         );
     }

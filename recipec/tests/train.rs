@@ -251,19 +251,8 @@ fn ctrl_c_saves_a_checkpoint_that_resumes_exactly() {
 fn token_arrays_train_from_npy() {
     let dir = temp_dir("npy");
     // 4,000 int32 tokens of a repeating pattern, as NumPy writes them.
-    let toks: Vec<i32> = (0..4000).map(|i| [3, 1, 4, 1, 5, 9, 2, 6][i % 8]).collect();
-    let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (4000,), }";
-    let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(h.as_bytes());
-    for t in &toks {
-        bytes.extend_from_slice(&t.to_le_bytes());
-    }
+    let toks: Vec<f64> = (0..4000).map(|i| [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0][i % 8]).collect();
+    let bytes = runtime::npy::write(&compiler::interp::Tensor::new(lang::types::Dtype::I32, vec![4000], toks));
     std::fs::write(dir.join("toks.npy"), bytes).unwrap();
     let text = SMALL
         .replace("text(\"embedded:kjv\", context = 32, batch = 4)", "tokens(\"toks.npy\", context = 16, batch = 4)")
