@@ -351,7 +351,7 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         && after.is_none()
         && !req.time_passes
         && req.artifact.is_none()
-        && !req.emit.iter().any(|e| e == "plan" || e == "kernels")
+        && !req.emit.iter().any(|e| e == "plan" || e == "kernels" || e == "cuda")
     {
         return Ok(g);
     }
@@ -368,6 +368,15 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
         p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
         print!("{}", p.text());
+    }
+    if req.emit.iter().any(|e| e == "cuda") {
+        let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
+        let u = codegen_cuda::emit(&p).map_err(|e| Fail("E0502", format!("no CUDA form yet: {e}")))?;
+        print!("{}", u.source);
+        println!("// launches (kernel, kind, name, grid, block, shared memory):");
+        for line in u.launch_table().lines() {
+            println!("//   {line}");
+        }
     }
     if let Some(dir) = &req.artifact {
         let started = std::time::Instant::now();

@@ -94,7 +94,8 @@ enum Command {
     /// one item with `--item NAME --shape ARG=f32[4, 7]...`.
     Build {
         file: PathBuf,
-        /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`, `plan`, `kernels`.
+        /// Comma-separated: `ast`, `typed`, `graph`, `graph-after=PASS`, `plan`, `kernels`,
+        /// `cuda` (the CUDA C translation unit and its launch table).
         #[arg(long, value_delimiter = ',')]
         emit: Vec<String>,
         /// The item whose graph `--emit graph` prints.
@@ -178,7 +179,7 @@ fn main() -> ExitCode {
         Command::Explain { code, all } => explain(code, all),
         Command::Build { file, emit, item, shapes, hps, grad, time_passes, out } => {
             let (graph_emit, front_emit): (Vec<String>, Vec<String>) =
-                emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan" || e == "kernels");
+                emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan" || e == "kernels" || e == "cuda");
             if !graph_emit.is_empty() || out.is_some() {
                 // Without `--item`, a file's recipe: its training step (loss and gradients).
                 let item = match item {

@@ -562,6 +562,19 @@ struct OutView {
     accumulate: bool,
 }
 
+/// True when the batches of `v` follow each other as rows: batch `i` starts `m` rows after
+/// batch `i - 1`, in row-major order over the batch axes.
+fn rows_stack(v: &View, batch: &[usize], m: usize) -> bool {
+    let mut want = m as i64 * v.row_stride;
+    for d in (0..batch.len()).rev() {
+        if batch[d] > 1 && v.batch_strides[d] != want {
+            return false;
+        }
+        want *= batch[d] as i64;
+    }
+    true
+}
+
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     ptrs: &[*mut u8],
@@ -575,6 +588,14 @@ fn matmul(
     dtype: Dtype,
 ) {
     let nb: usize = batch.iter().product();
+    // `A[b] @ W` with `W` shared by every batch element, `A`'s batches stacked row after row
+    // and the output contiguous: one `[nb·m, k] @ [k, n]` product (the same sums, one call
+    // with more rows for the tuned kernel to split).
+    if nb > 1 && b.batch_strides.iter().all(|s| *s == 0) && out.row_stride == n as i64 && rows_stack(a, batch, m) {
+        let folded = View { batch_strides: vec![], ..a.clone() };
+        let b0 = View { batch_strides: vec![], ..b.clone() };
+        return matmul(ptrs, &folded, &b0, out, &[], nb * m, k, n, dtype);
+    }
     let offs = |v: &View, bi: usize| -> isize {
         let mut rem = bi;
         let mut off = v.offset;

@@ -199,3 +199,61 @@ impl CloneValues for BTreeMap<String, Buffer> {
         self.iter().map(|(k, v)| (k.clone(), values(v))).collect()
     }
 }
+
+/// The GPT training step (forward, loss, every gradient; the update) on generated code gives
+/// the interpreter's values within the matmul tolerance of the backend tests.
+#[test]
+fn the_gpt_training_step_matches_the_interpreter() {
+    let src = r#"use std.models.gpt
+use std.loss.linear_cross_entropy
+use std.optim.adamw
+
+recipe g {
+    model = gpt(V = 64, D = 16, L = 2, H = 2, T = 8)
+    data = text("embedded:kjv", context = 8, batch = 3)
+    loss = linear_cross_entropy(model.features(batch.inputs), model.wte, flatten(batch.targets))
+    optimize model.** with adamw(lr = 0.01)
+}
+"#;
+    // `RECIPEC_BIG=1`: the example's sizes (slow on the interpreter).
+    let big = std::env::var("RECIPEC_BIG").is_ok();
+    let src = if big {
+        src.replace("V = 64, D = 16, L = 2, H = 2, T = 8", "V = 256, D = 128, L = 1, H = 4, T = 128")
+            .replace("context = 8, batch = 3", "context = 128, batch = 16")
+    } else {
+        src.to_string()
+    };
+    let (b, t) = if big { (16, 128) } else { (3, 8) };
+    let plan = plan_of(&src);
+    let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
+    let mut state = initial_state(&plan, &progs).unwrap();
+    let x = Tensor::new(Dtype::I32, vec![b, t], (0..b * t).map(|i| ((i * 37) % 64) as f64).collect());
+    let y = Tensor::new(Dtype::I32, vec![b, t], (0..b * t).map(|i| ((i * 11 + 5) % 64) as f64).collect());
+    let mut extra = BTreeMap::new();
+    extra.insert("batch.inputs".to_string(), Buffer::from_tensor(&x));
+    extra.insert("batch.targets".to_string(), Buffer::from_tensor(&y));
+    // The interpreter on the same graph and inputs.
+    let mut g = plan.grad.clone();
+    compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+    let inputs: Vec<Tensor> = g
+        .inputs
+        .iter()
+        .map(|i| match &g.node(*i).op {
+            compiler::ir::Op::Input { name, .. } if name == "batch.inputs" => x.clone(),
+            compiler::ir::Op::Input { name, .. } if name == "batch.targets" => y.clone(),
+            compiler::ir::Op::Input { name, .. } => state[name].to_tensor(),
+            _ => unreachable!(),
+        })
+        .collect();
+    let want = interp::run(&g, &inputs, 0).unwrap();
+    run_named(&progs.grad, &mut state, extra, 0).unwrap();
+    let mut checked = 0;
+    for (name, w) in &want {
+        let got = values(&state[name]);
+        for (a, b) in got.iter().zip(&w.data) {
+            assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{name}: {a} vs {b}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 1 + plan.params.len());
+}
