@@ -405,7 +405,7 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
 }
 
 /// The backends `--backend` accepts; the first is the default.
-pub const BACKENDS: &[&str] = &["cranelift", "llvm", "interp"];
+pub const BACKENDS: &[&str] = &["cranelift", "llvm", "interp", "cuda"];
 
 fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64, backend: &str) -> Result<HashMap<String, Tensor>, Fail> {
     // Check each input against its declaration first: a clear message names the argument.
@@ -421,6 +421,13 @@ fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64, backend: &str) -> Result<H
         "interp" => interp::run(g, inputs, seed).map_err(|e| Fail("E0501", e.0)),
         #[cfg(not(feature = "llvm"))]
         "llvm" => fail("E0501", "this recipec was built without the LLVM backend; build it with `cargo build --release -p recipec --features llvm` (needs LLVM 14: `apt install llvm-14-dev`)"),
+        "cuda" => {
+            runtime::cuda::available().map_err(|e| Fail("E0501", e.0))?;
+            let p = compiler::kernel::schedule(g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
+            let exe = runtime::cuda::CudaExecutable::new(p).map_err(|e| Fail("E0502", e.0))?;
+            let outs = exe.run_tensors(inputs, seed).map_err(|e| Fail("E0501", e.0))?;
+            Ok(outs.into_iter().collect())
+        }
         _ => {
             let bug = |e: String| Fail("E0502", format!("this is a bug in recipec: {e}"));
             let p = compiler::kernel::schedule(g).map_err(|e| bug(e.0))?;

@@ -46,7 +46,11 @@ fn backend(name: &str) -> Result<runtime::Backend, ExitCode> {
             "this recipec was built without the LLVM backend",
             "build it with `cargo build --release -p recipec --features llvm` (needs LLVM 14: `apt install llvm-14-dev`)",
         )),
-        other => Err(error("E0501", format!("unknown backend `{other}`"), "the training backends are cranelift and llvm")),
+        "cuda" => match runtime::cuda::available() {
+            Ok(()) => Ok(runtime::Backend::Cuda),
+            Err(e) => Err(error("E0501", e, "train on the CPU with `--backend cranelift` (the default)")),
+        },
+        other => Err(error("E0501", format!("unknown backend `{other}`"), "the training backends are cranelift, llvm and cuda")),
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod artifact;
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod npy;
 pub mod plot;
@@ -173,6 +174,59 @@ pub enum Backend {
     /// LLVM 14, O3 for the host CPU (cargo feature `llvm`).
     #[cfg(feature = "llvm")]
     Llvm,
+    /// The GPU through [`cuda::CudaExecutable`] (use [`compile_program`]).
+    Cuda,
+}
+
+/// A compiled program on some device: what the training loop and `recipec eval` run.
+pub trait Runner {
+    fn program(&self) -> &Program;
+    fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError>;
+    /// Kernel timings, when profiling (`RECIPEC_PROFILE=1`; CPU only).
+    fn profile_report(&self, _top: usize) -> Option<String> {
+        None
+    }
+}
+
+impl Runner for Executable {
+    fn program(&self) -> &Program {
+        &self.program
+    }
+    fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        Executable::run(self, args, seed)
+    }
+    fn profile_report(&self, top: usize) -> Option<String> {
+        Executable::profile_report(self, top)
+    }
+}
+
+impl<T: Runner + ?Sized> Runner for Box<T> {
+    fn program(&self) -> &Program {
+        (**self).program()
+    }
+    fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        (**self).run(args, seed)
+    }
+    fn profile_report(&self, top: usize) -> Option<String> {
+        (**self).profile_report(top)
+    }
+}
+
+impl Runner for cuda::CudaExecutable {
+    fn program(&self) -> &Program {
+        &self.program
+    }
+    fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        cuda::CudaExecutable::run(self, args, seed)
+    }
+}
+
+/// Compiles a scheduled program for `backend` (CPU code generators or the GPU).
+pub fn compile_program(program: Program, backend: Backend) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
+    Ok(match backend {
+        Backend::Cuda => Box::new(cuda::CudaExecutable::new(program)?),
+        b => Box::new(Executable::new(program, b)?),
+    })
 }
 
 /// A program ready to run: generated code and its arena.
@@ -208,6 +262,7 @@ impl Executable {
             Backend::Cranelift => codegen_cpu::compile(&program),
             #[cfg(feature = "llvm")]
             Backend::Llvm => codegen_cpu::compile_llvm(&program),
+            Backend::Cuda => Err("CUDA programs run through `runtime::cuda::CudaExecutable`".to_string()),
         }
         .map_err(RunError)?;
         let arena = Mutex::new(Arena::new(program.arena_bytes));

@@ -17,7 +17,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::data::Corpus;
-use crate::{Backend, Buffer, Executable, Out, RunError};
+use crate::{Backend, Buffer, Out, RunError, Runner};
 use compiler::interp::Tensor;
 use compiler::ir::Graph;
 use compiler::train::TrainPlan;
@@ -44,24 +44,24 @@ pub fn install_interrupt_handler() {
 }
 
 /// Schedules and compiles a graph (the standard pass pipeline, fusion, memory plan).
-pub fn compile(g: &Graph, backend: Backend) -> Result<Executable, RunError> {
+pub fn compile(g: &Graph, backend: Backend) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
     let mut g = g.clone();
     compiler::passes::run_pipeline(&mut g, None, &mut vec![])
         .map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
     let p = compiler::kernel::schedule(&g).map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
-    Executable::new(p, backend)
+    crate::compile_program(p, backend)
 }
 
 /// Runs `exe` with arguments taken by name from `extra` first, then `state`; the arguments
 /// go back into `state` (updated in place where the program wrote into them) and every
 /// output is stored in `state` under its name.
 pub fn run_named(
-    exe: &Executable,
+    exe: &dyn Runner,
     state: &mut BTreeMap<String, Buffer>,
     mut extra: BTreeMap<String, Buffer>,
     seed: u64,
 ) -> Result<(), RunError> {
-    let names = exe.program.input_names.clone();
+    let names = exe.program().input_names.clone();
     let mut args = Vec::with_capacity(names.len());
     for n in &names {
         match extra.remove(n).or_else(|| state.remove(n)) {
@@ -71,7 +71,7 @@ pub fn run_named(
                 for (m, b) in names.iter().zip(args) {
                     state.insert(m.clone(), b);
                 }
-                return Err(RunError(format!("`{}` needs `{n}`, which the training state lacks", exe.program.name)));
+                return Err(RunError(format!("`{}` needs `{n}`, which the training state lacks", exe.program().name)));
             }
         }
     }
@@ -151,11 +151,11 @@ pub struct TrainSummary {
 
 /// The compiled graphs of a plan.
 pub struct Programs {
-    pub grad: Executable,
-    pub eval: Executable,
-    pub update: Executable,
-    pub masks: Option<Executable>,
-    pub init: Executable,
+    pub grad: Box<dyn Runner + Send + Sync>,
+    pub eval: Box<dyn Runner + Send + Sync>,
+    pub update: Box<dyn Runner + Send + Sync>,
+    pub masks: Option<Box<dyn Runner + Send + Sync>>,
+    pub init: Box<dyn Runner + Send + Sync>,
 }
 
 impl Programs {
@@ -550,7 +550,7 @@ pub fn sample(
 ) -> Result<Vec<i32>, RunError> {
     let exe = compile(decode, backend)?;
     let mut st: BTreeMap<String, Buffer> = BTreeMap::new();
-    for name in &exe.program.input_names {
+    for name in &exe.program().input_names {
         if name == "tokens" || name == "pos" {
             continue;
         }

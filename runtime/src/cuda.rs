@@ -1,0 +1,288 @@
+//! The CUDA path: a [`Program`]'s CUDA C (`codegen-cuda`) compiled by NVRTC for the device,
+//! one arena allocation, kernels launched in order on one stream; library kernels (gather,
+//! sort, RNG, linear algebra) run on the host between launches (their operands are copied
+//! down and the result copied back), as on the CPU backends.
+//!
+//! cudarc panics when the driver or NVRTC libraries are missing, so [`available`] checks
+//! for them with `dlopen` first and every entry point here calls it: without a GPU the
+//! answer is a clear "no CUDA device" error, never a panic.
+
+use crate::{read, Buffer, Out, RunError};
+use compiler::interp::{self, Tensor};
+use compiler::kernel::{BufKind, Kernel, Program};
+use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+fn loadable(names: &[&str]) -> bool {
+    names.iter().any(|name| {
+        let c = std::ffi::CString::new(*name).expect("no NUL");
+        // SAFETY: dlopen/dlclose of a library by name; nothing from it is called here.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            false
+        } else {
+            unsafe { libc::dlclose(h) };
+            true
+        }
+    })
+}
+
+/// Whether a CUDA device can run programs here, or why not.
+pub fn available() -> Result<(), RunError> {
+    if !loadable(&["libcuda.so.1", "libcuda.so"]) {
+        return Err(RunError("no CUDA device: the NVIDIA driver library (libcuda.so.1) is not installed".into()));
+    }
+    if !loadable(&["libnvrtc.so.12", "libnvrtc.so"]) {
+        return Err(RunError(
+            "no CUDA compiler: NVRTC (libnvrtc.so.12) is not on the library path (pip install nvidia-cuda-nvrtc-cu12 and add its lib directory to LD_LIBRARY_PATH)".into(),
+        ));
+    }
+    cu::init().map_err(|e| RunError(format!("no CUDA device: the driver failed to start ({e:?})")))?;
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err(RunError("no CUDA device: the driver sees no GPU".into())),
+        Err(e) => Err(RunError(format!("no CUDA device: {e:?}"))),
+    }
+}
+
+fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
+    RunError(format!("CUDA: {what}: {e:?}"))
+}
+
+/// A program compiled for the GPU, with its arena allocated once.
+pub struct CudaExecutable {
+    pub program: Program,
+    pub unit: codegen_cuda::Unit,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: Vec<Option<CudaFunction>>,
+    arena: u64,
+}
+
+impl Drop for CudaExecutable {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the arena was allocated by `malloc_sync` and nothing uses it any more.
+        unsafe {
+            let _ = cu::free_sync(self.arena);
+        }
+    }
+}
+
+fn arch(cc: (i32, i32)) -> &'static str {
+    match cc {
+        (9, 0) => "compute_90",
+        (8, 9) => "compute_89",
+        (8, 6) => "compute_86",
+        (8, 0) => "compute_80",
+        (7, 5) => "compute_75",
+        (7, 0) => "compute_70",
+        (a, b) => Box::leak(format!("compute_{a}{b}").into_boxed_str()),
+    }
+}
+
+impl CudaExecutable {
+    pub fn new(program: Program) -> Result<CudaExecutable, RunError> {
+        available()?;
+        let unit = codegen_cuda::emit(&program).map_err(RunError)?;
+        let ctx = CudaContext::new(0).map_err(|e| err("cannot open device 0", e))?;
+        let cc = ctx.compute_capability().map_err(|e| err("compute capability", e))?;
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch(cc)),
+            options: codegen_cuda::NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+            name: Some(format!("{}.cu", program.name)),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(&unit.source, opts)
+            .map_err(|e| err(&format!("NVRTC failed on `{}` (see `recipec build --emit cuda`)", program.name), e))?;
+        let module = ctx.load_module(ptx).map_err(|e| err("cannot load the module", e))?;
+        let mut functions = vec![];
+        for l in &unit.launches {
+            functions.push(if l.kind == "host" {
+                None
+            } else {
+                Some(module.load_function(&l.name).map_err(|e| err(&format!("kernel {}", l.name), e))?)
+            });
+        }
+        ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+        // SAFETY: a plain device allocation, freed in `drop`.
+        let arena = unsafe { cu::malloc_sync(program.arena_bytes.max(256)) }
+            .map_err(|e| err("cannot allocate the arena", e))?;
+        let stream = ctx.default_stream();
+        Ok(CudaExecutable { program, unit, ctx, stream, functions, arena })
+    }
+
+    /// Runs on host buffers (copied to the device and back), like [`crate::Executable::run`].
+    pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        let p = &self.program;
+        if args.len() != p.inputs.len() {
+            return Err(RunError(format!("`{}` takes {} arguments, got {}", p.name, p.inputs.len(), args.len())));
+        }
+        for (i, b) in p.inputs.iter().enumerate() {
+            let d = &p.buffers[*b];
+            if args[i].dtype != d.dtype || args[i].shape != d.shape {
+                return Err(RunError(format!(
+                    "argument {i} of `{}` must be {}{:?}, got {}{:?}",
+                    p.name, d.dtype, d.shape, args[i].dtype, args[i].shape
+                )));
+            }
+        }
+        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+        // Arguments on the device.
+        let mut dev_args = vec![];
+        for a in args.iter() {
+            // SAFETY: fresh allocations of the argument's size, filled from its bytes.
+            let ptr = unsafe { cu::malloc_sync(a.bytes().max(1)) }.map_err(|e| err("alloc", e))?;
+            unsafe { cu::memcpy_htod_sync(ptr, a.as_bytes()) }.map_err(|e| err("copy in", e))?;
+            dev_args.push(ptr);
+        }
+        let result = self.launch_all(args, &dev_args, seed);
+        let outs = result.and_then(|_| self.collect(args, &dev_args));
+        for ptr in dev_args {
+            // SAFETY: allocated above, no kernel is running (the stream was synchronized).
+            unsafe {
+                let _ = cu::free_sync(ptr);
+            }
+        }
+        outs
+    }
+
+    fn addresses(&self, dev_args: &[u64]) -> Vec<u64> {
+        let p = &self.program;
+        p.buffers
+            .iter()
+            .map(|d| match (&d.kind, d.into) {
+                (BufKind::Input(i), _) => dev_args[*i],
+                (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
+                    BufKind::Input(i) => dev_args[i],
+                    BufKind::Temp => unreachable!("written into an argument"),
+                },
+                (BufKind::Temp, None) => self.arena + d.offset as u64,
+            })
+            .collect()
+    }
+
+    fn launch_all(&self, _args: &[Buffer], dev_args: &[u64], seed: u64) -> Result<(), RunError> {
+        let p = &self.program;
+        let addrs = self.addresses(dev_args);
+        // SAFETY: the table is allocated, filled and freed here, after the stream is idle.
+        let table = unsafe { cu::malloc_sync(addrs.len().max(1) * 8) }.map_err(|e| err("alloc", e))?;
+        unsafe { cu::memcpy_htod_sync(table, &addrs) }.map_err(|e| err("copy", e))?;
+        let mut result = Ok(());
+        for (ki, k) in p.kernels.iter().enumerate() {
+            let l = &self.unit.launches[ki];
+            match (k, &self.functions[ki]) {
+                (Kernel::Library { node, operands, args: a, out, .. }, _) => {
+                    if let Err(e) = self.stream.synchronize() {
+                        result = Err(err("synchronize", e));
+                        break;
+                    }
+                    let mut ops = vec![];
+                    for (o, b) in operands.iter().zip(a) {
+                        let bytes = compiler::plan::dtype_bytes(o.dtype) * o.shape.iter().product::<usize>();
+                        let mut host = vec![0u8; bytes];
+                        // SAFETY: the operand's buffer holds `bytes` bytes at this address.
+                        unsafe { cu::memcpy_dtoh_sync(&mut host, addrs[*b]) }.map_err(|e| err("copy out", e))?;
+                        let numel: usize = o.shape.iter().product();
+                        let data = (0..numel).map(|i| read(o.dtype, host.as_ptr(), i)).collect();
+                        ops.push(Tensor { dtype: o.dtype, shape: o.shape.clone(), data });
+                    }
+                    let refs: Vec<&Tensor> = ops.iter().collect();
+                    let t = interp::eval(node, &refs, &[], seed).map_err(|e| RunError(e.0))?;
+                    let host = Buffer::from_tensor(&t);
+                    // SAFETY: the result's buffer holds the node's elements at this address.
+                    unsafe { cu::memcpy_htod_sync(addrs[*out], host.as_bytes()) }.map_err(|e| err("copy in", e))?;
+                }
+                (_, Some(f)) => {
+                    let cfg = LaunchConfig {
+                        grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+                        block_dim: (l.block[0], l.block[1], l.block[2]),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut b = self.stream.launch_builder(f);
+                    b.arg(&table);
+                    // SAFETY: the kernel reads and writes only the planned buffers in the table.
+                    if let Err(e) = unsafe { b.launch(cfg) } {
+                        result = Err(err(&format!("launch of {}", l.name), e));
+                        break;
+                    }
+                }
+                (_, None) => unreachable!("device kernels have functions"),
+            }
+        }
+        let synced = self.stream.synchronize().map_err(|e| err("synchronize", e));
+        // SAFETY: the stream is idle.
+        unsafe {
+            let _ = cu::free_sync(table);
+        }
+        result.and(synced)
+    }
+
+    fn collect(&self, args: &mut [Buffer], dev_args: &[u64]) -> Result<Vec<(String, Out)>, RunError> {
+        let p = &self.program;
+        let addrs = self.addresses(dev_args);
+        // Arguments updated in place come back whole.
+        for (i, a) in args.iter_mut().enumerate() {
+            if p.buffers.iter().any(|d| d.into == Some(p.inputs[i])) {
+                // SAFETY: the argument's device copy has its size.
+                unsafe { cu::memcpy_dtoh_sync(a.as_bytes_mut(), dev_args[i]) }.map_err(|e| err("copy out", e))?;
+            }
+        }
+        let mut outs = vec![];
+        for (name, b, shape) in &p.outputs {
+            let d = &p.buffers[*b];
+            let arg = match (&d.kind, d.into) {
+                (BufKind::Input(i), _) => Some(*i),
+                (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
+                    BufKind::Input(i) => Some(i),
+                    BufKind::Temp => None,
+                },
+                _ => None,
+            };
+            match arg {
+                Some(i) => outs.push((name.clone(), Out::Arg(i, shape.clone()))),
+                None => {
+                    let mut host = Buffer::zeros(d.dtype, shape.clone());
+                    // SAFETY: the output buffer holds its elements at this address.
+                    unsafe { cu::memcpy_dtoh_sync(host.as_bytes_mut(), addrs[*b]) }.map_err(|e| err("copy out", e))?;
+                    outs.push((name.clone(), Out::Buf(host)));
+                }
+            }
+        }
+        Ok(outs)
+    }
+
+    /// Runs on tensors (converted to and from the storage format).
+    pub fn run_tensors(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
+        let mut args: Vec<Buffer> = inputs.iter().map(Buffer::from_tensor).collect();
+        let outs = self.run(&mut args, seed)?;
+        Ok(outs
+            .into_iter()
+            .map(|(n, o)| {
+                let t = match o {
+                    Out::Arg(i, shape) => {
+                        let mut t = args[i].to_tensor();
+                        t.shape = shape;
+                        t
+                    }
+                    Out::Buf(b) => b.to_tensor(),
+                };
+                (n, t)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn availability_is_reported_without_panicking() {
+        match super::available() {
+            Ok(()) => println!("a CUDA device is available"),
+            Err(e) => {
+                println!("skipped: {e}");
+                assert!(e.0.starts_with("no CUDA"), "{e}");
+            }
+        }
+    }
+}

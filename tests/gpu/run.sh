@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: the CUDA differential suite (every stdlib item vs the
+# interpreter), the CUDA compile check, and a short training run on the GPU. Writes a
+# summary to target/gpu-summary.txt. Needs Rust, the NVIDIA driver, and Python for the
+# NVRTC/ptxas wheels.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python3 -m venv target/gpu-venv
+target/gpu-venv/bin/pip install --quiet -r tests/cuda/requirements.txt
+NV="$(target/gpu-venv/bin/python -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0] + "/"))')"
+export LD_LIBRARY_PATH="$NV/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PATH="$NV/cuda_nvcc/bin:$PATH"
+export RECIPEC_REQUIRE_CUDA_TOOLS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee target/gpu-summary.txt
+cargo test --release -p tests --test gpu -- --nocapture 2>&1 | tee -a target/gpu-summary.txt
+cargo test --release -p tests --test cuda nvrtc -- --nocapture 2>&1 | tail -5 | tee -a target/gpu-summary.txt
+cargo build --release -p recipec
+rm -rf target/gpu-train
+target/release/recipec train recipes/tiny_gpt.recipe --steps 20 --backend cuda --out target/gpu-train 2>&1 | tail -4 | tee -a target/gpu-summary.txt
+echo "summary: target/gpu-summary.txt"
