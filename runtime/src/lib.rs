@@ -520,6 +520,30 @@ fn indexing(
             }
             true
         }
+        Op::ScatterAdd { axis }
+            if operands[2].shape[*axis] == 1 && d == Dtype::F32 && od == d && operands[2].dtype == d =>
+        {
+            // One index per position along `axis`: no element receives two values, so adding
+            // in place rounds once, as the general f64 accumulation below does.
+            let v = ptrs[args[2]] as *const f32;
+            let (outer, xa, inner) = split(&operands[0].shape, *axis);
+            let numel: usize = node.shape.iter().product();
+            if x != o as *const u8 {
+                // SAFETY: both buffers hold the node's `numel` f32 elements.
+                unsafe { std::ptr::copy_nonoverlapping(x as *const f32, o as *mut f32, numel) };
+            }
+            let of = o as *mut f32;
+            for a in 0..outer {
+                for t in 0..inner {
+                    let i = a * inner + t;
+                    let k = clamp_index(read(idt, ix, i), xa);
+                    let at = (a * xa + k) * inner + t;
+                    // SAFETY: `at` and `i` are inside the output and the values (shapes from the plan).
+                    unsafe { *of.add(at) = (*of.add(at) as f64 + *v.add(i) as f64) as f32 };
+                }
+            }
+            true
+        }
         Op::TakeAdd { axis } | Op::ScatterAdd { axis } => {
             let v = ptrs[args[2]] as *const u8;
             let vd = operands[2].dtype;
