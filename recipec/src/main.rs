@@ -470,6 +470,16 @@ fn build(file: &PathBuf, emit: &[String], note: bool) -> ExitCode {
     if analysis.has_errors() {
         return ExitCode::from(1);
     }
+    // Every recipe of the file is built into its training plan: a rule that cannot apply to
+    // a parameter's shape, or a bad data source, is a build error (E0601), as in `train`.
+    for (i, item) in analysis.modules.list[0].ast.items.iter().enumerate() {
+        if let lang::ast::ItemKind::Recipe(_) = &item.kind {
+            let r = lang::types::ItemRef { module: 0, item: i };
+            if let Err(e) = compiler::train::plan(&analysis.modules, &db, r) {
+                return train::plan_error(&db, e);
+            }
+        }
+    }
     for what in emit {
         match what.as_str() {
             "ast" => {

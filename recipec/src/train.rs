@@ -95,7 +95,7 @@ fn front_end(
     }
 }
 
-fn plan_error(db: &SourceDb, e: compiler::lower::LowerError) -> ExitCode {
+pub(crate) fn plan_error(db: &SourceDb, e: compiler::lower::LowerError) -> ExitCode {
     let mut d = Diagnostic::error("E0601", e.message.clone());
     if let Some((f, span)) = e.at {
         d = d.label(f, span, "here");

@@ -212,6 +212,12 @@ fn bad_recipes_fail_before_training_with_a_diagnostic() {
         assert_eq!(out.status.code(), Some(1), "case {i}: {}", stderr(&out));
         assert!(stderr(&out).contains(code), "case {i}: {}", stderr(&out));
         assert!(!out_dir.exists(), "case {i}: wrote {}", out_dir.display());
+        // `recipec build` reports the same, before any training.
+        if *code != "E0603" {
+            let b = recipec().arg("build").arg(&recipe).output().unwrap();
+            assert_eq!(b.status.code(), Some(1), "build, case {i}: {}", stderr(&b));
+            assert!(stderr(&b).contains(code), "build, case {i}: {}", stderr(&b));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
