@@ -119,5 +119,5 @@ fn main() {
         let rss: usize = p.line().parse().unwrap_or(0);
         println!("  JAX peer process peak RSS: {:.1} MiB", mib(rss));
     }
-    println!("  (recipec recomputes the logits in each of its three passes over the blocks (row maximum, row sum, gradients): 5 matmuls where the naive formula needs 3)");
+    println!("  (recipec makes two passes over the blocks (online log-sum-exp; gradients) and recomputes the logits in the second: 4 matmuls where the naive formula needs 3)");
 }

@@ -11,10 +11,17 @@
 //! concatenated). Otherwise the matmul is left alone.
 //!
 //! **Phases.** A region node that needs a consumer's result (the softmax needs the row
-//! maximum, then the row sum) can only run after a full pass over the blocks. Each node
+//! maximum and the row sum) can only run after a full pass over the blocks. Each node
 //! gets the first pass in which all it reads exists; each pass recomputes the blocks of `Z`
 //! it needs (one extra matmul per pass, as the paper's backward recomputes the logits)
 //! instead of keeping them.
+//!
+//! **Online log-sum-exp.** A row sum of `exp(x − m)` whose shift `m` is a function of the row
+//! maximum of the same `x` alone (as in `logsumexp`: the maximum, or 0 where it is not
+//! finite) is computed in the maximum's pass: with the running maximum's shift `m_b` after
+//! block `b`, `s_b = s_{b−1} · exp(m_{b−1} − m_b) + Σ exp(x_b − m_b)` (Milakov & Gimelshein,
+//! "Online normalizer calculation for softmax", 2018). Cross-entropy then takes two passes
+//! over the blocks (statistics; gradients): four matmuls where the naive formula needs three.
 //!
 //! **Rewrite.** For every pass and block, the needed region nodes are cloned at the block's
 //! width; values from outside the region are sliced (elementwise expressions over
@@ -167,8 +174,13 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     if consumers.is_empty() {
         return Ok(false);
     }
-    // Phases: the first pass in which everything a node reads exists.
+    // Online log-sum-exp: a row sum of `exp(x − m)` where `m` comes from the row maximum of
+    // the same `x` is computed in the maximum's pass, rescaling the running sum whenever
+    // the running maximum grows (so the softmax statistics take one pass, not two).
     let cons: HashMap<NodeId, Consumer> = consumers.iter().copied().collect();
+    let online: HashMap<NodeId, Online> =
+        consumers.iter().filter_map(|(c, _)| online_sum(g, *c, &region, &cons).map(|o| (*c, o))).collect();
+    // Phases: the first pass in which everything a node reads exists.
     let mut phase: HashMap<NodeId, usize> = HashMap::new();
     let mut avail: HashMap<NodeId, usize> = HashMap::new();
     for id in g.topo() {
@@ -181,6 +193,10 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
         if region.contains(&id) {
             phase.insert(id, p);
         } else if cons.contains_key(&id) {
+            let p = match online.get(&id) {
+                Some(o) => phase[&o.max],
+                None => p,
+            };
             phase.insert(id, p);
             avail.insert(id, p + 1);
         } else {
@@ -194,6 +210,8 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     // The nodes that replace each consumer: a running combination or the parts to concatenate.
     let mut acc: HashMap<NodeId, NodeId> = HashMap::new();
     let mut parts: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+    // The shift each online sum used in the previous block.
+    let mut shift_prev: HashMap<NodeId, NodeId> = HashMap::new();
     for p in 0..passes {
         let here: Vec<(NodeId, Consumer)> = consumers.iter().copied().filter(|c| phase[&c.0] == p).collect();
         if here.is_empty() {
@@ -201,8 +219,13 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
         }
         // Region nodes this pass needs.
         let mut need: BTreeSet<NodeId> = BTreeSet::new();
-        let mut stack: Vec<NodeId> =
-            here.iter().flat_map(|(c, _)| g.operands(*c)).filter(|o| region.contains(o)).collect();
+        let mut stack: Vec<NodeId> = here
+            .iter()
+            .filter(|(c, _)| !online.contains_key(c))
+            .flat_map(|(c, _)| g.operands(*c))
+            .chain(here.iter().filter_map(|(c, _)| online.get(c).map(|o| o.x)))
+            .filter(|o| region.contains(o))
+            .collect();
         while let Some(x) = stack.pop() {
             if need.insert(x) {
                 stack.extend(g.operands(x).into_iter().filter(|o| region.contains(o)));
@@ -233,6 +256,9 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                 clone.insert(x, new);
             }
             for &(c, kind) in &here {
+                if online.contains_key(&c) {
+                    continue;
+                }
                 let cn = g.node(c).clone();
                 let ops = g.operands(c);
                 let o = &cn.origin;
@@ -293,6 +319,34 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                     }
                 }
             }
+            // Online sums, after the running maximum of this block exists.
+            for &(c, _) in &here {
+                let Some(on) = online.get(&c) else { continue };
+                let cn = g.node(c).clone();
+                let o = &cn.origin;
+                let running_max = acc[&on.max];
+                // The shift `m` of this block: the maximum-to-shift chain on the running maximum.
+                let mut memo: HashMap<NodeId, NodeId> = HashMap::from([(on.max, running_max)]);
+                let m_b = reclone(g, on.shift, &on.chain, &mut memo)?;
+                let ms = g.node(m_b).shape.clone();
+                let mb = g.add(Op::Broadcast, cn.dtype, vec![n, w], &[m_b], o)?;
+                let d = g.add(Op::Binary(Bin::Sub), cn.dtype, vec![n, w], &[clone[&on.x], mb], o)?;
+                let e = g.add(Op::Unary(crate::ir::Un::Exp), cn.dtype, vec![n, w], &[d], o)?;
+                let part = g.add(Op::Reduce { op: Red::Sum, axes: vec![1] }, cn.dtype, vec![n], &[e], o)?;
+                let m_row = if ms == [n] { m_b } else { g.add(Op::Reshape, cn.dtype, vec![n], &[m_b], o)? };
+                let new = match (acc.get(&c), shift_prev.get(&c)) {
+                    (Some(&sum), Some(&prev)) => {
+                        // sum · exp(m_prev − m) + part
+                        let dm = g.add(Op::Binary(Bin::Sub), cn.dtype, vec![n], &[prev, m_row], o)?;
+                        let f = g.add(Op::Unary(crate::ir::Un::Exp), cn.dtype, vec![n], &[dm], o)?;
+                        let scaled = g.add(Op::Binary(Bin::Mul), cn.dtype, vec![n], &[sum, f], o)?;
+                        g.add(Op::Binary(Bin::Add), cn.dtype, vec![n], &[scaled, part], o)?
+                    }
+                    _ => part,
+                };
+                acc.insert(c, new);
+                shift_prev.insert(c, m_row);
+            }
         }
     }
     for (c, kind) in &consumers {
@@ -315,6 +369,114 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     }
     let _ = origin_of;
     Ok(true)
+}
+
+/// A row sum computed online with its row maximum (see `block`).
+struct Online {
+    /// The row-maximum consumer of the same `x`.
+    max: NodeId,
+    /// The region node whose row maximum and `exp(x − shift)` row sum are taken.
+    x: NodeId,
+    /// The shift `m` (`[N, 1]` or `[N]`), computed outside the region from `max`.
+    shift: NodeId,
+    /// The nodes between `max` and `shift` (they are recomputed from the running maximum).
+    chain: BTreeSet<NodeId>,
+}
+
+/// Matches `sum(exp(x − broadcast(m)), axis = 1)` with `m` a function of `max(x, axis = 1)`
+/// alone (through elementwise ops, reshapes and broadcasts of constants), such as the
+/// shift of `logsumexp` (the maximum, or 0 where it is not finite).
+fn online_sum(g: &Graph, c: NodeId, region: &BTreeSet<NodeId>, cons: &HashMap<NodeId, Consumer>) -> Option<Online> {
+    if cons.get(&c) != Some(&Consumer::Reduce(Red::Sum, false, true)) || !g.node(c).dtype.is_float() {
+        return None;
+    }
+    let e = g.operands(c)[0];
+    // (`exp` and the difference may have other users, in later passes: there they are
+    // recomputed with the final shift.)
+    if g.node(e).op != Op::Unary(crate::ir::Un::Exp) {
+        return None;
+    }
+    let d = g.operands(e)[0];
+    if g.node(d).op != Op::Binary(Bin::Sub) || !region.contains(&d) {
+        return None;
+    }
+    let (x, bm) = (g.operands(d)[0], g.operands(d)[1]);
+    if !region.contains(&x) || region.contains(&bm) || g.node(bm).op != Op::Broadcast {
+        return None;
+    }
+    let shift = g.operands(bm)[0];
+    let n = g.node(x).shape[0];
+    if g.node(shift).shape != [n, 1] && g.node(shift).shape != [n] {
+        return None;
+    }
+    // The chain from the maximum to the shift: every node on it is row-shaped and elementwise
+    // (or a reshape), and its other inputs do not depend on the region.
+    let max = g.users(x).into_iter().find(|u| cons.get(u) == Some(&Consumer::Reduce(Red::Max, false, true)))?;
+    let mut chain = BTreeSet::new();
+    let mut stack = vec![shift];
+    let mut seen_max = false;
+    while let Some(y) = stack.pop() {
+        if y == max {
+            seen_max = true;
+            continue;
+        }
+        if region.contains(&y) || cons.contains_key(&y) {
+            return None;
+        }
+        let node = g.node(y);
+        let row = node.shape == [n, 1] || node.shape == [n] || node.shape.is_empty();
+        if !row {
+            return None;
+        }
+        let depends = depends_on(g, y, max);
+        if !depends {
+            continue; // a constant or another row value, used as it is
+        }
+        if !(elementwise(&node.op) || matches!(node.op, Op::Reshape | Op::Broadcast)) {
+            return None;
+        }
+        if chain.insert(y) {
+            stack.extend(g.operands(y));
+        }
+    }
+    seen_max.then_some(Online { max, x, shift, chain })
+}
+
+fn depends_on(g: &Graph, y: NodeId, target: NodeId) -> bool {
+    let mut stack = vec![y];
+    let mut seen = BTreeSet::new();
+    while let Some(a) = stack.pop() {
+        if a == target {
+            return true;
+        }
+        if seen.insert(a) {
+            stack.extend(g.operands(a));
+        }
+    }
+    false
+}
+
+/// A copy of `y` with the nodes of `chain` recomputed (`memo` maps replaced nodes).
+fn reclone(
+    g: &mut Graph,
+    y: NodeId,
+    chain: &BTreeSet<NodeId>,
+    memo: &mut HashMap<NodeId, NodeId>,
+) -> Result<NodeId, IrError> {
+    if let Some(r) = memo.get(&y) {
+        return Ok(*r);
+    }
+    if !chain.contains(&y) {
+        return Ok(y);
+    }
+    let node = g.node(y).clone();
+    let mut ops = vec![];
+    for o in g.operands(y) {
+        ops.push(reclone(g, o, chain, memo)?);
+    }
+    let new = g.add(node.op.clone(), node.dtype, node.shape.clone(), &ops, &node.origin)?;
+    memo.insert(y, new);
+    Ok(new)
 }
 
 #[allow(clippy::too_many_arguments)]

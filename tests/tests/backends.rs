@@ -305,6 +305,11 @@ fn blocked_linear_cross_entropy_matches() {
         blocked.verify().unwrap();
         let what = format!("linear_cross_entropy N={n} D={d} V={v} in blocks of {cols}");
         assert_eq!(r.changed, 1, "{what}: expected one blocked matmul\n{g}");
+        // Two passes over the blocks (online log-sum-exp; then the gradients): one matmul for
+        // the statistics, and one recomputation plus two gradient products per block.
+        let blocks = v.div_ceil(cols);
+        let matmuls = blocked.topo().iter().filter(|x| blocked.node(**x).op == Op::MatMul).count();
+        assert_eq!(matmuls, 4 * blocks, "{what}");
         // Views such as the column index may keep the shape; no buffer may.
         let p = compiler::kernel::schedule(&blocked).unwrap();
         for b in &p.buffers {
