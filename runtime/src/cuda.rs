@@ -254,22 +254,7 @@ impl CudaExecutable {
 
     /// Runs on tensors (converted to and from the storage format).
     pub fn run_tensors(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
-        let mut args: Vec<Buffer> = inputs.iter().map(Buffer::from_tensor).collect();
-        let outs = self.run(&mut args, seed)?;
-        Ok(outs
-            .into_iter()
-            .map(|(n, o)| {
-                let t = match o {
-                    Out::Arg(i, shape) => {
-                        let mut t = args[i].to_tensor();
-                        t.shape = shape;
-                        t
-                    }
-                    Out::Buf(b) => b.to_tensor(),
-                };
-                (n, t)
-            })
-            .collect())
+        crate::run_tensors_on(self, inputs, seed)
     }
 }
 

@@ -221,6 +221,30 @@ impl Runner for cuda::CudaExecutable {
     }
 }
 
+/// Runs any [`Runner`] on tensors (converted to and from the storage format).
+pub fn run_tensors_on(
+    r: &(impl Runner + ?Sized),
+    inputs: &[Tensor],
+    seed: u64,
+) -> Result<Vec<(String, Tensor)>, RunError> {
+    let mut args: Vec<Buffer> = inputs.iter().map(Buffer::from_tensor).collect();
+    let outs = r.run(&mut args, seed)?;
+    Ok(outs
+        .into_iter()
+        .map(|(n, o)| {
+            let t = match o {
+                Out::Arg(i, shape) => {
+                    let mut t = args[i].to_tensor();
+                    t.shape = shape;
+                    t
+                }
+                Out::Buf(b) => b.to_tensor(),
+            };
+            (n, t)
+        })
+        .collect())
+}
+
 /// Compiles a scheduled program for `backend` (CPU code generators or the GPU).
 pub fn compile_program(program: Program, backend: Backend) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
     Ok(match backend {
@@ -315,22 +339,7 @@ impl Executable {
 
     /// Runs on tensors (converted to and from the storage format).
     pub fn run_tensors(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
-        let mut args: Vec<Buffer> = inputs.iter().map(Buffer::from_tensor).collect();
-        let outs = self.run(&mut args, seed)?;
-        Ok(outs
-            .into_iter()
-            .map(|(n, o)| {
-                let t = match o {
-                    Out::Arg(i, shape) => {
-                        let mut t = args[i].to_tensor();
-                        t.shape = shape;
-                        t
-                    }
-                    Out::Buf(b) => b.to_tensor(),
-                };
-                (n, t)
-            })
-            .collect())
+        run_tensors_on(self, inputs, seed)
     }
 
     /// Runs on buffers. Outputs planned into an argument update it in place and are

@@ -217,3 +217,34 @@ pub fn item_graph(
         _ => return None,
     })
 }
+
+/// The graph of every stdlib item that has sample arguments (losses and `std.loss` items
+/// with their gradients), after the pass pipeline: `(module.item, graph)`, sorted.
+pub fn stdlib_graphs() -> Vec<(String, compiler::ir::Graph)> {
+    use lang::ast::{FnKind, ItemKind};
+    use lang::types::ItemRef;
+    let mut loader = lang::source::MemoryLoader::default();
+    for (m, f, text) in stdlib::MODULES {
+        loader = loader.with(m, &format!("<std>/{f}"), text);
+    }
+    let mut out = vec![];
+    for (module, file, text) in stdlib::MODULES {
+        let mut db = SourceDb::new();
+        let root = db.add(format!("<std>/{file}"), *text);
+        let analysis = lang::analyze(&mut db, &[root], &loader);
+        let mods = &analysis.modules;
+        let mut names: Vec<(&String, &usize)> = mods.list[0].items.iter().collect();
+        names.sort();
+        for (name, &i) in names {
+            let r = ItemRef { module: 0, item: i };
+            let Some(args) = samples(module, name) else { continue };
+            let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
+            let loss = matches!(&mods.item(r).kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || *module == "std.loss");
+            let Some(g) = item_graph(mods, &db, r, &args, loss, (vec![37], vec![4, 16])) else { continue };
+            let mut g = g.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
+            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+            out.push((format!("{module}.{name}"), g));
+        }
+    }
+    out
+}

@@ -14,7 +14,7 @@ use lang::ast::{FnKind, ItemKind};
 use lang::source::{MemoryLoader, SourceDb};
 use lang::types::{Dtype, ItemRef};
 use runtime::{Backend, Executable};
-use tests::{auto_args, samples};
+use tests::auto_args;
 
 /// Deterministic pseudo-random inputs for a graph (xorshift; floats roughly N(0, 1),
 /// integers in 0..7, steps in 1..5).
@@ -113,25 +113,10 @@ fn stdlib_loader() -> MemoryLoader {
 /// Every stdlib item at its sample shapes, and the losses with their gradients.
 #[test]
 fn stdlib_items_match_the_interpreter() {
-    let loader = stdlib_loader();
     let mut covered = 0;
-    for (module, file, text) in stdlib::MODULES {
-        let mut db = SourceDb::new();
-        let root = db.add(format!("<std>/{file}"), *text);
-        let analysis = lang::analyze(&mut db, &[root], &loader);
-        let mods = &analysis.modules;
-        for (name, &i) in &mods.list[0].items {
-            let r = ItemRef { module: 0, item: i };
-            let item = mods.item(r);
-            let Some(args) = samples(module, name) else { continue };
-            let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
-            let loss = matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || *module == "std.loss");
-            let Some(g) = tests::item_graph(mods, &db, r, &args, loss, (vec![37], vec![4, 16])) else { continue };
-            let mut g = g.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
-            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
-            differential(&g, &format!("{module}.{name}"));
-            covered += 1;
-        }
+    for (name, g) in tests::stdlib_graphs() {
+        differential(&g, &name);
+        covered += 1;
     }
     assert!(covered >= 18, "only {covered} stdlib items ran");
 }

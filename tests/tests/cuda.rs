@@ -6,12 +6,9 @@
 //! Without them the compile test prints why it skipped; with `RECIPEC_REQUIRE_CUDA_TOOLS=1`
 //! (CI) it fails instead.
 
-use compiler::lower::Arg;
-use lang::ast::{FnKind, ItemKind};
 use lang::source::{MemoryLoader, SourceDb};
 use lang::types::ItemRef;
 use std::path::PathBuf;
-use tests::samples;
 
 fn loader() -> MemoryLoader {
     let mut loader = MemoryLoader::default();
@@ -25,25 +22,10 @@ fn loader() -> MemoryLoader {
 fn units() -> Vec<(String, codegen_cuda::Unit)> {
     let loader = loader();
     let mut out = vec![];
-    for (module, file, text) in stdlib::MODULES {
-        let mut db = SourceDb::new();
-        let root = db.add(format!("<std>/{file}"), *text);
-        let analysis = lang::analyze(&mut db, &[root], &loader);
-        let mods = &analysis.modules;
-        let mut names: Vec<(&String, &usize)> = mods.list[0].items.iter().collect();
-        names.sort();
-        for (name, &i) in names {
-            let r = ItemRef { module: 0, item: i };
-            let Some(args) = samples(module, name) else { continue };
-            let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
-            let loss = matches!(&mods.item(r).kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || *module == "std.loss");
-            let Some(g) = tests::item_graph(mods, &db, r, &args, loss, (vec![37], vec![4, 16])) else { continue };
-            let mut g = g.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
-            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
-            let p = compiler::kernel::schedule(&g).unwrap();
-            let u = codegen_cuda::emit(&p).unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
-            out.push((format!("{module}.{name}"), u));
-        }
+    for (name, g) in tests::stdlib_graphs() {
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let u = codegen_cuda::emit(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        out.push((name, u));
     }
     let text = std::fs::read_to_string(tests::root().join("recipes/tiny_gpt.recipe")).unwrap();
     let mut db = SourceDb::new();

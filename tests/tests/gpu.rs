@@ -6,12 +6,7 @@
 //! f32, and transcendentals other than f32 exp/erf/gelu come from CUDA's libm).
 
 use compiler::interp::{self, Tensor};
-use compiler::lower::Arg;
-use lang::ast::{FnKind, ItemKind};
-use lang::source::{MemoryLoader, SourceDb};
-use lang::types::ItemRef;
 use runtime::cuda::CudaExecutable;
-use tests::samples;
 
 fn close(name: &str, got: &[(String, Tensor)], want: &std::collections::HashMap<String, Tensor>) {
     for (out, t) in got {
@@ -36,50 +31,33 @@ fn stdlib_items_on_the_gpu_match_the_interpreter() {
         println!("skipped: {e}");
         return;
     }
-    let mut loader = MemoryLoader::default();
-    for (m, f, text) in stdlib::MODULES {
-        loader = loader.with(m, &format!("<std>/{f}"), text);
-    }
     let mut ran = 0;
-    for (module, file, text) in stdlib::MODULES {
-        let mut db = SourceDb::new();
-        let root = db.add(format!("<std>/{file}"), *text);
-        let analysis = lang::analyze(&mut db, &[root], &loader);
-        let mods = &analysis.modules;
-        for (name, &i) in &mods.list[0].items {
-            let r = ItemRef { module: 0, item: i };
-            let Some(args) = samples(module, name) else { continue };
-            let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
-            let loss = matches!(&mods.item(r).kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || *module == "std.loss");
-            let Some(g) = tests::item_graph(mods, &db, r, &args, loss, (vec![37], vec![4, 16])) else { continue };
-            let mut g = g.unwrap();
-            compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
-            let p = compiler::kernel::schedule(&g).unwrap();
-            let exe = CudaExecutable::new(p).unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
-            let ins: Vec<Tensor> = g
-                .inputs
-                .iter()
-                .enumerate()
-                .map(|(k, id)| {
-                    let n = g.node(*id);
-                    let numel: usize = n.shape.iter().product();
-                    let data = (0..numel)
-                        .map(|i| {
-                            if n.dtype.is_float() {
-                                (((i * 2654435761 + k * 97) % 1000) as f64 / 500.0 - 1.0) * 1.5
-                            } else {
-                                (((i * 7 + k) % 5) + 1) as f64
-                            }
-                        })
-                        .collect();
-                    Tensor::new(n.dtype, n.shape.clone(), data)
-                })
-                .collect();
-            let want = interp::run(&g, &ins, 3).unwrap();
-            let got = exe.run_tensors(&ins, 3).unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
-            close(&format!("{module}.{name}"), &got, &want);
-            ran += 1;
-        }
+    for (name, g) in tests::stdlib_graphs() {
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let exe = CudaExecutable::new(p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ins: Vec<Tensor> = g
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, id)| {
+                let n = g.node(*id);
+                let numel: usize = n.shape.iter().product();
+                let data = (0..numel)
+                    .map(|i| {
+                        if n.dtype.is_float() {
+                            (((i * 2654435761 + k * 97) % 1000) as f64 / 500.0 - 1.0) * 1.5
+                        } else {
+                            (((i * 7 + k) % 5) + 1) as f64
+                        }
+                    })
+                    .collect();
+                Tensor::new(n.dtype, n.shape.clone(), data)
+            })
+            .collect();
+        let want = interp::run(&g, &ins, 3).unwrap();
+        let got = exe.run_tensors(&ins, 3).unwrap_or_else(|e| panic!("{name}: {e}"));
+        close(&name, &got, &want);
+        ran += 1;
     }
     println!("{ran} stdlib items ran on the GPU and matched the interpreter");
 }
