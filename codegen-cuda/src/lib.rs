@@ -86,18 +86,6 @@ fn is_f32ish(d: Dtype) -> bool {
     compute(d) == "float"
 }
 
-fn dname(d: Dtype) -> &'static str {
-    match d {
-        Dtype::Bool => "bool",
-        Dtype::I32 => "i32",
-        Dtype::I64 => "i64",
-        Dtype::F16 => "f16",
-        Dtype::BF16 => "bf16",
-        Dtype::F32 => "f32",
-        Dtype::F64 => "f64",
-    }
-}
-
 /// An exact literal of `v` in the compute type of `d`.
 fn lit(v: f64, d: Dtype) -> String {
     if is_f32ish(d) {
@@ -399,7 +387,7 @@ fn body(p: &Program, l: &Loop, out: &mut String, indent: &str) -> Vec<String> {
         let e = match &ins.inst {
             Inst::Load { buf, at } => {
                 let bd = p.buffers[*buf].dtype;
-                let x = format!("ld_{}(bufs[{buf}], {})", dname(bd), affine(at));
+                let x = format!("ld_{}(bufs[{buf}], {})", Dtype::name(bd), affine(at));
                 if bd == dt {
                     x
                 } else {
@@ -469,7 +457,7 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
                 } else {
                     round(bd, &names[v], is_f32ish(l.body[v].dtype))
                 };
-                let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", dname(bd), s.buf, affine(&s.at));
+                let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
             }
         }
         Some(r) => {
@@ -502,7 +490,7 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
                 }
                 let bd = p.buffers[s.buf].dtype;
                 let val = if bd == r.dtype { v.clone() } else { round(bd, &v, is_f32ish(r.dtype)) };
-                let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", dname(bd), s.buf, affine(&s.at));
+                let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
             }
         }
     }
@@ -540,7 +528,7 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
         Dtype::F64 => "double",
         d => return Err(format!("k{ki}: {d} matmuls are not generated for CUDA yet")),
     };
-    let (ld, st) = (format!("ld_{}", dname(*dtype)), format!("st_{}", dname(*dtype)));
+    let (ld, st) = (format!("ld_{}", Dtype::name(*dtype)), format!("st_{}", Dtype::name(*dtype)));
     let (add, mul) = if *dtype == Dtype::F32 { ("__fadd_rn", "__fmul_rn") } else { ("__dadd_rn", "__dmul_rn") };
     let name = format!("k{ki}");
     let nb: u64 = batch.iter().map(|x| *x as u64).product();

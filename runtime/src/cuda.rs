@@ -114,19 +114,7 @@ impl CudaExecutable {
 
     /// Runs on host buffers (copied to the device and back), like [`crate::Executable::run`].
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
-        let p = &self.program;
-        if args.len() != p.inputs.len() {
-            return Err(RunError(format!("`{}` takes {} arguments, got {}", p.name, p.inputs.len(), args.len())));
-        }
-        for (i, b) in p.inputs.iter().enumerate() {
-            let d = &p.buffers[*b];
-            if args[i].dtype != d.dtype || args[i].shape != d.shape {
-                return Err(RunError(format!(
-                    "argument {i} of `{}` must be {}{:?}, got {}{:?}",
-                    p.name, d.dtype, d.shape, args[i].dtype, args[i].shape
-                )));
-            }
-        }
+        crate::check_args(&self.program, args)?;
         self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
         // Arguments on the device.
         let mut dev_args = vec![];

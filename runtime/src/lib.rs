@@ -221,6 +221,24 @@ impl Runner for cuda::CudaExecutable {
     }
 }
 
+/// Validates arguments at the boundary: their number, dtypes and shapes (generated code never
+/// sees an unchecked buffer).
+pub(crate) fn check_args(p: &Program, args: &[Buffer]) -> Result<(), RunError> {
+    if args.len() != p.inputs.len() {
+        return Err(RunError(format!("`{}` takes {} arguments, got {}", p.name, p.inputs.len(), args.len())));
+    }
+    for (i, b) in p.inputs.iter().enumerate() {
+        let d = &p.buffers[*b];
+        if args[i].dtype != d.dtype || args[i].shape != d.shape {
+            return Err(RunError(format!(
+                "argument {i} of `{}` must be {}{:?}, got {}{:?}",
+                p.name, d.dtype, d.shape, args[i].dtype, args[i].shape
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Runs any [`Runner`] on tensors (converted to and from the storage format).
 pub fn run_tensors_on(
     r: &(impl Runner + ?Sized),
@@ -346,18 +364,7 @@ impl Executable {
     /// returned as [`Out::Arg`]; the others are copied out of the arena.
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         let p = &self.program;
-        if args.len() != p.inputs.len() {
-            return Err(RunError(format!("`{}` takes {} arguments, got {}", p.name, p.inputs.len(), args.len())));
-        }
-        for (i, b) in p.inputs.iter().enumerate() {
-            let d = &p.buffers[*b];
-            if args[i].dtype != d.dtype || args[i].shape != d.shape {
-                return Err(RunError(format!(
-                    "argument {i} of `{}` must be {}{:?}, got {}{:?}",
-                    p.name, d.dtype, d.shape, args[i].dtype, args[i].shape
-                )));
-            }
-        }
+        check_args(p, args)?;
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let base = arena.ptr();
         let ptrs: Vec<*mut u8> = p
