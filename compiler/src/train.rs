@@ -194,6 +194,12 @@ fn data_spec(lw: &mut Lowerer, rec: &RecipeDef, f: lang::source::FileId) -> R<Da
     Ok(spec)
 }
 
+/// A new named input of the graph being lowered.
+fn input(lw: &mut Lowerer, name: String, dtype: Dtype, shape: &[usize], origin: &str) -> R<NodeId> {
+    let index = lw.graph.inputs.len();
+    lw.node(Op::Input { index, name }, dtype, shape.to_vec(), &[], origin)
+}
+
 /// The loss (and with `grads`, the gradients of every parameter in `all`) of a recipe.
 fn loss_graph(
     modules: &Modules,
@@ -257,13 +263,11 @@ fn loss_graph(
         .collect();
     for p in all {
         if !present.contains(&p.path) {
-            let index = lw.graph.inputs.len();
-            lw.node(Op::Input { index, name: p.path.clone() }, p.dtype, p.shape.clone(), &[], "unused parameter")?;
+            input(&mut lw, p.path.clone(), p.dtype, &p.shape, "unused parameter")?;
         }
         let m = format!("mask.{}", p.path);
         if p.sparsity.is_some() && !present.contains(&m) {
-            let index = lw.graph.inputs.len();
-            lw.node(Op::Input { index, name: m }, p.dtype, p.shape.clone(), &[], "unused parameter")?;
+            input(&mut lw, m, p.dtype, &p.shape, "unused parameter")?;
         }
     }
     Ok(lw.graph)
@@ -421,16 +425,8 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
     let mut p_in = vec![];
     let mut g_in = vec![];
     for p in &params {
-        let index = lw.graph.inputs.len();
-        p_in.push(lw.node(Op::Input { index, name: p.path.clone() }, p.dtype, p.shape.clone(), &[], "param")?);
-        let index = lw.graph.inputs.len();
-        g_in.push(lw.node(
-            Op::Input { index, name: format!("grad.{}", p.path) },
-            p.dtype,
-            p.shape.clone(),
-            &[],
-            "grad",
-        )?);
+        p_in.push(input(&mut lw, p.path.clone(), p.dtype, &p.shape, "param")?);
+        g_in.push(input(&mut lw, format!("grad.{}", p.path), p.dtype, &p.shape, "grad")?);
     }
     // Global gradient norm (f32, summed per parameter then over parameters).
     let mut total: Option<NodeId> = None;
@@ -481,9 +477,7 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
             let (item, args, nodes) = rule_args(&mut lw, modules, rule, f)?;
             let sg = entry::sparsity(modules, db, item, (p.dtype, p.shape.clone()), &args)
                 .map_err(|e| at_rule(db, e, f, rule.span, p))?;
-            let index = lw.graph.inputs.len();
-            let m_in =
-                lw.node(Op::Input { index, name: format!("mask.{}", p.path) }, p.dtype, p.shape.clone(), &[], "mask")?;
+            let m_in = input(&mut lw, format!("mask.{}", p.path), p.dtype, &p.shape, "mask")?;
             let outs = lw
                 .graph
                 .inline(
@@ -513,11 +507,10 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
                 if let Some(s) = name.strip_prefix("state_") {
                     let full = format!("state.{}.{s}", p.path);
                     let n = og.node(*id);
-                    let index = lw.graph.inputs.len();
-                    let input =
-                        lw.node(Op::Input { index, name: full.clone() }, n.dtype, n.shape.clone(), &[], "state")?;
-                    states.push((full, n.dtype, n.shape.clone()));
-                    bound.insert(name.clone(), input);
+                    let (dtype, shape) = (n.dtype, n.shape.clone());
+                    let state = input(&mut lw, full.clone(), dtype, &shape, "state")?;
+                    states.push((full, dtype, shape));
+                    bound.insert(name.clone(), state);
                 }
             }
         }
@@ -557,13 +550,9 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
             let p = &params[*i];
             let rule = sparsify[*i].expect("sparsified");
             let (_, _, nodes) = rule_args(&mut lw, modules, rule, f)?;
-            let input = |lw: &mut Lowerer, name: String| {
-                let index = lw.graph.inputs.len();
-                lw.node(Op::Input { index, name }, p.dtype, p.shape.clone(), &[], "mask")
-            };
-            let pi = input(&mut lw, p.path.clone())?;
-            let gi = input(&mut lw, format!("grad.{}", p.path))?;
-            let mi = input(&mut lw, format!("mask.{}", p.path))?;
+            let pi = input(&mut lw, p.path.clone(), p.dtype, &p.shape, "mask")?;
+            let gi = input(&mut lw, format!("grad.{}", p.path), p.dtype, &p.shape, "mask")?;
+            let mi = input(&mut lw, format!("mask.{}", p.path), p.dtype, &p.shape, "mask")?;
             let outs = lw
                 .graph
                 .inline(

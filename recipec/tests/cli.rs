@@ -128,22 +128,12 @@ fn build_emits_the_typed_form() {
 }
 
 fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) {
-    let shape_txt = match shape.len() {
-        1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(path, out).unwrap();
+    let t = compiler::interp::Tensor::new(
+        lang::types::Dtype::F32,
+        shape.to_vec(),
+        data.iter().map(|x| *x as f64).collect(),
+    );
+    std::fs::write(path, runtime::npy::write(&t)).unwrap();
 }
 
 fn read_npy_f32(path: &Path) -> Vec<f32> {
