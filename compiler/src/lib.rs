@@ -11,6 +11,7 @@ pub mod autodiff;
 pub mod block;
 pub mod builtins;
 pub mod entry;
+pub mod incremental;
 pub mod interp;
 pub mod ir;
 pub mod kernel;

@@ -7,7 +7,10 @@
 //! | `grad` | `batch.inputs`, `batch.targets` (`i32[batch, context]`), `<path>`, `mask.<path>` | `loss`, `grad.<path>` for every parameter |
 //! | `eval` | as `grad` | `loss` |
 //! | `update` | `step`, `<path>`, `grad.<path>`, `state.<path>.<name>`, `mask.<path>` | `<path>`, `state.<path>.<name>`, `grad_norm` |
-//! | `decode` | `tokens: i32[1, context]`, `pos: i32` | `token` (the policy's choice after position `pos`) |
+//! | `decode` | `tokens: i32[1, context]`, `pos: i32` | `token` (the policy's choice after position `pos`), `logits` (the model's row at `pos`) |
+//!
+//! `recipec sample` runs `decode` through [`crate::incremental`], which derives the KV-cached
+//! step (the token at `pos` only, caches in and out) from this naive whole-window graph.
 //!
 //! One step of training runs `masks` (when the recipe sparsifies), then `grad` once per
 //! micro-batch (gradients averaged over `accumulate` micro-batches), then `update`: global-norm
@@ -709,6 +712,7 @@ pub fn decode_graph(
         return fail("the decoding policy must give one token (an i32 scalar)", Some((f, sp)));
     }
     lw.graph.outputs.push(("token".into(), tok));
+    lw.graph.outputs.push(("logits".into(), row));
     Ok(lw.graph)
 }
 

@@ -170,6 +170,12 @@ enum Command {
         /// `cranelift`, `llvm` (the default in builds with the `llvm` feature) or `cuda`.
         #[arg(long, default_value = DEFAULT_BACKEND)]
         backend: String,
+        /// Recompute the whole window for every token instead of the KV-cached step.
+        #[arg(long)]
+        no_cache: bool,
+        /// Print the decoding mode and the time per token to stderr.
+        #[arg(long)]
+        stats: bool,
     },
 }
 
@@ -231,8 +237,8 @@ fn main() -> ExitCode {
         Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {
             train::train(train::TrainRequest { file, recipe, steps, checkpoint_every, out, resume, backend })
         }
-        Command::Sample { dir, prompt, tokens, seed, policy, backend } => {
-            train::sample(train::SampleRequest { dir, prompt, tokens, seed, policy, backend })
+        Command::Sample { dir, prompt, tokens, seed, policy, backend, no_cache, stats } => {
+            train::sample(train::SampleRequest { dir, prompt, tokens, seed, policy, backend, no_cache, stats })
         }
         Command::Lsp => match lsp::run() {
             Ok(()) => ExitCode::SUCCESS,

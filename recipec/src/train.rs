@@ -25,6 +25,10 @@ pub struct SampleRequest {
     pub seed: Option<u64>,
     pub policy: Option<String>,
     pub backend: String,
+    /// Recompute the window for every token (no KV cache).
+    pub no_cache: bool,
+    /// Report the decoding mode and speed on stderr.
+    pub stats: bool,
 }
 
 fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
@@ -263,10 +267,35 @@ pub fn sample(req: SampleRequest) -> ExitCode {
     let mut out = stdout.lock();
     let _ = out.write_all(prompt.as_bytes());
     let seed = req.seed.unwrap_or(plan.settings.seed);
-    match runtime::train::sample(&decode, &state, plan.data.context, prompt.as_bytes(), req.tokens, seed, be, &mut out)
-    {
-        Ok(_) => {
+    let mode = if req.no_cache { runtime::train::Decoding::Window } else { runtime::train::Decoding::Cached };
+    match runtime::train::sample(
+        &decode,
+        &state,
+        plan.data.context,
+        prompt.as_bytes(),
+        req.tokens,
+        seed,
+        be,
+        mode,
+        &mut out,
+    ) {
+        Ok(s) => {
             let _ = writeln!(out);
+            if let Some(why) = &s.fallback {
+                eprintln!("note: sampling without a KV cache (each token recomputes the window): {why}");
+            }
+            if req.stats {
+                let mode = match s.decoding {
+                    runtime::train::Decoding::Cached => {
+                        format!("KV-cached ({} caches, {} KiB)", s.caches.0, s.caches.1 / 1024)
+                    }
+                    runtime::train::Decoding::Window => "whole window per token".to_string(),
+                };
+                eprintln!("{} tokens, {mode}, {:.3} ms per token", s.tokens.len(), s.seconds_per_token * 1e3);
+                if let Some(p) = &s.profile {
+                    eprint!("{p}");
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => error("E0603", e, ""),

@@ -132,6 +132,21 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
         "{:?}",
         String::from_utf8_lossy(&s1.stdout)
     );
+    // The KV-cached step (the default) and the whole-window recomputation choose the same
+    // tokens until the context (32) fills; past it the cached sampler shifts its context.
+    let window = recipec()
+        .args(["sample"])
+        .arg(&a)
+        .args(["--tokens", "24", "--prompt", "And ", "--no-cache", "--stats"])
+        .output()
+        .unwrap();
+    assert!(window.status.success(), "{}", stderr(&window));
+    assert_eq!(window.stdout, s1.stdout);
+    assert!(stderr(&window).contains("whole window per token"), "{}", stderr(&window));
+    let long = recipec().args(["sample"]).arg(&a).args(["--tokens", "90", "--stats"]).output().unwrap();
+    assert!(long.status.success(), "{}", stderr(&long));
+    assert_eq!(long.stdout.len(), 90 + 1, "{:?}", String::from_utf8_lossy(&long.stdout));
+    assert!(stderr(&long).contains("90 tokens, KV-cached"), "{}", stderr(&long));
     let s3 = recipec()
         .args(["sample"])
         .arg(&a)

@@ -715,7 +715,8 @@ fn matmul(
         }
     };
     let threads = rayon::current_num_threads();
-    if nb >= threads && nb > 1 {
+    // Small products run on the calling thread: waking the pool costs more than the work.
+    if nb >= threads && nb > 1 && nb * work >= 1 << 16 {
         (0..nb).into_par_iter().for_each(|bi| one(bi, gemm::Parallelism::None));
     } else {
         let par =

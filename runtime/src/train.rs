@@ -532,12 +532,41 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
     })
 }
 
-/// Autoregressive decoding from a checkpoint's parameters: for each new token, the model's
-/// logits over the last `context` tokens (the prompt, then what was generated), the
-/// policy's choice at the last position, streamed to `out` as it is chosen.
+/// How `sample` runs the model for each new token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoding {
+    /// The step derived by [`compiler::incremental`]: the new token's row only, keys and
+    /// values kept in caches (falls back to `Window` when the model cannot be cached).
+    Cached,
+    /// The whole window recomputed for every token (the naive graph).
+    Window,
+}
+
+/// What `sample` did.
+#[derive(Clone, Debug)]
+pub struct Sampled {
+    pub tokens: Vec<i32>,
+    /// `Cached` when the KV-cached step ran.
+    pub decoding: Decoding,
+    /// Why the cached step could not be derived, when it was asked for.
+    pub fallback: Option<String>,
+    /// How many caches the cached step carries, and their bytes.
+    pub caches: (usize, usize),
+    /// Seconds spent per generated token (compilation excluded).
+    pub seconds_per_token: f64,
+    /// The slowest kernels, with `RECIPEC_PROFILE=1`.
+    pub profile: Option<String>,
+}
+
+/// Autoregressive decoding from a checkpoint's parameters, streamed to `out` token by token.
 ///
-/// Each token recomputes the forward pass over its window (there is no KV cache yet); the
-/// policy's randomness draws under `seed ^ hash(token index)`, so a seed gives one text.
+/// `Cached` runs the step derived from the naive decode graph: the prompt is fed one token at
+/// a time (each step writes that position's keys and values), then every generated token
+/// costs one step. When the caches are full (`context` positions), the last `context / 2`
+/// tokens are fed again from position 0 (a context shift). `Window` recomputes the forward
+/// pass over the last `context` tokens for each new token. Both draw the policy's randomness
+/// under `seed ^ hash(token index)`; until the first context shift they choose the same tokens.
+#[allow(clippy::too_many_arguments)]
 pub fn sample(
     decode: &Graph,
     state: &BTreeMap<String, Buffer>,
@@ -546,12 +575,25 @@ pub fn sample(
     n: usize,
     seed: u64,
     backend: Backend,
+    decoding: Decoding,
     out: &mut dyn Write,
-) -> Result<Vec<i32>, RunError> {
-    let exe = compile(decode, backend)?;
+) -> Result<Sampled, RunError> {
+    let mut fallback = None;
+    let cached = match decoding {
+        Decoding::Cached => match compiler::incremental::incrementalize(decode, "tokens", "pos") {
+            Ok(inc) => Some(inc),
+            Err(e) => {
+                fallback = Some(e.0);
+                None
+            }
+        },
+        Decoding::Window => None,
+    };
+    let graph = cached.as_ref().map(|c| &c.graph).unwrap_or(decode);
+    let exe = compile(graph, backend)?;
     let mut st: BTreeMap<String, Buffer> = BTreeMap::new();
     for name in &exe.program().input_names {
-        if name == "tokens" || name == "pos" {
+        if name == "tokens" || name == "pos" || name.starts_with("cache.") {
             continue;
         }
         let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
@@ -561,25 +603,75 @@ pub fn sample(
     if seq.is_empty() {
         seq.push(b'\n' as i32);
     }
-    let mut generated = vec![];
-    for i in 0..n {
-        let window = &seq[seq.len().saturating_sub(context)..];
-        let mut toks = window.to_vec();
-        let pos = toks.len() - 1;
-        toks.resize(context, 0);
-        let mut extra = BTreeMap::new();
-        extra.insert("tokens".to_string(), i32_buffer(vec![1, context], &toks));
-        extra.insert("pos".to_string(), i32_buffer(vec![], &[pos as i32]));
-        run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
-        let t = scalar(&st, "token") as i32;
-        seq.push(t);
-        generated.push(t);
+    let emit = |out: &mut dyn Write, t: i32| -> Result<(), RunError> {
         if (0..256).contains(&t) {
             out.write_all(&[t as u8]).map_err(|e| RunError(format!("output: {e}")))?;
         } else {
             write!(out, "<{t}>").map_err(|e| RunError(format!("output: {e}")))?;
         }
         let _ = out.flush();
+        Ok(())
+    };
+    let mut generated = vec![];
+    let started = std::time::Instant::now();
+    match &cached {
+        Some(inc) => {
+            let reset = |st: &mut BTreeMap<String, Buffer>| {
+                for (name, dtype, shape) in &inc.caches {
+                    st.insert(name.clone(), Buffer::zeros(*dtype, shape.clone()));
+                }
+            };
+            reset(&mut st);
+            let mut filled = 0usize;
+            let mut pending: Vec<i32> = seq[seq.len().saturating_sub(context)..].to_vec();
+            for i in 0..n {
+                for &t in &pending {
+                    let mut extra = BTreeMap::new();
+                    extra.insert("tokens".to_string(), i32_buffer(vec![1, 1], &[t]));
+                    extra.insert("pos".to_string(), i32_buffer(vec![], &[filled as i32]));
+                    run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
+                    filled += 1;
+                }
+                let t = scalar(&st, "token") as i32;
+                seq.push(t);
+                generated.push(t);
+                emit(out, t)?;
+                if filled == context {
+                    reset(&mut st);
+                    filled = 0;
+                    pending = seq[seq.len() - (context / 2).max(1)..].to_vec();
+                } else {
+                    pending = vec![t];
+                }
+            }
+        }
+        None => {
+            for i in 0..n {
+                let window = &seq[seq.len().saturating_sub(context)..];
+                let mut toks = window.to_vec();
+                let pos = toks.len() - 1;
+                toks.resize(context, 0);
+                let mut extra = BTreeMap::new();
+                extra.insert("tokens".to_string(), i32_buffer(vec![1, context], &toks));
+                extra.insert("pos".to_string(), i32_buffer(vec![], &[pos as i32]));
+                run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
+                let t = scalar(&st, "token") as i32;
+                seq.push(t);
+                generated.push(t);
+                emit(out, t)?;
+            }
+        }
     }
-    Ok(generated)
+    let caches = cached
+        .as_ref()
+        .map(|c| (c.caches.len(), c.caches.iter().map(|(_, d, s)| Buffer::zeros(*d, s.clone()).bytes()).sum()))
+        .unwrap_or((0, 0));
+    Ok(Sampled {
+        caches,
+        profile: exe.profile_report(25),
+        seconds_per_token: started.elapsed().as_secs_f64() / n.max(1) as f64,
+        tokens: generated,
+        decoding: if cached.is_some() { Decoding::Cached } else { Decoding::Window },
+        fallback,
+    })
 }
