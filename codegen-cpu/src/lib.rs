@@ -359,7 +359,7 @@ impl<'a, 'b> Gen<'a, 'b> {
                 Inst::Load { buf, at } => {
                     let bd = self.p.buffers[*buf].dtype;
                     (i.dtype == Dtype::F32 && bd == Dtype::F32 && (at.coef[last] == 0 || at.coef[last] == 1))
-                        || (bd == Dtype::Bool && at.coef[last] == 0 && mask_only(v))
+                        || (bd == Dtype::Bool && (at.coef[last] == 0 || at.coef[last] == 1) && mask_only(v))
                 }
                 Inst::Const(_) => i.dtype == Dtype::F32,
                 Inst::Un(u, _) => {
@@ -594,11 +594,24 @@ impl<'a, 'b> Gen<'a, 'b> {
         let a = self.addr(buf, off, size);
         let m = MemFlagsData::trusted();
         if lanes {
-            if d == Dtype::Bool {
+            if d == Dtype::Bool && stride == 0 {
                 // A broadcast condition: the lane mask of one byte.
                 let x = self.b.ins().uload8(types::I32, m, a, 0);
                 let x = self.b.ins().bmask(types::I32, x);
                 return self.b.ins().splat(types::I32X4, x);
+            }
+            if d == Dtype::Bool {
+                // Four consecutive conditions (one byte each, 0 or 1): widen the bytes to
+                // 32-bit lanes and compare with zero for the lane masks.
+                let x = self.b.ins().load(types::I32, m, a, 0);
+                let v = self.b.ins().scalar_to_vector(types::I32X4, x);
+                let le = MemFlagsData::new().with_endianness(Endianness::Little);
+                let v = self.b.ins().bitcast(types::I8X16, le, v);
+                let v = self.b.ins().uwiden_low(v);
+                let v = self.b.ins().uwiden_low(v);
+                let zero = self.b.ins().iconst(types::I32, 0);
+                let zero = self.b.ins().splat(types::I32X4, zero);
+                return self.b.ins().icmp(IntCC::NotEqual, v, zero);
             }
             if stride == 1 {
                 return self.b.ins().load(types::F32X4, m, a, 0);

@@ -518,7 +518,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
     }
     write_plot(&opts.out, &plan.name, &metrics, unigram)?;
     for e in [&progs.grad, &progs.update] {
-        if let Some(r) = e.profile_report(30) {
+        if let Some(r) = e.profile_report(500) {
             let _ = write!(log, "{r}");
         }
     }

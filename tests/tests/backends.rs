@@ -399,3 +399,31 @@ fn transcendentals_match_the_interpreter_bit_for_bit() {
         }
     }
 }
+
+/// A condition loaded along the vectorized axis (the causal mask of attention): four bytes
+/// widened to lane masks give the interpreter's selection at every size, tail included.
+#[test]
+fn conditions_along_the_vector_axis_match_the_interpreter() {
+    for n in [1usize, 3, 8, 17, 1000, 4099] {
+        let (f, sh) = (Dtype::F32, vec![3, n]);
+        let mut g = Graph::new("masked");
+        let m = g.add(Op::Input { index: 0, name: "mask".into() }, Dtype::Bool, sh.clone(), &[], "m").unwrap();
+        let x = g.add(Op::Input { index: 1, name: "x".into() }, f, sh.clone(), &[], "x").unwrap();
+        let y = g.add(Op::Input { index: 2, name: "y".into() }, f, sh.clone(), &[], "y").unwrap();
+        let two = g.add(Op::Const { value: 2.0 }, f, vec![], &[], "c").unwrap();
+        let two = g.add(Op::Broadcast, f, sh.clone(), &[two], "c").unwrap();
+        let x2 = g.add(Op::Binary(compiler::ir::Bin::Mul), f, sh.clone(), &[x, two], "x2").unwrap();
+        let s = g.add(Op::Select, f, sh.clone(), &[m, x2, y], "s").unwrap();
+        g.outputs.push(("out".into(), s));
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        differential(&g, &format!("select with a mask [3, {n}]"));
+        if n >= 8 {
+            let p = compiler::kernel::schedule(&g).unwrap();
+            let exe = Executable::new(p, Backend::Cranelift).unwrap();
+            let k = (0..exe.program.kernels.len())
+                .find(|k| matches!(&exe.program.kernels[*k], compiler::kernel::Kernel::Loop(l) if l.dims.iter().product::<usize>() == 3 * n))
+                .expect("the select loop");
+            assert!(exe.vectorized(k), "[3, {n}] is not vectorized:\n{}", exe.program.text());
+        }
+    }
+}
