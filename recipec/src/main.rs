@@ -197,6 +197,7 @@ fn main() -> ExitCode {
                 emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan" || e == "kernels" || e == "cuda");
             if !graph_emit.is_empty() || out.is_some() {
                 // Without `--item`, a file's recipe: its training step (loss and gradients).
+                let whole_recipe = item.is_none() && graph_emit.iter().any(|e| e == "plan");
                 let item = match item {
                     Some(i) => i,
                     None => match recipe_name(&file) {
@@ -214,9 +215,9 @@ fn main() -> ExitCode {
                     return code;
                 }
                 let steps = None;
-                return eval::eval(eval::Request {
-                    file,
-                    item,
+                let code = eval::eval(eval::Request {
+                    file: file.clone(),
+                    item: item.clone(),
                     args: vec![],
                     hps,
                     grad,
@@ -230,6 +231,10 @@ fn main() -> ExitCode {
                     dry: true,
                     artifact: out,
                 });
+                if code != ExitCode::SUCCESS || !whole_recipe {
+                    return code;
+                }
+                return train::print_entry_points(&file, &item);
             }
             build(&file, &front_emit, true)
         }

@@ -301,3 +301,73 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         Err(e) => error("E0603", e, ""),
     }
 }
+
+/// `recipec build RECIPE --emit plan`, after the training step's detailed plan: every entry
+/// point the training loop and the sampler run, with its arguments (caller-owned: parameters,
+/// states, caches), its arena and its peak, so the memory of the whole job is known before
+/// anything runs.
+pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
+    let source = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return error("E0601", format!("cannot read {}: {e}", file.display()), ""),
+    };
+    let mut db = SourceDb::new();
+    let roots = vec![db.add(file.display().to_string(), source)];
+    let (analysis, r) = match front_end(&mut db, &roots, Some(recipe)) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let plan = match compiler::train::plan(&analysis.modules, &db, r) {
+        Ok(p) => p,
+        Err(e) => return plan_error(&db, e),
+    };
+    let mut graphs: Vec<(String, compiler::ir::Graph, String)> = vec![
+        ("init".into(), plan.init.clone(), "once".into()),
+        (
+            "grad".into(),
+            plan.grad.clone(),
+            match plan.settings.accumulate {
+                1 => "per step".to_string(),
+                k => format!("{k} times per step (micro-batches)"),
+            },
+        ),
+        ("eval".into(), plan.eval.clone(), "per validation batch".into()),
+        ("update".into(), plan.update.clone(), "per step".into()),
+    ];
+    if let Some(m) = &plan.masks {
+        graphs.push(("masks".into(), m.clone(), "per step".into()));
+    }
+    if let Some(d) = &plan.decode {
+        graphs.push(("decode (window)".into(), d.clone(), "per token with --no-cache".into()));
+        match compiler::incremental::incrementalize(d, "tokens", "pos") {
+            Ok(inc) => {
+                let bytes: usize = inc
+                    .caches
+                    .iter()
+                    .map(|(_, dt, s)| compiler::plan::dtype_bytes(*dt) * s.iter().product::<usize>())
+                    .sum();
+                let note = format!(
+                    "per token; {} KV caches, {} of the arguments",
+                    inc.caches.len(),
+                    compiler::plan::human(bytes)
+                );
+                graphs.push(("decode (KV-cached)".into(), inc.graph, note));
+            }
+            Err(e) => println!("  decode: no KV-cached step ({e})"),
+        }
+    }
+    println!("entry points of recipe `{}`", plan.name);
+    println!("  {:<20} {:>12} {:>12} {:>12}  runs", "entry point", "arguments", "arena", "peak live");
+    for (name, mut g, note) in graphs {
+        if let Err(e) = compiler::passes::run_pipeline(&mut g, None, &mut vec![]) {
+            return error("E0502", format!("this is a bug in recipec: {name}: {}", e.0), "");
+        }
+        let p = match compiler::kernel::schedule(&g) {
+            Ok(p) => p,
+            Err(e) => return error("E0502", format!("this is a bug in recipec: {name}: {e}"), ""),
+        };
+        let h = compiler::plan::human;
+        println!("  {:<20} {:>12} {:>12} {:>12}  {note}", name, h(p.argument_bytes), h(p.arena_bytes), h(p.peak_bytes));
+    }
+    ExitCode::SUCCESS
+}

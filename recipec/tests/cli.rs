@@ -312,6 +312,13 @@ fn build_plans_the_recipe_training_step() {
     // ~1.04M f32 parameters plus the token batch are the arguments.
     assert!(text.contains("arguments          3.98 MiB"), "{text}");
     assert!(text.contains("models.recipe:"), "buffers are attributed to recipe lines:\n{text}");
+    // Then every entry point of the job: training and sampling, with the KV caches' bytes
+    // (5 layers x keys and values x [4 heads, 32, 128] f32 = 640 KiB).
+    let table = text.split("entry points of recipe `tiny_gpt`").nth(1).unwrap_or_else(|| panic!("{text}"));
+    for name in ["init", "grad", "eval", "update", "decode (window)", "decode (KV-cached)"] {
+        assert!(table.lines().any(|l| l.trim_start().starts_with(name)), "no `{name}` line:\n{table}");
+    }
+    assert!(table.contains("10 KV caches, 640.0 KiB of the arguments"), "{table}");
 }
 
 #[test]
