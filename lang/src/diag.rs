@@ -361,6 +361,16 @@ at build time.",
 "recipec eval models.recipe gpt --out out/",
 "Evaluate a function, loss, schedule, optimizer, sparsity rule or decoding policy.";
 
+"E0503", "the CUDA build does not fit the target",
+"`recipec build --target cuda` generates the CUDA C of the entry point and, where the tools \
+are installed, compiles it with NVRTC and assembles it with `ptxas` for the chosen \
+architecture (`--arch sm_80` or `sm_90`). A kernel that needs more than 1024 threads or 48 KiB \
+of static shared memory per block, or a translation unit NVRTC or `ptxas` rejects, is reported \
+here, before anything is launched, with a command that reproduces the failure.",
+"recipec build stdlib/loss.recipe --item linear_cross_entropy --grad --shape hidden=f32[8192, 2304] ... --target cuda --arch sm_75",
+"Choose `--arch sm_80` or `sm_90`; a kernel over the limits or a compiler failure is a bug in \
+recipec's CUDA generator: report it with the printed command.";
+
 "E0601", "the recipe cannot be trained as written",
 "`recipec train` (and `recipec sample`) build every graph of the recipe before anything runs: \
 the parameters' initializers, the loss and its gradients, each `optimize` group's optimizer \

@@ -351,7 +351,7 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         && after.is_none()
         && !req.time_passes
         && req.artifact.is_none()
-        && !req.emit.iter().any(|e| e == "plan" || e == "kernels" || e == "cuda")
+        && !req.emit.iter().any(|e| e == "plan" || e == "kernels" || e == "cuda" || e.starts_with("cuda-target="))
     {
         return Ok(g);
     }
@@ -378,7 +378,11 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
             println!("//   {line}");
         }
     }
-    if let Some(dir) = &req.artifact {
+    let cuda_target = req.emit.iter().find_map(|e| e.strip_prefix("cuda-target="));
+    if let Some(arch) = cuda_target {
+        build_cuda(&g, arch, req.artifact.as_deref())?;
+    }
+    if let (Some(dir), None) = (&req.artifact, cuda_target) {
         let started = std::time::Instant::now();
         let p = compiler::kernel::schedule(&g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
         p.verify().map_err(|e| Fail("E0502", format!("this is a bug in recipec: invalid memory plan: {e}")))?;
@@ -402,6 +406,110 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
         }
     }
     Ok(g)
+}
+
+/// `recipec build --target cuda`: the CUDA C of the entry point, checked against the launch
+/// limits, compiled by NVRTC and assembled by `ptxas` for `arch` where those are installed (a
+/// note says which step was skipped and why), with each kernel's launch shape and resources;
+/// with `-o DIR`, the `.cu`, launch table, `.ptx` and `.cubin` are written there (into a
+/// temporary directory first, renamed into place once complete).
+fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<(), Fail> {
+    let virt = match arch {
+        "sm_80" => "compute_80",
+        "sm_90" => "compute_90",
+        other => return fail("E0503", format!("unknown CUDA architecture `{other}`: recipec targets sm_80 and sm_90")),
+    };
+    let p = compiler::kernel::schedule(g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
+    let u = codegen_cuda::emit(&p).map_err(|e| Fail("E0502", format!("no CUDA form yet: {e}")))?;
+    runtime::cuda::check_launches(&u).map_err(|e| Fail("E0503", e))?;
+    let work = match out {
+        Some(dir) => {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+        }
+        None => std::env::temp_dir().join(format!("recipec-cuda-{}", std::process::id())),
+    };
+    if let Some(dir) = out {
+        let ours = dir.join("cuda-build.txt").exists();
+        let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true);
+        if dir.exists() && !ours && !empty {
+            return fail(
+                "E0501",
+                format!(
+                    "{} exists and is not a `recipec build --target cuda` output; choose another -o",
+                    dir.display()
+                ),
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let io = |e: std::io::Error| Fail("E0501", format!("cannot write {}: {e}", work.display()));
+    std::fs::create_dir_all(&work).map_err(io)?;
+    let result = (|| -> Result<(), Fail> {
+        std::fs::write(work.join("cuda-build.txt"), format!("recipec build --target cuda --arch {arch}: {}\n", u.name))
+            .map_err(io)?;
+        std::fs::write(work.join(format!("{}.cu", u.name)), &u.source).map_err(io)?;
+        std::fs::write(work.join(format!("{}.launches.txt", u.name)), u.launch_table()).map_err(io)?;
+        let usage = match runtime::cuda::compile_ptx(&u.source, &u.name, virt) {
+            Ok(ptx) => match runtime::cuda::find_ptxas() {
+                // `assemble` keeps the PTX beside the cubin.
+                Ok(ptxas) => {
+                    Some(runtime::cuda::assemble(&ptx, arch, &ptxas, &work, &u.name).map_err(|e| Fail("E0503", e.0))?)
+                }
+                Err(why) => {
+                    std::fs::write(work.join(format!("{}.{virt}.ptx", u.name)), &ptx).map_err(io)?;
+                    eprintln!("note: PTX generated, not assembled: {why}");
+                    None
+                }
+            },
+            Err(e) if runtime::cuda::nvrtc_available().is_err() => {
+                eprintln!("note: CUDA C generated, not compiled: {e}");
+                None
+            }
+            Err(e) => return Err(Fail("E0503", e.0)),
+        };
+        println!("cuda {} for {arch}: {} launches", u.name, u.launches.len());
+        println!(
+            "  {:<6} {:<7} {:>16} {:>12} {:>8} {:>6} {:>8}",
+            "kernel", "kind", "grid", "block", "smem", "regs", "spilled"
+        );
+        for l in &u.launches {
+            let k = usage.as_ref().and_then(|v| v.iter().find(|k| k.name == l.name));
+            let (regs, spill) = match k {
+                Some(k) => (k.registers.to_string(), format!("{} B", k.spill_bytes)),
+                None if l.kind == "host" => ("-".into(), "-".into()),
+                None => ("?".into(), "?".into()),
+            };
+            let name = if l.kind == "host" { format!("({})", l.kernel) } else { l.name.clone() };
+            println!(
+                "  {:<6} {:<7} {:>16} {:>12} {:>8} {:>6} {:>8}",
+                name,
+                l.kind,
+                format!("{:?}", l.grid),
+                format!("{:?}", l.block),
+                l.shared_bytes,
+                regs,
+                spill
+            );
+        }
+        Ok(())
+    })();
+    match (result, out) {
+        (Err(e), _) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Err(e)
+        }
+        (Ok(()), Some(dir)) => {
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::rename(&work, dir).map_err(|e| Fail("E0501", format!("cannot write {}: {e}", dir.display())))?;
+            eprintln!("wrote {}", dir.display());
+            Ok(())
+        }
+        (Ok(()), None) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Ok(())
+        }
+    }
 }
 
 /// The backends `--backend` accepts; the first is the default.

@@ -121,9 +121,18 @@ enum Command {
         /// Print the time each pass took.
         #[arg(long)]
         time_passes: bool,
-        /// Write the entry point's artifact (manifest and scheduled program) to this directory.
+        /// Write the entry point's artifact (manifest and scheduled program) to this directory;
+        /// with `--target cuda`, the `.cu`, launch table, `.ptx` and `.cubin`.
         #[arg(short = 'o', long = "out", value_name = "DIR")]
         out: Option<PathBuf>,
+        /// `cpu` (default) or `cuda`: generate the CUDA C, check it against the launch limits,
+        /// compile it with NVRTC and assemble it with `ptxas` where installed, and print each
+        /// kernel's launch shape, registers and spills.
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// The GPU architecture for `--target cuda`: `sm_80` or `sm_90`.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
     },
     /// Run one pass on a graph in text form (a file, or `-` for standard input).
     Opt { pass: String, file: PathBuf },
@@ -192,9 +201,17 @@ fn main() -> ExitCode {
         Command::Check { files, message_format, deny_warnings } => check(&files, message_format, deny_warnings),
         Command::Fmt { files, check } => fmt(&files, check),
         Command::Explain { code, all } => explain(code, all),
-        Command::Build { file, emit, item, shapes, hps, grad, time_passes, out } => {
-            let (graph_emit, front_emit): (Vec<String>, Vec<String>) =
+        Command::Build { file, emit, item, shapes, hps, grad, time_passes, out, target, arch } => {
+            let (mut graph_emit, front_emit): (Vec<String>, Vec<String>) =
                 emit.into_iter().partition(|e| e.starts_with("graph") || e == "plan" || e == "kernels" || e == "cuda");
+            match target.as_str() {
+                "cpu" => {}
+                "cuda" => graph_emit.push(format!("cuda-target={arch}")),
+                other => {
+                    eprintln!("error: unknown --target `{other}` (available: cpu, cuda)");
+                    return ExitCode::from(2);
+                }
+            }
             if !graph_emit.is_empty() || out.is_some() {
                 // Without `--item`, a file's recipe: its training step (loss and gradients).
                 let whole_recipe = item.is_none() && graph_emit.iter().any(|e| e == "plan");

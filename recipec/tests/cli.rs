@@ -383,3 +383,66 @@ fn build_writes_deterministic_artifacts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot create"), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `recipec build --target cuda`: the CUDA C of the recipe's training step with its launch
+/// table; where NVRTC and `ptxas` are installed (CI), compiled and assembled with every
+/// kernel's registers and spills, the files written to `-o DIR`; where not, a note says which
+/// step was skipped. An unknown architecture and a foreign `-o` directory are refused.
+#[test]
+fn build_target_cuda_compiles_and_reports_each_kernel() {
+    let dir = temp_dir("cuda-target");
+    let out_dir = dir.join("cuda");
+    let out = recipec()
+        .args(["build", "recipes/sparse_gpt.recipe", "--target", "cuda", "--arch", "sm_80", "-o"])
+        .arg(&out_dir)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("cuda sparse_gpt for sm_80:"), "{stdout}");
+    let kernels: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            let w = l.split_whitespace().next().unwrap_or("");
+            w.len() > 1 && w.starts_with('k') && w[1..].chars().all(|c| c.is_ascii_digit())
+        })
+        .collect();
+    assert!(kernels.len() > 50, "{stdout}");
+    assert!(out_dir.join("sparse_gpt.cu").exists() && out_dir.join("sparse_gpt.launches.txt").exists());
+    let tools = runtime::cuda::nvrtc_available().and_then(|_| runtime::cuda::find_ptxas());
+    match tools {
+        Ok(_) => {
+            assert!(out_dir.join("sparse_gpt.sm_80.cubin").exists(), "{stderr}");
+            for k in &kernels {
+                let regs: u32 =
+                    k.split_whitespace().rev().nth(2).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("{k}"));
+                assert!((1..=255).contains(&regs), "{k}");
+            }
+        }
+        Err(why) => {
+            assert!(std::env::var("RECIPEC_REQUIRE_CUDA_TOOLS").is_err(), "{why}");
+            assert!(
+                stderr.contains("note: CUDA C generated, not compiled") || stderr.contains("not assembled"),
+                "{stderr}"
+            );
+        }
+    }
+    let bad = recipec()
+        .args(["build", "recipes/sparse_gpt.recipe", "--target", "cuda", "--arch", "sm_75"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("error[E0503]"));
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    let foreign = recipec()
+        .args(["build", "recipes/sparse_gpt.recipe", "--target", "cuda", "-o"])
+        .arg(&dir)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_eq!(foreign.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(dir.join("notes.txt")).unwrap(), "mine", "a foreign directory is left alone");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -45,6 +45,128 @@ pub fn available() -> Result<(), RunError> {
     }
 }
 
+/// What `ptxas -v` reports for one kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelUsage {
+    pub name: String,
+    pub registers: u32,
+    pub spill_bytes: u64,
+    pub shared_bytes: u64,
+}
+
+/// The limits every `sm_80`/`sm_90` kernel of a unit must fit without opting in to more:
+/// 1024 threads per block, 48 KiB of static shared memory per block.
+pub fn check_launches(unit: &codegen_cuda::Unit) -> Result<(), String> {
+    for l in unit.launches.iter().filter(|l| l.kind != "host") {
+        let threads: u64 = l.block.iter().map(|&b| b as u64).product();
+        if threads > 1024 {
+            return Err(format!(
+                "kernel {} of `{}` needs {threads} threads per block (at most 1024)",
+                l.name, unit.name
+            ));
+        }
+        if l.shared_bytes > 48 * 1024 {
+            return Err(format!(
+                "kernel {} of `{}` needs {} bytes of shared memory per block (at most 49152 without opting in)",
+                l.name, unit.name, l.shared_bytes
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether NVRTC can be loaded (it compiles CUDA C without a GPU), or why not.
+pub fn nvrtc_available() -> Result<(), RunError> {
+    if loadable(&["libnvrtc.so.12", "libnvrtc.so"]) {
+        Ok(())
+    } else {
+        Err(RunError(
+            "NVRTC (libnvrtc.so.12) is not on the library path: install `nvidia-cuda-nvrtc-cu12` and add its lib directory to LD_LIBRARY_PATH".into(),
+        ))
+    }
+}
+
+/// CUDA C to PTX for a virtual architecture (`compute_80`) with recipec's NVRTC options.
+/// The error carries NVRTC's log and a command that reproduces it.
+pub fn compile_ptx(source: &str, name: &str, virt: &'static str) -> Result<String, RunError> {
+    nvrtc_available()?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(virt),
+        options: codegen_cuda::NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source, opts).map(|p| p.to_src()).map_err(|e| {
+        RunError(format!(
+            "NVRTC failed on `{name}` for {virt}: {e:?}; reproduce with `recipec build ... --emit cuda > {name}.cu && nvcc {} -arch={virt} -ptx {name}.cu`",
+            codegen_cuda::NVRTC_OPTIONS.join(" ")
+        ))
+    })
+}
+
+/// `ptxas`: `$RECIPEC_PTXAS`, else the first on `PATH`.
+pub fn find_ptxas() -> Result<std::path::PathBuf, RunError> {
+    if let Ok(p) = std::env::var("RECIPEC_PTXAS") {
+        return Ok(std::path::PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join("ptxas")).find(|p| p.exists()).ok_or_else(|| {
+        RunError("ptxas is not on PATH: install `nvidia-cuda-nvcc-cu12` and add its bin directory to PATH".into())
+    })
+}
+
+/// Assembles `ptx` for `real` (`sm_90`) with `ptxas -v` in `dir` (which keeps the `.ptx` and
+/// `.cubin`), and returns each kernel's registers, spills and static shared memory.
+pub fn assemble(
+    ptx: &str,
+    real: &str,
+    ptxas: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<Vec<KernelUsage>, RunError> {
+    let f = dir.join(format!("{name}.{real}.ptx"));
+    std::fs::write(&f, ptx).map_err(|e| RunError(format!("cannot write {}: {e}", f.display())))?;
+    let out = std::process::Command::new(ptxas)
+        .args([&format!("-arch={real}"), "-v", "-o"])
+        .arg(dir.join(format!("{name}.{real}.cubin")))
+        .arg(&f)
+        .output()
+        .map_err(|e| RunError(format!("cannot run {}: {e}", ptxas.display())))?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(RunError(format!(
+            "ptxas failed; reproduce with `{} -arch={real} -v {}`:\n{log}",
+            ptxas.display(),
+            f.display()
+        )));
+    }
+    Ok(parse_ptxas(&log))
+}
+
+/// The per-kernel lines of a `ptxas -v` log.
+fn parse_ptxas(log: &str) -> Vec<KernelUsage> {
+    let mut out: Vec<KernelUsage> = vec![];
+    for line in log.lines() {
+        let num = |key: &str| -> Option<u64> {
+            let i = line.find(key)?;
+            line[..i].split_whitespace().last()?.parse().ok()
+        };
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelUsage { name, registers: 0, spill_bytes: 0, shared_bytes: 0 });
+        } else if let Some(k) = out.last_mut() {
+            if let Some(s) = num(" bytes spill stores") {
+                k.spill_bytes += s;
+            }
+            if line.contains("Used") && line.contains("registers") {
+                k.registers = num(" registers").unwrap_or(0) as u32;
+                k.shared_bytes = num(" bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
 fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
     RunError(format!("CUDA: {what}: {e:?}"))
 }
@@ -248,6 +370,20 @@ impl CudaExecutable {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    #[test]
+    fn ptxas_logs_are_read_per_kernel() {
+        let log = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'k0' for 'sm_90'\nptxas info    : Function properties for k0\n    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\nptxas info    : Used 40 registers, 2048 bytes smem, 380 bytes cmem[0]\nptxas info    : Compiling entry function 'k3' for 'sm_90'\nptxas info    : Function properties for k3\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 12 registers, 380 bytes cmem[0]\n";
+        let k = parse_ptxas(log);
+        assert_eq!(
+            k,
+            vec![
+                KernelUsage { name: "k0".into(), registers: 40, spill_bytes: 4, shared_bytes: 2048 },
+                KernelUsage { name: "k3".into(), registers: 12, spill_bytes: 0, shared_bytes: 0 },
+            ]
+        );
+    }
+
     #[test]
     fn availability_is_reported_without_panicking() {
         match super::available() {
