@@ -12,8 +12,10 @@
 //! `double`, rounded (integers truncated and wrapped) after every op; f32 `exp`, `erf` and
 //! `gelu` follow `compiler::math` operation by operation; other transcendentals use CUDA's
 //! double-precision functions (within their documented ulp bounds of the interpreter's);
-//! reductions accumulate in `double` in the interpreter's order, one thread per output element
-//! (deterministic: no atomics, no tree reductions). The unit must be compiled with
+//! reductions accumulate in `double`: over fewer than [`WARP_REDUCE_MIN`] elements in the
+//! interpreter's order, one thread per output element; over more, one warp per output element
+//! (each lane a strided subsequence in order, then a fixed shuffle tree; see
+//! `warp_reduce_kernel`). Both are deterministic: no atomics, an order fixed by the shape. The unit must be compiled with
 //! `--fmad=false` (no contraction of `a * b + c` into an FMA), as [`NVRTC_OPTIONS`] says.
 //!
 //! **Kernels.** A `Loop` becomes a grid-stride loop over its outer points (the reduced
@@ -430,8 +432,81 @@ fn red_init(op: Red) -> &'static str {
     }
 }
 
+/// Reduced extents at least this long get one warp per output (`warp_reduce_kernel`).
+pub const WARP_REDUCE_MIN: u64 = 32;
+
+/// A reduction with one warp (32 lanes) per output element: lane `l` accumulates the reduced
+/// elements `l, l + 32, l + 64, …` (flattened reduced index, row-major) in `double`, in that
+/// order; the 32 partials are then combined by a shuffle tree (`__shfl_down_sync` with offsets
+/// 16, 8, 4, 2, 1) and lane 0 stores. The order depends on nothing but the shape, so results
+/// are deterministic; sums differ from the interpreter's sequential order by rounding only.
+fn warp_reduce_kernel(
+    p: &Program,
+    ki: usize,
+    l: &Loop,
+    r: &compiler::kernel::Reduction,
+    out: &mut String,
+) -> Result<Launch, String> {
+    let outer = l.outer_dims();
+    let total: u64 = l.dims[..outer].iter().map(|d| *d as u64).product();
+    let reduced: u64 = l.dims[outer..].iter().map(|d| *d as u64).product();
+    let warps = (LOOP_BLOCK / 32) as u64;
+    let name = format!("k{ki}");
+    let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
+    let _ = writeln!(out, "    const int lane = threadIdx.x & 31;");
+    let _ = writeln!(
+        out,
+        "    for (long long pt = (long long)blockIdx.x * {warps} + (threadIdx.x >> 5); pt < {total}LL; pt += (long long)gridDim.x * {warps}) {{"
+    );
+    let _ = writeln!(out, "        long long rem = pt;");
+    for d in (0..outer).rev() {
+        let _ = writeln!(out, "        const long long i{d} = rem % {}LL; rem /= {}LL;", l.dims[d], l.dims[d]);
+    }
+    let _ = writeln!(out, "        (void)rem;");
+    let _ = writeln!(out, "        double acc = {};", red_init(r.op));
+    let _ = writeln!(out, "        for (long long q = lane; q < {reduced}LL; q += 32) {{");
+    let _ = writeln!(out, "            long long rq = q;");
+    for d in (outer..l.dims.len()).rev() {
+        let _ = writeln!(out, "            const long long i{d} = rq % {}LL; rq /= {}LL;", l.dims[d], l.dims[d]);
+    }
+    let _ = writeln!(out, "            (void)rq;");
+    let names = body(p, l, out, "            ");
+    let combine = |a: &str, b: &str| match r.op {
+        Red::Sum => format!("__dadd_rn({a}, {b})"),
+        Red::Prod => format!("__dmul_rn({a}, {b})"),
+        Red::Max => format!("rc_max({a}, {b})"),
+        _ => format!("rc_min({a}, {b})"),
+    };
+    let _ = writeln!(out, "            acc = {};", combine("acc", &format!("(double)({})", names[r.value])));
+    let _ = writeln!(out, "        }}");
+    let _ = writeln!(out, "        for (int off = 16; off > 0; off >>= 1) {{");
+    let _ = writeln!(out, "            const double other = __shfl_down_sync(0xffffffffu, acc, off);");
+    let _ = writeln!(out, "            acc = {};", combine("acc", "other"));
+    let _ = writeln!(out, "        }}");
+    let _ = writeln!(out, "        if (lane == 0) {{");
+    let v = round(r.dtype, "acc", false);
+    for s in &l.stores {
+        if s.val != StoreVal::Acc {
+            return Err(format!("k{ki}: an elementwise store in a reduction loop"));
+        }
+        let bd = p.buffers[s.buf].dtype;
+        let val = if bd == r.dtype { v.clone() } else { round(bd, &v, is_f32ish(r.dtype)) };
+        let _ = writeln!(out, "            st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
+    }
+    let _ = writeln!(out, "        }}");
+    let _ = writeln!(out, "    }}\n}}\n");
+    let grid = total.div_ceil(warps).clamp(1, MAX_GRID) as u32;
+    Ok(Launch { kernel: ki, name, kind: "reduce", grid: [grid, 1, 1], block: [LOOP_BLOCK, 1, 1], shared_bytes: 0 })
+}
+
 fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Launch, String> {
     let outer = l.outer_dims();
+    if let Some(r) = &l.reduce {
+        let reduced: u64 = l.dims[outer..].iter().map(|d| *d as u64).product();
+        if reduced >= WARP_REDUCE_MIN && matches!(r.op, Red::Sum | Red::Prod | Red::Max | Red::Min) {
+            return warp_reduce_kernel(p, ki, l, r, out);
+        }
+    }
     let total: u64 = l.dims[..outer].iter().map(|d| *d as u64).product();
     let name = format!("k{ki}");
     let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
@@ -635,5 +710,35 @@ mod tests {
         assert_eq!(u.launches[1].shared_bytes, 2 * 16 * 17 * 4);
         // Deterministic text.
         assert_eq!(emit(&p).unwrap(), u);
+    }
+
+    /// Rows of at least 32 elements reduce with one warp each: lanes stride the row, a
+    /// shuffle tree combines them, lane 0 stores; 8 rows per 256-thread block.
+    #[test]
+    fn long_reductions_use_one_warp_per_output() {
+        let mut g = Graph::new("t");
+        let x = g.add(Op::Input { index: 0, name: "x".into() }, Dtype::F32, vec![100, 4, 40], &[], "x").unwrap();
+        let s = g.add(Op::Reduce { op: Red::Max, axes: vec![1, 2] }, Dtype::F32, vec![100], &[x], "s").unwrap();
+        let short = g.add(Op::Reduce { op: Red::Sum, axes: vec![1] }, Dtype::F32, vec![100, 40], &[x], "t").unwrap();
+        g.outputs.push(("s".into(), s));
+        g.outputs.push(("t".into(), short));
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let u = emit(&p).unwrap();
+        let warp = u.launches.iter().find(|l| l.grid == [13, 1, 1]).unwrap_or_else(|| panic!("{}", u.launch_table()));
+        assert_eq!(warp.kind, "reduce");
+        let start = u.source.find(&format!("void {}(", warp.name)).unwrap();
+        let k = &u.source[start..start + u.source[start..].find("\n}\n").unwrap()];
+        assert!(k.contains("for (long long q = lane; q < 160LL; q += 32)"), "{k}");
+        assert!(
+            k.contains("__shfl_down_sync(0xffffffffu, acc, off)") && k.contains("acc = rc_max(acc, other);"),
+            "{k}"
+        );
+        assert!(k.contains("if (lane == 0)"), "{k}");
+        // Four elements per output: one thread each, in order.
+        let thread =
+            u.launches.iter().find(|l| l.kind == "reduce" && l.name != warp.name).expect("the short reduction");
+        let start = u.source.find(&format!("void {}(", thread.name)).unwrap();
+        let k = &u.source[start..start + u.source[start..].find("\n}\n").unwrap()];
+        assert!(!k.contains("__shfl_down_sync") && k.contains("for (long long i"), "{k}");
     }
 }
