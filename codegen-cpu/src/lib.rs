@@ -283,6 +283,9 @@ struct Gen<'a, 'b> {
     inv_v: Vec<Option<Value>>,
 }
 
+/// Outputs a reduction loop computes side by side (unroll and jam).
+const JAM: i64 = 4;
+
 fn aff_id(affines: &mut Vec<Affine>, a: &Affine) -> usize {
     match affines.iter().position(|x| x == a) {
         Some(i) => i,
@@ -516,6 +519,26 @@ impl<'a, 'b> Gen<'a, 'b> {
             });
             return;
         }
+        if last && l.reduce.is_some() && l.dims[d] >= JAM as usize {
+            // Unroll and jam: JAM neighbouring outputs reduce side by side, each with its own
+            // accumulator in its own (the interpreter's) order, so the additions of different
+            // outputs overlap instead of waiting on one dependency chain, and a column
+            // reduction reads JAM neighbouring elements of each row at once.
+            let after = self.counted(start, end, JAM, &mut |g, i| {
+                let parts: Vec<Vec<Value>> = (0..JAM)
+                    .map(|k| {
+                        let ik = g.b.ins().iadd_imm_s(i, k);
+                        g.advance(&partial, d, ik)
+                    })
+                    .collect();
+                g.reductions(parts);
+            });
+            self.counted(after, end, 1, &mut |g, i| {
+                let part = g.advance(&partial, d, i);
+                g.reduction(part);
+            });
+            return;
+        }
         self.counted(start, end, 1, &mut |g, i| {
             let part = g.advance(&partial, d, i);
             if last {
@@ -532,38 +555,56 @@ impl<'a, 'b> Gen<'a, 'b> {
 
     /// The reduced dims with an f64 accumulator, then the store of the result.
     fn reduction(&mut self, partial: Vec<Value>) {
+        self.reductions(vec![partial]);
+    }
+
+    /// Several outputs' reductions in one pass over the reduced dims (one f64 accumulator
+    /// each, every accumulator in the interpreter's order), then their stores.
+    fn reductions(&mut self, partials: Vec<Vec<Value>>) {
         let r = self.l.reduce.clone().expect("reduction");
         let init = red_init(r.op);
-        let acc = self.b.declare_var(types::F64);
-        let z = self.b.ins().f64const(init);
-        self.b.def_var(acc, z);
+        let accs: Vec<Variable> = partials
+            .iter()
+            .map(|_| {
+                let acc = self.b.declare_var(types::F64);
+                let z = self.b.ins().f64const(init);
+                self.b.def_var(acc, z);
+                acc
+            })
+            .collect();
         let outer = self.l.outer_dims();
-        self.red_level(outer, partial.clone(), acc, &r);
-        let a = self.b.use_var(acc);
-        let v = self.round(r.dtype, a, types::F64);
-        for s in &self.l.stores {
-            if s.val == StoreVal::Acc {
-                let at = self.aid(&s.at);
-                self.store(s.buf, partial[at], v, r.dtype, false);
+        self.red_level(outer, partials.clone(), &accs, &r);
+        for (partial, acc) in partials.iter().zip(&accs) {
+            let a = self.b.use_var(*acc);
+            let v = self.round(r.dtype, a, types::F64);
+            for s in &self.l.stores {
+                if s.val == StoreVal::Acc {
+                    let at = self.aid(&s.at);
+                    self.store(s.buf, partial[at], v, r.dtype, false);
+                }
             }
         }
     }
 
-    fn red_level(&mut self, d: usize, partial: Vec<Value>, acc: Variable, r: &compiler::kernel::Reduction) {
+    fn red_level(&mut self, d: usize, partials: Vec<Vec<Value>>, accs: &[Variable], r: &compiler::kernel::Reduction) {
         if d == self.l.dims.len() {
             // Every reduced dim had extent 1 (coalesced away): one term.
-            self.accumulate(&partial, acc, r);
+            for (part, acc) in partials.iter().zip(accs) {
+                self.accumulate(part, *acc, r);
+            }
             return;
         }
         let zero = self.b.ins().iconst(types::I64, 0);
         let end = self.b.ins().iconst(types::I64, self.l.dims[d] as i64);
         let last = d + 1 == self.l.dims.len();
         self.counted(zero, end, 1, &mut |g, i| {
-            let part = g.advance(&partial, d, i);
+            let parts: Vec<Vec<Value>> = partials.iter().map(|p| g.advance(p, d, i)).collect();
             if last {
-                g.accumulate(&part, acc, r);
+                for (part, acc) in parts.iter().zip(accs) {
+                    g.accumulate(part, *acc, r);
+                }
             } else {
-                g.red_level(d + 1, part, acc, r);
+                g.red_level(d + 1, parts, accs, r);
             }
         });
     }
