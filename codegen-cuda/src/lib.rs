@@ -432,6 +432,50 @@ fn red_init(op: Red) -> &'static str {
     }
 }
 
+/// `i{d}` for the dims `dims` of `l` from the flattened (row-major) index `flat`.
+fn indices(out: &mut String, l: &Loop, dims: std::ops::Range<usize>, flat: &str, indent: &str) {
+    let _ = writeln!(out, "{indent}long long rem_{flat} = {flat};");
+    for d in dims.rev() {
+        let _ = writeln!(
+            out,
+            "{indent}const long long i{d} = rem_{flat} % {}LL; rem_{flat} /= {}LL;",
+            l.dims[d], l.dims[d]
+        );
+    }
+    let _ = writeln!(out, "{indent}(void)rem_{flat};");
+}
+
+/// `acc` combined with `x` by the reduction's op, in `double` with round-to-nearest.
+fn combine(op: Red, acc: &str, x: &str) -> String {
+    match op {
+        Red::Sum => format!("__dadd_rn({acc}, {x})"),
+        Red::Prod => format!("__dmul_rn({acc}, {x})"),
+        Red::Max => format!("rc_max({acc}, {x})"),
+        _ => format!("rc_min({acc}, {x})"),
+    }
+}
+
+/// The stores of a reduction's result `acc` (rounded to each buffer's dtype).
+fn acc_stores(
+    p: &Program,
+    ki: usize,
+    l: &Loop,
+    r: &compiler::kernel::Reduction,
+    out: &mut String,
+    indent: &str,
+) -> Result<(), String> {
+    let v = round(r.dtype, "acc", false);
+    for s in &l.stores {
+        if s.val != StoreVal::Acc {
+            return Err(format!("k{ki}: an elementwise store in a reduction loop"));
+        }
+        let bd = p.buffers[s.buf].dtype;
+        let val = if bd == r.dtype { v.clone() } else { round(bd, &v, is_f32ish(r.dtype)) };
+        let _ = writeln!(out, "{indent}st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
+    }
+    Ok(())
+}
+
 /// Reduced extents at least this long get one warp per output (`warp_reduce_kernel`).
 pub const WARP_REDUCE_MIN: u64 = 32;
 
@@ -458,41 +502,19 @@ fn warp_reduce_kernel(
         out,
         "    for (long long pt = (long long)blockIdx.x * {warps} + (threadIdx.x >> 5); pt < {total}LL; pt += (long long)gridDim.x * {warps}) {{"
     );
-    let _ = writeln!(out, "        long long rem = pt;");
-    for d in (0..outer).rev() {
-        let _ = writeln!(out, "        const long long i{d} = rem % {}LL; rem /= {}LL;", l.dims[d], l.dims[d]);
-    }
-    let _ = writeln!(out, "        (void)rem;");
+    indices(out, l, 0..outer, "pt", "        ");
     let _ = writeln!(out, "        double acc = {};", red_init(r.op));
     let _ = writeln!(out, "        for (long long q = lane; q < {reduced}LL; q += 32) {{");
-    let _ = writeln!(out, "            long long rq = q;");
-    for d in (outer..l.dims.len()).rev() {
-        let _ = writeln!(out, "            const long long i{d} = rq % {}LL; rq /= {}LL;", l.dims[d], l.dims[d]);
-    }
-    let _ = writeln!(out, "            (void)rq;");
+    indices(out, l, outer..l.dims.len(), "q", "            ");
     let names = body(p, l, out, "            ");
-    let combine = |a: &str, b: &str| match r.op {
-        Red::Sum => format!("__dadd_rn({a}, {b})"),
-        Red::Prod => format!("__dmul_rn({a}, {b})"),
-        Red::Max => format!("rc_max({a}, {b})"),
-        _ => format!("rc_min({a}, {b})"),
-    };
-    let _ = writeln!(out, "            acc = {};", combine("acc", &format!("(double)({})", names[r.value])));
+    let _ = writeln!(out, "            acc = {};", combine(r.op, "acc", &format!("(double)({})", names[r.value])));
     let _ = writeln!(out, "        }}");
     let _ = writeln!(out, "        for (int off = 16; off > 0; off >>= 1) {{");
     let _ = writeln!(out, "            const double other = __shfl_down_sync(0xffffffffu, acc, off);");
-    let _ = writeln!(out, "            acc = {};", combine("acc", "other"));
+    let _ = writeln!(out, "            acc = {};", combine(r.op, "acc", "other"));
     let _ = writeln!(out, "        }}");
     let _ = writeln!(out, "        if (lane == 0) {{");
-    let v = round(r.dtype, "acc", false);
-    for s in &l.stores {
-        if s.val != StoreVal::Acc {
-            return Err(format!("k{ki}: an elementwise store in a reduction loop"));
-        }
-        let bd = p.buffers[s.buf].dtype;
-        let val = if bd == r.dtype { v.clone() } else { round(bd, &v, is_f32ish(r.dtype)) };
-        let _ = writeln!(out, "            st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
-    }
+    acc_stores(p, ki, l, r, out, "            ")?;
     let _ = writeln!(out, "        }}");
     let _ = writeln!(out, "    }}\n}}\n");
     let grid = total.div_ceil(warps).clamp(1, MAX_GRID) as u32;
@@ -514,11 +536,7 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
         out,
         "    for (long long pt = (long long)blockIdx.x * blockDim.x + threadIdx.x; pt < {total}LL; pt += (long long)gridDim.x * blockDim.x) {{"
     );
-    let _ = writeln!(out, "        long long rem = pt;");
-    for d in (0..outer).rev() {
-        let _ = writeln!(out, "        const long long i{d} = rem % {}LL; rem /= {}LL;", l.dims[d], l.dims[d]);
-    }
-    let _ = writeln!(out, "        (void)rem;");
+    indices(out, l, 0..outer, "pt", "        ");
     match &l.reduce {
         None => {
             let names = body(p, l, out, "        ");
@@ -547,26 +565,12 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
             }
             let names = body(p, l, out, &indent);
             let x = format!("(double)({})", names[r.value]);
-            let step = match r.op {
-                Red::Sum => format!("acc = __dadd_rn(acc, {x});"),
-                Red::Prod => format!("acc = __dmul_rn(acc, {x});"),
-                Red::Max => format!("acc = rc_max(acc, {x});"),
-                _ => format!("acc = rc_min(acc, {x});"),
-            };
-            let _ = writeln!(out, "{indent}{step}");
+            let _ = writeln!(out, "{indent}acc = {};", combine(r.op, "acc", &x));
             for _ in outer..l.dims.len() {
                 indent.truncate(indent.len() - 4);
                 let _ = writeln!(out, "{indent}}}");
             }
-            let v = round(r.dtype, "acc", false);
-            for s in &l.stores {
-                if s.val != StoreVal::Acc {
-                    return Err(format!("k{ki}: an elementwise store in a reduction loop"));
-                }
-                let bd = p.buffers[s.buf].dtype;
-                let val = if bd == r.dtype { v.clone() } else { round(bd, &v, is_f32ish(r.dtype)) };
-                let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
-            }
+            acc_stores(p, ki, l, r, out, "        ")?;
         }
     }
     let _ = writeln!(out, "    }}\n}}\n");
