@@ -45,6 +45,41 @@ pub fn available() -> Result<(), RunError> {
     }
 }
 
+/// The device's copy bandwidth in bytes per second: `bytes` copied device to device (read
+/// plus write counted, as a kernel's traffic is), the best of `reps` synchronized copies.
+pub fn copy_bandwidth(bytes: usize, reps: usize) -> Result<f64, RunError> {
+    available()?;
+    let ctx = CudaContext::new(0).map_err(|e| err("cannot open device 0", e))?;
+    ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+    // SAFETY: two plain allocations, copied between and freed here.
+    unsafe {
+        let a = cu::malloc_sync(bytes).map_err(|e| err("alloc", e))?;
+        let b = match cu::malloc_sync(bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = cu::free_sync(a);
+                return Err(err("alloc", e));
+            }
+        };
+        let mut best = f64::MAX;
+        let mut result = cu::memset_d8_sync(a, 1, bytes).map_err(|e| err("memset", e));
+        for _ in 0..reps {
+            if result.is_err() {
+                break;
+            }
+            let t = std::time::Instant::now();
+            result = cu::memcpy_dtod_sync(b, a, bytes).map_err(|e| err("copy", e));
+            if result.is_ok() {
+                result = ctx.synchronize().map_err(|e| err("synchronize", e));
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let _ = cu::free_sync(a);
+        let _ = cu::free_sync(b);
+        result.map(|_| 2.0 * bytes as f64 / best)
+    }
+}
+
 /// What `ptxas -v` reports for one kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelUsage {
@@ -255,6 +290,53 @@ impl CudaExecutable {
             }
         }
         outs
+    }
+
+    /// Seconds per run of the kernels alone (arguments copied to the device once, before;
+    /// `reps` runs, each launched and synchronized; the median), for benchmarks against the
+    /// device's copy bandwidth. Arguments updated in place change from run to run.
+    pub fn time_kernels(&self, args: &[Buffer], seed: u64, reps: usize) -> Result<Vec<f64>, RunError> {
+        crate::check_args(&self.program, args)?;
+        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+        let mut dev_args = vec![];
+        let mut result = Ok(vec![]);
+        for a in args.iter() {
+            // SAFETY: a fresh allocation of the argument's size, filled from host memory.
+            match unsafe { cu::malloc_sync(a.bytes().max(1)) } {
+                Ok(ptr) => {
+                    dev_args.push(ptr);
+                    if let Err(e) = unsafe { cu::memcpy_htod_sync(ptr, a.as_bytes()) } {
+                        result = Err(err("copy in", e));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    result = Err(err("alloc", e));
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            let mut times = vec![];
+            for _ in 0..reps {
+                let t = std::time::Instant::now();
+                if let Err(e) = self.launch_all(args, &dev_args, seed) {
+                    result = Err(e);
+                    break;
+                }
+                times.push(t.elapsed().as_secs_f64());
+            }
+            if result.is_ok() {
+                result = Ok(times);
+            }
+        }
+        for ptr in dev_args {
+            // SAFETY: allocated above; `launch_all` synchronizes before returning.
+            unsafe {
+                let _ = cu::free_sync(ptr);
+            }
+        }
+        result
     }
 
     fn addresses(&self, dev_args: &[u64]) -> Vec<u64> {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: the CUDA differential suite (every stdlib item vs the
-# interpreter), the CUDA compile check, and a short training run on the GPU. Writes a
+# interpreter), the CUDA compile check, a short training run on the GPU and the GPU
+# benchmarks (AdamW over 256M parameters vs the copy bandwidth). Writes a
 # summary to target/gpu-summary.txt. Needs Rust, the NVIDIA driver, and Python for the
 # NVRTC/ptxas wheels.
 set -euo pipefail
@@ -17,4 +18,5 @@ cargo test --release -p tests --test cuda nvrtc -- --nocapture 2>&1 | tail -5 | 
 cargo build --release -p recipec
 rm -rf target/gpu-train
 target/release/recipec train recipes/tiny_gpt.recipe --steps 20 --backend cuda --out target/gpu-train 2>&1 | tail -4 | tee -a target/gpu-summary.txt
+cargo bench -p bench --bench gpu 2>&1 | tail -3 | tee -a target/gpu-summary.txt
 echo "summary: target/gpu-summary.txt"
