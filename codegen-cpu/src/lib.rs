@@ -283,8 +283,8 @@ struct Gen<'a, 'b> {
     inv_v: Vec<Option<Value>>,
 }
 
-/// Outputs a reduction loop computes side by side (unroll and jam).
-const JAM: i64 = 4;
+/// Outputs a reduction loop computes side by side (unroll and jam), in both backends.
+pub(crate) const JAM: i64 = 4;
 
 fn aff_id(affines: &mut Vec<Affine>, a: &Affine) -> usize {
     match affines.iter().position(|x| x == a) {

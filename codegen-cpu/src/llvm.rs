@@ -51,7 +51,8 @@ pub fn compile(p: &Program) -> Result<(Engine, Vec<Option<LoopFn>>), String> {
             let last = l.dims.len() - 1;
             let parallel =
                 (l.reduce.is_none() && l.stores.iter().all(|st| st.at.coef[last] != 0)).then_some((3 * ki, 3 * ki + 1));
-            Gen { out: &mut ir, l, p, next: 0, parallel }.function(ki);
+            Gen { out: &mut ir, l, p, next: 0, parallel, idx: (0..l.dims.len()).map(|d| format!("%i{d}")).collect() }
+                .function(ki);
             if let Some((group, lp)) = parallel {
                 let _ = writeln!(ir, "!{group} = distinct !{{}}");
                 let _ = writeln!(ir, "!{lp} = distinct !{{!{lp}, !{}}}", lp + 1);
@@ -126,6 +127,8 @@ struct Gen<'a> {
     /// iterations are independent (every iteration stores its own elements and reads stored
     /// buffers only at those elements: the scheduler guarantees the latter).
     parallel: Option<(usize, usize)>,
+    /// The SSA name of each loop index where the code being emitted is.
+    idx: Vec<String>,
 }
 
 fn ty(d: Dtype) -> &'static str {
@@ -191,7 +194,9 @@ impl Gen<'_> {
             self.emit(&format!("%b{b} = bitcast i8* %braw{b} to {st}*"));
         }
         if self.l.reduce.is_some() {
-            self.emit("%acc = alloca double");
+            for k in 0..crate::JAM {
+                self.emit(&format!("%acc{k} = alloca double"));
+            }
         }
         let n = self.l.dims.len();
         let outer = self.l.outer_dims();
@@ -212,7 +217,8 @@ impl Gen<'_> {
                 continue;
             }
             let m = self.t();
-            self.emit(&format!("{m} = mul i64 %i{d}, {c}"));
+            let i = self.idx[d].clone();
+            self.emit(&format!("{m} = mul i64 {i}, {c}"));
             let s = self.t();
             self.emit(&format!("{s} = add i64 {acc}, {m}"));
             acc = s;
@@ -221,6 +227,12 @@ impl Gen<'_> {
     }
 
     fn counted(&mut self, d: usize, start: &str, end: &str, body: &mut dyn FnMut(&mut Self)) {
+        self.counted_by(d, start, end, 1, body);
+    }
+
+    /// A loop over `start..end` in steps of `step` (iterations while `i + step <= end`); the
+    /// index's name afterwards (where the iterations stopped) is returned.
+    fn counted_by(&mut self, d: usize, start: &str, end: &str, step: i64, body: &mut dyn FnMut(&mut Self)) -> String {
         let id = self.next;
         self.next += 1;
         let (pre, head, bodyl, latch, exit) = (
@@ -230,29 +242,51 @@ impl Gen<'_> {
             format!("L{d}_{id}_latch"),
             format!("L{d}_{id}_exit"),
         );
+        let i = format!("%i{d}_{id}");
         self.emit(&format!("br label %{pre}"));
         self.label(&pre);
         self.emit(&format!("br label %{head}"));
         self.label(&head);
-        self.emit(&format!("%i{d} = phi i64 [ {start}, %{pre} ], [ %i{d}_next_{id}, %{latch} ]"));
+        self.emit(&format!("{i} = phi i64 [ {start}, %{pre} ], [ {i}_next, %{latch} ]"));
+        let last = self.t();
+        self.emit(&format!("{last} = add i64 {i}, {}", step - 1));
         let c = self.t();
-        self.emit(&format!("{c} = icmp slt i64 %i{d}, {end}"));
+        self.emit(&format!("{c} = icmp slt i64 {last}, {end}"));
         self.emit(&format!("br i1 {c}, label %{bodyl}, label %{exit}"));
         self.label(&bodyl);
+        let saved = std::mem::replace(&mut self.idx[d], i.clone());
         body(self);
+        self.idx[d] = saved;
         self.emit(&format!("br label %{latch}"));
         self.label(&latch);
-        self.emit(&format!("%i{d}_next_{id} = add i64 %i{d}, 1"));
+        self.emit(&format!("{i}_next = add i64 {i}, {step}"));
         match self.parallel {
             Some((_, lp)) if d + 1 == self.l.dims.len() => self.emit(&format!("br label %{head}, !llvm.loop !{lp}")),
             _ => self.emit(&format!("br label %{head}")),
         }
         self.label(&exit);
+        i
     }
 
     fn level(&mut self, d: usize, outer: usize, n: usize) {
         let (start, end) =
             if d == 0 { ("%lo".to_string(), "%hi".to_string()) } else { ("0".to_string(), self.l.dims[d].to_string()) };
+        if d + 1 == outer && self.l.reduce.is_some() && self.l.dims[d] >= crate::JAM as usize {
+            // Unroll and jam, as the Cranelift backend does (see `crate::JAM`).
+            let after = self.counted_by(d, &start, &end, crate::JAM, &mut |g| {
+                let base = g.idx[d].clone();
+                let names: Vec<String> = (0..crate::JAM)
+                    .map(|k| {
+                        let n = g.t();
+                        g.emit(&format!("{n} = add i64 {base}, {k}"));
+                        n
+                    })
+                    .collect();
+                g.reductions(outer, d, &names);
+            });
+            self.counted(d, &after, &end, &mut |g| g.reduction(outer));
+            return;
+        }
         self.counted(d, &start, &end, &mut |g| {
             if d + 1 == outer {
                 if g.l.reduce.is_some() {
@@ -268,37 +302,70 @@ impl Gen<'_> {
     }
 
     fn reduction(&mut self, outer: usize) {
-        let r = self.l.reduce.clone().expect("reduction");
-        let init = crate::red_init(r.op);
-        self.emit(&format!("store double {}, double* %acc", lit(init, false)));
-        self.red_level(outer, &r);
-        let a = self.t();
-        self.emit(&format!("{a} = load double, double* %acc"));
-        let v = self.round(r.dtype, &a, "double");
-        self.stores(&[], Some(v));
+        // The output's own index (none for a reduction to a scalar: `usize::MAX` names no dim).
+        let d = outer.checked_sub(1).unwrap_or(usize::MAX);
+        let here = self.idx.get(d).cloned().unwrap_or_default();
+        self.reductions(outer, d, &[here]);
     }
 
-    fn red_level(&mut self, d: usize, r: &compiler::kernel::Reduction) {
-        if d == self.l.dims.len() {
-            self.accumulate(r);
+    /// The reductions of the outputs at index `names[k]` of dim `d` (one accumulator each,
+    /// each in the interpreter's order), computed side by side, then their stores.
+    fn reductions(&mut self, outer: usize, d: usize, names: &[String]) {
+        let r = self.l.reduce.clone().expect("reduction");
+        let init = crate::red_init(r.op);
+        for k in 0..names.len() {
+            self.emit(&format!("store double {}, double* %acc{k}", lit(init, false)));
+        }
+        self.red_level(outer, d, names, &r);
+        for (k, name) in names.iter().enumerate() {
+            let a = self.t();
+            self.emit(&format!("{a} = load double, double* %acc{k}"));
+            let v = self.round(r.dtype, &a, "double");
+            let saved = self.set_idx(d, name);
+            self.stores(&[], Some(v));
+            self.restore_idx(d, saved);
+        }
+    }
+
+    fn set_idx(&mut self, d: usize, name: &str) -> Option<String> {
+        self.idx.get_mut(d).map(|x| std::mem::replace(x, name.to_string()))
+    }
+
+    fn restore_idx(&mut self, d: usize, saved: Option<String>) {
+        if let Some(s) = saved {
+            self.idx[d] = s;
+        }
+    }
+
+    fn red_level(&mut self, level: usize, d: usize, names: &[String], r: &compiler::kernel::Reduction) {
+        if level == self.l.dims.len() {
+            for (k, name) in names.iter().enumerate() {
+                let saved = self.set_idx(d, name);
+                self.accumulate(r, k);
+                self.restore_idx(d, saved);
+            }
             return;
         }
-        let end = self.l.dims[d].to_string();
-        let last = d + 1 == self.l.dims.len();
-        self.counted(d, "0", &end, &mut |g| {
+        let end = self.l.dims[level].to_string();
+        let last = level + 1 == self.l.dims.len();
+        self.counted(level, "0", &end, &mut |g| {
             if last {
-                g.accumulate(r);
+                for (k, name) in names.iter().enumerate() {
+                    let saved = g.set_idx(d, name);
+                    g.accumulate(r, k);
+                    g.restore_idx(d, saved);
+                }
             } else {
-                g.red_level(d + 1, r);
+                g.red_level(level + 1, d, names, r);
             }
         });
     }
 
-    fn accumulate(&mut self, r: &compiler::kernel::Reduction) {
+    fn accumulate(&mut self, r: &compiler::kernel::Reduction, k: usize) {
         let vals = self.values();
         let x = self.to_double(&vals[r.value].clone(), ty(self.l.body[r.value].dtype));
         let a = self.t();
-        self.emit(&format!("{a} = load double, double* %acc"));
+        self.emit(&format!("{a} = load double, double* %acc{k}"));
         let nv = self.t();
         match r.op {
             Red::Sum => self.emit(&format!("{nv} = fadd double {a}, {x}")),
@@ -309,7 +376,7 @@ impl Gen<'_> {
             }
             _ => unreachable!("arg reductions are library kernels"),
         }
-        self.emit(&format!("store double {nv}, double* %acc"));
+        self.emit(&format!("store double {nv}, double* %acc{k}"));
     }
 
     fn stores(&mut self, vals: &[String], acc: Option<String>) {
