@@ -31,6 +31,13 @@ pub struct Incremental {
     pub context: usize,
 }
 
+impl Incremental {
+    /// The bytes of all caches (arguments of every step).
+    pub fn cache_bytes(&self) -> usize {
+        self.caches.iter().map(|(_, d, s)| crate::plan::dtype_bytes(*d) * s.iter().product::<usize>()).sum()
+    }
+}
+
 /// Derives the cached step of `g`, whose input `seq` (`[1, T]`) holds token positions along
 /// axis 1 and whose scalar input `pos` is the position to decode.
 pub fn incrementalize(g: &Graph, seq: &str, pos: &str) -> Result<Incremental, IrError> {

@@ -341,11 +341,7 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
         graphs.push(("decode (window)".into(), d.clone(), "per token with --no-cache".into()));
         match compiler::incremental::incrementalize(d, "tokens", "pos") {
             Ok(inc) => {
-                let bytes: usize = inc
-                    .caches
-                    .iter()
-                    .map(|(_, dt, s)| compiler::plan::dtype_bytes(*dt) * s.iter().product::<usize>())
-                    .sum();
+                let bytes = inc.cache_bytes();
                 let note = format!(
                     "per token; {} KV caches, {} of the arguments",
                     inc.caches.len(),

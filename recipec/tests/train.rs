@@ -67,6 +67,11 @@ fn losses(dir: &Path) -> Vec<(u64, String, String)> {
     v
 }
 
+/// `recipec sample DIR EXTRA...`.
+fn sample(dir: &Path, extra: &[&str]) -> std::process::Output {
+    recipec().arg("sample").arg(dir).args(extra).output().unwrap()
+}
+
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -123,9 +128,9 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     );
 
     // Sampling: the recipe's greedy policy is deterministic; another policy can be named.
-    let s1 = recipec().args(["sample"]).arg(&a).args(["--tokens", "24", "--prompt", "And "]).output().unwrap();
+    let s1 = sample(&a, &["--tokens", "24", "--prompt", "And "]);
     assert!(s1.status.success(), "{}", stderr(&s1));
-    let s2 = recipec().args(["sample"]).arg(&b).args(["--tokens", "24", "--prompt", "And "]).output().unwrap();
+    let s2 = sample(&b, &["--tokens", "24", "--prompt", "And "]);
     assert_eq!(s1.stdout, s2.stdout);
     assert!(
         s1.stdout.starts_with(b"And ") && s1.stdout.len() == 4 + 24 + 1,
@@ -134,27 +139,17 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     );
     // The KV-cached step (the default) and the whole-window recomputation choose the same
     // tokens until the context (32) fills; past it the cached sampler shifts its context.
-    let window = recipec()
-        .args(["sample"])
-        .arg(&a)
-        .args(["--tokens", "24", "--prompt", "And ", "--no-cache", "--stats"])
-        .output()
-        .unwrap();
+    let window = sample(&a, &["--tokens", "24", "--prompt", "And ", "--no-cache", "--stats"]);
     assert!(window.status.success(), "{}", stderr(&window));
     assert_eq!(window.stdout, s1.stdout);
     assert!(stderr(&window).contains("whole window per token"), "{}", stderr(&window));
-    let long = recipec().args(["sample"]).arg(&a).args(["--tokens", "90", "--stats"]).output().unwrap();
+    let long = sample(&a, &["--tokens", "90", "--stats"]);
     assert!(long.status.success(), "{}", stderr(&long));
     assert_eq!(long.stdout.len(), 90 + 1, "{:?}", String::from_utf8_lossy(&long.stdout));
     assert!(stderr(&long).contains("90 tokens, KV-cached"), "{}", stderr(&long));
-    let s3 = recipec()
-        .args(["sample"])
-        .arg(&a)
-        .args(["--tokens", "16", "--policy", "top_k(k = 5, t = 0.9)", "--seed", "7"])
-        .output()
-        .unwrap();
+    let s3 = sample(&a, &["--tokens", "16", "--policy", "top_k(k = 5, t = 0.9)", "--seed", "7"]);
     assert!(s3.status.success(), "{}", stderr(&s3));
-    let bad = recipec().args(["sample"]).arg(&a).args(["--policy", "nucleus(p = 0.9)"]).output().unwrap();
+    let bad = sample(&a, &["--policy", "nucleus(p = 0.9)"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("no decoding policy `nucleus`"), "{}", stderr(&bad));
     let _ = std::fs::remove_dir_all(&dir);
@@ -184,7 +179,7 @@ fn damaged_checkpoints_are_rejected_and_never_overwritten() {
         let err = stderr(&out);
         assert!(err.contains("error[E0602]") && err.contains("not a valid checkpoint"), "{what}: {err}");
         assert_eq!(std::fs::read(&ck).unwrap(), bytes, "{what}: the damaged file was modified");
-        let out = recipec().arg("sample").arg(&a).output().unwrap();
+        let out = sample(&a, &[]);
         assert_eq!(out.status.code(), Some(1), "{what}");
         assert!(stderr(&out).contains("E0602"));
     }

@@ -202,6 +202,20 @@ fn parse_ptxas(log: &str) -> Vec<KernelUsage> {
     out
 }
 
+/// Device copies of a run's arguments, freed on drop (every launch has synchronized by then).
+struct DeviceArgs(Vec<u64>);
+
+impl Drop for DeviceArgs {
+    fn drop(&mut self) {
+        for &ptr in &self.0 {
+            // SAFETY: allocated by `upload`; `launch_all` synchronizes before returning.
+            unsafe {
+                let _ = cu::free_sync(ptr);
+            }
+        }
+    }
+}
+
 fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
     RunError(format!("CUDA: {what}: {e:?}"))
 }
@@ -271,72 +285,37 @@ impl CudaExecutable {
 
     /// Runs on host buffers (copied to the device and back), like [`crate::Executable::run`].
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
-        crate::check_args(&self.program, args)?;
-        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
-        // Arguments on the device.
-        let mut dev_args = vec![];
-        for a in args.iter() {
-            // SAFETY: fresh allocations of the argument's size, filled from its bytes.
-            let ptr = unsafe { cu::malloc_sync(a.bytes().max(1)) }.map_err(|e| err("alloc", e))?;
-            unsafe { cu::memcpy_htod_sync(ptr, a.as_bytes()) }.map_err(|e| err("copy in", e))?;
-            dev_args.push(ptr);
-        }
-        let result = self.launch_all(args, &dev_args, seed);
-        let outs = result.and_then(|_| self.collect(args, &dev_args));
-        for ptr in dev_args {
-            // SAFETY: allocated above, no kernel is running (the stream was synchronized).
-            unsafe {
-                let _ = cu::free_sync(ptr);
-            }
-        }
-        outs
+        let dev = self.upload(args)?;
+        self.launch_all(args, &dev.0, seed)?;
+        self.collect(args, &dev.0)
     }
 
     /// Seconds per run of the kernels alone (arguments copied to the device once, before;
-    /// `reps` runs, each launched and synchronized; the median), for benchmarks against the
-    /// device's copy bandwidth. Arguments updated in place change from run to run.
+    /// `reps` runs, each launched and synchronized), for benchmarks against the device's copy
+    /// bandwidth. Arguments updated in place change from run to run.
     pub fn time_kernels(&self, args: &[Buffer], seed: u64, reps: usize) -> Result<Vec<f64>, RunError> {
+        let dev = self.upload(args)?;
+        let mut times = vec![];
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            self.launch_all(args, &dev.0, seed)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(times)
+    }
+
+    /// The arguments copied to fresh device allocations (freed when the result is dropped).
+    fn upload(&self, args: &[Buffer]) -> Result<DeviceArgs, RunError> {
         crate::check_args(&self.program, args)?;
         self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
-        let mut dev_args = vec![];
-        let mut result = Ok(vec![]);
-        for a in args.iter() {
-            // SAFETY: a fresh allocation of the argument's size, filled from host memory.
-            match unsafe { cu::malloc_sync(a.bytes().max(1)) } {
-                Ok(ptr) => {
-                    dev_args.push(ptr);
-                    if let Err(e) = unsafe { cu::memcpy_htod_sync(ptr, a.as_bytes()) } {
-                        result = Err(err("copy in", e));
-                        break;
-                    }
-                }
-                Err(e) => {
-                    result = Err(err("alloc", e));
-                    break;
-                }
-            }
+        let mut dev = DeviceArgs(vec![]);
+        for a in args {
+            // SAFETY: a fresh allocation of the argument's size, filled from its bytes.
+            let ptr = unsafe { cu::malloc_sync(a.bytes().max(1)) }.map_err(|e| err("alloc", e))?;
+            dev.0.push(ptr);
+            unsafe { cu::memcpy_htod_sync(ptr, a.as_bytes()) }.map_err(|e| err("copy in", e))?;
         }
-        if result.is_ok() {
-            let mut times = vec![];
-            for _ in 0..reps {
-                let t = std::time::Instant::now();
-                if let Err(e) = self.launch_all(args, &dev_args, seed) {
-                    result = Err(e);
-                    break;
-                }
-                times.push(t.elapsed().as_secs_f64());
-            }
-            if result.is_ok() {
-                result = Ok(times);
-            }
-        }
-        for ptr in dev_args {
-            // SAFETY: allocated above; `launch_all` synchronizes before returning.
-            unsafe {
-                let _ = cu::free_sync(ptr);
-            }
-        }
-        result
+        Ok(dev)
     }
 
     fn addresses(&self, dev_args: &[u64]) -> Vec<u64> {

@@ -662,10 +662,7 @@ pub fn sample(
             }
         }
     }
-    let caches = cached
-        .as_ref()
-        .map(|c| (c.caches.len(), c.caches.iter().map(|(_, d, s)| Buffer::zeros(*d, s.clone()).bytes()).sum()))
-        .unwrap_or((0, 0));
+    let caches = cached.as_ref().map(|c| (c.caches.len(), c.cache_bytes())).unwrap_or((0, 0));
     Ok(Sampled {
         caches,
         profile: exe.profile_report(25),
