@@ -513,7 +513,7 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
 }
 
 /// The backends `--backend` accepts; the first is the default.
-pub const BACKENDS: &[&str] = &["cranelift", "llvm", "interp", "cuda"];
+pub const BACKENDS: &[&str] = &["cranelift", "llvm", "interp", "cuda", "cuda-emu"];
 
 fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64, backend: &str) -> Result<HashMap<String, Tensor>, Fail> {
     // Check each input against its declaration first: a clear message names the argument.
@@ -533,6 +533,13 @@ fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64, backend: &str) -> Result<H
             runtime::cuda::available().map_err(|e| Fail("E0501", e.0))?;
             let p = compiler::kernel::schedule(g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
             let exe = runtime::cuda::CudaExecutable::new(p).map_err(|e| Fail("E0502", e.0))?;
+            let outs = exe.run_tensors(inputs, seed).map_err(|e| Fail("E0501", e.0))?;
+            Ok(outs.into_iter().collect())
+        }
+        "cuda-emu" => {
+            runtime::cuda_emu::available().map_err(|e| Fail("E0501", e.0))?;
+            let p = compiler::kernel::schedule(g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
+            let exe = runtime::cuda_emu::EmuExecutable::new(p).map_err(|e| Fail("E0502", e.0))?;
             let outs = exe.run_tensors(inputs, seed).map_err(|e| Fail("E0501", e.0))?;
             Ok(outs.into_iter().collect())
         }

@@ -54,7 +54,15 @@ fn backend(name: &str) -> Result<runtime::Backend, ExitCode> {
             Ok(()) => Ok(runtime::Backend::Cuda),
             Err(e) => Err(error("E0501", e, "train on the CPU with `--backend cranelift` (the default)")),
         },
-        other => Err(error("E0501", format!("unknown backend `{other}`"), "the training backends are cranelift, llvm and cuda")),
+        "cuda-emu" => match runtime::cuda_emu::available() {
+            Ok(()) => Ok(runtime::Backend::CudaEmu),
+            Err(e) => Err(error("E0501", e, "the CUDA emulator needs a C++ compiler (c++, g++ or clang++)")),
+        },
+        other => Err(error(
+            "E0501",
+            format!("unknown backend `{other}`"),
+            "the training backends are cranelift, llvm, cuda and cuda-emu (the CUDA code on the CPU, for testing)",
+        )),
     }
 }
 

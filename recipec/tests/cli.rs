@@ -167,20 +167,29 @@ fn eval_runs_a_schedule_and_an_optimizer() {
 
     write_npy_f32(&dir.join("p.npy"), &[2], &[1.0, 2.0]);
     write_npy_f32(&dir.join("g.npy"), &[2, 2], &[0.5, -1.0, 1.0, 1.0]);
-    let out = recipec()
-        .arg("eval")
-        .arg(repo().join("recipes/tiny_gpt.recipe"))
-        .arg("std.optim.sgd")
-        .arg(format!("--arg=param={}", dir.join("p.npy").display()))
-        .arg(format!("--arg=grad={}", dir.join("g.npy").display()))
-        .args(["--hp", "lr=1", "--hp", "momentum=0.5", "--steps", "2", "--out"])
-        .arg(dir.join("o"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // buf1 = g1; p1 = p0 - g1; buf2 = 0.5 buf1 + g2; p2 = p1 - buf2.
-    assert_eq!(read_npy_f32(&dir.join("o/param.npy")), vec![1.0 - 0.5 - 1.25, 2.0 + 1.0 - 0.5]);
-    assert_eq!(read_npy_f32(&dir.join("o/state_buf.npy")), vec![1.25, 0.5]);
+    // The default backend, and the CUDA code run on the CPU by the emulator.
+    let mut backends = vec!["cranelift"];
+    match runtime::cuda_emu::available() {
+        Ok(()) => backends.push("cuda-emu"),
+        Err(e) => println!("cuda-emu skipped: {e}"),
+    }
+    for backend in backends {
+        let o = dir.join(format!("o-{backend}"));
+        let out = recipec()
+            .arg("eval")
+            .arg(repo().join("recipes/tiny_gpt.recipe"))
+            .arg("std.optim.sgd")
+            .arg(format!("--arg=param={}", dir.join("p.npy").display()))
+            .arg(format!("--arg=grad={}", dir.join("g.npy").display()))
+            .args(["--hp", "lr=1", "--hp", "momentum=0.5", "--steps", "2", "--backend", backend, "--out"])
+            .arg(&o)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{backend}: {}", String::from_utf8_lossy(&out.stderr));
+        // buf1 = g1; p1 = p0 - g1; buf2 = 0.5 buf1 + g2; p2 = p1 - buf2.
+        assert_eq!(read_npy_f32(&o.join("param.npy")), vec![1.0 - 0.5 - 1.25, 2.0 + 1.0 - 0.5], "{backend}");
+        assert_eq!(read_npy_f32(&o.join("state_buf.npy")), vec![1.25, 0.5], "{backend}");
+    }
 }
 
 #[test]

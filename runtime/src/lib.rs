@@ -15,6 +15,7 @@
 pub mod artifact;
 pub mod checkpoint;
 pub mod cuda;
+pub mod cuda_emu;
 pub mod data;
 pub mod npy;
 pub mod plot;
@@ -176,6 +177,9 @@ pub enum Backend {
     Llvm,
     /// The GPU through [`cuda::CudaExecutable`] (use [`compile_program`]).
     Cuda,
+    /// The generated CUDA C run on the CPU by [`cuda_emu::EmuExecutable`] (tests the CUDA
+    /// code generator without a GPU; slow).
+    CudaEmu,
 }
 
 /// A compiled program on some device: what the training loop and `recipec eval` run.
@@ -209,6 +213,15 @@ impl<T: Runner + ?Sized> Runner for Box<T> {
     }
     fn profile_report(&self, top: usize) -> Option<String> {
         (**self).profile_report(top)
+    }
+}
+
+impl Runner for cuda_emu::EmuExecutable {
+    fn program(&self) -> &Program {
+        &self.program
+    }
+    fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        cuda_emu::EmuExecutable::run(self, args, seed)
     }
 }
 
@@ -267,6 +280,7 @@ pub fn run_tensors_on(
 pub fn compile_program(program: Program, backend: Backend) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
     Ok(match backend {
         Backend::Cuda => Box::new(cuda::CudaExecutable::new(program)?),
+        Backend::CudaEmu => Box::new(cuda_emu::EmuExecutable::new(program)?),
         b => Box::new(Executable::new(program, b)?),
     })
 }
@@ -304,7 +318,9 @@ impl Executable {
             Backend::Cranelift => codegen_cpu::compile(&program),
             #[cfg(feature = "llvm")]
             Backend::Llvm => codegen_cpu::compile_llvm(&program),
-            Backend::Cuda => Err("CUDA programs run through `runtime::cuda::CudaExecutable`".to_string()),
+            Backend::Cuda | Backend::CudaEmu => {
+                Err("CUDA programs run through `runtime::compile_program` (CudaExecutable, EmuExecutable)".to_string())
+            }
         }
         .map_err(RunError)?;
         let arena = Mutex::new(Arena::new(program.arena_bytes));
@@ -366,20 +382,7 @@ impl Executable {
         let p = &self.program;
         check_args(p, args)?;
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
-        let base = arena.ptr();
-        let ptrs: Vec<*mut u8> = p
-            .buffers
-            .iter()
-            .map(|d| match (&d.kind, d.into) {
-                (BufKind::Input(i), _) => args[*i].as_mut_ptr(),
-                (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
-                    BufKind::Input(i) => args[i].as_mut_ptr(),
-                    BufKind::Temp => unreachable!("written into an argument"),
-                },
-                // SAFETY: offsets are inside the arena (checked by `Program::verify`).
-                (BufKind::Temp, None) => unsafe { base.add(d.offset) },
-            })
-            .collect();
+        let ptrs = buffer_pointers(p, args, arena.ptr());
         let profile = self.profile.as_ref();
         for (ki, k) in p.kernels.iter().enumerate() {
             let started = profile.map(|_| std::time::Instant::now());
@@ -422,51 +425,75 @@ impl Executable {
                     };
                     matmul(&ptrs, a, b, &o, batch, *m, *k, *n, *dtype);
                 }
-                Kernel::Library { node, operands, args: a, out, .. } if indexing(node, operands, a, &ptrs, *out) => {}
-                Kernel::Library { node, operands, args: a, out, .. } => {
-                    let ops: Vec<Tensor> = operands
-                        .iter()
-                        .zip(a)
-                        .map(|(o, b)| {
-                            let ptr = ptrs[*b] as *const u8;
-                            let numel: usize = o.shape.iter().product();
-                            Tensor {
-                                dtype: o.dtype,
-                                shape: o.shape.clone(),
-                                data: (0..numel).map(|i| read(o.dtype, ptr, i)).collect(),
-                            }
-                        })
-                        .collect();
-                    library(node, &ops, ptrs[*out], seed)?;
-                }
+                Kernel::Library { .. } => host_library(k, &ptrs, seed)?,
             }
             if let (Some(prof), Some(t)) = (profile, started) {
                 prof.lock().unwrap_or_else(|e| e.into_inner())[ki] += t.elapsed().as_secs_f64();
             }
         }
-        let mut outs = vec![];
-        for (name, b, shape) in &p.outputs {
-            let d = &p.buffers[*b];
-            let arg = match (&d.kind, d.into) {
-                (BufKind::Input(i), _) => Some(*i),
-                (_, Some(a)) => match p.buffers[a].kind {
-                    BufKind::Input(i) => Some(i),
-                    BufKind::Temp => None,
-                },
-                _ => None,
-            };
-            if let Some(i) = arg {
-                outs.push((name.clone(), Out::Arg(i, shape.clone())));
-                continue;
-            }
-            let mut o = Buffer::zeros(d.dtype, shape.clone());
-            let n = o.bytes();
-            // SAFETY: the buffer holds the output's bytes (same element count).
-            unsafe { std::ptr::copy_nonoverlapping(ptrs[*b] as *const u8, o.as_mut_ptr(), n) };
-            outs.push((name.clone(), Out::Buf(o)));
-        }
-        Ok(outs)
+        Ok(host_outputs(p, &ptrs))
     }
+}
+
+/// The address of every buffer of `p`: arguments where the caller put them, temporaries at
+/// `base + offset`, outputs planned into an argument at that argument's address.
+pub(crate) fn buffer_pointers(p: &Program, args: &mut [Buffer], base: *mut u8) -> Vec<*mut u8> {
+    p.buffers
+        .iter()
+        .map(|d| match (&d.kind, d.into) {
+            (BufKind::Input(i), _) => args[*i].as_mut_ptr(),
+            (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
+                BufKind::Input(i) => args[i].as_mut_ptr(),
+                BufKind::Temp => unreachable!("written into an argument"),
+            },
+            // SAFETY: offsets are inside the arena (checked by `Program::verify`).
+            (BufKind::Temp, None) => unsafe { base.add(d.offset) },
+        })
+        .collect()
+}
+
+/// Runs a library kernel on host memory (`ptrs` from [`buffer_pointers`]).
+pub(crate) fn host_library(k: &Kernel, ptrs: &[*mut u8], seed: u64) -> Result<(), RunError> {
+    let Kernel::Library { node, operands, args: a, out, .. } = k else { unreachable!("a library kernel") };
+    if indexing(node, operands, a, ptrs, *out) {
+        return Ok(());
+    }
+    let ops: Vec<Tensor> = operands
+        .iter()
+        .zip(a)
+        .map(|(o, b)| {
+            let ptr = ptrs[*b] as *const u8;
+            let numel: usize = o.shape.iter().product();
+            Tensor { dtype: o.dtype, shape: o.shape.clone(), data: (0..numel).map(|i| read(o.dtype, ptr, i)).collect() }
+        })
+        .collect();
+    library(node, &ops, ptrs[*out], seed)
+}
+
+/// The outputs of a run on host memory: arguments updated in place, the others copied out.
+pub(crate) fn host_outputs(p: &Program, ptrs: &[*mut u8]) -> Vec<(String, Out)> {
+    let mut outs = vec![];
+    for (name, b, shape) in &p.outputs {
+        let d = &p.buffers[*b];
+        let arg = match (&d.kind, d.into) {
+            (BufKind::Input(i), _) => Some(*i),
+            (_, Some(a)) => match p.buffers[a].kind {
+                BufKind::Input(i) => Some(i),
+                BufKind::Temp => None,
+            },
+            _ => None,
+        };
+        if let Some(i) = arg {
+            outs.push((name.clone(), Out::Arg(i, shape.clone())));
+            continue;
+        }
+        let mut o = Buffer::zeros(d.dtype, shape.clone());
+        let n = o.bytes();
+        // SAFETY: the buffer holds the output's bytes (same element count).
+        unsafe { std::ptr::copy_nonoverlapping(ptrs[*b] as *const u8, o.as_mut_ptr(), n) };
+        outs.push((name.clone(), Out::Buf(o)));
+    }
+    outs
 }
 
 fn clamp_index(v: f64, extent: usize) -> usize {

@@ -1,11 +1,16 @@
 //! Differential tests: every stdlib item and every valid case file, scheduled into kernels
-//! and run by the Cranelift backend, gives the interpreter's results.
+//! and run by the Cranelift backend (and LLVM with `--features llvm`), gives the
+//! interpreter's results; so does the CUDA code generator's output, run on the CPU by the
+//! CUDA emulator (`runtime::cuda_emu`, where a C++ compiler exists; `RECIPEC_CUDA_EMU=0`
+//! leaves it out).
 //!
 //! Tolerances: loops compute exactly as the interpreter does (see `compiler::kernel`), so
 //! graphs without matmuls must agree to the last bit, except for integers and bools which
 //! always must. Matmuls accumulate in f32 in a blocked order; values downstream of one are
 //! compared with |a - b| ≤ 1e-5 + 1e-4·|b| (f32 has 24 bits; a k ≤ 4096 dot product
-//! of unit-scale values loses at most a few of them).
+//! of unit-scale values loses at most a few of them). The emulated CUDA code is held to the
+//! same 1e-5 + 1e-4·|b| everywhere (its long reductions sum in a warp's order, and its
+//! matmuls in 16-wide tiles), integers and bools exactly.
 
 use compiler::interp::{self, Tensor};
 use compiler::ir::{Graph, Op};
@@ -13,7 +18,7 @@ use compiler::lower::Arg;
 use lang::ast::{FnKind, ItemKind};
 use lang::source::{MemoryLoader, SourceDb};
 use lang::types::{Dtype, ItemRef};
-use runtime::{Backend, Executable};
+use runtime::{Backend, Executable, Runner};
 use tests::auto_args;
 
 /// Deterministic pseudo-random inputs for a graph (xorshift; floats roughly N(0, 1),
@@ -62,6 +67,12 @@ fn backends() -> Vec<Backend> {
     let mut v = vec![Backend::Cranelift];
     #[cfg(feature = "llvm")]
     v.push(Backend::Llvm);
+    if std::env::var("RECIPEC_CUDA_EMU").as_deref() != Ok("0") {
+        match runtime::cuda_emu::available() {
+            Ok(()) => v.push(Backend::CudaEmu),
+            Err(e) => eprintln!("the CUDA emulator is skipped: {e}"),
+        }
+    }
     v
 }
 
@@ -75,12 +86,12 @@ fn differential(g: &Graph, what: &str) {
 fn differential_on(g: &Graph, what: &str, backend: Backend) {
     let p = compiler::kernel::schedule(g).unwrap_or_else(|e| panic!("{what}: schedule: {e}"));
     p.verify().unwrap_or_else(|e| panic!("{what}: plan: {e}\n{}", p.text()));
-    let exe = Executable::new(p, backend).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
-    let exact = !has_matmul(g);
+    let exe = runtime::compile_program(p, backend).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
+    let exact = !has_matmul(g) && backend != Backend::CudaEmu;
     for seed in [1u64, 2] {
         let ins = inputs(g, seed);
         let want = interp::run(g, &ins, seed).unwrap_or_else(|e| panic!("{what}: interp: {e}"));
-        let got = exe.run_tensors(&ins, seed).unwrap_or_else(|e| panic!("{what}: run: {e}"));
+        let got = runtime::run_tensors_on(&exe, &ins, seed).unwrap_or_else(|e| panic!("{what}: run: {e}"));
         for (name, t) in got {
             let w = &want[&name];
             assert_eq!((t.dtype, &t.shape), (w.dtype, &w.shape), "{what}: output `{name}`");
@@ -95,7 +106,7 @@ fn differential_on(g: &Graph, what: &str, backend: Backend) {
                 assert!(
                     ok,
                     "{what}: output `{name}` element {i}: generated code {a}, interpreter {b} (seed {seed})\n{}",
-                    exe.program.text()
+                    exe.program().text()
                 );
             }
         }
@@ -233,12 +244,12 @@ fn compare_blocked(reference: &Graph, blocked: &Graph, what: &str) {
 fn compare_blocked_on(reference: &Graph, blocked: &Graph, what: &str, backend: Backend) {
     let p = compiler::kernel::schedule(blocked).unwrap_or_else(|e| panic!("{what}: schedule: {e}"));
     p.verify().unwrap_or_else(|e| panic!("{what}: plan: {e}"));
-    let exe = Executable::new(p, backend).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
+    let exe = runtime::compile_program(p, backend).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
     for seed in [3u64, 4] {
         let ins = inputs(reference, seed);
         let want = interp::run(reference, &ins, seed).unwrap();
         let by_interp: Vec<(String, Tensor)> = interp::run(blocked, &ins, seed).unwrap().into_iter().collect();
-        let by_code = exe.run_tensors(&ins, seed).unwrap();
+        let by_code = runtime::run_tensors_on(&exe, &ins, seed).unwrap_or_else(|e| panic!("{what}: {e}"));
         for (how, got) in [("interpreter", by_interp), ("generated code", by_code)] {
             for (name, t) in got {
                 let w = &want[&name];
@@ -382,15 +393,17 @@ fn transcendentals_match_the_interpreter_bit_for_bit() {
         let want = interp::run(&g, &ins, 0).unwrap();
         for b in backends() {
             let p = compiler::kernel::schedule(&g).unwrap();
-            let exe = Executable::new(p, b).unwrap();
             if n >= 17 && b == Backend::Cranelift {
+                let exe = Executable::new(p.clone(), b).unwrap();
                 assert!(
                     (0..exe.program.kernels.len()).any(|k| exe.vectorized(k)),
                     "not vectorized:\n{}",
                     exe.program.text()
                 );
             }
-            for (name, t) in exe.run_tensors(&ins, 0).unwrap() {
+            // The CUDA code computes f32 exp, erf and gelu by the same operation sequence.
+            let exe = runtime::compile_program(p, b).unwrap();
+            for (name, t) in runtime::run_tensors_on(&exe, &ins, 0).unwrap() {
                 for (i, (a, w)) in t.data.iter().zip(&want[&name].data).enumerate() {
                     let same = (a.is_nan() && w.is_nan()) || a.to_bits() == w.to_bits();
                     assert!(same, "{name}({}) [{b:?}, n = {n}]: {a:e}, interpreter {w:e}", ins[0].data[i]);

@@ -200,8 +200,9 @@ impl CloneValues for BTreeMap<String, Buffer> {
     }
 }
 
-/// The GPT training step (forward, loss, every gradient; the update) on generated code gives
-/// the interpreter's values within the matmul tolerance of the backend tests.
+/// The GPT training step (forward, loss, every gradient; the update) on generated code (the
+/// CPU's, and the CUDA code under the emulator) gives the interpreter's values within the
+/// matmul tolerance of the backend tests.
 #[test]
 fn the_gpt_training_step_matches_the_interpreter() {
     let src = r#"use std.models.gpt
@@ -225,37 +226,46 @@ recipe g {
     };
     let (b, t) = if big { (16, 128) } else { (3, 8) };
     let plan = plan_of(&src);
-    let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
-    let mut state = initial_state(&plan, &progs).unwrap();
-    let x = Tensor::new(Dtype::I32, vec![b, t], (0..b * t).map(|i| ((i * 37) % 64) as f64).collect());
-    let y = Tensor::new(Dtype::I32, vec![b, t], (0..b * t).map(|i| ((i * 11 + 5) % 64) as f64).collect());
-    let mut extra = BTreeMap::new();
-    extra.insert("batch.inputs".to_string(), Buffer::from_tensor(&x));
-    extra.insert("batch.targets".to_string(), Buffer::from_tensor(&y));
-    // The interpreter on the same graph and inputs.
-    let mut g = plan.grad.clone();
-    compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
-    let inputs: Vec<Tensor> = g
-        .inputs
-        .iter()
-        .map(|i| match &g.node(*i).op {
-            compiler::ir::Op::Input { name, .. } if name == "batch.inputs" => x.clone(),
-            compiler::ir::Op::Input { name, .. } if name == "batch.targets" => y.clone(),
-            compiler::ir::Op::Input { name, .. } => state[name].to_tensor(),
-            _ => unreachable!(),
-        })
-        .collect();
-    let want = interp::run(&g, &inputs, 0).unwrap();
-    run_named(&progs.grad, &mut state, extra, 0).unwrap();
-    let mut checked = 0;
-    for (name, w) in &want {
-        let got = values(&state[name]);
-        for (a, b) in got.iter().zip(&w.data) {
-            assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{name}: {a} vs {b}");
-        }
-        checked += 1;
+    // The CPU code, and the CUDA code run by the emulator (where a C++ compiler exists).
+    let mut backends = vec![Backend::Cranelift];
+    match runtime::cuda_emu::available() {
+        Ok(()) if !big => backends.push(Backend::CudaEmu),
+        Ok(()) => {}
+        Err(e) => println!("the CUDA emulator is skipped: {e}"),
     }
-    assert_eq!(checked, 1 + plan.params.len());
+    for backend in backends {
+        let progs = Programs::new(&plan, backend).unwrap();
+        let mut state = initial_state(&plan, &progs).unwrap();
+        let x = Tensor::new(Dtype::I32, vec![b, t], (0..b * t).map(|i| ((i * 37) % 64) as f64).collect());
+        let y = Tensor::new(Dtype::I32, vec![b, t], (0..b * t).map(|i| ((i * 11 + 5) % 64) as f64).collect());
+        let mut extra = BTreeMap::new();
+        extra.insert("batch.inputs".to_string(), Buffer::from_tensor(&x));
+        extra.insert("batch.targets".to_string(), Buffer::from_tensor(&y));
+        // The interpreter on the same graph and inputs.
+        let mut g = plan.grad.clone();
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        let inputs: Vec<Tensor> = g
+            .inputs
+            .iter()
+            .map(|i| match &g.node(*i).op {
+                compiler::ir::Op::Input { name, .. } if name == "batch.inputs" => x.clone(),
+                compiler::ir::Op::Input { name, .. } if name == "batch.targets" => y.clone(),
+                compiler::ir::Op::Input { name, .. } => state[name].to_tensor(),
+                _ => unreachable!(),
+            })
+            .collect();
+        let want = interp::run(&g, &inputs, 0).unwrap();
+        run_named(&progs.grad, &mut state, extra, 0).unwrap();
+        let mut checked = 0;
+        for (name, w) in &want {
+            let got = values(&state[name]);
+            for (a, b) in got.iter().zip(&w.data) {
+                assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{name} [{backend:?}]: {a} vs {b}");
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 1 + plan.params.len());
+    }
 }
 
 /// The KV-cached decode step (`compiler::incremental`) gives the naive window graph's logits

@@ -1,0 +1,297 @@
+//! The CUDA emulator: a [`Program`]'s generated CUDA C (`codegen-cuda`, the exact text NVRTC
+//! compiles for a GPU) compiled by the host's C++ compiler with a small CUDA shim
+//! (`cuda_emu.h`) and run on the CPU. It exists to test the CUDA code generator where no GPU
+//! is: indexing, grid-stride loops, the warp-shuffle reductions and the shared-memory matmul
+//! tiles run as written, and the differential tests compare them with the interpreter.
+//!
+//! **Execution model.** Kernels launch in program order. Blocks run one after another; the
+//! threads of a block are cooperative contexts switched only at barriers (`__syncthreads`
+//! waits for the block's live threads, `__shfl_down_sync` for the warp's live lanes), so a
+//! kernel's result does not depend on a thread schedule. Kernels without barriers run their
+//! threads one after another. Grid-stride kernels (`loop`, `reduce`) are launched with at
+//! most [`MAX_EMU_BLOCKS`] blocks (the loops cover the rest, as they do on a GPU with fewer
+//! resident blocks); matmul grids run whole. Library kernels run on the host, as on the CPU
+//! backends. What a GPU would hang on or leave undefined (threads of a block at different
+//! barriers, a shuffle from an exited lane) is an error, not a hang.
+//!
+//! **Numerics.** The unit is compiled with `-ffp-contract=off` (NVRTC's `--fmad=false`): f32
+//! and f64 operations round as on the GPU. Double-precision library functions (`log`,
+//! `tanh`…) are glibc's, where the GPU uses CUDA's libdevice (within its documented ulps).
+//!
+//! **Cost.** Compiling a unit takes about a second (`-O1`); running is slow (a context switch
+//! per barrier per thread). It is for tests at sample shapes, not for training.
+//!
+//! The compiler is `$RECIPEC_CXX`, else `c++`, `g++` or `clang++` from `PATH`.
+
+use crate::{buffer_pointers, check_args, host_library, host_outputs, Arena, Buffer, Out, RunError};
+use compiler::interp::Tensor;
+use compiler::kernel::{Kernel, Program};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// The most blocks a grid-stride kernel is launched with under emulation.
+pub const MAX_EMU_BLOCKS: u32 = 64;
+
+const HEADER: &str = include_str!("cuda_emu.h");
+
+type KernelFn = unsafe extern "C" fn(*const *mut u8);
+type LaunchFn =
+    unsafe extern "C" fn(KernelFn, *const u32, *const u32, *const *mut u8, i32, *mut std::ffi::c_char, usize) -> i32;
+
+/// The C++ compiler the emulator uses, or why there is none.
+pub fn compiler_path() -> Result<PathBuf, RunError> {
+    if let Ok(c) = std::env::var("RECIPEC_CXX") {
+        return Ok(PathBuf::from(c));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["c++", "g++", "clang++"] {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(RunError("no C++ compiler for the CUDA emulator (c++, g++ or clang++ on PATH, or RECIPEC_CXX)".into()))
+}
+
+/// Whether programs can be emulated here, or why not.
+pub fn available() -> Result<(), RunError> {
+    compiler_path().map(|_| ())
+}
+
+static UNIQUE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A program's CUDA C compiled for the CPU.
+pub struct EmuExecutable {
+    pub program: Program,
+    pub unit: codegen_cuda::Unit,
+    // Declared before `lib`: the functions point into it.
+    kernels: Vec<Option<(KernelFn, bool)>>,
+    launch: LaunchFn,
+    _lib: libloading::Library,
+    arena: Mutex<Arena>,
+}
+
+/// The text of kernel `name` in the unit (for deciding whether it has barriers).
+fn kernel_text<'a>(source: &'a str, name: &str) -> &'a str {
+    let Some(start) = source.find(&format!(" void {name}(")) else { return "" };
+    let rest = &source[start..];
+    &rest[..rest.find("\n}\n").unwrap_or(rest.len())]
+}
+
+impl EmuExecutable {
+    pub fn new(program: Program) -> Result<EmuExecutable, RunError> {
+        let cxx = compiler_path()?;
+        let unit = codegen_cuda::emit(&program).map_err(RunError)?;
+        let dir = std::env::temp_dir().join(format!(
+            "recipec-cuda-emu-{}-{}",
+            std::process::id(),
+            UNIQUE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| RunError(format!("{}: {e}", dir.display())))?;
+        let result = Self::build(&cxx, &dir, program, unit);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn build(
+        cxx: &std::path::Path,
+        dir: &std::path::Path,
+        program: Program,
+        unit: codegen_cuda::Unit,
+    ) -> Result<EmuExecutable, RunError> {
+        let src = dir.join(format!("{}.cpp", program.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
+        let lib = dir.join("unit.so");
+        std::fs::write(&src, format!("{HEADER}\n{}", unit.source))
+            .map_err(|e| RunError(format!("{}: {e}", src.display())))?;
+        let out = std::process::Command::new(cxx)
+            .args(["-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .output()
+            .map_err(|e| RunError(format!("cannot run {}: {e}", cxx.display())))?;
+        if !out.status.success() {
+            let log = String::from_utf8_lossy(&out.stderr);
+            let head: String = log.lines().take(20).collect::<Vec<_>>().join("\n");
+            return Err(RunError(format!(
+                "the CUDA C of `{}` does not compile for the emulator:\n{head}",
+                program.name
+            )));
+        }
+        // SAFETY: a library just built from generated code and the emulator's header; its
+        // initializers only zero statics.
+        let so = unsafe { libloading::Library::new(&lib) }
+            .map_err(|e| RunError(format!("cannot load the emulated unit: {e}")))?;
+        // SAFETY: the symbol is `rc_emu_launch` of cuda_emu.h, with this signature.
+        let launch: LaunchFn = unsafe { so.get::<LaunchFn>(b"rc_emu_launch\0").map(|s| *s) }
+            .map_err(|e| RunError(format!("rc_emu_launch: {e}")))?;
+        let mut kernels = vec![];
+        for l in &unit.launches {
+            if l.kind == "host" {
+                kernels.push(None);
+                continue;
+            }
+            let sym = format!("{}\0", l.name);
+            // SAFETY: every device kernel is `extern "C" void kN(unsigned char* const*)`.
+            let f: KernelFn = unsafe { so.get::<KernelFn>(sym.as_bytes()).map(|s| *s) }
+                .map_err(|e| RunError(format!("kernel {}: {e}", l.name)))?;
+            let text = kernel_text(&unit.source, &l.name);
+            let barriers = text.contains("__syncthreads") || text.contains("__shfl");
+            kernels.push(Some((f, barriers)));
+        }
+        let arena = Mutex::new(Arena::new(program.arena_bytes));
+        Ok(EmuExecutable { program, unit, kernels, launch, _lib: so, arena })
+    }
+
+    /// Runs on host buffers, like [`crate::Executable::run`].
+    pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        let p = &self.program;
+        check_args(p, args)?;
+        // One run at a time: the emulator's scheduler state is the unit's statics.
+        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let ptrs = buffer_pointers(p, args, arena.ptr());
+        for (ki, k) in p.kernels.iter().enumerate() {
+            match (k, self.kernels[ki]) {
+                (Kernel::Library { .. }, _) => host_library(k, &ptrs, seed)?,
+                (_, Some((f, barriers))) => {
+                    let l = &self.unit.launches[ki];
+                    let mut grid = l.grid;
+                    if l.kind != "matmul" {
+                        grid[0] = grid[0].min(MAX_EMU_BLOCKS);
+                    }
+                    let mut msg = vec![0 as std::ffi::c_char; 512];
+                    // SAFETY: the kernel reads and writes the planned buffers in `ptrs` (the
+                    // same addresses the CPU backends use); the launcher returns when done.
+                    let rc = unsafe {
+                        (self.launch)(
+                            f,
+                            grid.as_ptr(),
+                            l.block.as_ptr(),
+                            ptrs.as_ptr(),
+                            barriers as i32,
+                            msg.as_mut_ptr(),
+                            msg.len(),
+                        )
+                    };
+                    if rc != 0 {
+                        // SAFETY: the launcher wrote a NUL-terminated message into `msg`.
+                        let text = unsafe { std::ffi::CStr::from_ptr(msg.as_ptr()) }.to_string_lossy().into_owned();
+                        return Err(RunError(format!("emulated CUDA kernel {} of `{}`: {text}", l.name, p.name)));
+                    }
+                }
+                (_, None) => unreachable!("device kernels have functions"),
+            }
+        }
+        Ok(host_outputs(p, &ptrs))
+    }
+
+    /// Runs on tensors (converted to and from the storage format).
+    pub fn run_tensors(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
+        crate::run_tensors_on(self, inputs, seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use compiler::ir::{Graph, Op, Red, Un};
+    use lang::types::Dtype;
+
+    fn graph() -> Graph {
+        let mut g = Graph::new("t");
+        let x = g.add(Op::Input { index: 0, name: "x".into() }, Dtype::F32, vec![37, 70], &[], "x").unwrap();
+        let w = g.add(Op::Input { index: 1, name: "w".into() }, Dtype::F32, vec![70, 19], &[], "w").unwrap();
+        let e = g.add(Op::Unary(Un::Exp), Dtype::F32, vec![37, 70], &[x], "e").unwrap();
+        let m = g.add(Op::MatMul, Dtype::F32, vec![37, 19], &[e, w], "m").unwrap();
+        let s = g.add(Op::Reduce { op: Red::Sum, axes: vec![1] }, Dtype::F32, vec![37], &[e], "s").unwrap();
+        let mx = g.add(Op::Reduce { op: Red::Max, axes: vec![0] }, Dtype::F32, vec![19], &[m], "mx").unwrap();
+        g.outputs.push(("m".into(), m));
+        g.outputs.push(("s".into(), s));
+        g.outputs.push(("mx".into(), mx));
+        g
+    }
+
+    /// A loop, a warp-per-row reduction (70 ≥ 32), a short reduction and a tiled matmul
+    /// (awkward sizes: partial tiles, partial warps of work) against the interpreter.
+    #[test]
+    fn emulated_kernels_match_the_interpreter() {
+        if let Err(e) = available() {
+            println!("skipped: {e}");
+            return;
+        }
+        let g = graph();
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let exe = EmuExecutable::new(p).unwrap();
+        let kinds: Vec<&str> = exe.unit.launches.iter().map(|l| l.kind).collect();
+        assert!(kinds.contains(&"matmul") && kinds.contains(&"reduce") && kinds.contains(&"loop"), "{kinds:?}");
+        let ins: Vec<Tensor> = g
+            .inputs
+            .iter()
+            .map(|id| {
+                let n = g.node(*id);
+                let numel: usize = n.shape.iter().product();
+                Tensor::new(
+                    n.dtype,
+                    n.shape.clone(),
+                    (0..numel).map(|i| ((i * 37 % 101) as f64 - 50.0) / 40.0).collect(),
+                )
+            })
+            .collect();
+        let want = compiler::interp::run(&g, &ins, 1).unwrap();
+        for (name, t) in exe.run_tensors(&ins, 1).unwrap() {
+            let w = &want[&name];
+            assert_eq!(t.shape, w.shape);
+            for (i, (a, b)) in t.data.iter().zip(&w.data).enumerate() {
+                assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "{name}[{i}]: emulated {a}, interpreter {b}");
+            }
+        }
+    }
+
+    /// A kernel whose lanes leave before a shuffle is reported, not hung on or read garbage.
+    #[test]
+    fn a_shuffle_from_an_exited_lane_is_an_error() {
+        let Ok(cxx) = compiler_path() else {
+            println!("skipped: no C++ compiler");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("recipec-cuda-emu-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("bad.cpp");
+        std::fs::write(
+            &src,
+            format!(
+                "{HEADER}\nextern \"C\" __global__ void bad(unsigned char* const* bufs) {{\n    if ((threadIdx.x & 31) >= 16) return;\n    float v = __shfl_down_sync(0xffffffffu, 1.0f, 8);\n    ((float*)bufs[0])[threadIdx.x] = v;\n}}\nextern \"C\" __global__ void split(unsigned char* const* bufs) {{\n    if (threadIdx.x < 16) __syncthreads(); else (void)__shfl_down_sync(0xffffffffu, 1.0f, 1);\n}}\n"
+            ),
+        )
+        .unwrap();
+        let lib = dir.join("bad.so");
+        let st = std::process::Command::new(&cxx)
+            .args(["-O1", "-shared", "-fPIC", "-w", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let so = unsafe { libloading::Library::new(&lib) }.unwrap();
+        let launch: LaunchFn = unsafe { *so.get::<LaunchFn>(b"rc_emu_launch\0").unwrap() };
+        let mut out = vec![0f32; 64];
+        let ptrs = [out.as_mut_ptr() as *mut u8];
+        let run = |name: &[u8]| {
+            let f: KernelFn = unsafe { *so.get::<KernelFn>(name).unwrap() };
+            let mut msg = vec![0 as std::ffi::c_char; 512];
+            let rc = unsafe {
+                launch(f, [1u32, 1, 1].as_ptr(), [64u32, 1, 1].as_ptr(), ptrs.as_ptr(), 1, msg.as_mut_ptr(), 512)
+            };
+            (rc, unsafe { std::ffi::CStr::from_ptr(msg.as_ptr()) }.to_string_lossy().into_owned())
+        };
+        let (rc, msg) = run(b"bad\0");
+        assert_eq!(rc, -1);
+        assert!(msg.contains("reads a lane that has exited"), "{msg}");
+        let (rc, msg) = run(b"split\0");
+        assert_eq!(rc, -1);
+        assert!(msg.contains("wait at different barriers"), "{msg}");
+        drop(so);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
