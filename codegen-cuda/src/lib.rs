@@ -19,8 +19,11 @@
 //! `--fmad=false` (no contraction of `a * b + c` into an FMA), as [`NVRTC_OPTIONS`] says.
 //!
 //! **Kernels.** A `Loop` becomes a grid-stride loop over its outer points (the reduced
-//! dimensions, if any, loop inside each thread). A `MatMul` becomes a 16×16 shared-memory
-//! tiled kernel (f32 or f64, strided views, batch over `blockIdx.z`, optional accumulation).
+//! dimensions, if any, loop inside each thread). A `MatMul` becomes a shared-memory tiled
+//! kernel (f32 or f64, strided views, batch over `blockIdx.z`, optional accumulation): 16×16
+//! output tiles with one output per thread, or, when both output sides are at least 64,
+//! 64×64 tiles with a 4×4 register block per thread (`big_matmul_kernel`); both sum each
+//! output sequentially over k, so they give the same bits.
 //! A `Library` kernel (gather, sort, RNG, linear algebra) has no device code yet: its launch
 //! entry says `host`.
 
@@ -611,6 +614,9 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
     let (add, mul) = if *dtype == Dtype::F32 { ("__fadd_rn", "__fmul_rn") } else { ("__dadd_rn", "__dmul_rn") };
     let name = format!("k{ki}");
     let nb: u64 = batch.iter().map(|x| *x as u64).product();
+    if *m >= BIG_TILE as usize && *n >= BIG_TILE as usize {
+        return big_matmul_kernel(p, ki, k, out);
+    }
     let tile = TILE;
     let _ = writeln!(
         out,
@@ -667,6 +673,107 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
         grid: [(*n as u32).div_ceil(tile), (*m as u32).div_ceil(tile), nb.max(1) as u32],
         block: [tile, tile, 1],
         shared_bytes: bytes,
+    })
+}
+
+/// The output tile of a block of the register-tiled matmul (`big_matmul_kernel`).
+pub const BIG_TILE: u32 = 64;
+
+/// A matmul with both output sides at least [`BIG_TILE`]: each 256-thread block computes a
+/// 64×64 output tile, each thread a 4×4 grid of it (rows `ty + 16i`, columns `tx + 16j`) in
+/// registers, from 64×16 and 16×64 operand tiles staged in shared memory (the A tile stored
+/// k-major with one word of padding, so its transposing store has no bank conflicts). Every
+/// output is still one sequential f32 (f64) sum over k, zero-padded to a multiple of 16, as
+/// in the 16×16 kernel: the two kernels give the same bits.
+fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, String> {
+    let Kernel::MatMul { a, b, out: o, acc, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
+        unreachable!("a matmul")
+    };
+    let t = if *dtype == Dtype::F32 { "float" } else { "double" };
+    let (ld, st) = (format!("ld_{}", Dtype::name(*dtype)), format!("st_{}", Dtype::name(*dtype)));
+    let (add, mul) = if *dtype == Dtype::F32 { ("__fadd_rn", "__fmul_rn") } else { ("__dadd_rn", "__dmul_rn") };
+    let name = format!("k{ki}");
+    let nb: u64 = batch.iter().map(|x| *x as u64).product();
+    let big = BIG_TILE;
+    let _ = writeln!(
+        out,
+        r#"extern "C" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{
+    __shared__ {t} As[16][{big} + 1];
+    __shared__ {t} Bs[16][{big}];
+    const long long bz = blockIdx.z;
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
+    const long long row0 = (long long)blockIdx.y * {big}, col0 = (long long)blockIdx.x * {big};
+    const long long oa = {oa};
+    const long long ob = {ob};
+    {t} sum[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) sum[i][j] = 0;
+    for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
+        for (int e = tid; e < 16 * {big}; e += 256) {{
+            const int r = e >> 4, ka = e & 15;
+            const long long gr = row0 + r, gk = t0 + ka;
+            As[ka][r] = (gr < {m}LL && gk < {kk}LL) ? {ld}(bufs[{abuf}], oa + gr * {ars}LL + gk * {acs}LL) : ({t})0;
+            const int kb = e / {big}, c = e % {big};
+            const long long gk2 = t0 + kb, gc = col0 + c;
+            Bs[kb][c] = (gk2 < {kk}LL && gc < {n}LL) ? {ld}(bufs[{bbuf}], ob + gk2 * {brs}LL + gc * {bcs}LL) : ({t})0;
+        }}
+        __syncthreads();
+        for (int q = 0; q < 16; q++) {{
+            {t} av[4], bv[4];
+            for (int i = 0; i < 4; i++) av[i] = As[q][ty + 16 * i];
+            for (int j = 0; j < 4; j++) bv[j] = Bs[q][tx + 16 * j];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) sum[i][j] = {add}(sum[i][j], {mul}(av[i], bv[j]));
+        }}
+        __syncthreads();
+    }}
+    for (int i = 0; i < 4; i++) {{
+        const long long row = row0 + ty + 16 * i;
+        if (row >= {m}LL) continue;
+        for (int j = 0; j < 4; j++) {{
+            const long long col = col0 + tx + 16 * j;
+            if (col >= {n}LL) continue;
+            const long long at = {oo}LL + bz * {mn}LL + row * {ors}LL + col;"#,
+        oa = batch_offset(a, batch),
+        ob = batch_offset(b, batch),
+        abuf = a.buf,
+        bbuf = b.buf,
+        ars = a.row_stride,
+        acs = a.col_stride,
+        brs = b.row_stride,
+        bcs = b.col_stride,
+        oo = out_offset,
+        mn = m * n,
+        ors = out_row_stride,
+    );
+    match acc {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "            {st}(bufs[{o}], at, {add}({ld}(bufs[{c}], bz * {mn}LL + row * {n}LL + col), sum[i][j]));",
+                mn = m * n
+            );
+        }
+        None => {
+            let _ = writeln!(out, "            {st}(bufs[{o}], at, sum[i][j]);");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "        }}
+    }}
+}}
+"
+    );
+    let word = if *dtype == Dtype::F32 { 4 } else { 8 };
+    let _ = p;
+    Ok(Launch {
+        kernel: ki,
+        name,
+        kind: "matmul",
+        grid: [(*n as u32).div_ceil(big), (*m as u32).div_ceil(big), nb.max(1) as u32],
+        block: [16, 16, 1],
+        shared_bytes: (16 * (big + 1) + 16 * big) * word,
     })
 }
 

@@ -209,11 +209,25 @@ mod tests {
         g.outputs.push(("m".into(), m));
         g.outputs.push(("s".into(), s));
         g.outputs.push(("mx".into(), mx));
+        // Register-tiled matmuls (both sides ≥ 64): partial 64×64 tiles, a batch, a
+        // transposed operand (a strided view), and a k that is not a multiple of 16.
+        let a = g.add(Op::Input { index: 2, name: "a".into() }, Dtype::F32, vec![3, 70, 33], &[], "a").unwrap();
+        let b = g.add(Op::Input { index: 3, name: "b".into() }, Dtype::F32, vec![33, 130], &[], "b").unwrap();
+        let b3 = g.add(Op::Broadcast, Dtype::F32, vec![3, 33, 130], &[b], "b3").unwrap();
+        let ab = g.add(Op::MatMul, Dtype::F32, vec![3, 70, 130], &[a, b3], "ab").unwrap();
+        let bt = g.add(Op::Transpose { perm: vec![1, 0] }, Dtype::F32, vec![130, 33], &[b], "bt").unwrap();
+        let a0 = g.add(Op::Slice { axis: 0, start: 1 }, Dtype::F32, vec![1, 70, 33], &[a], "a0").unwrap();
+        let a0 = g.add(Op::Reshape, Dtype::F32, vec![70, 33], &[a0], "a0").unwrap();
+        let a0t = g.add(Op::Transpose { perm: vec![1, 0] }, Dtype::F32, vec![33, 70], &[a0], "a0t").unwrap();
+        let btat = g.add(Op::MatMul, Dtype::F32, vec![130, 70], &[bt, a0t], "btat").unwrap();
+        g.outputs.push(("ab".into(), ab));
+        g.outputs.push(("btat".into(), btat));
         g
     }
 
-    /// A loop, a warp-per-row reduction (70 ≥ 32), a short reduction and a tiled matmul
-    /// (awkward sizes: partial tiles, partial warps of work) against the interpreter.
+    /// A loop, a warp-per-row reduction (70 ≥ 32), a short reduction, a 16×16-tiled matmul
+    /// and register-tiled ones (awkward sizes: partial tiles, partial warps of work, a batch,
+    /// transposed views) against the interpreter.
     #[test]
     fn emulated_kernels_match_the_interpreter() {
         if let Err(e) = available() {
@@ -225,6 +239,8 @@ mod tests {
         let exe = EmuExecutable::new(p).unwrap();
         let kinds: Vec<&str> = exe.unit.launches.iter().map(|l| l.kind).collect();
         assert!(kinds.contains(&"matmul") && kinds.contains(&"reduce") && kinds.contains(&"loop"), "{kinds:?}");
+        let big = format!("__shared__ float As[16][{} + 1];", codegen_cuda::BIG_TILE);
+        assert!(exe.unit.source.matches(&big).count() >= 2, "{}", exe.unit.launch_table());
         let ins: Vec<Tensor> = g
             .inputs
             .iter()
