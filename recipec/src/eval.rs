@@ -554,6 +554,10 @@ fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64, backend: &str) -> Result<H
             };
             let exe = runtime::Executable::new(p, which).map_err(|e| bug(e.0))?;
             let outs = exe.run_tensors(inputs, seed).map_err(|e| Fail("E0501", e.0))?;
+            // `RECIPEC_PROFILE=1`: where the time went, as `recipec train` prints it.
+            if let Some(report) = exe.profile_report(std::env::var("RECIPEC_PROFILE_TOP").ok().and_then(|v| v.parse().ok()).unwrap_or(15)) {
+                eprint!("{report}");
+            }
             Ok(outs.into_iter().collect())
         }
     }

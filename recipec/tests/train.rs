@@ -284,3 +284,34 @@ fn token_arrays_train_from_npy() {
     assert!(first > 2.0 && last_val < 0.8 * first, "{l:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The generated CUDA code, run on the CPU by the CUDA emulator (`--backend cuda-emu`), trains
+/// the small recipe (sparsity masks, schedule, AdamW, validation) to the CPU backend's losses
+/// and gradient norms within 1e-4 relative (matmul tiles sum in another order), and samples
+/// through the KV-cached decode step.
+#[test]
+fn the_cuda_code_trains_like_the_cpu_code_under_the_emulator() {
+    if let Err(e) = runtime::cuda_emu::available() {
+        println!("skipped: {e}");
+        return;
+    }
+    let dir = temp_dir("emu");
+    let recipe = write_recipe(&dir, SMALL);
+    let cpu = train(&recipe, &dir.join("cpu"), &["--steps", "4"]);
+    assert!(cpu.status.success(), "{}", stderr(&cpu));
+    let emu = train(&recipe, &dir.join("emu"), &["--steps", "4", "--backend", "cuda-emu"]);
+    assert!(emu.status.success(), "{}", stderr(&emu));
+    let (a, b) = (losses(&dir.join("cpu")), losses(&dir.join("emu")));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().any(|x| x.1 == "val_loss"), "{a:?}");
+    for ((sa, ka, va), (sb, kb, vb)) in a.iter().zip(&b) {
+        assert_eq!((sa, ka), (sb, kb));
+        let (x, y): (f64, f64) = (va.parse().unwrap(), vb.parse().unwrap());
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "step {sa} {ka}: CPU {x}, emulated CUDA {y}");
+    }
+    let s = sample(&dir.join("emu"), &["--tokens", "12", "--backend", "cuda-emu", "--stats"]);
+    assert!(s.status.success(), "{}", stderr(&s));
+    assert!(stderr(&s).contains("KV-cached"), "{}", stderr(&s));
+    assert!(!s.stdout.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
