@@ -602,7 +602,7 @@ fn batch_offset(v: &View, batch: &[usize]) -> String {
 }
 
 fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, String> {
-    let Kernel::MatMul { a, b, out: o, acc, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
+    let Kernel::MatMul { a, b, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
         unreachable!("a matmul")
     };
     let t = match dtype {
@@ -610,7 +610,7 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
         Dtype::F64 => "double",
         d => return Err(format!("k{ki}: {d} matmuls are not generated for CUDA yet")),
     };
-    let (ld, st) = (format!("ld_{}", Dtype::name(*dtype)), format!("st_{}", Dtype::name(*dtype)));
+    let ld = format!("ld_{}", Dtype::name(*dtype));
     let (add, mul) = if *dtype == Dtype::F32 { ("__fadd_rn", "__fmul_rn") } else { ("__dadd_rn", "__dmul_rn") };
     let name = format!("k{ki}");
     let nb: u64 = batch.iter().map(|x| *x as u64).product();
@@ -651,18 +651,7 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
         mn = m * n,
         ors = out_row_stride,
     );
-    match acc {
-        Some(c) => {
-            let _ = writeln!(
-                out,
-                "        {st}(bufs[{o}], at, {add}({ld}(bufs[{c}], bz * {mn}LL + row * {n}LL + col), sum));",
-                mn = m * n
-            );
-        }
-        None => {
-            let _ = writeln!(out, "        {st}(bufs[{o}], at, sum);");
-        }
-    }
+    let _ = writeln!(out, "        {}", matmul_store(k, "sum"));
     let _ = writeln!(out, "    }}\n}}\n");
     let bytes = 2 * tile * (tile + 1) * if *dtype == Dtype::F32 { 4 } else { 8 };
     let _ = p;
@@ -676,6 +665,20 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
     })
 }
 
+/// The store of a matmul output element `val` at `at` (row `row`, column `col`, batch
+/// `bz`), added to the accumulated operand (contiguous `[batch, m, n]`) when there is one.
+fn matmul_store(k: &Kernel, val: &str) -> String {
+    let Kernel::MatMul { out: o, acc, m, n, dtype, .. } = k else { unreachable!("a matmul") };
+    let (ld, st) = (format!("ld_{}", Dtype::name(*dtype)), format!("st_{}", Dtype::name(*dtype)));
+    let add = if *dtype == Dtype::F32 { "__fadd_rn" } else { "__dadd_rn" };
+    match acc {
+        Some(c) => {
+            format!("{st}(bufs[{o}], at, {add}({ld}(bufs[{c}], bz * {mn}LL + row * {n}LL + col), {val}));", mn = m * n)
+        }
+        None => format!("{st}(bufs[{o}], at, {val});"),
+    }
+}
+
 /// The output tile of a block of the register-tiled matmul (`big_matmul_kernel`).
 pub const BIG_TILE: u32 = 64;
 
@@ -686,11 +689,11 @@ pub const BIG_TILE: u32 = 64;
 /// output is still one sequential f32 (f64) sum over k, zero-padded to a multiple of 16, as
 /// in the 16×16 kernel: the two kernels give the same bits.
 fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, String> {
-    let Kernel::MatMul { a, b, out: o, acc, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
+    let Kernel::MatMul { a, b, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
         unreachable!("a matmul")
     };
     let t = if *dtype == Dtype::F32 { "float" } else { "double" };
-    let (ld, st) = (format!("ld_{}", Dtype::name(*dtype)), format!("st_{}", Dtype::name(*dtype)));
+    let ld = format!("ld_{}", Dtype::name(*dtype));
     let (add, mul) = if *dtype == Dtype::F32 { ("__fadd_rn", "__fmul_rn") } else { ("__dadd_rn", "__dmul_rn") };
     let name = format!("k{ki}");
     let nb: u64 = batch.iter().map(|x| *x as u64).product();
@@ -746,18 +749,7 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
         mn = m * n,
         ors = out_row_stride,
     );
-    match acc {
-        Some(c) => {
-            let _ = writeln!(
-                out,
-                "            {st}(bufs[{o}], at, {add}({ld}(bufs[{c}], bz * {mn}LL + row * {n}LL + col), sum[i][j]));",
-                mn = m * n
-            );
-        }
-        None => {
-            let _ = writeln!(out, "            {st}(bufs[{o}], at, sum[i][j]);");
-        }
-    }
+    let _ = writeln!(out, "            {}", matmul_store(k, "sum[i][j]"));
     let _ = writeln!(
         out,
         "        }}
