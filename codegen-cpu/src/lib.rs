@@ -357,12 +357,32 @@ impl<'a, 'b> Gen<'a, 'b> {
                 _ => true,
             }) && l.stores.iter().all(|s| s.val != StoreVal::Val(v))
         };
+        // An i32 value may only be compared with another i32 value (integer lanes, then a mask).
+        let compared_only = |v: usize| {
+            l.body.iter().all(|u| match &u.inst {
+                Inst::Bin(b, x, y, _) if *x == v || *y == v => {
+                    matches!(b, Bin::Lt | Bin::Le | Bin::Gt | Bin::Ge | Bin::Eq | Bin::Ne)
+                        && l.body[*x].dtype == Dtype::I32
+                        && l.body[*y].dtype == Dtype::I32
+                }
+                Inst::Select(c, a, b) => *c != v && *a != v && *b != v,
+                Inst::Un(_, a) | Inst::Cast(a) => *a != v,
+                _ => true,
+            }) && l.stores.iter().all(|s| s.val != StoreVal::Val(v))
+        };
         for (v, i) in l.body.iter().enumerate() {
             let ok = match &i.inst {
                 Inst::Load { buf, at } => {
                     let bd = self.p.buffers[*buf].dtype;
-                    (i.dtype == Dtype::F32 && bd == Dtype::F32 && (at.coef[last] == 0 || at.coef[last] == 1))
-                        || (bd == Dtype::Bool && (at.coef[last] == 0 || at.coef[last] == 1) && mask_only(v))
+                    let unit = at.coef[last] == 0 || at.coef[last] == 1;
+                    (i.dtype == Dtype::F32 && bd == Dtype::F32 && unit)
+                        || (bd == Dtype::Bool && unit && mask_only(v))
+                        || (i.dtype == Dtype::I32 && bd == Dtype::I32 && unit && compared_only(v))
+                }
+                Inst::Index(at) => {
+                    // Every value of the index fits i32 lanes.
+                    let span: i64 = l.dims.iter().zip(&at.coef).map(|(d, c)| (*d as i64) * c.abs()).sum();
+                    i.dtype == Dtype::I32 && compared_only(v) && span + at.c.abs() < 1 << 30
                 }
                 Inst::Const(_) => i.dtype == Dtype::F32,
                 Inst::Un(u, _) => {
@@ -374,7 +394,10 @@ impl<'a, 'b> Gen<'a, 'b> {
                     let f32ops = l.body[*x].dtype == Dtype::F32 && l.body[*y].dtype == Dtype::F32;
                     match b {
                         Bin::Add | Bin::Sub | Bin::Mul | Bin::Div | Bin::Min | Bin::Max => i.dtype == Dtype::F32,
-                        Bin::Lt | Bin::Le | Bin::Gt | Bin::Ge | Bin::Eq | Bin::Ne => f32ops && mask_only(v),
+                        Bin::Lt | Bin::Le | Bin::Gt | Bin::Ge | Bin::Eq | Bin::Ne => {
+                            let i32ops = l.body[*x].dtype == Dtype::I32 && l.body[*y].dtype == Dtype::I32;
+                            (f32ops || i32ops) && mask_only(v)
+                        }
                         _ => false,
                     }
                 }
@@ -386,7 +409,7 @@ impl<'a, 'b> Gen<'a, 'b> {
                             _ => false,
                         }
                 }
-                Inst::Index(_) | Inst::Cast(_) => false,
+                Inst::Cast(_) => false,
             };
             if !ok {
                 return false;
@@ -450,6 +473,10 @@ impl<'a, 'b> Gen<'a, 'b> {
                 let dt = self.l.body[v].dtype;
                 self.inv_v[v] = Some(if dt == Dtype::F32 {
                     self.b.ins().splat(types::F32X4, vals[v])
+                } else if dt == Dtype::I32 {
+                    // An i32 value (exact in f64) as integer lanes, for integer compares.
+                    let x = self.b.ins().fcvt_to_sint_sat(types::I32, vals[v]);
+                    self.b.ins().splat(types::I32X4, x)
                 } else {
                     // A condition (0 or 1 in f64) as a lane mask.
                     let z = self.b.ins().f64const(0.0);
@@ -654,6 +681,14 @@ impl<'a, 'b> Gen<'a, 'b> {
                 let zero = self.b.ins().splat(types::I32X4, zero);
                 return self.b.ins().icmp(IntCC::NotEqual, v, zero);
             }
+            if d == Dtype::I32 {
+                // Integer lanes (only compared, see `vectorizable`).
+                if stride == 1 {
+                    return self.b.ins().load(types::I32X4, m, a, 0);
+                }
+                let x = self.b.ins().load(types::I32, m, a, 0);
+                return self.b.ins().splat(types::I32X4, x);
+            }
             if stride == 1 {
                 return self.b.ins().load(types::F32X4, m, a, 0);
             }
@@ -820,6 +855,20 @@ impl<'a, 'b> Gen<'a, 'b> {
                     } else {
                         s
                     }
+                }
+                Inst::Index(at) if lanes => {
+                    // i32 lanes x, x + c, x + 2c, x + 3c (`vectorizable` bounds them).
+                    let a = self.aid(at);
+                    let x = self.b.ins().ireduce(types::I32, part[a]);
+                    let x = self.b.ins().splat(types::I32X4, x);
+                    let c = at.coef[last];
+                    let zero = self.b.ins().iconst(types::I32, 0);
+                    let mut step = self.b.ins().splat(types::I32X4, zero);
+                    for lane in 1..4u8 {
+                        let k = self.b.ins().iconst(types::I32, c * lane as i64);
+                        step = self.b.ins().insertlane(step, k, lane);
+                    }
+                    self.b.ins().iadd(x, step)
                 }
                 Inst::Index(at) => {
                     let a = self.aid(at);
@@ -1075,6 +1124,18 @@ impl<'a, 'b> Gen<'a, 'b> {
             _ => None,
         };
         if let Some(cc) = cmp(op) {
+            if lanes && xt == types::F64 {
+                // i32 lanes (the only non-f32 operands `vectorizable` lets through).
+                let ic = match op {
+                    Bin::Eq => IntCC::Equal,
+                    Bin::Ne => IntCC::NotEqual,
+                    Bin::Lt => IntCC::SignedLessThan,
+                    Bin::Le => IntCC::SignedLessThanOrEqual,
+                    Bin::Gt => IntCC::SignedGreaterThan,
+                    _ => IntCC::SignedGreaterThanOrEqual,
+                };
+                return self.b.ins().icmp(ic, x, y);
+            }
             let c = self.b.ins().fcmp(cc, x, y);
             if lanes {
                 return c;

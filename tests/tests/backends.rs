@@ -440,3 +440,52 @@ fn conditions_along_the_vector_axis_match_the_interpreter() {
         }
     }
 }
+
+/// A one-hot selection by column index (`iota == target`, the gradient of the picked logit in
+/// cross-entropy) runs in integer lanes compared four at a time: the interpreter's values at
+/// every size, targets outside the row included, and the loop vectorized.
+#[test]
+fn column_index_compares_match_the_interpreter() {
+    use compiler::ir::Bin;
+    for n in [1usize, 3, 8, 17, 1000, 4099] {
+        let (f, sh) = (Dtype::F32, vec![3, n]);
+        let mut g = Graph::new("one_hot");
+        let x = g.add(Op::Input { index: 0, name: "x".into() }, f, sh.clone(), &[], "x").unwrap();
+        let t = g.add(Op::Input { index: 1, name: "t".into() }, Dtype::I32, vec![3, 1], &[], "t").unwrap();
+        let tb = g.add(Op::Broadcast, Dtype::I32, sh.clone(), &[t], "tb").unwrap();
+        let col = g.add(Op::Iota { axis: 1 }, Dtype::I32, sh.clone(), &[], "col").unwrap();
+        let hit = g.add(Op::Binary(Bin::Eq), Dtype::Bool, sh.clone(), &[col, tb], "hit").unwrap();
+        let before = g.add(Op::Binary(Bin::Lt), Dtype::Bool, sh.clone(), &[col, tb], "before").unwrap();
+        let zero = g.add(Op::Const { value: 0.0 }, f, vec![], &[], "z").unwrap();
+        let zero = g.add(Op::Broadcast, f, sh.clone(), &[zero], "z").unwrap();
+        let e = g.add(Op::Unary(compiler::ir::Un::Exp), f, sh.clone(), &[x], "e").unwrap();
+        let picked = g.add(Op::Select, f, sh.clone(), &[hit, x, zero], "picked").unwrap();
+        let masked = g.add(Op::Select, f, sh.clone(), &[before, e, picked], "masked").unwrap();
+        g.outputs.push(("out".into(), masked));
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        // Targets in the row, at its ends, and outside it.
+        let targets = [0.0, (n / 2) as f64, (n + 5) as f64];
+        for seed in [1u64, 2] {
+            let mut ins = inputs(&g, seed);
+            ins[1] = Tensor::new(Dtype::I32, vec![3, 1], targets.to_vec());
+            let want = interp::run(&g, &ins, 0).unwrap();
+            for b in backends() {
+                let p = compiler::kernel::schedule(&g).unwrap();
+                let exe = runtime::compile_program(p, b).unwrap();
+                for (name, got) in runtime::run_tensors_on(&exe, &ins, 0).unwrap() {
+                    for (i, (a, w)) in got.data.iter().zip(&want[&name].data).enumerate() {
+                        assert!(a.to_bits() == w.to_bits(), "[3, {n}] [{b:?}] `{name}`[{i}]: {a}, interpreter {w}");
+                    }
+                }
+            }
+        }
+        if n >= 8 {
+            let p = compiler::kernel::schedule(&g).unwrap();
+            let exe = Executable::new(p, Backend::Cranelift).unwrap();
+            let k = (0..exe.program.kernels.len())
+                .find(|k| matches!(&exe.program.kernels[*k], compiler::kernel::Kernel::Loop(l) if l.dims.iter().product::<usize>() == 3 * n))
+                .expect("the select loop");
+            assert!(exe.vectorized(k), "[3, {n}] is not vectorized:\n{}", exe.program.text());
+        }
+    }
+}
