@@ -41,7 +41,8 @@ type LaunchFn =
 /// The C++ compiler the emulator uses, or why there is none.
 pub fn compiler_path() -> Result<PathBuf, RunError> {
     if let Ok(c) = std::env::var("RECIPEC_CXX") {
-        return Ok(PathBuf::from(c));
+        let p = PathBuf::from(&c);
+        return if p.is_file() { Ok(p) } else { Err(RunError(format!("RECIPEC_CXX={c} is not a file"))) };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for name in ["c++", "g++", "clang++"] {

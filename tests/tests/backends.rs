@@ -70,6 +70,8 @@ fn backends() -> Vec<Backend> {
     if std::env::var("RECIPEC_CUDA_EMU").as_deref() != Ok("0") {
         match runtime::cuda_emu::available() {
             Ok(()) => v.push(Backend::CudaEmu),
+            // CI sets RECIPEC_REQUIRE_CUDA_EMU=1: there the emulator must run.
+            Err(e) if std::env::var("RECIPEC_REQUIRE_CUDA_EMU").as_deref() == Ok("1") => panic!("{e}"),
             Err(e) => eprintln!("the CUDA emulator is skipped: {e}"),
         }
     }
