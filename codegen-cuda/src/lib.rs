@@ -626,27 +626,21 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
     const long long bz = blockIdx.z;
     const long long row = (long long)blockIdx.y * {tile} + threadIdx.y;
     const long long col = (long long)blockIdx.x * {tile} + threadIdx.x;
-    const long long oa = {oa};
-    const long long ob = {ob};
+{offsets}
     {t} sum = 0;
     for (long long t0 = 0; t0 < {kk}LL; t0 += {tile}) {{
         const long long ka = t0 + threadIdx.x, kb = t0 + threadIdx.y;
-        As[threadIdx.y][threadIdx.x] = (row < {m}LL && ka < {kk}LL) ? {ld}(bufs[{abuf}], oa + row * {ars}LL + ka * {acs}LL) : ({t})0;
-        Bs[threadIdx.y][threadIdx.x] = (kb < {kk}LL && col < {n}LL) ? {ld}(bufs[{bbuf}], ob + kb * {brs}LL + col * {bcs}LL) : ({t})0;
+        As[threadIdx.y][threadIdx.x] = {aload};
+        Bs[threadIdx.y][threadIdx.x] = {bload};
         __syncthreads();
         for (int q = 0; q < {tile}; q++) sum = {add}(sum, {mul}(As[threadIdx.y][q], Bs[q][threadIdx.x]));
         __syncthreads();
     }}
     if (row < {m}LL && col < {n}LL) {{
         const long long at = {oo}LL + bz * {mn}LL + row * {ors}LL + col;"#,
-        oa = batch_offset(a, batch),
-        ob = batch_offset(b, batch),
-        abuf = a.buf,
-        bbuf = b.buf,
-        ars = a.row_stride,
-        acs = a.col_stride,
-        brs = b.row_stride,
-        bcs = b.col_stride,
+        offsets = operand_offsets(a, b, batch),
+        aload = operand_load(a, "oa", ("row", *m), ("ka", *kk), t, &ld),
+        bload = operand_load(b, "ob", ("kb", *kk), ("col", *n), t, &ld),
         oo = out_offset,
         mn = m * n,
         ors = out_row_stride,
@@ -663,6 +657,23 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
         block: [tile, tile, 1],
         shared_bytes: bytes,
     })
+}
+
+/// The `oa`/`ob` lines of a matmul kernel: where batch `bz` of each operand starts.
+fn operand_offsets(a: &View, b: &View, batch: &[usize]) -> String {
+    format!(
+        "    const long long oa = {};\n    const long long ob = {};",
+        batch_offset(a, batch),
+        batch_offset(b, batch)
+    )
+}
+
+/// Element `(r, c)` of operand `v` (batch start `base`), or 0 outside its `rows × cols`.
+fn operand_load(v: &View, base: &str, (r, rows): (&str, usize), (c, cols): (&str, usize), t: &str, ld: &str) -> String {
+    format!(
+        "({r} < {rows}LL && {c} < {cols}LL) ? {ld}(bufs[{}], {base} + {r} * {}LL + {c} * {}LL) : ({t})0",
+        v.buf, v.row_stride, v.col_stride
+    )
 }
 
 /// The store of a matmul output element `val` at `at` (row `row`, column `col`, batch
@@ -706,8 +717,7 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
     const long long bz = blockIdx.z;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
     const long long row0 = (long long)blockIdx.y * {big}, col0 = (long long)blockIdx.x * {big};
-    const long long oa = {oa};
-    const long long ob = {ob};
+{offsets}
     {t} sum[4][4];
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) sum[i][j] = 0;
@@ -715,10 +725,10 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
         for (int e = tid; e < 16 * {big}; e += 256) {{
             const int r = e >> 4, ka = e & 15;
             const long long gr = row0 + r, gk = t0 + ka;
-            As[ka][r] = (gr < {m}LL && gk < {kk}LL) ? {ld}(bufs[{abuf}], oa + gr * {ars}LL + gk * {acs}LL) : ({t})0;
+            As[ka][r] = {aload};
             const int kb = e / {big}, c = e % {big};
             const long long gk2 = t0 + kb, gc = col0 + c;
-            Bs[kb][c] = (gk2 < {kk}LL && gc < {n}LL) ? {ld}(bufs[{bbuf}], ob + gk2 * {brs}LL + gc * {bcs}LL) : ({t})0;
+            Bs[kb][c] = {bload};
         }}
         __syncthreads();
         for (int q = 0; q < 16; q++) {{
@@ -737,14 +747,9 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
             const long long col = col0 + tx + 16 * j;
             if (col >= {n}LL) continue;
             const long long at = {oo}LL + bz * {mn}LL + row * {ors}LL + col;"#,
-        oa = batch_offset(a, batch),
-        ob = batch_offset(b, batch),
-        abuf = a.buf,
-        bbuf = b.buf,
-        ars = a.row_stride,
-        acs = a.col_stride,
-        brs = b.row_stride,
-        bcs = b.col_stride,
+        offsets = operand_offsets(a, b, batch),
+        aload = operand_load(a, "oa", ("gr", *m), ("gk", *kk), t, &ld),
+        bload = operand_load(b, "ob", ("gk2", *kk), ("gc", *n), t, &ld),
         oo = out_offset,
         mn = m * n,
         ors = out_row_stride,

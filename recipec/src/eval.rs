@@ -529,18 +529,16 @@ fn run_graph(g: &Graph, inputs: &[Tensor], seed: u64, backend: &str) -> Result<H
         "interp" => interp::run(g, inputs, seed).map_err(|e| Fail("E0501", e.0)),
         #[cfg(not(feature = "llvm"))]
         "llvm" => fail("E0501", "this recipec was built without the LLVM backend; build it with `cargo build --release -p recipec --features llvm` (needs LLVM 14: `apt install llvm-14-dev`)"),
-        "cuda" => {
-            runtime::cuda::available().map_err(|e| Fail("E0501", e.0))?;
+        "cuda" | "cuda-emu" => {
+            let (available, which) = if backend == "cuda" {
+                (runtime::cuda::available(), runtime::Backend::Cuda)
+            } else {
+                (runtime::cuda_emu::available(), runtime::Backend::CudaEmu)
+            };
+            available.map_err(|e| Fail("E0501", e.0))?;
             let p = compiler::kernel::schedule(g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
-            let exe = runtime::cuda::CudaExecutable::new(p).map_err(|e| Fail("E0502", e.0))?;
-            let outs = exe.run_tensors(inputs, seed).map_err(|e| Fail("E0501", e.0))?;
-            Ok(outs.into_iter().collect())
-        }
-        "cuda-emu" => {
-            runtime::cuda_emu::available().map_err(|e| Fail("E0501", e.0))?;
-            let p = compiler::kernel::schedule(g).map_err(|e| Fail("E0502", format!("this is a bug in recipec: {e}")))?;
-            let exe = runtime::cuda_emu::EmuExecutable::new(p).map_err(|e| Fail("E0502", e.0))?;
-            let outs = exe.run_tensors(inputs, seed).map_err(|e| Fail("E0501", e.0))?;
+            let exe = runtime::compile_program(p, which).map_err(|e| Fail("E0502", e.0))?;
+            let outs = runtime::run_tensors_on(&exe, inputs, seed).map_err(|e| Fail("E0501", e.0))?;
             Ok(outs.into_iter().collect())
         }
         _ => {

@@ -433,12 +433,7 @@ fn conditions_along_the_vector_axis_match_the_interpreter() {
         compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
         differential(&g, &format!("select with a mask [3, {n}]"));
         if n >= 8 {
-            let p = compiler::kernel::schedule(&g).unwrap();
-            let exe = Executable::new(p, Backend::Cranelift).unwrap();
-            let k = (0..exe.program.kernels.len())
-                .find(|k| matches!(&exe.program.kernels[*k], compiler::kernel::Kernel::Loop(l) if l.dims.iter().product::<usize>() == 3 * n))
-                .expect("the select loop");
-            assert!(exe.vectorized(k), "[3, {n}] is not vectorized:\n{}", exe.program.text());
+            assert_select_loop_vectorized(&g, n);
         }
     }
 }
@@ -482,12 +477,17 @@ fn column_index_compares_match_the_interpreter() {
             }
         }
         if n >= 8 {
-            let p = compiler::kernel::schedule(&g).unwrap();
-            let exe = Executable::new(p, Backend::Cranelift).unwrap();
-            let k = (0..exe.program.kernels.len())
-                .find(|k| matches!(&exe.program.kernels[*k], compiler::kernel::Kernel::Loop(l) if l.dims.iter().product::<usize>() == 3 * n))
-                .expect("the select loop");
-            assert!(exe.vectorized(k), "[3, {n}] is not vectorized:\n{}", exe.program.text());
+            assert_select_loop_vectorized(&g, n);
         }
     }
+}
+
+/// The `[3, n]` loop of `g` is vectorized by Cranelift.
+fn assert_select_loop_vectorized(g: &Graph, n: usize) {
+    let p = compiler::kernel::schedule(g).unwrap();
+    let exe = Executable::new(p, Backend::Cranelift).unwrap();
+    let k = (0..exe.program.kernels.len())
+        .find(|k| matches!(&exe.program.kernels[*k], compiler::kernel::Kernel::Loop(l) if l.dims.iter().product::<usize>() == 3 * n))
+        .expect("the select loop");
+    assert!(exe.vectorized(k), "[3, {n}] is not vectorized:\n{}", exe.program.text());
 }
