@@ -5,7 +5,8 @@
 //! **Calling convention.** Every kernel takes one argument, `unsigned char* const* bufs`: a
 //! device array with the address of every buffer of the program in `Program::buffers` order
 //! (arguments where the caller put them, temporaries at `arena + offset`, outputs planned into
-//! an argument at that argument's address), as the CPU code generators receive it.
+//! an argument at that argument's address), as the CPU code generators receive it, followed
+//! by one more word: the run's RNG seed (read by the `uniform`/`normal` kernels).
 //!
 //! **Numerics** (the CPU backends' rules, see `docs/semantics.md`): f32, f16 and bf16 values
 //! are computed in `float` and rounded to their dtype after every op; f64, integers and bools in
@@ -24,13 +25,18 @@
 //! output tiles with one output per thread, or, when both output sides are at least 64,
 //! 64×64 tiles with a 4×4 register block per thread (`big_matmul_kernel`); both sum each
 //! output sequentially over k, so they give the same bits.
-//! A `Library` kernel (gather, sort, RNG, linear algebra) has no device code yet: its launch
-//! entry says `host`.
+//! A `Library` kernel has device code (`index` launches, see [`index`]) for gather,
+//! scatter_add, take, take_add, pad, concat, argmax/argmin, uniform and normal samples, and
+//! f16/bf16 matmuls (the f32 tiles with 16-bit loads and a rounding store); the rest (sort,
+//! top-k masks, quantile, categorical samples, cumsum, QR/SVD, integer matmuls) runs on the
+//! host between launches: its launch entry says `host`.
 
 use compiler::ir::{Bin, Red, Un};
 use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal, View};
 use lang::types::Dtype;
 use std::fmt::Write;
+
+mod index;
 
 /// Options every unit must be compiled with.
 pub const NVRTC_OPTIONS: &[&str] = &["--fmad=false", "--std=c++14"];
@@ -271,6 +277,7 @@ __device__ __forceinline__ float rc_gelu_f32(float x) {{
 "#,
         s = f(FRAC_1_SQRT_2)
     );
+    s.push_str(index::PRELUDE);
     s
 }
 
@@ -601,17 +608,24 @@ fn batch_offset(v: &View, batch: &[usize]) -> String {
     s
 }
 
+/// The accumulator type and its add and multiply for a matmul of `d`: f32 for f32, f16 and
+/// bf16 (16-bit storage, f32 accumulation, one rounding at the store), f64 for f64.
+fn matmul_arith(d: Dtype) -> Option<(&'static str, &'static str, &'static str)> {
+    match d {
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => Some(("float", "__fadd_rn", "__fmul_rn")),
+        Dtype::F64 => Some(("double", "__dadd_rn", "__dmul_rn")),
+        _ => None,
+    }
+}
+
 fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, String> {
     let Kernel::MatMul { a, b, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
         unreachable!("a matmul")
     };
-    let t = match dtype {
-        Dtype::F32 => "float",
-        Dtype::F64 => "double",
-        d => return Err(format!("k{ki}: {d} matmuls are not generated for CUDA yet")),
+    let Some((t, add, mul)) = matmul_arith(*dtype) else {
+        return Err(format!("k{ki}: {dtype} matmuls are not generated for CUDA yet"));
     };
     let ld = format!("ld_{}", Dtype::name(*dtype));
-    let (add, mul) = if *dtype == Dtype::F32 { ("__fadd_rn", "__fmul_rn") } else { ("__dadd_rn", "__dmul_rn") };
     let name = format!("k{ki}");
     let nb: u64 = batch.iter().map(|x| *x as u64).product();
     if *m >= BIG_TILE as usize && *n >= BIG_TILE as usize {
@@ -647,7 +661,7 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
     );
     let _ = writeln!(out, "        {}", matmul_store(k, "sum"));
     let _ = writeln!(out, "    }}\n}}\n");
-    let bytes = 2 * tile * (tile + 1) * if *dtype == Dtype::F32 { 4 } else { 8 };
+    let bytes = 2 * tile * (tile + 1) * if t == "float" { 4 } else { 8 };
     let _ = p;
     Ok(Launch {
         kernel: ki,
@@ -681,13 +695,13 @@ fn operand_load(v: &View, base: &str, (r, rows): (&str, usize), (c, cols): (&str
 fn matmul_store(k: &Kernel, val: &str) -> String {
     let Kernel::MatMul { out: o, acc, m, n, dtype, .. } = k else { unreachable!("a matmul") };
     let (ld, st) = (format!("ld_{}", Dtype::name(*dtype)), format!("st_{}", Dtype::name(*dtype)));
-    let add = if *dtype == Dtype::F32 { "__fadd_rn" } else { "__dadd_rn" };
-    match acc {
-        Some(c) => {
-            format!("{st}(bufs[{o}], at, {add}({ld}(bufs[{c}], bz * {mn}LL + row * {n}LL + col), {val}));", mn = m * n)
-        }
-        None => format!("{st}(bufs[{o}], at, {val});"),
-    }
+    let (_, add, _) = matmul_arith(*dtype).expect("a generated matmul");
+    let v = match acc {
+        Some(c) => format!("{add}({ld}(bufs[{c}], bz * {mn}LL + row * {n}LL + col), {val})", mn = m * n),
+        None => val.to_string(),
+    };
+    let v = if matches!(dtype, Dtype::F16 | Dtype::BF16) { round(*dtype, &v, true) } else { v };
+    format!("{st}(bufs[{o}], at, {v});")
 }
 
 /// The output tile of a block of the register-tiled matmul (`big_matmul_kernel`).
@@ -703,9 +717,8 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
     let Kernel::MatMul { a, b, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
         unreachable!("a matmul")
     };
-    let t = if *dtype == Dtype::F32 { "float" } else { "double" };
+    let (t, add, mul) = matmul_arith(*dtype).expect("checked by matmul_kernel");
     let ld = format!("ld_{}", Dtype::name(*dtype));
-    let (add, mul) = if *dtype == Dtype::F32 { ("__fadd_rn", "__fmul_rn") } else { ("__dadd_rn", "__dmul_rn") };
     let name = format!("k{ki}");
     let nb: u64 = batch.iter().map(|x| *x as u64).product();
     let big = BIG_TILE;
@@ -762,7 +775,7 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
 }}
 "
     );
-    let word = if *dtype == Dtype::F32 { 4 } else { 8 };
+    let word = if t == "float" { 4 } else { 8 };
     let _ = p;
     Ok(Launch {
         kernel: ki,
@@ -784,9 +797,17 @@ pub fn emit(p: &Program) -> Result<Unit, String> {
         let l = match k {
             Kernel::Loop(l) => loop_kernel(p, ki, l, &mut src)?,
             Kernel::MatMul { .. } => matmul_kernel(p, ki, k, &mut src)?,
-            Kernel::Library { .. } => {
-                Launch { kernel: ki, name: String::new(), kind: "host", grid: [0; 3], block: [0; 3], shared_bytes: 0 }
-            }
+            Kernel::Library { .. } => match index::library_kernel(p, ki, k, &mut src)? {
+                Some(l) => l,
+                None => Launch {
+                    kernel: ki,
+                    name: String::new(),
+                    kind: "host",
+                    grid: [0; 3],
+                    block: [0; 3],
+                    shared_bytes: 0,
+                },
+            },
         };
         launches.push(l);
     }

@@ -337,13 +337,16 @@ impl CudaExecutable {
         let p = &self.program;
         let addrs = self.addresses(dev_args);
         // SAFETY: the table is allocated, filled and freed here, after the stream is idle.
-        let table = unsafe { cu::malloc_sync(addrs.len().max(1) * 8) }.map_err(|e| err("alloc", e))?;
-        unsafe { cu::memcpy_htod_sync(table, &addrs) }.map_err(|e| err("copy", e))?;
+        // The word after the last address is the run's seed (the RNG kernels read it).
+        let mut words = addrs.clone();
+        words.push(seed);
+        let table = unsafe { cu::malloc_sync(words.len() * 8) }.map_err(|e| err("alloc", e))?;
+        unsafe { cu::memcpy_htod_sync(table, &words) }.map_err(|e| err("copy", e))?;
         let mut result = Ok(());
         for (ki, k) in p.kernels.iter().enumerate() {
             let l = &self.unit.launches[ki];
             match (k, &self.functions[ki]) {
-                (Kernel::Library { node, operands, args: a, out, .. }, _) => {
+                (Kernel::Library { node, operands, args: a, out, .. }, None) => {
                     if let Err(e) = self.stream.synchronize() {
                         result = Err(err("synchronize", e));
                         break;

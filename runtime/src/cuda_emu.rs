@@ -151,10 +151,12 @@ impl EmuExecutable {
         check_args(p, args)?;
         // One run at a time: the emulator's scheduler state is the unit's statics.
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
-        let ptrs = buffer_pointers(p, args, arena.ptr());
+        let mut ptrs = buffer_pointers(p, args, arena.ptr());
+        // The word after the last address is the run's seed (the RNG kernels read it).
+        ptrs.push(seed as usize as *mut u8);
         for (ki, k) in p.kernels.iter().enumerate() {
             match (k, self.kernels[ki]) {
-                (Kernel::Library { .. }, _) => host_library(k, &ptrs, seed)?,
+                (Kernel::Library { .. }, None) => host_library(k, &ptrs, seed)?,
                 (_, Some((f, barriers))) => {
                     let l = &self.unit.launches[ki];
                     let mut grid = l.grid;

@@ -75,7 +75,15 @@ fn backends() -> Vec<Backend> {
             Err(e) => eprintln!("the CUDA emulator is skipped: {e}"),
         }
     }
+    // On a machine with a GPU (tests/gpu/run.sh), the real thing too.
+    if runtime::cuda::available().is_ok() {
+        v.push(Backend::Cuda);
+    }
     v
+}
+
+fn is_cuda(b: Backend) -> bool {
+    matches!(b, Backend::Cuda | Backend::CudaEmu)
 }
 
 /// Runs `g` on every code generator and compares every output with the interpreter.
@@ -89,7 +97,7 @@ fn differential_on(g: &Graph, what: &str, backend: Backend) {
     let p = compiler::kernel::schedule(g).unwrap_or_else(|e| panic!("{what}: schedule: {e}"));
     p.verify().unwrap_or_else(|e| panic!("{what}: plan: {e}\n{}", p.text()));
     let exe = runtime::compile_program(p, backend).unwrap_or_else(|e| panic!("{what}: codegen: {e}"));
-    let exact = !has_matmul(g) && backend != Backend::CudaEmu;
+    let exact = !has_matmul(g) && !is_cuda(backend);
     for seed in [1u64, 2] {
         let ins = inputs(g, seed);
         let want = interp::run(g, &ins, seed).unwrap_or_else(|e| panic!("{what}: interp: {e}"));
@@ -490,4 +498,196 @@ fn assert_select_loop_vectorized(g: &Graph, n: usize) {
         .find(|k| matches!(&exe.program.kernels[*k], compiler::kernel::Kernel::Loop(l) if l.dims.iter().product::<usize>() == 3 * n))
         .expect("the select loop");
     assert!(exe.vectorized(k), "[3, {n}] is not vectorized:\n{}", exe.program.text());
+}
+
+/// The index kernels (`gather`, `scatter_add`, `take`, `take_add`, `pad`, `concat`,
+/// `argmax`/`argmin`) have device code (no host round trip in the CUDA unit) and give the
+/// interpreter's bits on every backend: clamped indices (negative, past the end), repeated
+/// rows added in the interpreter's order (more than one block's list of 256 in `take_add`),
+/// ties and NaN in the arg-reductions, awkward sizes.
+#[test]
+fn index_kernels_run_on_the_device_and_match_the_interpreter_bit_for_bit() {
+    use compiler::ir::Red;
+    let input = |g: &mut Graph, i: usize, name: &str, d: Dtype, shape: Vec<usize>| {
+        g.add(Op::Input { index: i, name: name.into() }, d, shape, &[], name).unwrap()
+    };
+    let mut cases: Vec<(Graph, Vec<Tensor>)> = vec![];
+    // Values: distinct, not exactly summable in f32 (so the order of the adds shows).
+    let vals = |n: usize, salt: f64| -> Vec<f64> {
+        (0..n).map(|i| ((i as f64 + salt) * 0.618_033_988_7).sin() * 3.0 + 1e-3 * i as f64).collect()
+    };
+    // Indices with clamping: -2, past the end, and a skew towards row 1.
+    let idx = |n: usize, extent: usize| -> Vec<f64> {
+        (0..n)
+            .map(|i| match i % 7 {
+                0 => -2.0,
+                1 => (extent + 3) as f64,
+                2 | 3 => 1.0,
+                _ => ((i * 31) % extent.max(1)) as f64,
+            })
+            .collect()
+    };
+    for (rows, cols, p) in [(1usize, 1usize, 1usize), (3, 17, 5), (17, 3, 1000), (5, 300, 4099)] {
+        // Embedding lookup and its gradient: x [rows, cols], idx [p] (and [1, p]).
+        let mut g = Graph::new("take");
+        let x = input(&mut g, 0, "x", Dtype::F32, vec![rows, cols]);
+        let i = input(&mut g, 1, "i", Dtype::I32, vec![1, p]);
+        let v = input(&mut g, 2, "v", Dtype::F32, vec![1, p, cols]);
+        let t = g.add(Op::Take { axis: 0 }, Dtype::F32, vec![1, p, cols], &[x, i], "t").unwrap();
+        let ta = g.add(Op::TakeAdd { axis: 0 }, Dtype::F32, vec![rows, cols], &[x, i, v], "ta").unwrap();
+        let i2 = input(&mut g, 3, "i2", Dtype::I64, vec![3]);
+        let t1 = g.add(Op::Take { axis: 1 }, Dtype::F32, vec![rows, 3], &[x, i2], "t1").unwrap();
+        g.outputs.extend([("t".into(), t), ("ta".into(), ta), ("t1".into(), t1)]);
+        let ins = vec![
+            Tensor::new(Dtype::F32, vec![rows, cols], vals(rows * cols, 0.5)),
+            Tensor::new(Dtype::I32, vec![1, p], idx(p, rows)),
+            // Row 1 gets +1e20, -1e20 and small values in turn: even a double sum of them
+            // depends on the order of the adds.
+            Tensor::new(
+                Dtype::F32,
+                vec![1, p, cols],
+                vals(p * cols, 2.0)
+                    .iter()
+                    .enumerate()
+                    .map(|(k, x)| match (k / cols) % 7 {
+                        2 => 1e20,
+                        3 => -1e20,
+                        _ => *x,
+                    })
+                    .collect(),
+            ),
+            Tensor::new(Dtype::I64, vec![3], idx(3, cols)),
+        ];
+        cases.push((g, ins));
+        // take_along_axis and its transpose (the target logit of cross-entropy), pad, concat.
+        let mut g = Graph::new("gather");
+        let x = input(&mut g, 0, "x", Dtype::F32, vec![rows, cols]);
+        let i = input(&mut g, 1, "i", Dtype::I32, vec![rows, 2]);
+        let v = input(&mut g, 2, "v", Dtype::F32, vec![rows, 2]);
+        let ga = g.add(Op::Gather { axis: 1 }, Dtype::F32, vec![rows, 2], &[x, i], "ga").unwrap();
+        let sa = g.add(Op::ScatterAdd { axis: 1 }, Dtype::F32, vec![rows, cols], &[x, i, v], "sa").unwrap();
+        let pa = g.add(Op::Pad { axis: 1, start: 2 }, Dtype::F32, vec![rows, cols + 5], &[x], "pa").unwrap();
+        let y = input(&mut g, 3, "y", Dtype::F32, vec![rows, 1]);
+        let ca = g.add(Op::Concat { axis: 1 }, Dtype::F32, vec![rows, 2 * cols + 1], &[x, y, x], "ca").unwrap();
+        g.outputs.extend([("ga".into(), ga), ("sa".into(), sa), ("pa".into(), pa), ("ca".into(), ca)]);
+        let ins = vec![
+            Tensor::new(Dtype::F32, vec![rows, cols], vals(rows * cols, 0.25)),
+            Tensor::new(Dtype::I32, vec![rows, 2], idx(rows * 2, cols)),
+            Tensor::new(Dtype::F32, vec![rows, 2], vals(rows * 2, 7.0)),
+            Tensor::new(Dtype::F32, vec![rows, 1], vals(rows, 9.0)),
+        ];
+        cases.push((g, ins));
+        // Greedy decoding's argmax (ties, NaN) and an argmin over two axes.
+        let mut g = Graph::new("argmax");
+        let x = input(&mut g, 0, "x", Dtype::F32, vec![rows, 2, cols]);
+        let am = g.add(Op::Reduce { op: Red::ArgMax, axes: vec![2] }, Dtype::I32, vec![rows, 2], &[x], "am").unwrap();
+        let an = g.add(Op::Reduce { op: Red::ArgMin, axes: vec![0, 2] }, Dtype::I32, vec![2], &[x], "an").unwrap();
+        g.outputs.extend([("am".into(), am), ("an".into(), an)]);
+        let mut data: Vec<f64> = (0..rows * 2 * cols).map(|i| ((i * 7) % 5) as f64).collect();
+        if data.len() > 4 {
+            data[3] = f64::NAN;
+        }
+        cases.push((g, vec![Tensor::new(Dtype::F32, vec![rows, 2, cols], data)]));
+    }
+    for (g, ins) in &cases {
+        let p = compiler::kernel::schedule(g).unwrap();
+        let unit = codegen_cuda::emit(&p).unwrap();
+        assert!(
+            unit.launches.iter().all(|l| l.kind != "host") && unit.launches.iter().any(|l| l.kind == "index"),
+            "{}: a kernel left on the host:\n{}",
+            g.name,
+            unit.launch_table()
+        );
+        let want = interp::run(g, ins, 0).unwrap();
+        for b in backends() {
+            let exe = runtime::compile_program(p.clone(), b).unwrap();
+            for (name, t) in runtime::run_tensors_on(&exe, ins, 0).unwrap() {
+                let w = &want[&name];
+                assert_eq!(t.shape, w.shape, "{name} [{b:?}]");
+                for (k, (a, e)) in t.data.iter().zip(&w.data).enumerate() {
+                    assert!(
+                        a.to_bits() == e.to_bits(),
+                        "{} `{name}` element {k} [{b:?}, shape {:?}]: {a}, interpreter {e}",
+                        g.name,
+                        w.shape
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// f16 and bf16 matmuls run on the device (the f32 tiles, 16-bit loads, one rounding at
+/// the store) where the CPU runs the interpreter's f64 sum: the results agree to one unit in
+/// the last place of the 16-bit format plus the f32 sum's error bound k·2⁻²⁴·Σ|x||w|, and
+/// nearly all of them exactly. Both tile kernels, with a batch.
+#[test]
+fn half_precision_matmuls_run_on_the_device() {
+    for b in backends().into_iter().filter(|b| is_cuda(*b)) {
+        for dtype in [Dtype::BF16, Dtype::F16] {
+            for (batch, m, k, n) in [(1usize, 3usize, 17usize, 5usize), (2, 70, 33, 65)] {
+                let mut g = Graph::new("half_matmul");
+                let x = g.add(Op::Input { index: 0, name: "x".into() }, dtype, vec![batch, m, k], &[], "x").unwrap();
+                let w = g.add(Op::Input { index: 1, name: "w".into() }, dtype, vec![batch, k, n], &[], "w").unwrap();
+                let y = g.add(Op::MatMul, dtype, vec![batch, m, n], &[x, w], "y").unwrap();
+                g.outputs.push(("y".into(), y));
+                let p = compiler::kernel::schedule(&g).unwrap();
+                let unit = codegen_cuda::emit(&p).unwrap();
+                assert!(unit.launches.iter().all(|l| l.kind == "matmul"), "{}", unit.launch_table());
+                let ins = inputs(&g, 3);
+                let want = interp::run(&g, &ins, 3).unwrap();
+                let exe = runtime::compile_program(p, b).unwrap();
+                let got = runtime::run_tensors_on(&exe, &ins, 3).unwrap();
+                let (w, t) = (&want["y"], &got[0].1);
+                let ulp = if dtype == Dtype::BF16 { 2f64.powi(-7) } else { 2f64.powi(-10) };
+                let mut exact = 0;
+                for (i, (a, e)) in t.data.iter().zip(&w.data).enumerate() {
+                    // The f32 sum's error bound: k·2⁻²⁴·Σ|x||w| (large where terms cancel).
+                    let (bi, r, c) = (i / (m * n), (i / n) % m, i % n);
+                    let abs: f64 = (0..k)
+                        .map(|l| (ins[0].data[(bi * m + r) * k + l] * ins[1].data[(bi * k + l) * n + c]).abs())
+                        .sum();
+                    let tol = ulp * e.abs() + k as f64 * 2f64.powi(-24) * abs;
+                    assert!((a - e).abs() <= tol, "{dtype} y[{i}] ({batch}x{m}x{k}x{n}): {a}, interpreter {e}");
+                    exact += (a == e) as usize;
+                }
+                assert!(exact * 100 >= t.data.len() * 95, "{dtype}: only {exact} of {} exact", t.data.len());
+            }
+        }
+    }
+}
+
+/// `uniform` and `normal` samples have device code: the CUDA kernels draw the interpreter's
+/// numbers (Philox on the same counters, the run's seed from the kernel table): uniform bit
+/// for bit, normal within the f64 `log`/`cos` ulp bounds of CUDA's libm (exact on the
+/// emulator, which uses the host's), then rounded to the dtype (so f32 within one ulp).
+#[test]
+fn random_samples_on_the_device_match_the_interpreter() {
+    for b in backends() {
+        let mut g = Graph::new("rng");
+        let u = g.add(Op::Uniform { stream: 7 }, Dtype::F32, vec![4099], &[], "u").unwrap();
+        let n = g.add(Op::Normal { stream: 1 << 40 }, Dtype::F32, vec![17, 59], &[], "n").unwrap();
+        let d = g.add(Op::Normal { stream: 3 }, Dtype::F64, vec![1000], &[], "d").unwrap();
+        g.outputs.extend([("u".into(), u), ("n".into(), n), ("d".into(), d)]);
+        let p = compiler::kernel::schedule(&g).unwrap();
+        if is_cuda(b) {
+            let unit = codegen_cuda::emit(&p).unwrap();
+            assert!(unit.launches.iter().all(|l| l.kind == "index"), "{}", unit.launch_table());
+        }
+        let exe = runtime::compile_program(p, b).unwrap();
+        for seed in [0u64, 5, u64::MAX - 2] {
+            let want = interp::run(&g, &[], seed).unwrap();
+            for (name, t) in runtime::run_tensors_on(&exe, &[], seed).unwrap() {
+                let w = &want[&name];
+                for (i, (a, e)) in t.data.iter().zip(&w.data).enumerate() {
+                    let ok = match name.as_str() {
+                        "u" => a.to_bits() == e.to_bits(),
+                        "n" => (a - e).abs() <= f64::from(f32::EPSILON) * e.abs(),
+                        _ => (a - e).abs() <= 4.0 * f64::EPSILON * e.abs(),
+                    };
+                    assert!(ok, "`{name}`[{i}] [{b:?}, seed {seed}]: {a:e}, interpreter {e:e}");
+                }
+            }
+        }
+    }
 }

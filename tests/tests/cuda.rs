@@ -1,8 +1,9 @@
-//! CUDA C generation (`codegen-cuda`) for every stdlib item and for the example recipe's
-//! training graphs: snapshots of the generated kernels, and, where NVRTC and `ptxas` are
-//! installed (CI installs the PyPI wheels `nvidia-cuda-nvrtc-cu12` and
-//! `nvidia-cuda-nvcc-cu12`), compilation to PTX for `compute_80` and `compute_90` and
-//! assembly for `sm_80` and `sm_90` with each kernel's registers, spills and shared memory.
+//! CUDA C generation (`codegen-cuda`) for every stdlib item, for the example recipe's
+//! training graphs and for a graph of the library kernels with device code that neither
+//! uses: snapshots of the generated kernels, and, where NVRTC and `ptxas` are installed (CI
+//! installs the PyPI wheels `nvidia-cuda-nvrtc-cu12` and `nvidia-cuda-nvcc-cu12`),
+//! compilation to PTX for `compute_80` and `compute_90` and assembly for `sm_80` and `sm_90`
+//! with each kernel's registers, spills and shared memory.
 //! Without them the compile test prints why it skipped; with `RECIPEC_REQUIRE_CUDA_TOOLS=1`
 //! (CI) it fails instead.
 
@@ -37,6 +38,33 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
         compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
         let p = compiler::kernel::schedule(&g).unwrap();
         out.push((format!("tiny_gpt.{}", g.name), codegen_cuda::emit(&p).unwrap()));
+    }
+    // Library kernels with device code that no stdlib item uses at its sample shapes: f16 and
+    // bf16 matmuls (both tile kernels), random samples, a concatenation.
+    {
+        use compiler::ir::{Graph, Op};
+        use lang::types::Dtype;
+        let mut g = Graph::new("device_library");
+        let mut outs = vec![];
+        for (i, d) in [Dtype::BF16, Dtype::F16].into_iter().enumerate() {
+            let x = g.add(Op::Input { index: 2 * i, name: format!("x{i}") }, d, vec![2, 70, 33], &[], "x").unwrap();
+            let w = g.add(Op::Input { index: 2 * i + 1, name: format!("w{i}") }, d, vec![2, 33, 65], &[], "w").unwrap();
+            outs.push(g.add(Op::MatMul, d, vec![2, 70, 65], &[x, w], "big").unwrap());
+            let xs = g.add(Op::Slice { axis: 1, start: 0 }, d, vec![2, 3, 33], &[x], "xs").unwrap();
+            let xs = g.add(Op::Cast, Dtype::F32, vec![2, 3, 33], &[xs], "xs").unwrap();
+            let xs = g.add(Op::Cast, d, vec![2, 3, 33], &[xs], "xs").unwrap();
+            outs.push(g.add(Op::MatMul, d, vec![2, 3, 65], &[xs, w], "small").unwrap());
+        }
+        let u = g.add(Op::Uniform { stream: 1 }, Dtype::F32, vec![5, 7], &[], "u").unwrap();
+        let n = g.add(Op::Normal { stream: 2 }, Dtype::F32, vec![5, 7], &[], "n").unwrap();
+        outs.push(g.add(Op::Concat { axis: 1 }, Dtype::F32, vec![5, 14], &[u, n], "c").unwrap());
+        for (i, o) in outs.into_iter().enumerate() {
+            g.outputs.push((format!("y{i}"), o));
+        }
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let u = codegen_cuda::emit(&p).unwrap();
+        assert!(u.launches.iter().all(|l| l.kind != "host"), "{}", u.launch_table());
+        out.push(("synthetic.device_library".into(), u));
     }
     out
 }
@@ -100,4 +128,17 @@ fn nvrtc_and_ptxas_compile_every_unit() {
     }
     std::fs::write(dir.join("summary.txt"), &report).unwrap();
     print!("{report}");
+}
+
+/// The example recipe's training step (embedding lookup and gradient, target logits, their
+/// gradients) runs entirely on the device: no kernel of its graphs goes back to the host.
+#[test]
+fn the_training_step_has_no_host_kernels() {
+    for (name, u) in units().iter().filter(|(n, _)| n.starts_with("tiny_gpt")) {
+        let host: Vec<_> = u.launches.iter().filter(|l| l.kind == "host").collect();
+        assert!(host.is_empty(), "{name}: kernels left on the host: {host:?}");
+        if name.ends_with(".grad") || name.contains("grad") {
+            assert!(u.launches.iter().any(|l| l.kind == "index"), "{name}: {}", u.launch_table());
+        }
+    }
 }
