@@ -18,7 +18,7 @@ use compiler::ir::{Bin, Un};
 use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    types, AbiParam, Endianness, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
+    types, AbiParam, ConstantData, Endianness, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
 };
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -281,10 +281,24 @@ struct Gen<'a, 'b> {
     inv: Vec<bool>,
     inv_s: Vec<Option<Value>>,
     inv_v: Vec<Option<Value>>,
+    /// The dim whose neighbouring points are the 4 lanes: the innermost one for elementwise
+    /// loops, the innermost output dim for reductions jammed across lanes.
+    vaxis: usize,
+    /// Lane values fixed for one jam group (they do not move with the reduced dims).
+    row_v: Vec<Option<Value>>,
+    /// Whether jammed reductions run as lanes (`jam_vectorizable`).
+    jam_vec: bool,
 }
 
 /// Outputs a reduction loop computes side by side (unroll and jam), in both backends.
 pub(crate) const JAM: i64 = 4;
+
+/// The arithmetic per element of a loop body (ops other than loads, constants and indices).
+/// Jammed reductions run as lanes from 2 up: below, gathering a row's element into each lane
+/// costs more than it saves (measured: a plain row maximum ran 1.5x slower as lanes).
+pub fn jam_work(l: &Loop) -> usize {
+    l.body.iter().filter(|i| matches!(i.inst, Inst::Un(..) | Inst::Bin(..) | Inst::Select(..) | Inst::Cast(..))).count()
+}
 
 fn aff_id(affines: &mut Vec<Affine>, a: &Affine) -> usize {
     match affines.iter().position(|x| x == a) {
@@ -331,6 +345,9 @@ impl<'a, 'b> Gen<'a, 'b> {
             inv,
             inv_s: vec![None; n],
             inv_v: vec![None; n],
+            vaxis: l.dims.len() - 1,
+            row_v: vec![None; n],
+            jam_vec: false,
         }
     }
 
@@ -348,6 +365,36 @@ impl<'a, 'b> Gen<'a, 'b> {
         if l.dims[last] < 8 {
             return false;
         }
+        self.lanes_ok(last, false)
+            && l.stores.iter().all(|s| {
+                self.p.buffers[s.buf].dtype == Dtype::F32
+                    && s.at.coef[last] == 1
+                    && matches!(s.val, StoreVal::Val(v) if l.body[v].dtype == Dtype::F32)
+            })
+    }
+
+    /// Whether a reduction can compute its JAM jammed outputs as the 4 lanes of vectors:
+    /// each lane still has its own f64 accumulator in the interpreter's order (two f64x2
+    /// accumulators), so the results are the scalar code's bits; the per-element work (the
+    /// exp of a log-sum-exp, the compare and select of a one-hot pick) runs 4 outputs at once.
+    fn jam_vectorizable(&self) -> bool {
+        let l = self.l;
+        let Some(r) = &l.reduce else { return false };
+        let outer = l.outer_dims();
+        outer > 0
+            && l.dims[outer - 1] >= JAM as usize
+            && outer < l.dims.len()
+            && matches!(r.op, Red::Sum | Red::Prod | Red::Max | Red::Min)
+            && l.body[r.value].dtype == Dtype::F32
+            && jam_work(l) >= 2
+            && self.lanes_ok(outer - 1, true)
+    }
+
+    /// Whether every instruction has a 4-lane form with lanes along dim `vaxis` (loads with
+    /// any stride along it when `strided`, else only 0 or 1).
+    fn lanes_ok(&self, vaxis: usize, strided: bool) -> bool {
+        let l = self.l;
+        let last = vaxis;
         // A compare's lane mask may only be a select's condition.
         let mask_only = |v: usize| {
             l.body.iter().all(|u| match &u.inst {
@@ -375,9 +422,10 @@ impl<'a, 'b> Gen<'a, 'b> {
                 Inst::Load { buf, at } => {
                     let bd = self.p.buffers[*buf].dtype;
                     let unit = at.coef[last] == 0 || at.coef[last] == 1;
-                    (i.dtype == Dtype::F32 && bd == Dtype::F32 && unit)
+                    let gathered = unit || strided;
+                    (i.dtype == Dtype::F32 && bd == Dtype::F32 && gathered)
                         || (bd == Dtype::Bool && unit && mask_only(v))
-                        || (i.dtype == Dtype::I32 && bd == Dtype::I32 && unit && compared_only(v))
+                        || (i.dtype == Dtype::I32 && bd == Dtype::I32 && gathered && compared_only(v))
                 }
                 Inst::Index(at) => {
                     // Every value of the index fits i32 lanes.
@@ -415,11 +463,7 @@ impl<'a, 'b> Gen<'a, 'b> {
                 return false;
             }
         }
-        l.stores.iter().all(|s| {
-            self.p.buffers[s.buf].dtype == Dtype::F32
-                && s.at.coef[last] == 1
-                && matches!(s.val, StoreVal::Val(v) if l.body[v].dtype == Dtype::F32)
-        })
+        true
     }
 
     fn emit(mut self) -> bool {
@@ -447,7 +491,8 @@ impl<'a, 'b> Gen<'a, 'b> {
         }
         let partial: Vec<Value> = self.affines.iter().map(|a| self.b.ins().iconst(types::I64, a.c)).collect();
         let vec = self.vectorizable();
-        self.hoist(&partial, vec);
+        self.jam_vec = self.jam_vectorizable();
+        self.hoist(&partial, vec || self.jam_vec);
         let outer = self.l.outer_dims();
         if outer == 0 {
             self.reduction(partial);
@@ -455,7 +500,7 @@ impl<'a, 'b> Gen<'a, 'b> {
             self.level(0, Some((lo, hi)), partial, vec);
         }
         self.b.ins().return_(&[]);
-        vec
+        vec || self.jam_vec
     }
 
     /// Computes the loop-invariant values once, before the loops (and their 4-lane splats).
@@ -463,7 +508,8 @@ impl<'a, 'b> Gen<'a, 'b> {
         if !self.inv.iter().any(|x| *x) {
             return;
         }
-        let vals = self.values_where(partial, false, true);
+        let inv = self.inv.clone();
+        let vals = self.values_where(partial, false, Some(&inv));
         for v in 0..self.l.body.len() {
             if !self.inv[v] {
                 continue;
@@ -558,7 +604,11 @@ impl<'a, 'b> Gen<'a, 'b> {
                         g.advance(&partial, d, ik)
                     })
                     .collect();
-                g.reductions(parts);
+                if g.jam_vec {
+                    g.reductions_lanes(parts);
+                } else {
+                    g.reductions(parts);
+                }
             });
             self.counted(after, end, 1, &mut |g, i| {
                 let part = g.advance(&partial, d, i);
@@ -610,6 +660,106 @@ impl<'a, 'b> Gen<'a, 'b> {
                     self.store(s.buf, partial[at], v, r.dtype, false);
                 }
             }
+        }
+    }
+
+    /// The JAM (= 4) jammed outputs' reductions as the lanes of vectors (`jam_vectorizable`):
+    /// values along the reduced dims computed 4 outputs at a time, each lane accumulated in
+    /// f64 in the interpreter's order (two f64x2 accumulators), then every lane stored as the
+    /// scalar path would store it.
+    fn reductions_lanes(&mut self, parts: Vec<Vec<Value>>) {
+        let r = self.l.reduce.clone().expect("reduction");
+        let outer = self.l.outer_dims();
+        self.vaxis = outer - 1;
+        // Values that do not move with the reduced dims: once per group, not per element.
+        let fixed = self.fixed_in_reduction();
+        if fixed.iter().any(|f| *f) {
+            let vals = self.values_where(&parts[0], true, Some(&fixed));
+            for (v, f) in fixed.iter().enumerate() {
+                if *f && self.inv_v[v].is_none() {
+                    self.row_v[v] = Some(vals[v]);
+                }
+            }
+        }
+        let init = self.b.ins().f64const(red_init(r.op));
+        let init = self.b.ins().splat(types::F64X2, init);
+        let accs = [self.b.declare_var(types::F64X2), self.b.declare_var(types::F64X2)];
+        for a in accs {
+            self.b.def_var(a, init);
+        }
+        self.red_level_lanes(outer, parts[0].clone(), accs, &r);
+        self.row_v.iter_mut().for_each(|v| *v = None);
+        self.vaxis = self.l.dims.len() - 1;
+        for (k, partial) in parts.iter().enumerate() {
+            let acc = self.b.use_var(accs[k / 2]);
+            let a = self.b.ins().extractlane(acc, (k % 2) as u8);
+            let v = self.round(r.dtype, a, types::F64);
+            for s in &self.l.stores {
+                if s.val == StoreVal::Acc {
+                    let at = self.aid(&s.at);
+                    self.store(s.buf, partial[at], v, r.dtype, false);
+                }
+            }
+        }
+    }
+
+    /// Which values stay fixed while the reduced dims move (computed from the loads' and
+    /// indices' coefficients on those dims).
+    fn fixed_in_reduction(&self) -> Vec<bool> {
+        let l = self.l;
+        let outer = l.outer_dims();
+        let mut f = vec![false; l.body.len()];
+        for (v, i) in l.body.iter().enumerate() {
+            f[v] = match &i.inst {
+                Inst::Load { at, .. } | Inst::Index(at) => at.coef[outer..].iter().all(|c| *c == 0),
+                Inst::Const(_) => true,
+                Inst::Un(_, a) | Inst::Cast(a) => f[*a],
+                Inst::Bin(_, a, b2, _) => f[*a] && f[*b2],
+                Inst::Select(c, a, b2) => f[*c] && f[*a] && f[*b2],
+            };
+        }
+        f
+    }
+
+    fn red_level_lanes(&mut self, d: usize, partial: Vec<Value>, accs: [Variable; 2], r: &compiler::kernel::Reduction) {
+        if d == self.l.dims.len() {
+            self.accumulate_lanes(&partial, accs, r);
+            return;
+        }
+        let zero = self.b.ins().iconst(types::I64, 0);
+        let end = self.b.ins().iconst(types::I64, self.l.dims[d] as i64);
+        let last = d + 1 == self.l.dims.len();
+        self.counted(zero, end, 1, &mut |g, i| {
+            let part = g.advance(&partial, d, i);
+            if last {
+                g.accumulate_lanes(&part, accs, r);
+            } else {
+                g.red_level_lanes(d + 1, part, accs, r);
+            }
+        });
+    }
+
+    fn accumulate_lanes(&mut self, part: &[Value], accs: [Variable; 2], r: &compiler::kernel::Reduction) {
+        let vals = self.values(part, true);
+        let x = vals[r.value];
+        // Lanes 0, 1 and lanes 2, 3 widened to f64 (exact).
+        let lo = self.b.ins().fvpromote_low(x);
+        let le = MemFlagsData::new().with_endianness(Endianness::Little);
+        let bytes = self.b.ins().bitcast(types::I8X16, le, x);
+        let mask: Vec<u8> = (8..16).chain(8..16).collect();
+        let mask = self.b.func.dfg.immediates.push(ConstantData::from(mask));
+        let high = self.b.ins().shuffle(bytes, bytes, mask);
+        let high = self.b.ins().bitcast(types::F32X4, le, high);
+        let hi = self.b.ins().fvpromote_low(high);
+        for (acc, x) in accs.into_iter().zip([lo, hi]) {
+            let a = self.b.use_var(acc);
+            let n = match r.op {
+                Red::Sum => self.b.ins().fadd(a, x),
+                Red::Prod => self.b.ins().fmul(a, x),
+                Red::Max => self.b.ins().fmax(a, x),
+                _ => self.b.ins().fmin(a, x),
+            };
+            self.b.def_var(acc, n);
         }
     }
 
@@ -681,19 +831,29 @@ impl<'a, 'b> Gen<'a, 'b> {
                 let zero = self.b.ins().splat(types::I32X4, zero);
                 return self.b.ins().icmp(IntCC::NotEqual, v, zero);
             }
-            if d == Dtype::I32 {
-                // Integer lanes (only compared, see `vectorizable`).
-                if stride == 1 {
-                    return self.b.ins().load(types::I32X4, m, a, 0);
-                }
-                let x = self.b.ins().load(types::I32, m, a, 0);
-                return self.b.ins().splat(types::I32X4, x);
-            }
+            let (st, vt) = if d == Dtype::I32 { (types::I32, types::I32X4) } else { (types::F32, types::F32X4) };
+            // Integer lanes are only compared (see `lanes_ok`).
             if stride == 1 {
-                return self.b.ins().load(types::F32X4, m, a, 0);
+                return self.b.ins().load(vt, m, a, 0);
             }
-            let s = self.b.ins().load(types::F32, m, a, 0);
-            return self.b.ins().splat(types::F32X4, s);
+            let x = self.b.ins().load(st, m, a, 0);
+            if stride == 0 {
+                return self.b.ins().splat(vt, x);
+            }
+            // Lanes `stride` elements apart (the rows of a jammed reduction).
+            let mut v = self.b.ins().scalar_to_vector(vt, x);
+            for lane in 1..4u8 {
+                let off = stride * size * lane as i64;
+                let y = match i32::try_from(off) {
+                    Ok(o) => self.b.ins().load(st, m, a, o),
+                    Err(_) => {
+                        let a2 = self.b.ins().iadd_imm_s(a, off);
+                        self.b.ins().load(st, m, a2, 0)
+                    }
+                };
+                v = self.b.ins().insertlane(v, y, lane);
+            }
+            return v;
         }
         match d {
             Dtype::F32 => self.b.ins().load(types::F32, m, a, 0),
@@ -815,22 +975,22 @@ impl<'a, 'b> Gen<'a, 'b> {
     }
 
     fn values(&mut self, part: &[Value], lanes: bool) -> Vec<Value> {
-        self.values_where(part, lanes, false)
+        self.values_where(part, lanes, None)
     }
 
-    /// The body's values at one point; with `only_invariant`, just the invariant ones (the
-    /// others are placeholders), otherwise the invariant ones come from `hoist`.
-    fn values_where(&mut self, part: &[Value], lanes: bool, only_invariant: bool) -> Vec<Value> {
+    /// The body's values at one point; with `only`, just those it marks (the others are
+    /// placeholders), otherwise the invariant ones come from `hoist`.
+    fn values_where(&mut self, part: &[Value], lanes: bool, only: Option<&[bool]>) -> Vec<Value> {
         let l = self.l;
-        let last = l.dims.len() - 1;
+        let last = self.vaxis;
         let mut vals: Vec<Value> = Vec::with_capacity(l.body.len());
         for (vi, ins) in l.body.iter().enumerate() {
-            if only_invariant && !self.inv[vi] {
+            if only.is_some_and(|m| !m[vi]) {
                 vals.push(Value::from_u32(0));
                 continue;
             }
-            if !only_invariant {
-                let pre = if lanes { self.inv_v[vi] } else { self.inv_s[vi] };
+            {
+                let pre = if lanes { self.inv_v[vi].or(self.row_v[vi]) } else { self.inv_s[vi] };
                 if let Some(x) = pre {
                     vals.push(x);
                     continue;

@@ -691,3 +691,84 @@ fn random_samples_on_the_device_match_the_interpreter() {
         }
     }
 }
+
+/// Row reductions over per-element work (the log-sum-exp's `sum(exp(x - shift))`, the
+/// one-hot pick `sum(where(col == t, x, 0))`, max, min, a product) and a column sum run their
+/// jammed outputs as vector lanes on Cranelift, each lane with its own f64 accumulator in the
+/// interpreter's order: bit for bit the interpreter's, with NaN, infinities and signed zeros
+/// in the data, at awkward sizes (the jam's tail included).
+#[test]
+fn jammed_reductions_run_as_lanes_and_match_the_interpreter() {
+    use compiler::ir::{Bin, Red, Un};
+    for (rows, cols) in [(4usize, 1usize), (5, 3), (17, 17), (1000, 3), (7, 4099), (4099, 17)] {
+        let (f, sh) = (Dtype::F32, vec![rows, cols]);
+        let mut g = Graph::new("jammed");
+        let x = g.add(Op::Input { index: 0, name: "x".into() }, f, sh.clone(), &[], "x").unwrap();
+        let m = g.add(Op::Input { index: 1, name: "m".into() }, f, vec![rows, 1], &[], "m").unwrap();
+        let t = g.add(Op::Input { index: 2, name: "t".into() }, Dtype::I32, vec![rows, 1], &[], "t").unwrap();
+        let mb = g.add(Op::Broadcast, f, sh.clone(), &[m], "mb").unwrap();
+        let d = g.add(Op::Binary(Bin::Sub), f, sh.clone(), &[x, mb], "d").unwrap();
+        let e = g.add(Op::Unary(Un::Exp), f, sh.clone(), &[d], "e").unwrap();
+        let red = |g: &mut Graph, op: Red, v, axis: usize, name: &str| {
+            let shape = if axis == 1 { vec![rows] } else { vec![cols] };
+            g.add(Op::Reduce { op, axes: vec![axis] }, f, shape, &[v], name).unwrap()
+        };
+        let sumexp = red(&mut g, Red::Sum, e, 1, "sumexp");
+        let tb = g.add(Op::Broadcast, Dtype::I32, sh.clone(), &[t], "tb").unwrap();
+        let col = g.add(Op::Iota { axis: 1 }, Dtype::I32, sh.clone(), &[], "col").unwrap();
+        let hit = g.add(Op::Binary(Bin::Eq), Dtype::Bool, sh.clone(), &[col, tb], "hit").unwrap();
+        let zero = g.add(Op::Const { value: 0.0 }, f, vec![], &[], "z").unwrap();
+        let zero = g.add(Op::Broadcast, f, sh.clone(), &[zero], "z").unwrap();
+        let picked = g.add(Op::Select, f, sh.clone(), &[hit, x, zero], "picked").unwrap();
+        let pick = red(&mut g, Red::Sum, picked, 1, "pick");
+        let max = red(&mut g, Red::Max, x, 1, "max");
+        let min = red(&mut g, Red::Min, d, 1, "min");
+        let half = g.add(Op::Const { value: 0.5 }, f, vec![], &[], "h").unwrap();
+        let half = g.add(Op::Broadcast, f, sh.clone(), &[half], "h").unwrap();
+        let scaled = g.add(Op::Binary(Bin::Mul), f, sh.clone(), &[e, half], "scaled").unwrap();
+        let prod = red(&mut g, Red::Prod, scaled, 1, "prod");
+        let colsum = red(&mut g, Red::Sum, e, 0, "colsum");
+        for (n, v) in
+            [("sumexp", sumexp), ("pick", pick), ("max", max), ("min", min), ("prod", prod), ("colsum", colsum)]
+        {
+            g.outputs.push((n.into(), v));
+        }
+        let mut ins = inputs(&g, 7);
+        // Specials in the data: NaN, ±inf, ±0 (max/min of signed zeros, NaN propagation).
+        let specials = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -0.0, 88.0, -100.0];
+        for (k, s) in specials.iter().enumerate() {
+            let at = (k * 7919) % (rows * cols);
+            if rows * cols > 60 {
+                ins[0].data[at] = *s;
+            }
+        }
+        ins[2] = Tensor::new(Dtype::I32, vec![rows, 1], (0..rows).map(|r| ((r * 5) % (cols + 2)) as f64).collect());
+        let want = interp::run(&g, &ins, 0).unwrap();
+        for b in backends() {
+            let p = compiler::kernel::schedule(&g).unwrap();
+            let exe = runtime::compile_program(p, b).unwrap();
+            for (name, got) in runtime::run_tensors_on(&exe, &ins, 0).unwrap() {
+                for (i, (a, w)) in got.data.iter().zip(&want[&name].data).enumerate() {
+                    let same = a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan());
+                    let ok = same || (is_cuda(b) && (a - w).abs() <= 1e-5 + 1e-4 * w.abs());
+                    assert!(ok, "[{rows}, {cols}] [{b:?}] `{name}`[{i}]: {a}, interpreter {w}");
+                }
+            }
+        }
+        // Every reduction with per-element work (2 ops or more) runs its jammed outputs as
+        // lanes (a plain maximum stays scalar: gathering lanes costs more than it saves).
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let exe = Executable::new(p, Backend::Cranelift).unwrap();
+        let mut lanes = 0;
+        for (k, kern) in exe.program.kernels.iter().enumerate() {
+            if let compiler::kernel::Kernel::Loop(l) = kern {
+                let jammed = l.outer_dims() > 0 && l.outer_dims() < l.dims.len() && l.dims[l.outer_dims() - 1] >= 4;
+                if l.reduce.is_some() && jammed && codegen_cpu::jam_work(l) >= 2 {
+                    lanes += 1;
+                    assert!(exe.vectorized(k), "k{k} of [{rows}, {cols}] runs scalar:\n{}", exe.program.text());
+                }
+            }
+        }
+        assert!(rows < 4 || cols == 1 || lanes >= 1, "[{rows}, {cols}]: {lanes} lane reductions");
+    }
+}
