@@ -49,7 +49,7 @@ pub struct BlockOptions {
 
 impl Default for BlockOptions {
     fn default() -> Self {
-        BlockOptions { min_bytes: 32 << 20, block_bytes: 4 << 20, cols: None }
+        BlockOptions { min_bytes: 32 << 20, block_bytes: 8 << 20, cols: None }
     }
 }
 

@@ -1214,6 +1214,17 @@ fn plan_arena(p: &mut Program, g: &Graph) {
         free = merged;
     }
     p.arena_bytes = arena;
+    // A second placement, offline and greedy by size (largest first, each at the lowest
+    // offset free for its whole lifetime); kept when it needs a smaller arena than first-fit
+    // in kernel order, which fragments when a large buffer is born while small ones are live.
+    if let Some((offsets, size)) = place_by_size(p) {
+        if size < p.arena_bytes {
+            for (b, off) in offsets {
+                p.buffers[b].offset = off;
+            }
+            p.arena_bytes = size;
+        }
+    }
     for i in 0..nk {
         let live: usize = p.live_at(i).iter().map(|d| align(d.bytes)).sum::<usize>()
             - p.buffers
@@ -1227,6 +1238,60 @@ fn plan_arena(p: &mut Program, g: &Graph) {
             p.peak_at = i;
         }
     }
+}
+
+/// Arena offsets by the greedy-by-size heuristic: every arena buffer with the buffers that
+/// reuse its slice in place (one slice, live from the first's birth to the last's death),
+/// largest first (ties: earlier birth, lower index), each at the lowest offset that no
+/// placed slice live at an overlapping time occupies. Returns every buffer's offset and the
+/// arena size, or `None` when there is nothing to place.
+fn place_by_size(p: &Program) -> Option<(Vec<(usize, usize)>, usize)> {
+    let in_arena = |d: &BufDecl| d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some();
+    let root = |mut b: usize| {
+        while let Some(r) = p.buffers[b].reuses {
+            b = r;
+        }
+        b
+    };
+    // Slices: root -> (members, first birth, last death, bytes).
+    let mut slices: std::collections::BTreeMap<usize, (Vec<usize>, usize, usize, usize)> = Default::default();
+    for (b, d) in p.buffers.iter().enumerate() {
+        if !in_arena(d) {
+            continue;
+        }
+        let r = root(b);
+        let born = d.born.expect("in the arena");
+        let e = slices.entry(r).or_insert((vec![], born, d.dies, align(p.buffers[r].bytes)));
+        e.0.push(b);
+        e.1 = e.1.min(born);
+        e.2 = e.2.max(d.dies);
+        e.3 = e.3.max(align(d.bytes));
+    }
+    if slices.is_empty() {
+        return None;
+    }
+    let mut order: Vec<(usize, (Vec<usize>, usize, usize, usize))> = slices.into_iter().collect();
+    order.sort_by(|a, b| b.1 .3.cmp(&a.1 .3).then(a.1 .1.cmp(&b.1 .1)).then(a.0.cmp(&b.0)));
+    // Placed: (first birth, last death, offset, bytes).
+    let mut placed: Vec<(usize, usize, usize, usize)> = vec![];
+    let mut offsets = vec![];
+    let mut arena = 0;
+    for (_, (members, born, dies, bytes)) in order {
+        let mut busy: Vec<(usize, usize)> =
+            placed.iter().filter(|q| q.0 <= dies && born <= q.1).map(|q| (q.2, q.3)).collect();
+        busy.sort();
+        let mut off = 0;
+        for (o, sz) in busy {
+            if off + bytes <= o {
+                break;
+            }
+            off = off.max(o + sz);
+        }
+        placed.push((born, dies, off, bytes));
+        arena = arena.max(off + bytes);
+        offsets.extend(members.into_iter().map(|m| (m, off)));
+    }
+    Some((offsets, arena))
 }
 
 impl Program {
