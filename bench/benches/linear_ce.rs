@@ -58,6 +58,8 @@ fn main() {
         mib(naive_logits)
     );
     let start_hwm = vm_hwm();
+    #[cfg(feature = "llvm")]
+    let llvm_program = p.clone();
     let exe = Executable::new(p, Backend::Cranelift).expect("compiles");
     let arena_hwm = vm_hwm().saturating_sub(start_hwm);
     println!("  built in {:.2} s", t.elapsed().as_secs_f64());
@@ -81,6 +83,9 @@ fn main() {
     let before = vm_hwm();
     exe.run(&mut args, 0).expect("runs");
     let grew = vm_hwm().saturating_sub(before);
+    // Built after the measurement (its own arena of the same size).
+    #[cfg(feature = "llvm")]
+    let llvm = Executable::new(llvm_program, Backend::Llvm).expect("LLVM compiles");
     println!(
         "  measured: peak resident memory grew {:.1} MiB when the executable was built (its arena: {:.1} MiB planned) and {:.1} MiB more in the first run (the outputs copied out of the arena: {:.1} MiB); the run allocates nothing else",
         mib(arena_hwm),
@@ -100,20 +105,26 @@ fn main() {
             None
         }
     };
-    let mut results = vec![];
+    // Per round: Cranelift, then LLVM (with `--features llvm`), then JAX.
+    let mut results: Vec<Vec<f64>> = vec![];
     for _ in 0..rounds {
-        let a = median(&time(steps, || {
+        let mut row = vec![median(&time(steps, || {
             exe.run(&mut args, 0).expect("runs");
-        }));
-        let j = peer.as_mut().map(|p| median(&p.run(steps))).unwrap_or(f64::NAN);
-        results.push(vec![a, j]);
+        }))];
+        #[cfg(feature = "llvm")]
+        row.push(median(&time(steps, || {
+            llvm.run(&mut args, 0).expect("runs");
+        })));
+        row.push(peer.as_mut().map(|p| median(&p.run(steps))).unwrap_or(f64::NAN));
+        results.push(row);
     }
-    report(
-        "linear cross-entropy, loss and both gradients",
-        &|t| format!("{:>7.1} GFLOP/s counting 3 matmuls", 3.0 * 2.0 * (n * d * v) as f64 / t / 1e9),
-        &["recipec (blocked, cranelift)", "jax.jit naive"],
-        &results,
-    );
+    let gflops = |t: f64| format!("{:>7.1} GFLOP/s counting 3 matmuls", 3.0 * 2.0 * (n * d * v) as f64 / t / 1e9);
+    let jax = results[0].len() - 1;
+    let names = ["recipec (blocked, cranelift)", "recipec (blocked, llvm)"];
+    for (k, name) in names.iter().enumerate().take(jax) {
+        let pair: Vec<Vec<f64>> = results.iter().map(|r| vec![r[k], r[jax]]).collect();
+        report("linear cross-entropy, loss and both gradients", &gflops, &[name, "jax.jit naive"], &pair);
+    }
     if let Some(p) = peer.as_mut() {
         p.send("rss");
         let rss: usize = p.line().parse().unwrap_or(0);
