@@ -752,15 +752,20 @@ impl<'a, 'b> Gen<'a, 'b> {
         let high = self.b.ins().bitcast(types::F32X4, le, high);
         let hi = self.b.ins().fvpromote_low(high);
         for (acc, x) in accs.into_iter().zip([lo, hi]) {
-            let a = self.b.use_var(acc);
-            let n = match r.op {
-                Red::Sum => self.b.ins().fadd(a, x),
-                Red::Prod => self.b.ins().fmul(a, x),
-                Red::Max => self.b.ins().fmax(a, x),
-                _ => self.b.ins().fmin(a, x),
-            };
-            self.b.def_var(acc, n);
+            self.combine(acc, x, r.op);
         }
+    }
+
+    /// `acc = acc op x` (sum, product, NaN-propagating max or min; scalars or lanes).
+    fn combine(&mut self, acc: Variable, x: Value, op: Red) {
+        let a = self.b.use_var(acc);
+        let n = match op {
+            Red::Sum => self.b.ins().fadd(a, x),
+            Red::Prod => self.b.ins().fmul(a, x),
+            Red::Max => self.b.ins().fmax(a, x),
+            _ => self.b.ins().fmin(a, x),
+        };
+        self.b.def_var(acc, n);
     }
 
     fn red_level(&mut self, d: usize, partials: Vec<Vec<Value>>, accs: &[Variable], r: &compiler::kernel::Reduction) {
@@ -790,14 +795,7 @@ impl<'a, 'b> Gen<'a, 'b> {
         let vals = self.values(part, false);
         let x = vals[r.value];
         let x = if self.b.func.dfg.value_type(x) == types::F32 { self.b.ins().fpromote(types::F64, x) } else { x };
-        let a = self.b.use_var(acc);
-        let n = match r.op {
-            Red::Sum => self.b.ins().fadd(a, x),
-            Red::Prod => self.b.ins().fmul(a, x),
-            Red::Max => self.b.ins().fmax(a, x),
-            _ => self.b.ins().fmin(a, x),
-        };
-        self.b.def_var(acc, n);
+        self.combine(acc, x, r.op);
     }
 
     fn addr(&mut self, buf: usize, off: Value, size: i64) -> Value {

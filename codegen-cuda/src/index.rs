@@ -99,6 +99,12 @@ __device__ __forceinline__ double rc_normal(unsigned long long seed, unsigned lo
 
 "#;
 
+/// The store of a copied element (`v`, stored as `from`) at `pt` of output `o`, closing the
+/// grid-stride loop and the kernel.
+fn store_copy(out: &mut String, od: Dtype, o: usize, from: Dtype, v: &str) {
+    let _ = writeln!(out, "        st_{}(bufs[{o}], pt, {});\n    }}\n}}\n", Dtype::name(od), moved(od, from, v));
+}
+
 fn grid_stride(out: &mut String, name: &str, total: usize) {
     let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
     let _ = writeln!(
@@ -165,13 +171,7 @@ pub(crate) fn library_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut Strin
             let terms: Vec<(String, usize)> = (0..node.shape.len())
                 .map(|i| (if i == *axis { "k".to_string() } else { format!("c{i}") }, xs[i]))
                 .collect();
-            let v = ld(x.dtype, args[0], &dot(&terms));
-            let _ = writeln!(
-                out,
-                "        st_{}(bufs[{o}], pt, {});\n    }}\n}}\n",
-                Dtype::name(od),
-                moved(od, x.dtype, &v)
-            );
+            store_copy(out, od, *o, x.dtype, &ld(x.dtype, args[0], &dot(&terms)));
             Some(launch(ki, name, blocks))
         }
         Op::ScatterAdd { axis } => {
@@ -220,13 +220,7 @@ pub(crate) fn library_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut Strin
             let mut terms: Vec<(String, usize)> = (0..*axis).map(|i| (format!("c{i}"), xs[i])).collect();
             terms.push(("k".into(), xs[*axis]));
             terms.extend((axis + 1..x.shape.len()).map(|i| (format!("c{}", i - 1 + ir), xs[i])));
-            let v = ld(x.dtype, args[0], &dot(&terms));
-            let _ = writeln!(
-                out,
-                "        st_{}(bufs[{o}], pt, {});\n    }}\n}}\n",
-                Dtype::name(od),
-                moved(od, x.dtype, &v)
-            );
+            store_copy(out, od, *o, x.dtype, &ld(x.dtype, args[0], &dot(&terms)));
             Some(launch(ki, name, blocks))
         }
         Op::Uniform { stream } | Op::Normal { stream } => {

@@ -284,26 +284,10 @@ fn dce(g: &mut Graph) {
 /// awkward block widths (the last block narrower), and no `[N, V]` value remains.
 #[test]
 fn blocked_linear_cross_entropy_matches() {
-    let loader = stdlib_loader();
-    let mut db = SourceDb::new();
-    let root = db.add("<blocked>", "use std.loss.linear_cross_entropy\nuse std.loss.cross_entropy\n");
-    let analysis = lang::analyze(&mut db, &[root], &loader);
-    let mods = &analysis.modules;
-    let find = |name: &str| {
-        let m = mods.list.iter().position(|m| m.items.contains_key(name) && m.file != root).unwrap();
-        ItemRef { module: m, item: mods.list[m].items[name] }
-    };
-    let t = |d: Dtype, s: &[usize]| Arg::Tensor(d, s.to_vec());
     for (n, d, v, cols) in
         [(3usize, 5usize, 17usize, 4usize), (8, 4, 32, 10), (17, 3, 1000, 7), (5, 17, 4099, 1000), (1, 2, 3, 1)]
     {
-        let args = vec![
-            ("hidden".to_string(), t(Dtype::F32, &[n, d])),
-            ("classifier".to_string(), t(Dtype::F32, &[v, d])),
-            ("targets".to_string(), t(Dtype::I32, &[n])),
-        ];
-        let mut g = compiler::entry::function(mods, &db, find("linear_cross_entropy"), &args, true).unwrap();
-        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        let g = linear_cross_entropy_graph(n, d, v);
         let mut blocked = g.clone();
         let opts = compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols) };
         let r = compiler::block::run(&mut blocked, &opts).unwrap();
@@ -325,28 +309,35 @@ fn blocked_linear_cross_entropy_matches() {
     }
 }
 
+/// The stdlib's `linear_cross_entropy` with its gradients at `[n, d]` hidden states and `v`
+/// classes, after the pass pipeline (blocked only where the default options block it).
+fn linear_cross_entropy_graph(n: usize, d: usize, v: usize) -> Graph {
+    let loader = stdlib_loader();
+    let mut db = SourceDb::new();
+    let root = db.add("<lce>", "use std.loss.linear_cross_entropy\n");
+    let analysis = lang::analyze(&mut db, &[root], &loader);
+    let mods = &analysis.modules;
+    let m = mods.list.iter().position(|m| m.items.contains_key("linear_cross_entropy") && m.file != root).unwrap();
+    let item = ItemRef { module: m, item: mods.list[m].items["linear_cross_entropy"] };
+    let t = |dt: Dtype, s: &[usize]| Arg::Tensor(dt, s.to_vec());
+    let args = vec![
+        ("hidden".to_string(), t(Dtype::F32, &[n, d])),
+        ("classifier".to_string(), t(Dtype::F32, &[v, d])),
+        ("targets".to_string(), t(Dtype::I32, &[n])),
+    ];
+    let mut g = compiler::entry::function(mods, &db, item, &args, true).unwrap();
+    compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+    g
+}
+
 /// The memory plan of the blocked linear cross-entropy wastes nothing: the arena is the
 /// peak of live bytes (the greedy-by-size placement; first-fit in kernel order left the
 /// classifier's gradient above the first pass's blocks, 14 MiB over the peak at the
 /// benchmark's size), and no two values live together overlap.
 #[test]
 fn the_blocked_linear_cross_entropy_arena_is_its_peak() {
-    let loader = stdlib_loader();
-    let mut db = SourceDb::new();
-    let root = db.add("<arena>", "use std.loss.linear_cross_entropy\n");
-    let analysis = lang::analyze(&mut db, &[root], &loader);
-    let mods = &analysis.modules;
-    let m = mods.list.iter().position(|m| m.items.contains_key("linear_cross_entropy") && m.file != root).unwrap();
-    let item = ItemRef { module: m, item: mods.list[m].items["linear_cross_entropy"] };
-    let t = |d: Dtype, s: &[usize]| Arg::Tensor(d, s.to_vec());
     for (n, d, v, cols) in [(64usize, 32usize, 4096usize, 512usize), (256, 64, 8192, 1024), (17, 3, 1000, 7)] {
-        let args = vec![
-            ("hidden".to_string(), t(Dtype::F32, &[n, d])),
-            ("classifier".to_string(), t(Dtype::F32, &[v, d])),
-            ("targets".to_string(), t(Dtype::I32, &[n])),
-        ];
-        let mut g = compiler::entry::function(mods, &db, item, &args, true).unwrap();
-        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        let mut g = linear_cross_entropy_graph(n, d, v);
         let opts = compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols) };
         compiler::block::run(&mut g, &opts).unwrap();
         dce(&mut g);
