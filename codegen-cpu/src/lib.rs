@@ -300,6 +300,23 @@ pub fn jam_work(l: &Loop) -> usize {
     l.body.iter().filter(|i| matches!(i.inst, Inst::Un(..) | Inst::Bin(..) | Inst::Select(..) | Inst::Cast(..))).count()
 }
 
+/// Which body values stay fixed while loop dims `from..` move: loads (and, with `index`,
+/// indices) with no coefficient on those dims, constants, and ops on fixed values.
+fn fixed_while(l: &Loop, from: usize, index: bool) -> Vec<bool> {
+    let mut f = vec![false; l.body.len()];
+    for (v, i) in l.body.iter().enumerate() {
+        f[v] = match &i.inst {
+            Inst::Load { at, .. } => at.coef[from..].iter().all(|c| *c == 0),
+            Inst::Index(at) => index && at.coef[from..].iter().all(|c| *c == 0),
+            Inst::Const(_) => true,
+            Inst::Un(_, a) | Inst::Cast(a) => f[*a],
+            Inst::Bin(_, a, b2, _) => f[*a] && f[*b2],
+            Inst::Select(c, a, b2) => f[*c] && f[*a] && f[*b2],
+        };
+    }
+    f
+}
+
 fn aff_id(affines: &mut Vec<Affine>, a: &Affine) -> usize {
     match affines.iter().position(|x| x == a) {
         Some(i) => i,
@@ -323,17 +340,7 @@ impl<'a, 'b> Gen<'a, 'b> {
         }
         let dummy = Value::from_u32(0);
         // Invariant: loads that no loop index moves, constants, and ops on invariants.
-        let mut inv = vec![false; l.body.len()];
-        for (v, i) in l.body.iter().enumerate() {
-            inv[v] = match &i.inst {
-                Inst::Load { at, .. } => at.coef.iter().all(|c| *c == 0),
-                Inst::Const(_) => true,
-                Inst::Index(_) => false,
-                Inst::Un(_, a) | Inst::Cast(a) => inv[*a],
-                Inst::Bin(_, a, b2, _) => inv[*a] && inv[*b2],
-                Inst::Select(c, a, b2) => inv[*c] && inv[*a] && inv[*b2],
-            };
-        }
+        let inv = fixed_while(l, 0, false);
         let n = l.body.len();
         Gen {
             b,
@@ -650,7 +657,11 @@ impl<'a, 'b> Gen<'a, 'b> {
             })
             .collect();
         let outer = self.l.outer_dims();
-        self.red_level(outer, partials.clone(), &accs, &r);
+        self.red_walk(outer, partials.clone(), &mut |g, parts| {
+            for (part, acc) in parts.iter().zip(&accs) {
+                g.accumulate(part, *acc, &r);
+            }
+        });
         for (partial, acc) in partials.iter().zip(&accs) {
             let a = self.b.use_var(*acc);
             let v = self.round(r.dtype, a, types::F64);
@@ -672,7 +683,7 @@ impl<'a, 'b> Gen<'a, 'b> {
         let outer = self.l.outer_dims();
         self.vaxis = outer - 1;
         // Values that do not move with the reduced dims: once per group, not per element.
-        let fixed = self.fixed_in_reduction();
+        let fixed = fixed_while(self.l, outer, true);
         if fixed.iter().any(|f| *f) {
             let vals = self.values_where(&parts[0], true, Some(&fixed));
             for (v, f) in fixed.iter().enumerate() {
@@ -687,7 +698,7 @@ impl<'a, 'b> Gen<'a, 'b> {
         for a in accs {
             self.b.def_var(a, init);
         }
-        self.red_level_lanes(outer, parts[0].clone(), accs, &r);
+        self.red_walk(outer, vec![parts[0].clone()], &mut |g, parts| g.accumulate_lanes(&parts[0], accs, &r));
         self.row_v.iter_mut().for_each(|v| *v = None);
         self.vaxis = self.l.dims.len() - 1;
         for (k, partial) in parts.iter().enumerate() {
@@ -701,42 +712,6 @@ impl<'a, 'b> Gen<'a, 'b> {
                 }
             }
         }
-    }
-
-    /// Which values stay fixed while the reduced dims move (computed from the loads' and
-    /// indices' coefficients on those dims).
-    fn fixed_in_reduction(&self) -> Vec<bool> {
-        let l = self.l;
-        let outer = l.outer_dims();
-        let mut f = vec![false; l.body.len()];
-        for (v, i) in l.body.iter().enumerate() {
-            f[v] = match &i.inst {
-                Inst::Load { at, .. } | Inst::Index(at) => at.coef[outer..].iter().all(|c| *c == 0),
-                Inst::Const(_) => true,
-                Inst::Un(_, a) | Inst::Cast(a) => f[*a],
-                Inst::Bin(_, a, b2, _) => f[*a] && f[*b2],
-                Inst::Select(c, a, b2) => f[*c] && f[*a] && f[*b2],
-            };
-        }
-        f
-    }
-
-    fn red_level_lanes(&mut self, d: usize, partial: Vec<Value>, accs: [Variable; 2], r: &compiler::kernel::Reduction) {
-        if d == self.l.dims.len() {
-            self.accumulate_lanes(&partial, accs, r);
-            return;
-        }
-        let zero = self.b.ins().iconst(types::I64, 0);
-        let end = self.b.ins().iconst(types::I64, self.l.dims[d] as i64);
-        let last = d + 1 == self.l.dims.len();
-        self.counted(zero, end, 1, &mut |g, i| {
-            let part = g.advance(&partial, d, i);
-            if last {
-                g.accumulate_lanes(&part, accs, r);
-            } else {
-                g.red_level_lanes(d + 1, part, accs, r);
-            }
-        });
     }
 
     fn accumulate_lanes(&mut self, part: &[Value], accs: [Variable; 2], r: &compiler::kernel::Reduction) {
@@ -768,26 +743,18 @@ impl<'a, 'b> Gen<'a, 'b> {
         self.b.def_var(acc, n);
     }
 
-    fn red_level(&mut self, d: usize, partials: Vec<Vec<Value>>, accs: &[Variable], r: &compiler::kernel::Reduction) {
+    /// Loops over the reduced dims `d..`, calling `at` with the partial offsets of every
+    /// output at each point in order (once, if every reduced dim was coalesced away).
+    fn red_walk(&mut self, d: usize, partials: Vec<Vec<Value>>, at: &mut dyn FnMut(&mut Self, &[Vec<Value>])) {
         if d == self.l.dims.len() {
-            // Every reduced dim had extent 1 (coalesced away): one term.
-            for (part, acc) in partials.iter().zip(accs) {
-                self.accumulate(part, *acc, r);
-            }
+            at(self, &partials);
             return;
         }
         let zero = self.b.ins().iconst(types::I64, 0);
         let end = self.b.ins().iconst(types::I64, self.l.dims[d] as i64);
-        let last = d + 1 == self.l.dims.len();
         self.counted(zero, end, 1, &mut |g, i| {
             let parts: Vec<Vec<Value>> = partials.iter().map(|p| g.advance(p, d, i)).collect();
-            if last {
-                for (part, acc) in parts.iter().zip(accs) {
-                    g.accumulate(part, *acc, r);
-                }
-            } else {
-                g.red_level(d + 1, parts, accs, r);
-            }
+            g.red_walk(d + 1, parts, at);
         });
     }
 

@@ -14,19 +14,11 @@
 //! elements (`take_add`: a block-stride loop over (outer, row, 256-column chunk) triples).
 
 use crate::{round, Launch, LOOP_BLOCK, MAX_GRID};
+use compiler::interp::strides;
 use compiler::ir::{Op, Red};
 use compiler::kernel::{Kernel, Program};
 use lang::types::Dtype;
 use std::fmt::Write;
-
-/// Row-major strides of `shape`.
-fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
-}
 
 /// `long long {prefix}{i} = ...;` for the coordinates of flat position `flat` in `shape`.
 fn unravel(out: &mut String, flat: &str, shape: &[usize], prefix: &str, indent: &str) {

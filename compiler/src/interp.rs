@@ -32,7 +32,8 @@ impl Tensor {
     }
 }
 
-fn strides(shape: &[usize]) -> Vec<usize> {
+/// Row-major strides (in elements) of `shape`.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         s[i] = s[i + 1] * shape[i + 1];
