@@ -212,6 +212,8 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     let mut parts: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
     // The shift each online sum used in the previous block.
     let mut shift_prev: HashMap<NodeId, NodeId> = HashMap::new();
+    // The clamped target index of each one-hot (shared by every block and pass).
+    let mut clamped: HashMap<NodeId, NodeId> = HashMap::new();
     for p in 0..passes {
         let here: Vec<(NodeId, Consumer)> = consumers.iter().copied().filter(|c| phase[&c.0] == p).collect();
         if here.is_empty() {
@@ -248,7 +250,7 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                     for o in ops {
                         o2.push(match clone.get(&o) {
                             Some(c) => *c,
-                            None => slice_of(g, o, start, w, v, &mut sliced)?,
+                            None => slice_of(g, o, start, w, v, &mut sliced, &mut clamped)?,
                         });
                     }
                     g.add(node.op.clone(), node.dtype, vec![n, w], &o2, &node.origin)?
@@ -287,7 +289,7 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                     }
                     Consumer::Pick => {
                         let x = clone[&ops[0]];
-                        let hit = one_hot(g, ops[1], start, w, n, v, o)?;
+                        let hit = one_hot(g, ops[1], start, w, n, v, o, &mut clamped)?;
                         let zero = g.add(Op::Const { value: 0.0 }, cn.dtype, vec![], &[], o)?;
                         let zero = g.add(Op::Broadcast, cn.dtype, vec![n, w], &[zero], o)?;
                         let sel = g.add(Op::Select, cn.dtype, vec![n, w], &[hit, x, zero], o)?;
@@ -499,14 +501,33 @@ fn combine(
 }
 
 /// `bool[N, w]`: whether column `start + j` is row i's (clamped) index in `idx: [N, 1]`.
-fn one_hot(g: &mut Graph, idx: NodeId, start: usize, w: usize, n: usize, v: usize, o: &str) -> Result<NodeId, IrError> {
+/// The clamped index is computed once per `idx` (`clamped`), not once per block: each copy
+/// would be a buffer of its own, all alive from the first block to the last.
+#[allow(clippy::too_many_arguments)]
+fn one_hot(
+    g: &mut Graph,
+    idx: NodeId,
+    start: usize,
+    w: usize,
+    n: usize,
+    v: usize,
+    o: &str,
+    clamped: &mut HashMap<NodeId, NodeId>,
+) -> Result<NodeId, IrError> {
     let it = g.node(idx).dtype;
-    let lo = g.add(Op::Const { value: 0.0 }, it, vec![], &[], o)?;
-    let lo = g.add(Op::Broadcast, it, vec![n, 1], &[lo], o)?;
-    let hi = g.add(Op::Const { value: (v - 1) as f64 }, it, vec![], &[], o)?;
-    let hi = g.add(Op::Broadcast, it, vec![n, 1], &[hi], o)?;
-    let c = g.add(Op::Binary(Bin::Max), it, vec![n, 1], &[idx, lo], o)?;
-    let c = g.add(Op::Binary(Bin::Min), it, vec![n, 1], &[c, hi], o)?;
+    let c = match clamped.get(&idx) {
+        Some(c) => *c,
+        None => {
+            let lo = g.add(Op::Const { value: 0.0 }, it, vec![], &[], o)?;
+            let lo = g.add(Op::Broadcast, it, vec![n, 1], &[lo], o)?;
+            let hi = g.add(Op::Const { value: (v - 1) as f64 }, it, vec![], &[], o)?;
+            let hi = g.add(Op::Broadcast, it, vec![n, 1], &[hi], o)?;
+            let c = g.add(Op::Binary(Bin::Max), it, vec![n, 1], &[idx, lo], o)?;
+            let c = g.add(Op::Binary(Bin::Min), it, vec![n, 1], &[c, hi], o)?;
+            clamped.insert(idx, c);
+            c
+        }
+    };
     let c = g.add(Op::Broadcast, it, vec![n, w], &[c], o)?;
     let col = g.add(Op::Iota { axis: 1 }, it, vec![n, v], &[], o)?;
     let col = g.add(Op::Slice { axis: 1, start }, it, vec![n, w], &[col], o)?;
@@ -523,6 +544,7 @@ fn slice_of(
     w: usize,
     v: usize,
     memo: &mut HashMap<NodeId, NodeId>,
+    clamped: &mut HashMap<NodeId, NodeId>,
 ) -> Result<NodeId, IrError> {
     if let Some(s) = memo.get(&x) {
         return Ok(*s);
@@ -547,13 +569,13 @@ fn slice_of(
         op if elementwise(op) => {
             let mut o2 = vec![];
             for a in ops {
-                o2.push(slice_of(g, a, start, w, v, memo)?);
+                o2.push(slice_of(g, a, start, w, v, memo, clamped)?);
             }
             g.add(node.op.clone(), node.dtype, vec![n, w], &o2, o)?
         }
         Op::ScatterAdd { axis: 1 } if g.node(ops[1]).shape == [n, 1] && g.node(ops[2]).shape == [n, 1] => {
-            let base = slice_of(g, ops[0], start, w, v, memo)?;
-            let hit = one_hot(g, ops[1], start, w, n, v, o)?;
+            let base = slice_of(g, ops[0], start, w, v, memo, clamped)?;
+            let hit = one_hot(g, ops[1], start, w, n, v, o, clamped)?;
             let vals = g.add(Op::Broadcast, node.dtype, vec![n, w], &[ops[2]], o)?;
             let zero = g.add(Op::Const { value: 0.0 }, node.dtype, vec![], &[], o)?;
             let zero = g.add(Op::Broadcast, node.dtype, vec![n, w], &[zero], o)?;

@@ -1341,14 +1341,25 @@ impl Program {
             out.push_str(&format!("  updated in place: {}\n", updated.join(", ")));
         }
         out.push_str("  live at the peak, largest first:\n");
-        let mut live: Vec<&BufDecl> = self.live_at(self.peak_at);
-        live.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.born.cmp(&b.born)));
-        for b in live.iter().take(12) {
+        // Buffers of one type from one recipe line are one row (`count ×`), so a value that
+        // piles up (one per block, one per step) shows with its total.
+        let mut groups: Vec<(usize, usize, String, &str, Option<usize>)> = vec![];
+        for b in self.live_at(self.peak_at) {
             let ty = format!("{}{:?}", b.dtype, b.shape);
-            out.push_str(&format!("    {:>10}  {:<18} {}\n", human(align(b.bytes)), ty, b.origin));
+            match groups.iter_mut().find(|g| g.2 == ty && g.3 == b.origin) {
+                Some(g) => g.1 += 1,
+                None => groups.push((align(b.bytes), 1, ty, &b.origin, b.born)),
+            }
         }
-        if live.len() > 12 {
-            out.push_str(&format!("    … and {} smaller buffers\n", live.len() - 12));
+        groups.sort_by(|a, b| (b.0 * b.1).cmp(&(a.0 * a.1)).then(a.4.cmp(&b.4)));
+        for (bytes, count, ty, origin, _) in groups.iter().take(12) {
+            let n = if *count > 1 { format!("{count} × ") } else { String::new() };
+            out.push_str(&format!("    {:>10}  {:<24} {}\n", human(bytes * count), format!("{n}{ty}"), origin));
+        }
+        if groups.len() > 12 {
+            let rest: usize = groups[12..].iter().map(|g| g.0 * g.1).sum();
+            let count: usize = groups[12..].iter().map(|g| g.1).sum();
+            out.push_str(&format!("    … and {count} smaller buffers ({})\n", human(rest)));
         }
         out
     }

@@ -136,8 +136,9 @@ fn run(req: &Request) -> Result<(), Fail> {
         let Some((dtype, shape)) = parse_shape(spec) else {
             return fail("E0501", format!("`--shape {a}`: `{spec}` is not a type such as f32[4, 7]"));
         };
-        let n_el: usize = shape.iter().product();
-        tensors.insert(n.to_string(), Tensor::new(dtype, shape, vec![0.0; n_el]));
+        // `build` only needs the type: no data (a Gemma-sized classifier would be gigabytes).
+        let data = if req.dry { vec![] } else { vec![0.0; shape.iter().product()] };
+        tensors.insert(n.to_string(), Tensor { dtype, shape, data });
     }
     let mut scalars: Vec<(String, Arg)> = vec![];
     for h in &req.hps {
