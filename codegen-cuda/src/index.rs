@@ -1,6 +1,6 @@
 //! Device code for kernels the CPU runs through its library: `gather`, `scatter_add`,
 //! `take`, `take_add`, `pad`, `concat`, `argmax`/`argmin` reductions, the counter-based
-//! RNG's `uniform` and `normal`, and f16/bf16 matmuls.
+//! RNG's `uniform` and `normal`.
 //! Each gives the interpreter's bits: copies move stored values unchanged; the scatters add
 //! every contribution to an output element in `double`, in the interpreter's order (the
 //! order of the values' flat positions), and round once; the arg-reductions compare in the
@@ -116,44 +116,15 @@ fn launch(ki: usize, name: String, blocks: u64) -> Launch {
     }
 }
 
-/// The device kernel of a library kernel, or `None` when it stays on the host (sort, RNG,
-/// linear algebra, non-f32/f64 matmuls…).
+/// The device kernel of a library kernel, or `None` when it stays on the host (sort, top-k,
+/// categorical samples, linear algebra, integer matmuls…).
 pub(crate) fn library_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result<Option<Launch>, String> {
-    let Kernel::Library { node, operands, args, out: o, id } = k else { return Ok(None) };
+    let Kernel::Library { node, operands, args, out: o, .. } = k else { return Ok(None) };
     let name = format!("k{ki}");
     let total: usize = node.shape.iter().product();
     let od = node.dtype;
     let blocks = (total as u64).div_ceil(LOOP_BLOCK as u64);
     Ok(match &node.op {
-        // 16-bit matmuls (the CPU runs them through its library): the f32 tiles, loading
-        // f16/bf16 and rounding once at the store.
-        Op::MatMul if matches!(od, Dtype::F16 | Dtype::BF16) && operands.iter().all(|x| x.dtype == od) => {
-            let r = node.shape.len();
-            let a = &operands[0];
-            let (m, kk, n) = (node.shape[r - 2], a.shape[r - 1], node.shape[r - 1]);
-            let view = |buf: usize, rows: usize, cols: usize| compiler::kernel::View {
-                buf,
-                offset: 0,
-                batch_strides: strides(&node.shape[..r - 2]).iter().map(|s| (s * rows * cols) as i64).collect(),
-                row_stride: cols as i64,
-                col_stride: 1,
-            };
-            let mm = Kernel::MatMul {
-                a: view(args[0], m, kk),
-                b: view(args[1], kk, n),
-                out: *o,
-                acc: None,
-                out_offset: 0,
-                out_row_stride: n as i64,
-                batch: node.shape[..r - 2].to_vec(),
-                m,
-                k: kk,
-                n,
-                dtype: od,
-                node: *id,
-            };
-            Some(crate::matmul_kernel(p, ki, &mm, out)?)
-        }
         Op::Gather { axis } => {
             let (x, ix) = (&operands[0], &operands[1]);
             let xs = strides(&x.shape);

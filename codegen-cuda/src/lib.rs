@@ -21,13 +21,13 @@
 //!
 //! **Kernels.** A `Loop` becomes a grid-stride loop over its outer points (the reduced
 //! dimensions, if any, loop inside each thread). A `MatMul` becomes a shared-memory tiled
-//! kernel (f32 or f64, strided views, batch over `blockIdx.z`, optional accumulation): 16×16
+//! kernel (f32, f64, or f16/bf16 with 16-bit loads, f32 accumulation and one rounding at the
+//! store; strided views, batch over `blockIdx.z`, optional accumulation): 16×16
 //! output tiles with one output per thread, or, when both output sides are at least 64,
 //! 64×64 tiles with a 4×4 register block per thread (`big_matmul_kernel`); both sum each
 //! output sequentially over k, so they give the same bits.
 //! A `Library` kernel has device code (`index` launches, see [`index`]) for gather,
-//! scatter_add, take, take_add, pad, concat, argmax/argmin, uniform and normal samples, and
-//! f16/bf16 matmuls (the f32 tiles with 16-bit loads and a rounding store); the rest (sort,
+//! scatter_add, take, take_add, pad, concat, argmax/argmin, uniform and normal samples; the rest (sort,
 //! top-k masks, quantile, categorical samples, cumsum, QR/SVD, integer matmuls) runs on the
 //! host between launches: its launch entry says `host`.
 

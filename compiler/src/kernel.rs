@@ -250,7 +250,7 @@ fn is_library(n: &Node) -> bool {
     match &n.op {
         Op::Input { .. } => false,
         Op::Reduce { op, .. } => matches!(op, Red::ArgMax | Red::ArgMin),
-        Op::MatMul => !n.dtype.is_float() || matches!(n.dtype, Dtype::F16 | Dtype::BF16),
+        Op::MatMul => !n.dtype.is_float(),
         op => !is_fusible(op),
     }
 }
