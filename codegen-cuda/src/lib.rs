@@ -25,7 +25,11 @@
 //! store; strided views, batch over `blockIdx.z`, optional accumulation): 16×16
 //! output tiles with one output per thread, or, when both output sides are at least 64,
 //! 64×64 tiles with a 4×4 register block per thread (`big_matmul_kernel`); both sum each
-//! output sequentially over k, so they give the same bits.
+//! output sequentially over k, so they give the same bits. f16/bf16 matmuls with both output
+//! sides at least 64 run on the tensor cores instead (`mma` launches, `mma_matmul_kernel`:
+//! PTX `mma.sync.m16n8k16` with f32 accumulation, 64×64 tiles per 4-warp block); the CUDA
+//! emulator runs the same kernel with a portable `rc_mma16816` that gathers the fragments by
+//! warp shuffles in the PTX ISA's layout.
 //! A `Library` kernel has device code (`index` launches, see [`index`]) for gather,
 //! scatter_add, take, take_add, pad, concat, argmax/argmin, uniform and normal samples; the rest (sort,
 //! top-k masks, quantile, categorical samples, cumsum, QR/SVD, integer matmuls) runs on the
@@ -55,7 +59,8 @@ pub struct Launch {
     pub kernel: usize,
     /// The `extern "C"` name in the unit (`k12`), or empty for `host`.
     pub name: String,
-    /// `loop`, `reduce`, `matmul` or `host` (a library kernel the runtime runs itself).
+    /// `loop`, `reduce`, `matmul` (FMA tiles), `mma` (tensor-core tiles), `index` (a library
+    /// kernel with device code) or `host` (a library kernel the runtime runs itself).
     pub kind: &'static str,
     pub grid: [u32; 3],
     pub block: [u32; 3],
@@ -183,6 +188,58 @@ __device__ __forceinline__ void st_i64(u8* p, long long i, double v) { ((long lo
 __device__ __forceinline__ void st_bool(u8* p, long long i, double v) { p[i] = v != 0.0 ? 1 : 0; }
 __device__ __forceinline__ void st_bf16(u8* p, long long i, float v) { ((u16*)p)[i] = (u16)(__float_as_uint(v) >> 16); }
 __device__ __forceinline__ void st_f16(u8* p, long long i, float v) { ((u16*)p)[i] = rc_f32_to_f16(v); }
+
+// The tensor cores: d = a·b + c for a 16×16 (row-major) by 16×8 (column-major) tile of
+// 16-bit values, f32 accumulation: PTX `mma.sync.aligned.m16n8k16`, each lane holding the
+// fragments the PTX ISA lays out (g = lane / 4, t = lane % 4: a = rows g and g+8, columns
+// 2t, 2t+1 and 2t+8, 2t+9; b = rows 2t, 2t+1, 2t+8, 2t+9 of column g; c and d = rows g and
+// g+8, columns 2t and 2t+1), two 16-bit values per register, the lower index in the low half.
+__device__ __forceinline__ unsigned rc_pack2(u16 lo, u16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+#ifdef RC_EMU
+// The emulator: the same fragments gathered across the warp with shuffles, each output a
+// sequential f32 sum over k starting from c (the products of 16-bit values are exact).
+template <int BF>
+__device__ __forceinline__ float rc_half_bits(unsigned x) { return BF ? __uint_as_float(x << 16) : rc_f16_to_f32((u16)x); }
+template <int BF>
+__device__ void rc_mma16816(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    const int lane = (int)(threadIdx.x & 31), g = lane >> 2, t = lane & 3;
+    float arow[2][16], bcol[2][16];
+    for (int q = 0; q < 4; q++) {
+        const unsigned r0 = __shfl_sync(0xffffffffu, a[0], 4 * g + q), r1 = __shfl_sync(0xffffffffu, a[1], 4 * g + q);
+        const unsigned r2 = __shfl_sync(0xffffffffu, a[2], 4 * g + q), r3 = __shfl_sync(0xffffffffu, a[3], 4 * g + q);
+        arow[0][2 * q] = rc_half_bits<BF>(r0 & 0xffff); arow[0][2 * q + 1] = rc_half_bits<BF>(r0 >> 16);
+        arow[1][2 * q] = rc_half_bits<BF>(r1 & 0xffff); arow[1][2 * q + 1] = rc_half_bits<BF>(r1 >> 16);
+        arow[0][2 * q + 8] = rc_half_bits<BF>(r2 & 0xffff); arow[0][2 * q + 9] = rc_half_bits<BF>(r2 >> 16);
+        arow[1][2 * q + 8] = rc_half_bits<BF>(r3 & 0xffff); arow[1][2 * q + 9] = rc_half_bits<BF>(r3 >> 16);
+        for (int j = 0; j < 2; j++) {
+            const int src = 4 * (2 * t + j) + q;
+            const unsigned s0 = __shfl_sync(0xffffffffu, b[0], src), s1 = __shfl_sync(0xffffffffu, b[1], src);
+            bcol[j][2 * q] = rc_half_bits<BF>(s0 & 0xffff); bcol[j][2 * q + 1] = rc_half_bits<BF>(s0 >> 16);
+            bcol[j][2 * q + 8] = rc_half_bits<BF>(s1 & 0xffff); bcol[j][2 * q + 9] = rc_half_bits<BF>(s1 >> 16);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        float acc = c[i];
+        for (int k = 0; k < 16; k++) acc = __fadd_rn(acc, __fmul_rn(arow[i >> 1][k], bcol[i & 1][k]));
+        d[i] = acc;
+    }
+}
+#else
+template <int BF>
+__device__ __forceinline__ void rc_mma16816(float* d, const unsigned* a, const unsigned* b, const float* c);
+template <>
+__device__ __forceinline__ void rc_mma16816<1>(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+template <>
+__device__ __forceinline__ void rc_mma16816<0>(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+#endif
 
 // NaN-propagating minimum and maximum (the interpreter's `min`/`max`).
 __device__ __forceinline__ double rc_max(double a, double b) { return (isnan(a) || isnan(b)) ? __longlong_as_double(0x7ff8000000000000LL) : fmax(a, b); }
@@ -629,6 +686,9 @@ fn matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Result
     let name = format!("k{ki}");
     let nb: u64 = batch.iter().map(|x| *x as u64).product();
     if *m >= BIG_TILE as usize && *n >= BIG_TILE as usize {
+        if matches!(dtype, Dtype::F16 | Dtype::BF16) {
+            return mma_matmul_kernel(ki, k, out);
+        }
         return big_matmul_kernel(p, ki, k, out);
     }
     let tile = TILE;
@@ -784,6 +844,97 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
         grid: [(*n as u32).div_ceil(big), (*m as u32).div_ceil(big), nb.max(1) as u32],
         block: [16, 16, 1],
         shared_bytes: (16 * (big + 1) + 16 * big) * word,
+    })
+}
+
+/// Element `(r, c)` of a 16-bit operand `v` as its raw bits (batch start `base`), or 0
+/// outside its `rows × cols`.
+fn operand_bits(v: &View, base: &str, (r, rows): (&str, usize), (c, cols): (&str, usize)) -> String {
+    format!(
+        "({r} < {rows}LL && {c} < {cols}LL) ? ((const u16*)bufs[{}])[{base} + {r} * {}LL + {c} * {}LL] : (u16)0",
+        v.buf, v.row_stride, v.col_stride
+    )
+}
+
+/// An f16/bf16 matmul with both output sides at least [`BIG_TILE`] on the tensor cores:
+/// each 128-thread block computes a 64×64 output tile, each of its four warps a 32×32
+/// quarter as 2×4 `mma.sync.m16n8k16` tiles (`rc_mma16816`) accumulating in f32 registers,
+/// from 64×16 and 16×64 operand tiles staged in shared memory as raw 16-bit values
+/// (zero-padded). Each output is an f32 sum over k in steps of 16, rounded once to the dtype
+/// at the store (added to the accumulated operand first where there is one). Within a step
+/// of 16 the tensor cores' summation order is the hardware's; the emulator sums in k order.
+fn mma_matmul_kernel(ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, String> {
+    let Kernel::MatMul { a, b, out_offset, out_row_stride, batch, m, k: kk, n, dtype, .. } = k else {
+        unreachable!("a matmul")
+    };
+    let bf = (*dtype == Dtype::BF16) as u8;
+    let name = format!("k{ki}");
+    let nb: u64 = batch.iter().map(|x| *x as u64).product();
+    let big = BIG_TILE;
+    let _ = writeln!(
+        out,
+        r#"extern "C" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{
+    __shared__ u16 As[{big}][16 + 8];
+    __shared__ u16 Bs[16][{big} + 8];
+    const long long bz = blockIdx.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int wr = (warp >> 1) * 32, wc = (warp & 1) * 32;
+    const long long row0 = (long long)blockIdx.y * {big}, col0 = (long long)blockIdx.x * {big};
+{offsets}
+    float acc[2][4][4];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
+        for (int e = tid; e < 16 * {big}; e += 128) {{
+            const int r = e >> 4, ka = e & 15;
+            const long long gr = row0 + r, gk = t0 + ka;
+            As[r][ka] = {aload};
+            const int kb = e / {big}, c = e % {big};
+            const long long gk2 = t0 + kb, gc = col0 + c;
+            Bs[kb][c] = {bload};
+        }}
+        __syncthreads();
+        unsigned af[2][4], bfr[4][2];
+        for (int i = 0; i < 2; i++) {{
+            const int r = wr + 16 * i + g;
+            af[i][0] = rc_pack2(As[r][2 * t], As[r][2 * t + 1]);
+            af[i][1] = rc_pack2(As[r + 8][2 * t], As[r + 8][2 * t + 1]);
+            af[i][2] = rc_pack2(As[r][2 * t + 8], As[r][2 * t + 9]);
+            af[i][3] = rc_pack2(As[r + 8][2 * t + 8], As[r + 8][2 * t + 9]);
+        }}
+        for (int j = 0; j < 4; j++) {{
+            const int c = wc + 8 * j + g;
+            bfr[j][0] = rc_pack2(Bs[2 * t][c], Bs[2 * t + 1][c]);
+            bfr[j][1] = rc_pack2(Bs[2 * t + 8][c], Bs[2 * t + 9][c]);
+        }}
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 4; j++) rc_mma16816<{bf}>(acc[i][j], af[i], bfr[j], acc[i][j]);
+        __syncthreads();
+    }}
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int e = 0; e < 4; e++) {{
+                const long long row = row0 + wr + 16 * i + g + 8 * (e >> 1);
+                const long long col = col0 + wc + 8 * j + 2 * t + (e & 1);
+                if (row >= {m}LL || col >= {n}LL) continue;
+                const long long at = {oo}LL + bz * {mn}LL + row * {ors}LL + col;"#,
+        offsets = operand_offsets(a, b, batch),
+        aload = operand_bits(a, "oa", ("gr", *m), ("gk", *kk)),
+        bload = operand_bits(b, "ob", ("gk2", *kk), ("gc", *n)),
+        oo = out_offset,
+        mn = m * n,
+        ors = out_row_stride,
+    );
+    let _ = writeln!(out, "                {}", matmul_store(k, "acc[i][j][e]"));
+    let _ = writeln!(out, "            }}\n}}\n");
+    Ok(Launch {
+        kernel: ki,
+        name,
+        kind: "mma",
+        grid: [(*n as u32).div_ceil(big), (*m as u32).div_ceil(big), nb.max(1) as u32],
+        block: [128, 1, 1],
+        shared_bytes: (big * (16 + 8) + 16 * (big + 8)) * 2,
     })
 }
 

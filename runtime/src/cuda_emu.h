@@ -17,6 +17,8 @@
 #include <string.h>
 #include <ucontext.h>
 
+// The unit's tensor-core helper (`rc_mma16816`) takes its portable form here.
+#define RC_EMU 1
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -103,6 +105,25 @@ static T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
         }
     }
     rc_yield(RC_WARP);  // every lane has read before the slots are written again
+    return r;
+}
+
+// `__shfl_sync` with a source lane (width 32): every live lane of the warp takes part.
+template <class T>
+static T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+    (void)mask;
+    (void)width;
+    int me = rc_cur;
+    memcpy(rc_slots[me], &v, sizeof(T));
+    rc_yield(RC_WARP);
+    T r = v;
+    int src = (me & ~31) + (src_lane & 31);
+    if (src >= rc_count || rc_threads[src].state == RC_DONE) {
+        rc_fail("__shfl_sync reads a lane that has exited");
+    } else {
+        memcpy(&r, rc_slots[src], sizeof(T));
+    }
+    rc_yield(RC_WARP);
     return r;
 }
 

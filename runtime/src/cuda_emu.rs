@@ -160,7 +160,8 @@ impl EmuExecutable {
                 (_, Some((f, barriers))) => {
                     let l = &self.unit.launches[ki];
                     let mut grid = l.grid;
-                    if l.kind != "matmul" {
+                    // Tile kernels need their whole grid; grid-stride loops take any.
+                    if !matches!(l.kind, "matmul" | "mma") {
                         grid[0] = grid[0].min(MAX_EMU_BLOCKS);
                     }
                     let mut msg = vec![0 as std::ffi::c_char; 512];
