@@ -5,8 +5,8 @@
 //! **Fusion.** Every node is either *materialized* (it gets a buffer) or *fused* into each
 //! loop that reads it (its value is recomputed in registers at the point of use). A node is
 //! materialized when it is an input or output, a reduction, a matmul or a library op, when
-//! a matmul or library op reads it, or when it does arithmetic and more than one node reads
-//! it. Views (`broadcast`, `transpose`, `reshape`, `slice`), constants and `iota` are never
+//! a matmul or library op reads it, or when it does arithmetic (a cast does not count) and
+//! more than one node reads it. Views (`broadcast`, `transpose`, `reshape`, `slice`), constants and `iota` are never
 //! materialized on their own account: they become affine index maps of the loads that read
 //! through them. A `broadcast` that repeats a computed value is materialized below the
 //! broadcast, so that a scalar computed once is not recomputed per element. The result:
@@ -535,7 +535,9 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
     let outputs: BTreeSet<NodeId> = g.outputs.iter().map(|o| o.1).collect();
     let mut mat: BTreeSet<NodeId> = BTreeSet::new();
     let compute = |n: NodeId, mat: &BTreeSet<NodeId>| -> bool {
-        // Does inlining `n` do arithmetic (rather than reading through views)?
+        // Does inlining `n` do arithmetic (rather than reading through views and casts)?
+        // A cast is recomputed by each reader: a widening of a 16-bit block read three
+        // times costs three conversions, not an f32 copy of the block and a pass over it.
         let mut stack = vec![n];
         while let Some(x) = stack.pop() {
             let node = g.node(x);
@@ -544,7 +546,7 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
             }
             match &node.op {
                 Op::Const { .. } | Op::Input { .. } | Op::Iota { .. } => {}
-                op if is_view(op) => stack.extend(g.operands(x)),
+                op if is_view(op) || *op == Op::Cast => stack.extend(g.operands(x)),
                 _ => return true,
             }
         }
