@@ -20,7 +20,10 @@
 //! `--fmad=false` (no contraction of `a * b + c` into an FMA), as [`NVRTC_OPTIONS`] says.
 //!
 //! **Kernels.** A `Loop` becomes a grid-stride loop over its outer points (the reduced
-//! dimensions, if any, loop inside each thread). A `MatMul` becomes a shared-memory tiled
+//! dimensions, if any, loop inside each thread); an elementwise loop over one dimension of
+//! at least [`VECTOR_MIN`] points that reads or writes f32 buffers at the flat index takes
+//! four points per thread with 128-bit (`float4`) loads and stores of those buffers
+//! (`vector_loop_kernel`). A `MatMul` becomes a shared-memory tiled
 //! kernel (f32, f64, or f16/bf16 with 16-bit loads, f32 accumulation and one rounding at the
 //! store; strided views, batch over `blockIdx.z`, optional accumulation): 16×16
 //! output tiles with one output per thread, or, when both output sides are at least 64,
@@ -38,6 +41,7 @@
 use compiler::ir::{Bin, Red, Un};
 use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal, View};
 use lang::types::Dtype;
+use std::collections::BTreeMap as HashMap;
 use std::fmt::Write;
 
 mod index;
@@ -448,6 +452,12 @@ fn binary(op: Bin, x: &str, y: &str, xd: Dtype, float: bool, dt: Dtype) -> Strin
 
 /// The body's values at one point, as C statements; returns the variable names.
 fn body(p: &Program, l: &Loop, out: &mut String, indent: &str) -> Vec<String> {
+    body_with(p, l, out, indent, &HashMap::new())
+}
+
+/// [`body`], with the loads of the buffers in `vector` (contiguous f32 at the flat index)
+/// read from the registers the vector loop loaded (`{name}[e]`).
+fn body_with(p: &Program, l: &Loop, out: &mut String, indent: &str, vector: &HashMap<usize, String>) -> Vec<String> {
     let mut names: Vec<String> = vec![];
     for (v, ins) in l.body.iter().enumerate() {
         let dt = ins.dtype;
@@ -456,7 +466,10 @@ fn body(p: &Program, l: &Loop, out: &mut String, indent: &str) -> Vec<String> {
         let e = match &ins.inst {
             Inst::Load { buf, at } => {
                 let bd = p.buffers[*buf].dtype;
-                let x = format!("ld_{}(bufs[{buf}], {})", Dtype::name(bd), affine(at));
+                let x = match vector.get(buf) {
+                    Some(v) if is_flat(at) => format!("{v}[e]"),
+                    _ => format!("ld_{}(bufs[{buf}], {})", Dtype::name(bd), affine(at)),
+                };
                 if bd == dt {
                     x
                 } else {
@@ -596,6 +609,11 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
             return warp_reduce_kernel(p, ki, l, r, out);
         }
     }
+    if l.reduce.is_none() {
+        if let Some(launch) = vector_loop_kernel(p, ki, l, out)? {
+            return Ok(launch);
+        }
+    }
     let total: u64 = l.dims[..outer].iter().map(|d| *d as u64).product();
     let name = format!("k{ki}");
     let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
@@ -650,6 +668,120 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
         block: [LOOP_BLOCK, 1, 1],
         shared_bytes: 0,
     })
+}
+
+/// `at` is the flat index of a one-dimensional loop (`i0`, no offset).
+fn is_flat(at: &Affine) -> bool {
+    at.c == 0 && at.coef == [1]
+}
+
+/// Loops of fewer points keep one element per thread.
+pub const VECTOR_MIN: usize = 1024;
+
+/// An elementwise loop over one (coalesced) dimension that reads or writes f32 buffers at
+/// the flat index: each thread takes four consecutive points per step of the grid-stride
+/// loop, with one 128-bit load (`float4`) per such buffer read and one 128-bit store per
+/// such buffer written (arena buffers are 64-byte aligned, device allocations 256-byte);
+/// other loads (scalars, other dtypes, other index maps) stay per element. The points past
+/// the last multiple of four run one per thread after. Values and stores are the scalar
+/// loop's, element for element. `None` when the loop does not qualify.
+fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Option<Launch>, String> {
+    if l.dims.len() != 1 || l.dims[0] < VECTOR_MIN {
+        return Ok(None);
+    }
+    let f32_flat = |buf: usize, at: &Affine| p.buffers[buf].dtype == Dtype::F32 && is_flat(at);
+    let mut loads: Vec<usize> = l
+        .body
+        .iter()
+        .filter_map(|i| match &i.inst {
+            Inst::Load { buf, at } if f32_flat(*buf, at) => Some(*buf),
+            _ => None,
+        })
+        .collect();
+    loads.sort();
+    loads.dedup();
+    let vstores: Vec<bool> = l.stores.iter().map(|s| f32_flat(s.buf, &s.at)).collect();
+    if loads.is_empty() && !vstores.iter().any(|v| *v) {
+        return Ok(None);
+    }
+    let total = l.dims[0] as u64;
+    let quads = total / 4;
+    let name = format!("k{ki}");
+    let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
+    let _ = writeln!(
+        out,
+        "    for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < {quads}LL; q += (long long)gridDim.x * blockDim.x) {{"
+    );
+    let mut vector: HashMap<usize, String> = HashMap::new();
+    for b in &loads {
+        let _ = writeln!(out, "        const float4 w{b} = ((const float4*)bufs[{b}])[q];");
+        let _ = writeln!(out, "        const float r{b}[4] = {{w{b}.x, w{b}.y, w{b}.z, w{b}.w}};");
+        vector.insert(*b, format!("r{b}"));
+    }
+    for (si, v) in vstores.iter().enumerate() {
+        if *v {
+            let _ = writeln!(out, "        float s{si}[4];");
+        }
+    }
+    let _ = writeln!(out, "        for (int e = 0; e < 4; e++) {{");
+    let _ = writeln!(out, "            const long long i0 = 4 * q + e;");
+    let names = body_with(p, l, out, "            ", &vector);
+    let stored = |s: &compiler::kernel::Store| -> Result<String, String> {
+        let StoreVal::Val(v) = s.val else {
+            return Err(format!("k{ki}: a store of the accumulator outside a reduction"));
+        };
+        let bd = p.buffers[s.buf].dtype;
+        Ok(if l.body[v].dtype == bd { names[v].clone() } else { round(bd, &names[v], is_f32ish(l.body[v].dtype)) })
+    };
+    for (si, s) in l.stores.iter().enumerate() {
+        let val = stored(s)?;
+        if vstores[si] {
+            let _ = writeln!(out, "            s{si}[e] = {val};");
+        } else {
+            let bd = p.buffers[s.buf].dtype;
+            let _ = writeln!(out, "            st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
+        }
+    }
+    let _ = writeln!(out, "        }}");
+    for (si, s) in l.stores.iter().enumerate() {
+        if vstores[si] {
+            let _ = writeln!(
+                out,
+                "        ((float4*)bufs[{}])[q] = make_float4(s{si}[0], s{si}[1], s{si}[2], s{si}[3]);",
+                s.buf
+            );
+        }
+    }
+    let _ = writeln!(out, "    }}");
+    if quads * 4 == total {
+        let _ = writeln!(out, "}}\n");
+        let grid = quads.div_ceil(LOOP_BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        return Ok(Some(Launch {
+            kernel: ki,
+            name,
+            kind: "loop",
+            grid: [grid, 1, 1],
+            block: [LOOP_BLOCK, 1, 1],
+            shared_bytes: 0,
+        }));
+    }
+    // The tail, one point per thread.
+    let _ = writeln!(
+        out,
+        "    for (long long i0 = {}LL + (long long)blockIdx.x * blockDim.x + threadIdx.x; i0 < {total}LL; i0 += (long long)gridDim.x * blockDim.x) {{",
+        quads * 4
+    );
+    let names = body(p, l, out, "        ");
+    for s in &l.stores {
+        let StoreVal::Val(v) = s.val else { unreachable!("checked above") };
+        let bd = p.buffers[s.buf].dtype;
+        let val =
+            if l.body[v].dtype == bd { names[v].clone() } else { round(bd, &names[v], is_f32ish(l.body[v].dtype)) };
+        let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
+    }
+    let _ = writeln!(out, "    }}\n}}\n");
+    let grid = quads.div_ceil(LOOP_BLOCK as u64).clamp(1, MAX_GRID) as u32;
+    Ok(Some(Launch { kernel: ki, name, kind: "loop", grid: [grid, 1, 1], block: [LOOP_BLOCK, 1, 1], shared_bytes: 0 }))
 }
 
 /// The element offset of batch `bz` of a view (batch axes row-major).

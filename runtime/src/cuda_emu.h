@@ -31,6 +31,9 @@ struct rc_dim3 {
 };
 static rc_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+// CUDA's 128-bit vector of four floats (the emulator does not need its 16-byte alignment).
+struct float4 { float x, y, z, w; };
+static inline float4 make_float4(float x, float y, float z, float w) { float4 v = {x, y, z, w}; return v; }
 static inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
 static inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
 static inline int __float_as_int(float f) { int x; memcpy(&x, &f, 4); return x; }

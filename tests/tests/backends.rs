@@ -783,6 +783,41 @@ fn half_precision_matmuls_match_the_interpreter() {
     }
 }
 
+/// Elementwise loops over f32 buffers at the flat index read and write them 128 bits at a
+/// time on the device (four points per thread, `float4`), with scalar, bool and strided
+/// reads beside them and the points past the last multiple of four one per thread: bit for
+/// bit the interpreter's values, at lengths with and without that tail.
+#[test]
+fn elementwise_loops_use_128_bit_accesses_and_match_the_interpreter() {
+    use compiler::ir::Bin;
+    for n in [1024usize, 4099, 5002] {
+        let mut g = Graph::new("vector");
+        let x = g.add(Op::Input { index: 0, name: "x".into() }, Dtype::F32, vec![n], &[], "x").unwrap();
+        let y = g.add(Op::Input { index: 1, name: "y".into() }, Dtype::F32, vec![n], &[], "y").unwrap();
+        let s = g.add(Op::Input { index: 2, name: "s".into() }, Dtype::F32, vec![], &[], "s").unwrap();
+        let h = g.add(Op::Input { index: 3, name: "h".into() }, Dtype::BF16, vec![n], &[], "h").unwrap();
+        let sb = g.add(Op::Broadcast, Dtype::F32, vec![n], &[s], "sb").unwrap();
+        let xy = g.add(Op::Binary(Bin::Mul), Dtype::F32, vec![n], &[x, y], "xy").unwrap();
+        let hf = g.add(Op::Cast, Dtype::F32, vec![n], &[h], "hf").unwrap();
+        let a = g.add(Op::Binary(Bin::Add), Dtype::F32, vec![n], &[xy, sb], "a").unwrap();
+        let b = g.add(Op::Binary(Bin::Sub), Dtype::F32, vec![n], &[a, hf], "b").unwrap();
+        let c = g.add(Op::Binary(Bin::Div), Dtype::F32, vec![n], &[x, sb], "c").unwrap();
+        let ch = g.add(Op::Cast, Dtype::BF16, vec![n], &[c], "ch").unwrap();
+        g.outputs.extend([("b".into(), b), ("c".into(), ch)]);
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let unit = codegen_cuda::emit(&p).unwrap();
+        assert!(
+            unit.source.contains("((const float4*)bufs[") && unit.source.contains("make_float4("),
+            "{}",
+            unit.source
+        );
+        assert_eq!(unit.source.contains("i0 = 4096LL"), n == 4099, "the tail loop");
+        for backend in backends().into_iter().filter(|b| is_cuda(*b)) {
+            differential_on(&g, &format!("vector loop n={n} [{backend:?}]"), backend);
+        }
+    }
+}
+
 /// `uniform` and `normal` samples have device code: the CUDA kernels draw the interpreter's
 /// numbers (Philox on the same counters, the run's seed from the kernel table): uniform bit
 /// for bit, normal within the f64 `log`/`cos` ulp bounds of CUDA's libm (exact on the
