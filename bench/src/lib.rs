@@ -36,18 +36,39 @@ pub fn function_graph(name: &str, args: Vec<(&str, Arg)>, grad: bool) -> Graph {
     })
 }
 
+/// The optimized graph of item `name` of recipe source `src` (which may `use` the stdlib),
+/// with gradients when `grad`.
+pub fn source_graph(src: &str, name: &str, args: Vec<(&str, Arg)>, grad: bool) -> Graph {
+    let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
+    checked(src, false, name, |mods, db, r| {
+        compiler::entry::function(mods, db, r, &args, grad).expect("function lowers")
+    })
+}
+
 fn with_item(dotted: &str, f: impl FnOnce(&lang::resolve::Modules, &SourceDb, ItemRef) -> Graph) -> Graph {
+    let name = dotted.rsplit('.').next().unwrap();
+    checked(&format!("use {dotted}\n"), true, name, f)
+}
+
+/// Item `name` of `src` (`imported`: of the stdlib module `src` imports it from), lowered by
+/// `f` and optimized.
+fn checked(
+    src: &str,
+    imported: bool,
+    name: &str,
+    f: impl FnOnce(&lang::resolve::Modules, &SourceDb, ItemRef) -> Graph,
+) -> Graph {
     let mut loader = MemoryLoader::default();
     for (m, file, text) in stdlib::MODULES {
         loader = loader.with(m, &format!("<std>/{file}"), text);
     }
     let mut db = SourceDb::new();
-    let root = db.add("<bench>", format!("use {dotted}\n"));
+    let root = db.add("<bench>", src.to_string());
     let analysis = lang::analyze(&mut db, &[root], &loader);
-    assert!(!analysis.has_errors(), "{dotted} does not check");
-    let name = dotted.rsplit('.').next().unwrap();
+    assert!(!analysis.has_errors(), "{name} does not check");
     let mods = &analysis.modules;
-    let m = mods.list.iter().position(|m| m.file != root && m.items.contains_key(name)).expect("item exists");
+    let m =
+        mods.list.iter().position(|m| (m.file != root) == imported && m.items.contains_key(name)).expect("item exists");
     let r = ItemRef { module: m, item: mods.list[m].items[name] };
     let mut g = f(mods, &db, r);
     compiler::passes::run_pipeline(&mut g, None, &mut vec![]).expect("pipeline");
