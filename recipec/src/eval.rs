@@ -470,6 +470,13 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             Err(e) => return Err(Fail("E0503", e.0)),
         };
         println!("cuda {} for {arch}: {} launches", u.name, u.launches.len());
+        // What the GPU path allocates: one arena for the plan, plus the arguments.
+        println!(
+            "  device memory: arena {} (one allocation; peak at k{}), arguments {}; `--emit plan` lists the buffers live at the peak by recipe line",
+            compiler::plan::human(p.arena_bytes),
+            p.peak_at,
+            compiler::plan::human(p.argument_bytes)
+        );
         println!(
             "  {:<6} {:<7} {:>16} {:>12} {:>8} {:>6} {:>8}",
             "kernel", "kind", "grid", "block", "smem", "regs", "spilled"

@@ -394,7 +394,7 @@ fn build_writes_deterministic_artifacts() {
 }
 
 /// `recipec build --target cuda`: the CUDA C of the recipe's training step with its launch
-/// table; where NVRTC and `ptxas` are installed (CI), compiled and assembled with every
+/// table and the device memory it needs; where NVRTC and `ptxas` are installed (CI), compiled and assembled with every
 /// kernel's registers and spills, the files written to `-o DIR`; where not, a note says which
 /// step was skipped. An unknown architecture and a foreign `-o` directory are refused.
 #[test]
@@ -410,6 +410,9 @@ fn build_target_cuda_compiles_and_reports_each_kernel() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.starts_with("cuda sparse_gpt for sm_80:"), "{stdout}");
+    // The device memory the run will allocate, in the units of `--emit plan`.
+    let mem = stdout.lines().find(|l| l.trim_start().starts_with("device memory: arena ")).expect("a memory line");
+    assert!(mem.contains("MiB") && mem.contains("peak at k") && mem.contains("arguments"), "{mem}");
     let kernels: Vec<&str> = stdout
         .lines()
         .filter(|l| {
