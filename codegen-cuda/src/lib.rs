@@ -927,14 +927,7 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) sum[i][j] = 0;
     for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
-        for (int e = tid; e < 16 * {big}; e += 256) {{
-            const int r = e >> 4, ka = e & 15;
-            const long long gr = row0 + r, gk = t0 + ka;
-            As[ka][r] = {aload};
-            const int kb = e / {big}, c = e % {big};
-            const long long gk2 = t0 + kb, gc = col0 + c;
-            Bs[kb][c] = {bload};
-        }}
+{stage}
         __syncthreads();
         for (int q = 0; q < 16; q++) {{
             {t} av[4], bv[4];
@@ -953,8 +946,12 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
             if (col >= {n}LL) continue;
             const long long at = {oo}LL + bz * {mn}LL + row * {ors}LL + col;"#,
         offsets = operand_offsets(a, b, batch),
-        aload = operand_load(a, "oa", ("gr", *m), ("gk", *kk), t, &ld),
-        bload = operand_load(b, "ob", ("gk2", *kk), ("gc", *n), t, &ld),
+        stage = stage_tiles(
+            256,
+            "As[ka][r]",
+            &operand_load(a, "oa", ("gr", *m), ("gk", *kk), t, &ld),
+            &operand_load(b, "ob", ("gk2", *kk), ("gc", *n), t, &ld)
+        ),
         oo = out_offset,
         mn = m * n,
         ors = out_row_stride,
@@ -977,6 +974,23 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
         block: [16, 16, 1],
         shared_bytes: (16 * (big + 1) + 16 * big) * word,
     })
+}
+
+/// The staging of one k-step of the 64-row/column tile kernels: the block's `threads`
+/// threads copy the 64×16 A tile (element `(r, ka)` stored at `a_at`) and the 16×64 B tile
+/// (`Bs[kb][c]`) from the operands, zero outside them.
+fn stage_tiles(threads: u32, a_at: &str, aload: &str, bload: &str) -> String {
+    let big = BIG_TILE;
+    format!(
+        "        for (int e = tid; e < 16 * {big}; e += {threads}) {{
+            const int r = e >> 4, ka = e & 15;
+            const long long gr = row0 + r, gk = t0 + ka;
+            {a_at} = {aload};
+            const int kb = e / {big}, c = e % {big};
+            const long long gk2 = t0 + kb, gc = col0 + c;
+            Bs[kb][c] = {bload};
+        }}"
+    )
 }
 
 /// Element `(r, c)` of a 16-bit operand `v` as its raw bits (batch start `base`), or 0
@@ -1018,14 +1032,7 @@ fn mma_matmul_kernel(ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, 
         for (int j = 0; j < 4; j++)
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
     for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
-        for (int e = tid; e < 16 * {big}; e += 128) {{
-            const int r = e >> 4, ka = e & 15;
-            const long long gr = row0 + r, gk = t0 + ka;
-            As[r][ka] = {aload};
-            const int kb = e / {big}, c = e % {big};
-            const long long gk2 = t0 + kb, gc = col0 + c;
-            Bs[kb][c] = {bload};
-        }}
+{stage}
         __syncthreads();
         unsigned af[2][4], bfr[4][2];
         for (int i = 0; i < 2; i++) {{
@@ -1052,8 +1059,12 @@ fn mma_matmul_kernel(ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, 
                 if (row >= {m}LL || col >= {n}LL) continue;
                 const long long at = {oo}LL + bz * {mn}LL + row * {ors}LL + col;"#,
         offsets = operand_offsets(a, b, batch),
-        aload = operand_bits(a, "oa", ("gr", *m), ("gk", *kk)),
-        bload = operand_bits(b, "ob", ("gk2", *kk), ("gc", *n)),
+        stage = stage_tiles(
+            128,
+            "As[r][ka]",
+            &operand_bits(a, "oa", ("gr", *m), ("gk", *kk)),
+            &operand_bits(b, "ob", ("gk2", *kk), ("gc", *n))
+        ),
         oo = out_offset,
         mn = m * n,
         ors = out_row_stride,

@@ -695,66 +695,6 @@ fn batch_offset(v: &View, batch: &[usize], bi: usize) -> i64 {
     off
 }
 
-/// An f16/bf16 matmul: the operands widened to f32 (exact), multiplied by the f32 kernel
-/// (f32 accumulation), each output added to the accumulated operand in f32 where there is
-/// one and rounded once to the dtype: the CUDA kernels' rule (`docs/semantics.md`).
-#[allow(clippy::too_many_arguments)]
-fn matmul_half(
-    ptrs: &[*mut u8],
-    a: &View,
-    b: &View,
-    out: &OutView,
-    batch: &[usize],
-    m: usize,
-    k: usize,
-    n: usize,
-    dtype: Dtype,
-) {
-    let widen = |v: &View, bi: usize, rows: usize, cols: usize| -> Vec<f32> {
-        let base = batch_offset(v, batch, bi);
-        let p = ptrs[v.buf] as *const u8;
-        let mut w = Vec::with_capacity(rows * cols);
-        for r in 0..rows as i64 {
-            for c in 0..cols as i64 {
-                w.push(read(dtype, p, (base + r * v.row_stride + c * v.col_stride) as usize) as f32);
-            }
-        }
-        w
-    };
-    let threads = rayon::current_num_threads();
-    let par =
-        if m * n * k >= 1 << 18 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    let po = ptrs[out.buf];
-    for bi in 0..batch.iter().product::<usize>() {
-        let (wa, wb) = (widen(a, bi, m, k), widen(b, bi, k, n));
-        let mut prod = vec![0f32; m * n];
-        // SAFETY: three contiguous f32 matrices of the sizes given.
-        unsafe {
-            gemm_into::<f32>(
-                m,
-                n,
-                k,
-                (prod.as_mut_ptr() as usize, 0, n as isize),
-                false,
-                (wa.as_ptr() as usize, 0, (k as isize, 1)),
-                (wb.as_ptr() as usize, 0, (n as isize, 1)),
-                (0.0, 1.0),
-                par,
-            )
-        };
-        for r in 0..m {
-            for c in 0..n {
-                let at = (out.offset + (bi * m * n) as i64 + r as i64 * out.row_stride + c as i64) as usize;
-                let mut v = prod[r * n + c];
-                if out.accumulate {
-                    v += read(dtype, po, at) as f32;
-                }
-                write(dtype, po, at, v as f64);
-            }
-        }
-    }
-}
-
 /// True when the batches of `v` follow each other as rows: batch `i` starts `m` rows after
 /// batch `i - 1`, in row-major order over the batch axes.
 fn rows_stack(v: &View, batch: &[usize], m: usize) -> bool {
@@ -780,8 +720,57 @@ fn matmul(
     n: usize,
     dtype: Dtype,
 ) {
+    // f16/bf16: the operands widened to f32 (exact), multiplied by the f32 kernel (f32
+    // accumulation), each output added to the accumulated operand in f32 where there is one
+    // and rounded once to the dtype: the CUDA kernels' rule (`docs/semantics.md`).
     if matches!(dtype, Dtype::F16 | Dtype::BF16) {
-        return matmul_half(ptrs, a, b, out, batch, m, k, n, dtype);
+        let widen = |v: &View, bi: usize, rows: usize, cols: usize| -> Vec<f32> {
+            let base = batch_offset(v, batch, bi);
+            let p = ptrs[v.buf] as *const u8;
+            let mut w = Vec::with_capacity(rows * cols);
+            for r in 0..rows as i64 {
+                for c in 0..cols as i64 {
+                    w.push(read(dtype, p, (base + r * v.row_stride + c * v.col_stride) as usize) as f32);
+                }
+            }
+            w
+        };
+        let threads = rayon::current_num_threads();
+        let par = if m * n * k >= 1 << 18 && threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let po = ptrs[out.buf];
+        for bi in 0..batch.iter().product::<usize>() {
+            let (wa, wb) = (widen(a, bi, m, k), widen(b, bi, k, n));
+            let mut prod = vec![0f32; m * n];
+            // SAFETY: three contiguous f32 matrices of the sizes given.
+            unsafe {
+                gemm_into::<f32>(
+                    m,
+                    n,
+                    k,
+                    (prod.as_mut_ptr() as usize, 0, n as isize),
+                    false,
+                    (wa.as_ptr() as usize, 0, (k as isize, 1)),
+                    (wb.as_ptr() as usize, 0, (n as isize, 1)),
+                    (0.0, 1.0),
+                    par,
+                )
+            };
+            for r in 0..m {
+                for c in 0..n {
+                    let at = (out.offset + (bi * m * n) as i64 + r as i64 * out.row_stride + c as i64) as usize;
+                    let mut v = prod[r * n + c];
+                    if out.accumulate {
+                        v += read(dtype, po, at) as f32;
+                    }
+                    write(dtype, po, at, v as f64);
+                }
+            }
+        }
+        return;
     }
     let nb: usize = batch.iter().product();
     // `A[b] @ W` with `W` shared by every batch element, `A`'s batches stacked row after row

@@ -14,7 +14,7 @@
 
 use compiler::interp::{self, Tensor};
 use compiler::ir::{Graph, Op};
-use compiler::kernel::Kernel;
+use compiler::kernel::{Kernel, Program};
 use compiler::lower::Arg;
 use lang::ast::{FnKind, ItemKind};
 use lang::source::{MemoryLoader, SourceDb};
@@ -361,12 +361,7 @@ fn half_precision_linear_cross_entropy_blocks_through_matmul_kernels() {
         for (n, d, v, cols) in [(17usize, 8usize, 1000usize, 64usize), (5, 17, 300, 32)] {
             let what = format!("{dtype} linear_cross_entropy N={n} D={d} V={v} in blocks of {cols}");
             let g = linear_cross_entropy_graph_of(dtype, n, d, v);
-            let mut blocked = g.clone();
-            let opts = compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols) };
-            assert_eq!(compiler::block::run(&mut blocked, &opts).unwrap().changed, 1, "{what}");
-            dce(&mut blocked);
-            let p = compiler::kernel::schedule(&blocked).unwrap();
-            p.verify().unwrap();
+            let (_, p) = blocked_linear_cross_entropy(dtype, n, d, v, cols);
             let library_matmuls =
                 p.kernels.iter().filter(|k| matches!(k, Kernel::Library { node, .. } if node.op == Op::MatMul)).count();
             assert_eq!(library_matmuls, 0, "{what}:\n{}", p.text());
@@ -397,6 +392,17 @@ fn half_precision_linear_cross_entropy_blocks_through_matmul_kernels() {
     }
 }
 
+/// The linear cross-entropy at `dtype` blocked in `cols` columns, and its program.
+fn blocked_linear_cross_entropy(dtype: Dtype, n: usize, d: usize, v: usize, cols: usize) -> (Graph, Program) {
+    let mut g = linear_cross_entropy_graph_of(dtype, n, d, v);
+    let opts = compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols) };
+    assert_eq!(compiler::block::run(&mut g, &opts).unwrap().changed, 1, "{dtype} N={n} D={d} V={v} cols={cols}");
+    dce(&mut g);
+    let p = compiler::kernel::schedule(&g).unwrap();
+    p.verify().unwrap();
+    (g, p)
+}
+
 /// The memory plan of the blocked linear cross-entropy wastes nothing: the arena is the
 /// peak of live bytes (the greedy-by-size placement; first-fit in kernel order left the
 /// classifier's gradient above the first pass's blocks, 14 MiB over the peak at the
@@ -404,12 +410,7 @@ fn half_precision_linear_cross_entropy_blocks_through_matmul_kernels() {
 #[test]
 fn the_blocked_linear_cross_entropy_arena_is_its_peak() {
     for (n, d, v, cols) in [(64usize, 32usize, 4096usize, 512usize), (256, 64, 8192, 1024), (17, 3, 1000, 7)] {
-        let mut g = linear_cross_entropy_graph(n, d, v);
-        let opts = compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols) };
-        compiler::block::run(&mut g, &opts).unwrap();
-        dce(&mut g);
-        let p = compiler::kernel::schedule(&g).unwrap();
-        p.verify().unwrap();
+        let (_, p) = blocked_linear_cross_entropy(Dtype::F32, n, d, v, cols);
         assert_eq!(p.arena_bytes, p.peak_bytes, "N={n} D={d} V={v} cols={cols}:\n{}", p.text());
     }
 }
@@ -423,12 +424,7 @@ fn the_blocked_linear_cross_entropy_arena_is_its_peak() {
 fn the_blocked_linear_cross_entropy_keeps_nothing_per_block() {
     let live = |v: usize| {
         let (n, d, cols) = (64usize, 8usize, 16usize);
-        let mut g = linear_cross_entropy_graph(n, d, v);
-        let opts = compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols) };
-        compiler::block::run(&mut g, &opts).unwrap();
-        dce(&mut g);
-        let p = compiler::kernel::schedule(&g).unwrap();
-        p.verify().unwrap();
+        let (_, p) = blocked_linear_cross_entropy(Dtype::F32, n, d, v, cols);
         let grads = (v * d * 4).next_multiple_of(64);
         let mut live: Vec<(String, usize)> = p
             .live_at(p.peak_at)
