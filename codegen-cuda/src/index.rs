@@ -8,7 +8,7 @@
 //! `uniform` is Philox-4x32-10 on the same counter, bit for bit; `normal` is the same
 //! Box–Muller formula with CUDA's double `log`, `sqrt`, `cos` (within their documented 1–2 ulp
 //! of the host's, before the rounding to the node's dtype). The run's seed is the word after
-//! the last buffer address in the kernel's table (`bufs[buffers]`).
+//! the last buffer address in the program's words (an entry of the kernel's own table).
 //!
 //! Launches: `index` kernels, 256 threads per block, a grid-stride loop over the output
 //! elements (`take_add`: a block-stride loop over (outer, row, 256-column chunk) triples).
@@ -113,6 +113,7 @@ fn launch(ki: usize, name: String, blocks: u64) -> Launch {
         grid: [blocks.clamp(1, MAX_GRID) as u32, 1, 1],
         block: [LOOP_BLOCK, 1, 1],
         shared_bytes: 0,
+        slots: vec![],
     }
 }
 

@@ -477,11 +477,20 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             p.peak_at,
             compiler::plan::human(p.argument_bytes)
         );
+        let functions: std::collections::BTreeSet<&str> =
+            u.launches.iter().filter(|l| l.kind != "host").map(|l| l.name.as_str()).collect();
+        println!("  {} device functions (launches of the same code with other buffers share one)", functions.len());
         println!(
-            "  {:<6} {:<7} {:>16} {:>12} {:>8} {:>6} {:>8}",
-            "kernel", "kind", "grid", "block", "smem", "regs", "spilled"
+            "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>8} {:>6} {:>8}",
+            "kernel", "kind", "launches", "grid", "block", "smem", "regs", "spilled"
         );
+        // One row per device function (at its first launch), and one per host kernel.
+        let mut shown: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
         for l in &u.launches {
+            if l.kind != "host" && !shown.insert(l.name.as_str()) {
+                continue;
+            }
+            let count = if l.kind == "host" { 1 } else { u.launches.iter().filter(|m| m.name == l.name).count() };
             let k = usage.as_ref().and_then(|v| v.iter().find(|k| k.name == l.name));
             let (regs, spill) = match k {
                 Some(k) => (k.registers.to_string(), format!("{} B", k.spill_bytes)),
@@ -490,9 +499,10 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             };
             let name = if l.kind == "host" { format!("({})", l.kernel) } else { l.name.clone() };
             println!(
-                "  {:<6} {:<7} {:>16} {:>12} {:>8} {:>6} {:>8}",
+                "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>8} {:>6} {:>8}",
                 name,
                 l.kind,
+                count,
                 format!("{:?}", l.grid),
                 format!("{:?}", l.block),
                 l.shared_bytes,

@@ -339,9 +339,20 @@ impl CudaExecutable {
         // SAFETY: the table is allocated, filled and freed here, after the stream is idle.
         // The word after the last address is the run's seed (the RNG kernels read it).
         let mut words = addrs.clone();
-        words.push(seed);
-        let table = unsafe { cu::malloc_sync(words.len() * 8) }.map_err(|e| err("alloc", e))?;
-        unsafe { cu::memcpy_htod_sync(table, &words) }.map_err(|e| err("copy", e))?;
+        words.extend([seed, 0]);
+        // Each kernel reads its own table (`Launch::slots`): all of them in one allocation,
+        // kernel `k`'s starting at word `starts[k]`.
+        let mut tables: Vec<u64> = vec![];
+        let mut starts: Vec<u64> = vec![];
+        for l in &self.unit.launches {
+            starts.push(tables.len() as u64 * 8);
+            tables.extend(l.slots.iter().map(|(w, o)| words[*w].wrapping_add(*o as u64)));
+        }
+        let table = unsafe { cu::malloc_sync(tables.len().max(1) * 8) }.map_err(|e| err("alloc", e))?;
+        if !tables.is_empty() {
+            unsafe { cu::memcpy_htod_sync(table, &tables) }.map_err(|e| err("copy", e))?;
+        }
+        let starts: Vec<u64> = starts.into_iter().map(|s| table + s).collect();
         let mut result = Ok(());
         for (ki, k) in p.kernels.iter().enumerate() {
             let l = &self.unit.launches[ki];
@@ -374,7 +385,7 @@ impl CudaExecutable {
                         shared_mem_bytes: 0,
                     };
                     let mut b = self.stream.launch_builder(f);
-                    b.arg(&table);
+                    b.arg(&starts[ki]);
                     // SAFETY: the kernel reads and writes only the planned buffers in the table.
                     if let Err(e) = unsafe { b.launch(cfg) } {
                         result = Err(err(&format!("launch of {}", l.name), e));

@@ -154,11 +154,16 @@ impl EmuExecutable {
         let mut ptrs = buffer_pointers(p, args, arena.ptr());
         // The word after the last address is the run's seed (the RNG kernels read it).
         ptrs.push(seed as usize as *mut u8);
+        // Then a zero word: kernels' constants are offsets from it (`Launch::slots`).
+        ptrs.push(std::ptr::null_mut());
         for (ki, k) in p.kernels.iter().enumerate() {
             match (k, self.kernels[ki]) {
                 (Kernel::Library { .. }, None) => host_library(k, &ptrs, seed)?,
                 (_, Some((f, barriers))) => {
                     let l = &self.unit.launches[ki];
+                    // The kernel's own table: program words (addresses, the seed) plus offsets.
+                    let table: Vec<*mut u8> =
+                        l.slots.iter().map(|(w, o)| ptrs[*w].wrapping_offset(*o as isize)).collect();
                     let mut grid = l.grid;
                     // Tile kernels need their whole grid; grid-stride loops take any.
                     if !matches!(l.kind, "matmul" | "mma") {
@@ -172,7 +177,7 @@ impl EmuExecutable {
                             f,
                             grid.as_ptr(),
                             l.block.as_ptr(),
-                            ptrs.as_ptr(),
+                            table.as_ptr(),
                             barriers as i32,
                             msg.as_mut_ptr(),
                             msg.len(),

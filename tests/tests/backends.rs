@@ -368,6 +368,13 @@ fn half_precision_linear_cross_entropy_blocks_through_matmul_kernels() {
             let live = p.live_at(p.peak_at);
             let parts = live.iter().filter(|b| b.shape == [cols, d] || b.shape == [d, cols]).count();
             assert!(parts <= 1, "{what}: {parts} classifier blocks live at the peak:\n{}", p.report());
+            // Every block runs the same few CUDA functions, each launch with its own table
+            // (the block's buffers, operand offsets and first column).
+            let unit = codegen_cuda::emit(&p).unwrap();
+            let functions: std::collections::BTreeSet<&str> =
+                unit.launches.iter().filter(|l| l.kind != "host").map(|l| l.name.as_str()).collect();
+            assert!(unit.launches.len() >= 8 * v.div_ceil(cols), "{what}: {} launches", unit.launches.len());
+            assert!(functions.len() <= 30, "{what}: {} functions:\n{}", functions.len(), unit.launch_table());
             for b in &p.buffers {
                 assert!(b.shape != [n, v] || b.born.is_none(), "{what}: an [N, V] buffer remains");
                 // The widening `f32(...)` of a block is recomputed by its readers, not copied.
