@@ -13,7 +13,7 @@
 //! Launches: `index` kernels, 256 threads per block, a grid-stride loop over the output
 //! elements (`take_add`: a block-stride loop over (outer, row, 256-column chunk) triples).
 
-use crate::{round, Launch, LOOP_BLOCK, MAX_GRID};
+use crate::{round, Launch, LOOP_BLOCK};
 use compiler::interp::strides;
 use compiler::ir::{Op, Red};
 use compiler::kernel::{Kernel, Program};
@@ -106,15 +106,7 @@ fn grid_stride(out: &mut String, name: &str, total: usize) {
 }
 
 fn launch(ki: usize, name: String, blocks: u64) -> Launch {
-    Launch {
-        kernel: ki,
-        name,
-        kind: "index",
-        grid: [blocks.clamp(1, MAX_GRID) as u32, 1, 1],
-        block: [LOOP_BLOCK, 1, 1],
-        shared_bytes: 0,
-        slots: vec![],
-    }
+    crate::line_launch(ki, name, "index", blocks)
 }
 
 /// The device kernel of a library kernel, or `None` when it stays on the host (sort, top-k,

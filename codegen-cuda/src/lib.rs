@@ -624,16 +624,21 @@ fn warp_reduce_kernel(
     acc_stores(p, ki, l, r, out, "            ")?;
     let _ = writeln!(out, "        }}");
     let _ = writeln!(out, "    }}\n}}\n");
-    let grid = total.div_ceil(warps).clamp(1, MAX_GRID) as u32;
-    Ok(Launch {
+    Ok(line_launch(ki, name, "reduce", total.div_ceil(warps)))
+}
+
+/// A launch of `blocks` blocks of [`LOOP_BLOCK`] threads in one grid dimension (at most
+/// [`MAX_GRID`]: the kernels' grid-stride loops cover the rest).
+pub(crate) fn line_launch(ki: usize, name: String, kind: &'static str, blocks: u64) -> Launch {
+    Launch {
         kernel: ki,
         name,
-        kind: "reduce",
-        grid: [grid, 1, 1],
+        kind,
+        grid: [blocks.clamp(1, MAX_GRID) as u32, 1, 1],
         block: [LOOP_BLOCK, 1, 1],
         shared_bytes: 0,
         slots: vec![],
-    })
+    }
 }
 
 fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Launch, String> {
@@ -694,16 +699,8 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
         }
     }
     let _ = writeln!(out, "    }}\n}}\n");
-    let grid = total.div_ceil(LOOP_BLOCK as u64).clamp(1, MAX_GRID) as u32;
-    Ok(Launch {
-        kernel: ki,
-        name,
-        kind: if l.reduce.is_some() { "reduce" } else { "loop" },
-        grid: [grid, 1, 1],
-        block: [LOOP_BLOCK, 1, 1],
-        shared_bytes: 0,
-        slots: vec![],
-    })
+    let kind = if l.reduce.is_some() { "reduce" } else { "loop" };
+    Ok(line_launch(ki, name, kind, total.div_ceil(LOOP_BLOCK as u64)))
 }
 
 /// `at` is the flat index of a one-dimensional loop (`i0`, no offset).
@@ -792,16 +789,7 @@ fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Res
     let _ = writeln!(out, "    }}");
     if quads * 4 == total {
         let _ = writeln!(out, "}}\n");
-        let grid = quads.div_ceil(LOOP_BLOCK as u64).clamp(1, MAX_GRID) as u32;
-        return Ok(Some(Launch {
-            kernel: ki,
-            name,
-            kind: "loop",
-            grid: [grid, 1, 1],
-            block: [LOOP_BLOCK, 1, 1],
-            shared_bytes: 0,
-            slots: vec![],
-        }));
+        return Ok(Some(line_launch(ki, name, "loop", quads.div_ceil(LOOP_BLOCK as u64))));
     }
     // The tail, one point per thread.
     let _ = writeln!(
@@ -818,16 +806,7 @@ fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Res
         let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
     }
     let _ = writeln!(out, "    }}\n}}\n");
-    let grid = quads.div_ceil(LOOP_BLOCK as u64).clamp(1, MAX_GRID) as u32;
-    Ok(Some(Launch {
-        kernel: ki,
-        name,
-        kind: "loop",
-        grid: [grid, 1, 1],
-        block: [LOOP_BLOCK, 1, 1],
-        shared_bytes: 0,
-        slots: vec![],
-    }))
+    Ok(Some(line_launch(ki, name, "loop", quads.div_ceil(LOOP_BLOCK as u64))))
 }
 
 /// The element offset of batch `bz` of a view (batch axes row-major).
