@@ -48,7 +48,7 @@
 use compiler::ir::{Bin, Red, Un};
 use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal, View};
 use lang::types::Dtype;
-use std::collections::BTreeMap as HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 mod index;
@@ -472,12 +472,12 @@ fn binary(op: Bin, x: &str, y: &str, xd: Dtype, float: bool, dt: Dtype) -> Strin
 
 /// The body's values at one point, as C statements; returns the variable names.
 fn body(p: &Program, l: &Loop, out: &mut String, indent: &str) -> Vec<String> {
-    body_with(p, l, out, indent, &HashMap::new())
+    body_with(p, l, out, indent, &BTreeMap::new())
 }
 
 /// [`body`], with the loads of the buffers in `vector` (contiguous f32 at the flat index)
 /// read from the registers the vector loop loaded (`{name}[e]`).
-fn body_with(p: &Program, l: &Loop, out: &mut String, indent: &str, vector: &HashMap<usize, String>) -> Vec<String> {
+fn body_with(p: &Program, l: &Loop, out: &mut String, indent: &str, vector: &BTreeMap<usize, String>) -> Vec<String> {
     let mut names: Vec<String> = vec![];
     for (v, ins) in l.body.iter().enumerate() {
         let dt = ins.dtype;
@@ -745,7 +745,7 @@ fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Res
         out,
         "    for (long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x; q < {quads}LL; q += (long long)gridDim.x * blockDim.x) {{"
     );
-    let mut vector: HashMap<usize, String> = HashMap::new();
+    let mut vector: BTreeMap<usize, String> = BTreeMap::new();
     // Registers are named by position, not by buffer, so blocks of the same shape share code.
     for (j, b) in loads.iter().enumerate() {
         let _ = writeln!(out, "        const float4 w{j} = ((const float4*)bufs[{b}])[q];");
@@ -1116,7 +1116,7 @@ pub fn emit(p: &Program) -> Result<Unit, String> {
     let _ = writeln!(src, "// entry point `{}`: {} kernels, arena {} bytes\n", p.name, p.kernels.len(), p.arena_bytes);
     let mut launches = vec![];
     // Kernel text (with its own table and a placeholder name) → the function that has it.
-    let mut functions: HashMap<String, String> = HashMap::new();
+    let mut functions: BTreeMap<String, String> = BTreeMap::new();
     for (ki, k) in p.kernels.iter().enumerate() {
         let mut text = String::new();
         let mut offsets: Vec<(usize, i64)> = vec![];
