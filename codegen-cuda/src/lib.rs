@@ -46,7 +46,7 @@
 //! host between launches: its launch entry says `host`.
 
 use compiler::ir::{Bin, Red, Un};
-use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, StoreVal, View};
+use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, Store, StoreVal, View};
 use lang::types::Dtype;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -665,18 +665,7 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
     match &l.reduce {
         None => {
             let names = body(p, l, out, "        ");
-            for s in &l.stores {
-                let StoreVal::Val(v) = s.val else {
-                    return Err(format!("k{ki}: a store of the accumulator outside a reduction"));
-                };
-                let bd = p.buffers[s.buf].dtype;
-                let val = if l.body[v].dtype == bd {
-                    names[v].clone()
-                } else {
-                    round(bd, &names[v], is_f32ish(l.body[v].dtype))
-                };
-                let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
-            }
+            elementwise_stores(p, ki, l, &names, out)?;
         }
         Some(r) => {
             if !matches!(r.op, Red::Sum | Red::Prod | Red::Max | Red::Min) {
@@ -701,6 +690,28 @@ fn loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Result<Lau
     let _ = writeln!(out, "    }}\n}}\n");
     let kind = if l.reduce.is_some() { "reduce" } else { "loop" };
     Ok(line_launch(ki, name, kind, total.div_ceil(LOOP_BLOCK as u64)))
+}
+
+/// The value an elementwise store writes (the body's value rounded to the buffer's dtype).
+fn stored_value(p: &Program, ki: usize, l: &Loop, names: &[String], s: &Store) -> Result<String, String> {
+    let StoreVal::Val(v) = s.val else {
+        return Err(format!("k{ki}: a store of the accumulator outside a reduction"));
+    };
+    let bd = p.buffers[s.buf].dtype;
+    Ok(if l.body[v].dtype == bd { names[v].clone() } else { round(bd, &names[v], is_f32ish(l.body[v].dtype)) })
+}
+
+/// The C statement storing `val` where `s` says.
+fn store_line(p: &Program, s: &Store, val: &str) -> String {
+    format!("st_{}(bufs[{}], {}, {val});", Dtype::name(p.buffers[s.buf].dtype), s.buf, affine(&s.at))
+}
+
+/// Every store of an elementwise loop, one element per thread.
+fn elementwise_stores(p: &Program, ki: usize, l: &Loop, names: &[String], out: &mut String) -> Result<(), String> {
+    for s in &l.stores {
+        let _ = writeln!(out, "        {}", store_line(p, s, &stored_value(p, ki, l, names, s)?));
+    }
+    Ok(())
 }
 
 /// `at` is the flat index of a one-dimensional loop (`i0`, no offset).
@@ -760,20 +771,12 @@ fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Res
     let _ = writeln!(out, "        for (int e = 0; e < 4; e++) {{");
     let _ = writeln!(out, "            const long long i0 = 4 * q + e;");
     let names = body_with(p, l, out, "            ", &vector);
-    let stored = |s: &compiler::kernel::Store| -> Result<String, String> {
-        let StoreVal::Val(v) = s.val else {
-            return Err(format!("k{ki}: a store of the accumulator outside a reduction"));
-        };
-        let bd = p.buffers[s.buf].dtype;
-        Ok(if l.body[v].dtype == bd { names[v].clone() } else { round(bd, &names[v], is_f32ish(l.body[v].dtype)) })
-    };
     for (si, s) in l.stores.iter().enumerate() {
-        let val = stored(s)?;
+        let val = stored_value(p, ki, l, &names, s)?;
         if vstores[si] {
             let _ = writeln!(out, "            s{si}[e] = {val};");
         } else {
-            let bd = p.buffers[s.buf].dtype;
-            let _ = writeln!(out, "            st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
+            let _ = writeln!(out, "            {}", store_line(p, s, &val));
         }
     }
     let _ = writeln!(out, "        }}");
@@ -798,13 +801,7 @@ fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Res
         quads * 4
     );
     let names = body(p, l, out, "        ");
-    for s in &l.stores {
-        let StoreVal::Val(v) = s.val else { unreachable!("checked above") };
-        let bd = p.buffers[s.buf].dtype;
-        let val =
-            if l.body[v].dtype == bd { names[v].clone() } else { round(bd, &names[v], is_f32ish(l.body[v].dtype)) };
-        let _ = writeln!(out, "        st_{}(bufs[{}], {}, {val});", Dtype::name(bd), s.buf, affine(&s.at));
-    }
+    elementwise_stores(p, ki, l, &names, out)?;
     let _ = writeln!(out, "    }}\n}}\n");
     Ok(Some(line_launch(ki, name, "loop", quads.div_ceil(LOOP_BLOCK as u64))))
 }
