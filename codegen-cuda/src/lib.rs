@@ -40,6 +40,12 @@
 //! PTX `mma.sync.m16n8k16` with f32 accumulation, 64×64 tiles per 4-warp block); the CUDA
 //! emulator runs the same kernel with a portable `rc_mma16816` that gathers the fragments by
 //! warp shuffles in the PTX ISA's layout.
+//! A row-fused group (`compiler::kernel::RowGroup`: a matmul and the loops that consume its
+//! product row by row, e.g. a block of logits with its row maximum, rescaled sum and target
+//! logit) is one `fused` launch (`row_group_kernel`): strips of 16 to 64 rows, the strip's
+//! product in shared memory (computed as the unfused matmul would: tensor cores or FMA
+//! tiles), then each loop on the strip's rows with the unfused reductions' order, so it gives
+//! the unfused kernels' bits; the group's loops have `part` launches (nothing to launch).
 //! A `Library` kernel has device code (`index` launches, see [`index`]) for gather,
 //! scatter_add, take, take_add, pad, concat, argmax/argmin, uniform and normal samples; the rest (sort,
 //! top-k masks, quantile, categorical samples, cumsum, QR/SVD, integer matmuls) runs on the
@@ -71,7 +77,9 @@ pub struct Launch {
     /// The `extern "C"` name in the unit (`k12`), or empty for `host`.
     pub name: String,
     /// `loop`, `reduce`, `matmul` (FMA tiles), `mma` (tensor-core tiles), `index` (a library
-    /// kernel with device code) or `host` (a library kernel the runtime runs itself).
+    /// kernel with device code), `fused` (a row-fused group: its matmul and loops), `part` (a
+    /// loop of such a group: nothing to launch) or `host` (a library kernel the runtime runs
+    /// itself).
     pub kind: &'static str,
     pub grid: [u32; 3],
     pub block: [u32; 3],
@@ -90,6 +98,14 @@ pub struct Unit {
     pub name: String,
     pub source: String,
     pub launches: Vec<Launch>,
+}
+
+impl Launch {
+    /// Whether the launch runs a function of the unit: not `host` (the runtime runs it) nor
+    /// `part` (a loop of a row-fused group: it runs inside its group's `fused` launch).
+    pub fn runs_code(&self) -> bool {
+        !matches!(self.kind, "host" | "part")
+    }
 }
 
 impl Unit {
@@ -472,12 +488,21 @@ fn binary(op: Bin, x: &str, y: &str, xd: Dtype, float: bool, dt: Dtype) -> Strin
 
 /// The body's values at one point, as C statements; returns the variable names.
 fn body(p: &Program, l: &Loop, out: &mut String, indent: &str) -> Vec<String> {
-    body_with(p, l, out, indent, &BTreeMap::new())
+    body_with(p, l, out, indent, &BTreeMap::new(), None)
 }
 
 /// [`body`], with the loads of the buffers in `vector` (contiguous f32 at the flat index)
-/// read from the registers the vector loop loaded (`{name}[e]`).
-fn body_with(p: &Program, l: &Loop, out: &mut String, indent: &str, vector: &BTreeMap<usize, String>) -> Vec<String> {
+/// read from the registers the vector loop loaded (`{name}[e]`), and the loads of `tile` (a
+/// row-fused group's product, read at `n·i0 + i1`) from the strip in shared memory (`zs`,
+/// whose row 0 is row `row0`).
+fn body_with(
+    p: &Program,
+    l: &Loop,
+    out: &mut String,
+    indent: &str,
+    vector: &BTreeMap<usize, String>,
+    tile: Option<usize>,
+) -> Vec<String> {
     let mut names: Vec<String> = vec![];
     for (v, ins) in l.body.iter().enumerate() {
         let dt = ins.dtype;
@@ -488,6 +513,15 @@ fn body_with(p: &Program, l: &Loop, out: &mut String, indent: &str, vector: &BTr
                 let bd = p.buffers[*buf].dtype;
                 let x = match vector.get(buf) {
                     Some(v) if is_flat(at) => format!("{v}[e]"),
+                    _ if tile == Some(*buf) => {
+                        // `at` with row `i0` counted from the strip's first row.
+                        let mut idx = format!("{}LL", at.c);
+                        for (d, c) in at.coef.iter().enumerate().filter(|(_, c)| **c != 0) {
+                            let i = if d == 0 { "(i0 - row0)".to_string() } else { format!("i{d}") };
+                            let _ = write!(idx, " + {i} * {c}LL");
+                        }
+                        format!("ld_{}(zs, {idx})", Dtype::name(bd))
+                    }
                     _ => format!("ld_{}(bufs[{buf}], {})", Dtype::name(bd), affine(at)),
                 };
                 if bd == dt {
@@ -770,7 +804,7 @@ fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Res
     }
     let _ = writeln!(out, "        for (int e = 0; e < 4; e++) {{");
     let _ = writeln!(out, "            const long long i0 = 4 * q + e;");
-    let names = body_with(p, l, out, "            ", &vector);
+    let names = body_with(p, l, out, "            ", &vector, None);
     for (si, s) in l.stores.iter().enumerate() {
         let val = stored_value(p, ki, l, &names, s)?;
         if vstores[si] {
@@ -1106,6 +1140,222 @@ fn mma_matmul_kernel(ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, 
     })
 }
 
+/// Threads of a row-fused kernel.
+pub const ROW_BLOCK: u32 = 256;
+/// Shared memory a row-fused kernel may use: the 48 KiB every CUDA block may have without
+/// opting in.
+pub const ROW_SHARED: u32 = 48 * 1024;
+
+/// A row-fused group (`compiler::kernel::RowGroup`) as one kernel: each 256-thread block
+/// takes strips of `R` rows (64, 32 or 16: the most whose strip of the product fits shared
+/// memory with the staging tiles) in a grid-stride loop. For a strip it computes the product
+/// 64 columns at a time — on the tensor cores (`mma.sync.m16n8k16`, one 8-column slice per
+/// warp) where the unfused matmul would (f16/bf16, both sides at least 64), else as FMA
+/// tiles summing each output sequentially over k — and stores it, rounded to the product's
+/// dtype, in shared memory (`zs`); then runs every loop of the group on the strip's rows in
+/// order, separated by barriers: elementwise loops one point per thread, reductions over
+/// the row one warp per row (the order of `warp_reduce_kernel`) or, under
+/// [`WARP_REDUCE_MIN`] columns, one thread per row in order. Every value is therefore the
+/// bits the unfused kernels give; the product is never stored.
+fn row_group_kernel(
+    p: &Program,
+    ki: usize,
+    grp: &compiler::kernel::RowGroup,
+    mm: &Kernel,
+    out: &mut String,
+) -> Result<Launch, String> {
+    let Kernel::MatMul { a, b, m, k: kk, n, dtype, .. } = mm else { unreachable!("a matmul") };
+    let (m, kk, n, dtype) = (*m, *kk, *n, *dtype);
+    let Some((t, add, mul)) = matmul_arith(dtype) else {
+        return Err(format!("k{ki}: {dtype} matmuls are not generated for CUDA yet"));
+    };
+    let zdt = Dtype::name(dtype);
+    let elem = compiler::plan::dtype_bytes(dtype) as u32;
+    let mma = matches!(dtype, Dtype::F16 | Dtype::BF16) && m >= BIG_TILE as usize && n >= BIG_TILE as usize;
+    let staging = |r: u32| if mma { (r * (16 + 8) + 16 * (64 + 8)) * 2 } else { (16 * (r + 1) + 16 * 64) * 4 };
+    let Some(rows) = [64u32, 32, 16].into_iter().find(|r| r * n as u32 * elem + staging(*r) <= ROW_SHARED) else {
+        return Err(format!("k{ki}: a strip of 16 rows of the {n}-column product does not fit {ROW_SHARED} bytes"));
+    };
+    let strips = (m as u64).div_ceil(rows as u64);
+    let name = format!("k{ki}");
+    let ld = format!("ld_{zdt}");
+    let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
+    if mma {
+        let _ = writeln!(out, "    __shared__ u16 As[{rows}][16 + 8];\n    __shared__ u16 Bs[16][64 + 8];");
+    } else {
+        let _ = writeln!(out, "    __shared__ {t} As[16][{rows} + 1];\n    __shared__ {t} Bs[16][64];");
+    }
+    let _ = writeln!(
+        out,
+        r#"    __shared__ __align__(16) u8 zs[{zbytes}];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+{offsets}
+    for (long long strip = blockIdx.x; strip < {strips}LL; strip += gridDim.x) {{
+        const long long row0 = strip * {rows}LL;
+        for (long long col0 = 0; col0 < {n}LL; col0 += 64) {{"#,
+        zbytes = rows * n as u32 * elem,
+        offsets = operand_offsets(a, b, &[]),
+    );
+    if mma {
+        let bf = (dtype == Dtype::BF16) as u8;
+        let _ = writeln!(
+            out,
+            r#"            const int g = lane >> 2, t = lane & 3;
+            float acc[{sub}][4];
+            for (int i = 0; i < {sub}; i++)
+                for (int e = 0; e < 4; e++) acc[i][e] = 0.0f;
+            for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
+                for (int e = tid; e < 16 * {rows}; e += {ROW_BLOCK}) {{
+                    const int r = e >> 4, ka = e & 15;
+                    const long long gr = row0 + r, gk = t0 + ka;
+                    As[r][ka] = {abits};
+                }}
+                for (int e = tid; e < 16 * 64; e += {ROW_BLOCK}) {{
+                    const int kb = e >> 6, c = e & 63;
+                    const long long gk2 = t0 + kb, gc = col0 + c;
+                    Bs[kb][c] = {bbits};
+                }}
+                __syncthreads();
+                const int c = 8 * warp + g;
+                unsigned bfr[2];
+                bfr[0] = rc_pack2(Bs[2 * t][c], Bs[2 * t + 1][c]);
+                bfr[1] = rc_pack2(Bs[2 * t + 8][c], Bs[2 * t + 9][c]);
+                for (int i = 0; i < {sub}; i++) {{
+                    const int r = 16 * i + g;
+                    unsigned af[4];
+                    af[0] = rc_pack2(As[r][2 * t], As[r][2 * t + 1]);
+                    af[1] = rc_pack2(As[r + 8][2 * t], As[r + 8][2 * t + 1]);
+                    af[2] = rc_pack2(As[r][2 * t + 8], As[r][2 * t + 9]);
+                    af[3] = rc_pack2(As[r + 8][2 * t + 8], As[r + 8][2 * t + 9]);
+                    rc_mma16816<{bf}>(acc[i], af, bfr, acc[i]);
+                }}
+                __syncthreads();
+            }}
+            for (int i = 0; i < {sub}; i++)
+                for (int e = 0; e < 4; e++) {{
+                    const int r = 16 * i + g + 8 * (e >> 1);
+                    const long long col = col0 + 8 * warp + 2 * t + (e & 1);
+                    if (row0 + r < {m}LL && col < {n}LL) st_{zdt}(zs, r * {n}LL + col, {val});
+                }}"#,
+            sub = rows / 16,
+            abits = operand_bits(a, "oa", ("gr", m), ("gk", kk)),
+            bbits = operand_bits(b, "ob", ("gk2", kk), ("gc", n)),
+            val = round(dtype, "acc[i][e]", true),
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            r#"            const int tx = tid & 63, ty = tid >> 6;
+            {t} sum[{per}];
+            for (int i = 0; i < {per}; i++) sum[i] = 0;
+            for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
+                for (int e = tid; e < 16 * {rows}; e += {ROW_BLOCK}) {{
+                    const int r = e >> 4, ka = e & 15;
+                    const long long gr = row0 + r, gk = t0 + ka;
+                    As[ka][r] = {aload};
+                }}
+                for (int e = tid; e < 16 * 64; e += {ROW_BLOCK}) {{
+                    const int kb = e >> 6, c = e & 63;
+                    const long long gk2 = t0 + kb, gc = col0 + c;
+                    Bs[kb][c] = {bload};
+                }}
+                __syncthreads();
+                for (int q = 0; q < 16; q++) {{
+                    const {t} bv = Bs[q][tx];
+                    for (int i = 0; i < {per}; i++) sum[i] = {add}(sum[i], {mul}(As[q][ty + 4 * i], bv));
+                }}
+                __syncthreads();
+            }}
+            for (int i = 0; i < {per}; i++) {{
+                const int r = ty + 4 * i;
+                const long long col = col0 + tx;
+                if (row0 + r < {m}LL && col < {n}LL) st_{zdt}(zs, r * {n}LL + col, {val});
+            }}"#,
+            per = rows / 4,
+            aload = operand_load(a, "oa", ("gr", m), ("gk", kk), t, &ld),
+            bload = operand_load(b, "ob", ("gk2", kk), ("gc", n), t, &ld),
+            val =
+                if matches!(dtype, Dtype::F16 | Dtype::BF16) { round(dtype, "sum[i]", true) } else { "sum[i]".into() },
+        );
+    }
+    let _ = writeln!(out, "        }}\n        __syncthreads();");
+    for j in grp.start + 1..grp.end {
+        let Kernel::Loop(l) = &p.kernels[j] else { return Err(format!("k{j}: a row-fused group holds loops")) };
+        // (No kernel numbers in the text: the groups of every block share one function.)
+        let _ = writeln!(out, "        {{");
+        let ind = "                ";
+        match (&l.reduce, l.dims.len()) {
+            (None, 1) => {
+                let _ = writeln!(out, "            for (int r = tid; r < {rows}; r += {ROW_BLOCK}) {{");
+                let _ = writeln!(
+                    out,
+                    "                const long long i0 = row0 + r;\n                if (i0 >= {m}LL) break;"
+                );
+                let names = body_with(p, l, out, ind, &BTreeMap::new(), Some(grp.tile));
+                for s in &l.stores {
+                    let _ = writeln!(out, "{ind}{}", store_line(p, s, &stored_value(p, j, l, &names, s)?));
+                }
+            }
+            (None, 2) => {
+                let _ = writeln!(out, "            for (int e = tid; e < {rows} * {n}; e += {ROW_BLOCK}) {{");
+                let _ = writeln!(
+                    out,
+                    "                const long long i0 = row0 + e / {n}, i1 = e % {n};\n                if (i0 >= {m}LL) break;"
+                );
+                let names = body_with(p, l, out, ind, &BTreeMap::new(), Some(grp.tile));
+                for s in &l.stores {
+                    let _ = writeln!(out, "{ind}{}", store_line(p, s, &stored_value(p, j, l, &names, s)?));
+                }
+            }
+            (Some(r), 2) if n as u64 >= WARP_REDUCE_MIN => {
+                let _ = writeln!(out, "            for (int r = warp; r < {rows}; r += {}) {{", ROW_BLOCK / 32);
+                let _ = writeln!(
+                    out,
+                    "                const long long i0 = row0 + r;\n                if (i0 >= {m}LL) break;"
+                );
+                let _ = writeln!(out, "                double acc = {};", red_init(r.op));
+                let _ = writeln!(out, "                for (long long i1 = lane; i1 < {n}LL; i1 += 32) {{");
+                let names = body_with(p, l, out, "                    ", &BTreeMap::new(), Some(grp.tile));
+                let x = format!("(double)({})", names[r.value]);
+                let _ = writeln!(out, "                    acc = {};\n                }}", combine(r.op, "acc", &x));
+                let _ = writeln!(out, "                for (int off = 16; off > 0; off >>= 1) {{");
+                let _ =
+                    writeln!(out, "                    const double other = __shfl_down_sync(0xffffffffu, acc, off);");
+                let _ =
+                    writeln!(out, "                    acc = {};\n                }}", combine(r.op, "acc", "other"));
+                let _ = writeln!(out, "                if (lane == 0) {{");
+                acc_stores(p, j, l, r, out, "                    ")?;
+                let _ = writeln!(out, "                }}");
+            }
+            (Some(r), 2) => {
+                let _ = writeln!(out, "            for (int r = tid; r < {rows}; r += {ROW_BLOCK}) {{");
+                let _ = writeln!(
+                    out,
+                    "                const long long i0 = row0 + r;\n                if (i0 >= {m}LL) break;"
+                );
+                let _ = writeln!(out, "                double acc = {};", red_init(r.op));
+                let _ = writeln!(out, "                for (long long i1 = 0; i1 < {n}LL; i1++) {{");
+                let names = body_with(p, l, out, "                    ", &BTreeMap::new(), Some(grp.tile));
+                let x = format!("(double)({})", names[r.value]);
+                let _ = writeln!(out, "                    acc = {};\n                }}", combine(r.op, "acc", &x));
+                acc_stores(p, j, l, r, out, "                ")?;
+            }
+            _ => return Err(format!("k{j}: not a row loop of a row-fused group")),
+        }
+        let _ = writeln!(out, "            }}\n        }}\n        __syncthreads();");
+    }
+    let _ = writeln!(out, "    }}\n}}\n");
+    Ok(Launch {
+        kernel: ki,
+        name,
+        kind: "fused",
+        grid: [strips.clamp(1, MAX_GRID) as u32, 1, 1],
+        block: [ROW_BLOCK, 1, 1],
+        shared_bytes: staging(rows) + rows * n as u32 * elem,
+        slots: vec![],
+    })
+}
+
 /// The CUDA C of a program and how to launch each kernel. Errors name the kernel that has no
 /// CUDA form yet.
 pub fn emit(p: &Program) -> Result<Unit, String> {
@@ -1114,10 +1364,33 @@ pub fn emit(p: &Program) -> Result<Unit, String> {
     let mut launches = vec![];
     // Kernel text (with its own table and a placeholder name) → the function that has it.
     let mut functions: BTreeMap<String, String> = BTreeMap::new();
+    // The end of the row-fused group being emitted.
+    let mut group_end = 0;
     for (ki, k) in p.kernels.iter().enumerate() {
         let mut text = String::new();
         let mut offsets: Vec<(usize, i64)> = vec![];
+        let group = p.row_groups.iter().find(|g| g.start == ki);
+        if group.is_none() && ki < group_end {
+            // Runs inside the row-fused kernel of its group.
+            launches.push(Launch {
+                kernel: ki,
+                name: String::new(),
+                kind: "part",
+                grid: [0; 3],
+                block: [0; 3],
+                shared_bytes: 0,
+                slots: vec![],
+            });
+            continue;
+        }
         let mut l = match k {
+            _ if group.is_some() => {
+                let grp = group.expect("a group");
+                group_end = grp.end;
+                let (mm, o) = fold_offsets(p, k);
+                offsets = o;
+                row_group_kernel(p, ki, grp, &mm, &mut text)?
+            }
             Kernel::Loop(l) => loop_kernel(p, ki, l, &mut text)?,
             Kernel::MatMul { .. } => {
                 let (k, o) = fold_offsets(p, k);
@@ -1137,7 +1410,7 @@ pub fn emit(p: &Program) -> Result<Unit, String> {
                 },
             },
         };
-        if l.kind != "host" {
+        if l.runs_code() {
             let (canonical, slots) = own_table(&text, &l.name, p.buffers.len() + 1, &offsets);
             match functions.get(&canonical) {
                 Some(name) => l.name = name.clone(),
@@ -1227,7 +1500,13 @@ mod tests {
         let m = g.add(Op::MatMul, Dtype::F32, vec![4, 3], &[e, w], "m").unwrap();
         let s = g.add(Op::Reduce { op: Red::Sum, axes: vec![1] }, Dtype::F32, vec![4], &[m], "s").unwrap();
         g.outputs.push(("s".into(), s));
-        let p = compiler::kernel::schedule(&g).unwrap();
+        // The matmul and the row sum of its product are one row-fused kernel by default.
+        let fused = emit(&compiler::kernel::schedule(&g).unwrap()).unwrap();
+        let kinds: Vec<&str> = fused.launches.iter().map(|l| l.kind).collect();
+        assert_eq!(kinds, ["loop", "fused", "part"], "{}", fused.launch_table());
+        assert!(fused.source.contains("ld_f32(zs, 0LL + (i0 - row0) * 3LL + i1 * 1LL)"), "{}", fused.source);
+        let plain = compiler::kernel::ScheduleOptions { fuse_rows: false };
+        let p = compiler::kernel::schedule_with(&g, &plain).unwrap();
         let u = emit(&p).unwrap();
         assert!(u.source.contains("rc_exp_f32(v"), "{}", u.source);
         assert!(u.source.contains("__shared__ float As[16][16 + 1]"));

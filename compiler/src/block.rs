@@ -78,14 +78,26 @@ fn bytes(g: &Graph, n: NodeId) -> usize {
 }
 
 pub fn run(g: &mut Graph, opts: &BlockOptions) -> Result<PassReport, IrError> {
-    let cands: Vec<NodeId> = g
-        .topo()
-        .into_iter()
-        .filter(|n| {
-            let node = g.node(*n);
-            node.op == Op::MatMul && node.shape.len() == 2 && node.dtype.is_float() && bytes(g, *n) >= opts.min_bytes
-        })
-        .collect();
+    let find = |g: &Graph| -> Vec<NodeId> {
+        g.topo()
+            .into_iter()
+            .filter(|n| {
+                let node = g.node(*n);
+                node.op == Op::MatMul
+                    && node.shape.len() == 2
+                    && node.dtype.is_float()
+                    && bytes(g, *n) >= opts.min_bytes
+            })
+            .collect()
+    };
+    let mut cands = find(g);
+    if !cands.is_empty() {
+        // Blocks are scheduled in the order their nodes are numbered: number them in the
+        // order they are made (block 0 first), not into the holes earlier passes left, which
+        // put a later block's products first and kept two gradient blocks alive.
+        g.compact();
+        cands = find(g);
+    }
     let mut changed = 0;
     for z in cands {
         if g.contains(z) && block(g, z, opts)? {

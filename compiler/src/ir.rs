@@ -458,6 +458,31 @@ impl Graph {
         }
     }
 
+    /// Renumbers the nodes densely, keeping their order, so that nodes added afterwards are
+    /// numbered (and, other things equal, scheduled) in the order they are created: a removed
+    /// node's number is otherwise reused by the next node added.
+    pub fn compact(&mut self) {
+        if self.g.node_count() == petgraph::visit::NodeIndexable::node_bound(&self.g) {
+            return;
+        }
+        let mut g = StableGraph::with_capacity(self.g.node_count(), self.g.edge_count());
+        let mut map = std::collections::HashMap::new();
+        for n in self.g.node_indices() {
+            map.insert(n, g.add_node(self.g[n].clone()));
+        }
+        for e in self.g.edge_indices() {
+            let (a, b) = self.g.edge_endpoints(e).expect("an edge");
+            g.add_edge(map[&a], map[&b], self.g[e]);
+        }
+        self.g = g;
+        for i in &mut self.inputs {
+            i.0 = map[&i.0];
+        }
+        for o in &mut self.outputs {
+            o.1 .0 = map[&o.1 .0];
+        }
+    }
+
     pub fn remove(&mut self, id: NodeId) {
         self.g.remove_node(id.0);
         self.inputs.retain(|i| *i != id);

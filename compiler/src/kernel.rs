@@ -19,6 +19,12 @@
 //! is passed in a register. An optimizer step (new parameter and every new state) is
 //! therefore one pass over memory.
 //!
+//! **Row fusion.** A matmul whose product is read only by the loops right after it, each of
+//! them row by row (`find_row_groups`), forms a [`RowGroup`] with them: backends run the
+//! group strip by strip of rows (the strip's product on chip, then every loop on those rows),
+//! so the product is a [`BufKind::Tile`] with no memory. In the blocked linear cross-entropy
+//! that is every logits block of both passes: no block of logits is ever stored.
+//!
 //! **Numerics** (shared by every code generator): f32, f16 and bf16 values are computed in
 //! f32 and rounded to their dtype after each op; integers, bools and f64 are computed in
 //! f64 and rounded (truncated and wrapped) to their dtype, exactly as the interpreter does.
@@ -175,6 +181,9 @@ pub enum BufKind {
     Input(usize),
     /// A slice of the arena.
     Temp,
+    /// The product of the matmul of a row-fused group ([`RowGroup`]): computed and consumed
+    /// strip by strip of rows, in on-chip memory, never stored.
+    Tile,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -223,7 +232,44 @@ pub struct Program {
     pub argument_bytes: usize,
     /// What one buffer per graph node with no reuse would take.
     pub naive_bytes: usize,
+    /// Row-fused groups (see [`RowGroup`]), in kernel order.
+    #[serde(default)]
+    pub row_groups: Vec<RowGroup>,
 }
+
+/// A matmul and the loops after it that consume its product row by row (`find_row_groups`):
+/// kernels `start..end`, `start` the matmul, whose `[m, n]` product `tile` (a
+/// [`BufKind::Tile`]) never exists in memory. A backend runs the group strip by strip of
+/// rows: the strip's product (on chip: shared memory, a thread's cache-sized scratch), then
+/// every loop of the group on those rows, in order. Within a group every buffer that a loop
+/// writes is read and written only at its own row, so strips are independent; buffers the
+/// group reads or writes are live for the whole group (the arena plan treats the group as
+/// one step).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RowGroup {
+    pub start: usize,
+    pub end: usize,
+    pub tile: usize,
+}
+
+/// Scheduler options.
+#[derive(Clone, Debug)]
+pub struct ScheduleOptions {
+    /// Form row-fused groups (`find_row_groups`).
+    pub fuse_rows: bool,
+}
+
+impl Default for ScheduleOptions {
+    fn default() -> Self {
+        ScheduleOptions { fuse_rows: true }
+    }
+}
+
+/// The widest product a row-fused group keeps on chip: a strip of [`TILE_MIN_ROWS`] rows of
+/// f32 in 48 KiB (the shared memory any CUDA block may use without opting in).
+pub const TILE_MAX_COLS: usize = 768;
+/// The fewest rows of a strip (the tensor cores' tile height).
+pub const TILE_MIN_ROWS: usize = 16;
 
 fn strides(shape: &[usize]) -> Vec<i64> {
     let mut s = vec![1i64; shape.len()];
@@ -531,6 +577,11 @@ fn order(g: &Graph) -> Vec<NodeId> {
 
 /// Schedules a graph into a program: fusion, kernels, buffers and the arena plan.
 pub fn schedule(g: &Graph) -> Result<Program, IrError> {
+    schedule_with(g, &ScheduleOptions::default())
+}
+
+/// [`schedule`] with options (tests compare the row-fused and the unfused program).
+pub fn schedule_with(g: &Graph, opts: &ScheduleOptions) -> Result<Program, IrError> {
     let order = order(g);
     let outputs: BTreeSet<NodeId> = g.outputs.iter().map(|o| o.1).collect();
     let mut mat: BTreeSet<NodeId> = BTreeSet::new();
@@ -637,7 +688,7 @@ pub fn schedule(g: &Graph) -> Result<Program, IrError> {
         leaves.insert(n, set);
     }
     loop {
-        match try_schedule(g, &order, &mat, &fusion) {
+        match try_schedule(g, &order, &mat, &fusion, opts) {
             Ok(p) => return Ok(p),
             Err(Materialize(n)) => {
                 if matches!(g.node(n).op, Op::Input { .. }) || !mat.insert(n) {
@@ -671,7 +722,11 @@ impl MatMulFusion {
             let ops = g.operands(n);
             match &node.op {
                 Op::Binary(Bin::Add) if node.dtype.is_float() => {
-                    for (m, acc) in [(ops[0], ops[1]), (ops[1], ops[0])] {
+                    // The later operand first: in a running sum `acc + part` of a blocked
+                    // product the new block's part accumulates into the sum so far, so each
+                    // block's operands die with its block (the other way round, block 0's
+                    // gradient waited for block 1's).
+                    for (m, acc) in [(ops[1], ops[0]), (ops[0], ops[1])] {
                         if m != acc && plain(m) && g.users(m) == [n] && g.node(m).shape == node.shape {
                             f.epilogue.insert(n, (m, acc));
                             f.epilogue_of.insert(m, n);
@@ -710,6 +765,7 @@ fn try_schedule(
     order: &[NodeId],
     mat: &BTreeSet<NodeId>,
     fusion: &MatMulFusion,
+    opts: &ScheduleOptions,
 ) -> Result<Program, Materialize> {
     let mut buffers: Vec<BufDecl> = vec![];
     let mut buf_of: HashMap<NodeId, usize> = HashMap::new();
@@ -945,7 +1001,14 @@ fn try_schedule(
         peak_at: 0,
         argument_bytes: 0,
         naive_bytes: 0,
+        row_groups: vec![],
     };
+    if opts.fuse_rows {
+        p.row_groups = find_row_groups(&p);
+        for grp in &p.row_groups {
+            p.buffers[grp.tile].kind = BufKind::Tile;
+        }
+    }
     p.naive_bytes = order
         .iter()
         .filter(|n| !matches!(g.node(**n).op, Op::Input { .. } | Op::Reshape))
@@ -953,6 +1016,105 @@ fn try_schedule(
         .sum();
     plan_arena(&mut p, g);
     Ok(p)
+}
+
+/// The row-fused groups of a scheduled program ([`RowGroup`]): a matmul with a contiguous
+/// `[m, n]` f32/f16/bf16 product (`n` at most [`TILE_MAX_COLS`]) that no output is, followed
+/// by the longest run of loops over `[m]` or `[m, n]` (elementwise, or reducing the `n` axis
+/// by sum, product, max or min) in which every buffer the run writes, and the product, is
+/// read and written only at the current row (a per-row value at `i0`, an `[m, n]` value at
+/// `n·i0 + i1`) and the matmul's operands are not written. The group must hold every reader
+/// of the product. In the blocked linear cross-entropy each block's statistics pass (row
+/// maximum, rescaled sum, target logit) and gradient pass (softmax minus one-hot) become one
+/// group each: no block of logits is stored.
+pub fn find_row_groups(p: &Program) -> Vec<RowGroup> {
+    let readers = |b: usize| -> Vec<usize> {
+        p.kernels.iter().enumerate().filter(|(_, k)| k.reads().contains(&b)).map(|(i, _)| i).collect()
+    };
+    let outputs: BTreeSet<usize> = p.outputs.iter().map(|o| o.1).collect();
+    let mut groups = vec![];
+    let mut i = 0;
+    while i < p.kernels.len() {
+        let Kernel::MatMul { a, b, out, acc: None, out_offset: 0, out_row_stride, batch, m, n, dtype, .. } =
+            &p.kernels[i]
+        else {
+            i += 1;
+            continue;
+        };
+        let (m, n, z) = (*m, *n, *out);
+        let fits = batch.is_empty()
+            && *out_row_stride == n as i64
+            && n <= TILE_MAX_COLS
+            && matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+            && p.buffers[z].kind == BufKind::Temp
+            && !outputs.contains(&z)
+            && a.buf != z
+            && b.buf != z;
+        if !fits {
+            i += 1;
+            continue;
+        }
+        let mut end = i + 1;
+        while end < p.kernels.len() && row_local(p, i, end + 1, m, n) {
+            end += 1;
+        }
+        let zr = readers(z);
+        if end > i + 1 && !zr.is_empty() && zr.iter().all(|r| (i + 1..end).contains(r)) {
+            // Loops after the product's last reader gain nothing from the group.
+            let stop = zr.iter().max().expect("a reader") + 1;
+            groups.push(RowGroup { start: i, end: stop, tile: z });
+            i = stop;
+        } else {
+            i += 1;
+        }
+    }
+    groups
+}
+
+/// Kernels `start..end` (a matmul into a product `[m, n]`, then loops) meet the conditions of
+/// [`find_row_groups`].
+fn row_local(p: &Program, start: usize, end: usize, m: usize, n: usize) -> bool {
+    let Kernel::MatMul { a, b, out, .. } = &p.kernels[start] else { return false };
+    let mut written: BTreeSet<usize> = BTreeSet::from([*out]);
+    let mut loops = vec![];
+    for k in &p.kernels[start + 1..end] {
+        let Kernel::Loop(l) = k else { return false };
+        let shaped = match (&l.reduce, l.dims.as_slice()) {
+            (None, [x]) => *x == m,
+            (None, [x, y]) => *x == m && *y == n,
+            (Some(r), [x, y]) => {
+                *x == m && *y == n && r.dims == 1 && matches!(r.op, Red::Sum | Red::Prod | Red::Max | Red::Min)
+            }
+            _ => false,
+        };
+        if !shaped {
+            return false;
+        }
+        written.extend(l.stores.iter().map(|s| s.buf));
+        loops.push(l);
+    }
+    if written.contains(&a.buf) || written.contains(&b.buf) {
+        return false;
+    }
+    // `at` is the current row's element of buffer `buf` (`[m]`-sized: `i0`; `[m, n]`:
+    // `n·i0 + i1`); a reduction stores its row's result, an elementwise loop its element.
+    let at_row = |l: &Loop, buf: usize, at: &Affine, store: bool| -> bool {
+        let numel = p.buffers[buf].numel();
+        let per_row = numel == m && at.coef.first() == Some(&1) && at.coef[1..].iter().all(|c| *c == 0);
+        let element = numel == m * n && l.dims.len() == 2 && at.coef == [n as i64, 1];
+        at.c == 0
+            && match (store, l.reduce.is_some(), l.dims.len()) {
+                (true, true, _) | (_, _, 1) => per_row,
+                (true, false, _) => element,
+                (false, _, _) => per_row || element,
+            }
+    };
+    loops.iter().all(|l| {
+        l.body.iter().all(|ins| match &ins.inst {
+            Inst::Load { buf, at } => !written.contains(buf) || at_row(l, *buf, at, false),
+            _ => true,
+        }) && l.stores.iter().all(|s| at_row(l, s.buf, &s.at, true) && (s.val == StoreVal::Acc) == l.reduce.is_some())
+    })
 }
 
 impl Kernel {
@@ -1084,12 +1246,20 @@ fn align(n: usize) -> usize {
 fn plan_arena(p: &mut Program, g: &Graph) {
     let nk = p.kernels.len();
     let out_bufs: BTreeSet<usize> = p.outputs.iter().map(|o| o.1).collect();
+    // The steps of the plan: a row-fused group is one step (its kernels run interleaved,
+    // strip by strip), so what it writes is born at its start and what it reads dies at its end.
+    let mut span: Vec<(usize, usize)> = (0..nk).map(|i| (i, i)).collect();
+    for grp in &p.row_groups {
+        for s in &mut span[grp.start..grp.end] {
+            *s = (grp.start, grp.end - 1);
+        }
+    }
     for (i, k) in p.kernels.iter().enumerate() {
         for b in k.writes() {
-            p.buffers[b].born.get_or_insert(i);
+            p.buffers[b].born.get_or_insert(span[i].0);
         }
         for b in k.reads() {
-            p.buffers[b].dies = p.buffers[b].dies.max(i);
+            p.buffers[b].dies = p.buffers[b].dies.max(span[i].1);
         }
     }
     for b in &mut p.buffers {
@@ -1137,15 +1307,25 @@ fn plan_arena(p: &mut Program, g: &Graph) {
     let mut arena = 0usize;
     let mut donated: BTreeSet<usize> = BTreeSet::new();
     for i in 0..nk {
-        for b in p.kernels[i].writes() {
+        let grouped = span[i] != (i, i);
+        let writes: Vec<usize> = if span[i].0 != i {
+            vec![]
+        } else {
+            let mut w: Vec<usize> = (i..=span[i].1).flat_map(|j| p.kernels[j].writes()).collect();
+            w.sort();
+            w.dedup();
+            w
+        };
+        for b in writes {
             let d = &p.buffers[b];
             if d.kind != BufKind::Temp || d.born != Some(i) || d.into.is_some() {
                 continue;
             }
             let bytes = align(d.bytes);
             // In place: a buffer that dies here, read only at the element being written
-            // (an elementwise loop) or as the addend of an accumulating matmul.
-            let donor = p.kernels[i].reads().into_iter().find(|&r| {
+            // (an elementwise loop) or as the addend of an accumulating matmul. Not in a
+            // row-fused group: its steps interleave.
+            let donor = p.kernels[i].reads().into_iter().filter(|_| !grouped).find(|&r| {
                 let x = &p.buffers[r];
                 x.kind == BufKind::Temp
                     && x.into.is_none()
@@ -1335,6 +1515,16 @@ impl Program {
             "  naive          {:>12}  (one buffer per graph node, no reuse)\n",
             human(self.naive_bytes)
         ));
+        if let Some(big) = self.row_groups.iter().map(|g| &self.buffers[g.tile]).max_by_key(|b| b.bytes) {
+            out.push_str(&format!(
+                "  never stored   {:>12}  ({} row-fused matmul products such as {}{:?} at {}, computed strip by strip of rows inside their consumers)\n",
+                human(self.row_groups.iter().map(|g| self.buffers[g.tile].bytes).sum::<usize>()),
+                self.row_groups.len(),
+                big.dtype,
+                big.shape,
+                big.origin
+            ));
+        }
         let mut updated: Vec<String> =
             self.buffers.iter().filter_map(|b| b.into).map(|a| self.buffers[a].origin.clone()).collect();
         updated.sort();
@@ -1394,10 +1584,20 @@ impl Program {
                     Some(r) => format!("arena +{} (in place of b{r})", b.offset),
                     None => format!("arena +{}", b.offset),
                 },
+                (BufKind::Tile, _) => "tile (row strips on chip, never stored)".into(),
             };
             let _ = writeln!(s, "  b{i}: {}{:?} {kind}  ; %{} {}", b.dtype, b.shape, b.node.index(), b.origin);
         }
         for (i, k) in self.kernels.iter().enumerate() {
+            if let Some(grp) = self.row_groups.iter().find(|g| g.start == i) {
+                let _ = writeln!(
+                    s,
+                    "  row-fused k{}..k{}: strip by strip of rows, b{} never stored",
+                    grp.start,
+                    grp.end - 1,
+                    grp.tile
+                );
+            }
             match k {
                 Kernel::Loop(l) => {
                     let red = l

@@ -469,7 +469,20 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             }
             Err(e) => return Err(Fail("E0503", e.0)),
         };
-        println!("cuda {} for {arch}: {} launches", u.name, u.launches.len());
+        let parts = u.launches.iter().filter(|l| l.kind == "part").count();
+        println!(
+            "cuda {} for {arch}: {} launches{}",
+            u.name,
+            u.launches.len() - parts,
+            if parts > 0 {
+                format!(
+                    " ({} row-fused kernels run {parts} loops with their matmuls; their products are never stored)",
+                    u.launches.iter().filter(|l| l.kind == "fused").count()
+                )
+            } else {
+                String::new()
+            }
+        );
         // What the GPU path allocates: one arena for the plan, plus the arguments.
         println!(
             "  device memory: arena {} (one allocation; peak at k{}), arguments {}; `--emit plan` lists the buffers live at the peak by recipe line",
@@ -478,7 +491,7 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             compiler::plan::human(p.argument_bytes)
         );
         let functions: std::collections::BTreeSet<&str> =
-            u.launches.iter().filter(|l| l.kind != "host").map(|l| l.name.as_str()).collect();
+            u.launches.iter().filter(|l| l.runs_code()).map(|l| l.name.as_str()).collect();
         println!("  {} device functions (launches of the same code with other buffers share one)", functions.len());
         println!(
             "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>8} {:>6} {:>8}",
@@ -486,7 +499,7 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
         );
         // One row per device function (at its first launch), and one per host kernel.
         let mut shown: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-        for l in &u.launches {
+        for l in u.launches.iter().filter(|l| l.kind != "part") {
             if l.kind != "host" && !shown.insert(l.name.as_str()) {
                 continue;
             }

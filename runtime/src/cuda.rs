@@ -92,7 +92,7 @@ pub struct KernelUsage {
 /// The limits every `sm_80`/`sm_90` kernel of a unit must fit without opting in to more:
 /// 1024 threads per block, 48 KiB of static shared memory per block.
 pub fn check_launches(unit: &codegen_cuda::Unit) -> Result<(), String> {
-    for l in unit.launches.iter().filter(|l| l.kind != "host") {
+    for l in unit.launches.iter().filter(|l| l.runs_code()) {
         let threads: u64 = l.block.iter().map(|&b| b as u64).product();
         if threads > 1024 {
             return Err(format!(
@@ -269,7 +269,7 @@ impl CudaExecutable {
         let module = ctx.load_module(ptx).map_err(|e| err("cannot load the module", e))?;
         let mut functions = vec![];
         for l in &unit.launches {
-            functions.push(if l.kind == "host" {
+            functions.push(if !l.runs_code() {
                 None
             } else {
                 Some(module.load_function(&l.name).map_err(|e| err(&format!("kernel {}", l.name), e))?)
@@ -326,9 +326,11 @@ impl CudaExecutable {
                 (BufKind::Input(i), _) => dev_args[*i],
                 (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
                     BufKind::Input(i) => dev_args[i],
-                    BufKind::Temp => unreachable!("written into an argument"),
+                    BufKind::Temp | BufKind::Tile => unreachable!("written into an argument"),
                 },
                 (BufKind::Temp, None) => self.arena + d.offset as u64,
+                // Never in memory: the row-fused kernel keeps it in shared memory.
+                (BufKind::Tile, _) => 0,
             })
             .collect()
     }
@@ -392,6 +394,8 @@ impl CudaExecutable {
                         break;
                     }
                 }
+                // A loop of a row-fused group: it ran in its group's launch.
+                (_, None) if l.kind == "part" => {}
                 (_, None) => unreachable!("device kernels have functions"),
             }
         }
@@ -420,7 +424,7 @@ impl CudaExecutable {
                 (BufKind::Input(i), _) => Some(*i),
                 (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
                     BufKind::Input(i) => Some(i),
-                    BufKind::Temp => None,
+                    BufKind::Temp | BufKind::Tile => None,
                 },
                 _ => None,
             };

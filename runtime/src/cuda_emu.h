@@ -23,6 +23,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 // Blocks run one at a time, so one static copy is the block's shared memory.
 #define __shared__ static
 

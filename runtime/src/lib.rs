@@ -384,8 +384,20 @@ impl Executable {
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let ptrs = buffer_pointers(p, args, arena.ptr());
         let profile = self.profile.as_ref();
+        let mut skip_to = 0;
         for (ki, k) in p.kernels.iter().enumerate() {
+            if ki < skip_to {
+                continue;
+            }
             let started = profile.map(|_| std::time::Instant::now());
+            if let Some(grp) = p.row_groups.iter().find(|g| g.start == ki) {
+                self.row_group(grp, &ptrs);
+                skip_to = grp.end;
+                if let (Some(prof), Some(t)) = (profile, started) {
+                    prof.lock().unwrap_or_else(|e| e.into_inner())[ki] += t.elapsed().as_secs_f64();
+                }
+                continue;
+            }
             match k {
                 Kernel::Loop(l) => {
                     let f = self.code.loops[ki].expect("loop compiled");
@@ -423,7 +435,7 @@ impl Executable {
                         row_stride: *out_row_stride,
                         accumulate: acc.is_some(),
                     };
-                    matmul(&ptrs, a, b, &o, batch, *m, *k, *n, *dtype);
+                    matmul(&ptrs, a, b, &o, batch, *m, *k, *n, *dtype, true);
                 }
                 Kernel::Library { .. } => host_library(k, &ptrs, seed)?,
             }
@@ -432,6 +444,62 @@ impl Executable {
             }
         }
         Ok(host_outputs(p, &ptrs))
+    }
+}
+
+/// Rows per strip of a row-fused group on the CPU: about 64 K product elements (256 KiB of
+/// f32, a core's L2 share), a multiple of 16, at least 16.
+pub fn cpu_strip_rows(n: usize) -> usize {
+    ((1usize << 16) / n.max(1)).max(16) / 16 * 16
+}
+
+impl Executable {
+    /// A row-fused group (`compiler::kernel::RowGroup`): per strip of [`cpu_strip_rows`]
+    /// rows (strips in parallel), the strip's product into a scratch buffer of the thread,
+    /// then each loop of the group over the strip's rows, reading the product from the
+    /// scratch (its table entry points `r0` rows before the scratch, so the loop's
+    /// `n·i0 + i1` lands in it).
+    fn row_group(&self, grp: &compiler::kernel::RowGroup, ptrs: &[*mut u8]) {
+        let p = &self.program;
+        let Kernel::MatMul { a, b, m, k, n, dtype, .. } = &p.kernels[grp.start] else {
+            unreachable!("a row-fused group starts with its matmul")
+        };
+        let (m, k, n, z) = (*m, *k, *n, grp.tile);
+        let elem = dtype_bytes(*dtype);
+        let rows = cpu_strip_rows(n);
+        let strips = m.div_ceil(rows);
+        let fns: Vec<codegen_cpu::LoopFn> =
+            (grp.start + 1..grp.end).map(|j| self.code.loops[j].expect("loop compiled")).collect();
+        let table: Vec<usize> = ptrs.iter().map(|x| *x as usize).collect();
+        let strip = |t: &mut Vec<usize>, scratch: &mut Vec<u8>, s: usize| {
+            let (r0, r1) = (s * rows, (s * rows + rows).min(m));
+            scratch.resize(rows * n * elem, 0);
+            let base = scratch.as_mut_ptr();
+            t[z] = base as usize;
+            let tp: &[*mut u8] = {
+                // SAFETY: `usize` and `*mut u8` have the same size and alignment.
+                unsafe { std::slice::from_raw_parts(t.as_ptr() as *const *mut u8, t.len()) }
+            };
+            let a2 = View { offset: a.offset + r0 as i64 * a.row_stride, ..a.clone() };
+            let o = OutView { buf: z, offset: 0, row_stride: n as i64, accumulate: false };
+            matmul(tp, &a2, b, &o, &[], r1 - r0, k, n, *dtype, false);
+            // Row `r0` of the product is the scratch's first row.
+            t[z] = (base as usize).wrapping_sub(r0 * n * elem);
+            for f in &fns {
+                // SAFETY: the loop reads and writes its planned buffers at rows `r0..r1`
+                // only (`find_row_groups`), and the product's rows `r0..r1` in the scratch.
+                unsafe { f(t.as_ptr() as *const *mut u8, r0 as i64, r1 as i64) };
+            }
+        };
+        let threads = rayon::current_num_threads();
+        if strips > 1 && threads > 1 && m * n * k >= 1 << 18 {
+            (0..strips).into_par_iter().for_each_init(|| (table.clone(), Vec::new()), |(t, sc), s| strip(t, sc, s));
+        } else {
+            let (mut t, mut sc) = (table.clone(), Vec::new());
+            for s in 0..strips {
+                strip(&mut t, &mut sc, s);
+            }
+        }
     }
 }
 
@@ -444,10 +512,12 @@ pub(crate) fn buffer_pointers(p: &Program, args: &mut [Buffer], base: *mut u8) -
             (BufKind::Input(i), _) => args[*i].as_mut_ptr(),
             (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
                 BufKind::Input(i) => args[i].as_mut_ptr(),
-                BufKind::Temp => unreachable!("written into an argument"),
+                BufKind::Temp | BufKind::Tile => unreachable!("written into an argument"),
             },
             // SAFETY: offsets are inside the arena (checked by `Program::verify`).
             (BufKind::Temp, None) => unsafe { base.add(d.offset) },
+            // Never in memory: a row-fused group's runner gives it a strip's scratch.
+            (BufKind::Tile, _) => std::ptr::null_mut(),
         })
         .collect()
 }
@@ -479,7 +549,7 @@ pub(crate) fn host_outputs(p: &Program, ptrs: &[*mut u8]) -> Vec<(String, Out)> 
             (BufKind::Input(i), _) => Some(*i),
             (_, Some(a)) => match p.buffers[a].kind {
                 BufKind::Input(i) => Some(i),
-                BufKind::Temp => None,
+                BufKind::Temp | BufKind::Tile => None,
             },
             _ => None,
         };
@@ -719,7 +789,9 @@ fn matmul(
     k: usize,
     n: usize,
     dtype: Dtype,
+    parallel: bool,
 ) {
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     // f16/bf16: the operands widened to f32 (exact), multiplied by the f32 kernel (f32
     // accumulation), each output added to the accumulated operand in f32 where there is one
     // and rounded once to the dtype: the CUDA kernels' rule (`docs/semantics.md`).
@@ -735,7 +807,6 @@ fn matmul(
             }
             w
         };
-        let threads = rayon::current_num_threads();
         let par = if m * n * k >= 1 << 18 && threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {
@@ -779,7 +850,7 @@ fn matmul(
     if nb > 1 && b.batch_strides.iter().all(|s| *s == 0) && out.row_stride == n as i64 && rows_stack(a, batch, m) {
         let folded = View { batch_strides: vec![], ..a.clone() };
         let b0 = View { batch_strides: vec![], ..b.clone() };
-        return matmul(ptrs, &folded, &b0, out, &[], nb * m, k, n, dtype);
+        return matmul(ptrs, &folded, &b0, out, &[], nb * m, k, n, dtype, parallel);
     }
     let offs = |v: &View, bi: usize| -> isize { batch_offset(v, batch, bi) as isize };
     let work = m * n * k;
@@ -796,7 +867,6 @@ fn matmul(
             }
         }
     };
-    let threads = rayon::current_num_threads();
     // Small products run on the calling thread: waking the pool costs more than the work.
     if nb >= threads && nb > 1 && nb * work >= 1 << 16 {
         (0..nb).into_par_iter().for_each(|bi| one(bi, gemm::Parallelism::None));

@@ -410,6 +410,71 @@ fn blocked_linear_cross_entropy(dtype: Dtype, n: usize, d: usize, v: usize, cols
     (g, p)
 }
 
+/// Row fusion (`compiler::kernel::find_row_groups`): in the blocked linear cross-entropy
+/// every product block `hidden @ classifier_b^T` is computed strip by strip of rows inside the
+/// kernel that consumes it (statistics pass and gradient pass), so no block of logits is
+/// stored, and the fused program gives the unfused program's bits on every backend: the CPU
+/// runs the same loops per strip of rows over a strip of the product in a scratch buffer,
+/// the CUDA kernel sums each product element in the unfused matmul's order (FMA tiles, or
+/// the tensor cores where the unfused kernel uses them) and reduces each row in the unfused
+/// reduction's order. The shapes cover several strips with a partial last one (on the CPU:
+/// 96-row strips at 640 columns; on CUDA: 16 to 64 rows), a last block under a warp's
+/// width, and bf16 on the tensor cores.
+#[test]
+fn row_fused_products_are_never_stored_and_give_the_unfused_bits() {
+    for (dtype, n, d, v, cols) in [
+        (Dtype::F32, 200usize, 24usize, 1300usize, 640usize),
+        (Dtype::F32, 17, 8, 1000, 64),
+        (Dtype::BF16, 100, 24, 300, 64),
+        (Dtype::BF16, 70, 16, 700, 640),
+    ] {
+        let what = format!("{dtype} linear_cross_entropy N={n} D={d} V={v} in blocks of {cols}");
+        let (g, fused) = blocked_linear_cross_entropy(dtype, n, d, v, cols);
+        let plain =
+            compiler::kernel::schedule_with(&g, &compiler::kernel::ScheduleOptions { fuse_rows: false }).unwrap();
+        plain.verify().unwrap();
+        assert!(plain.row_groups.is_empty());
+        // Every logits block (`[N, w]` = hidden `[N, D]` times a classifier block) is a
+        // row-fused group's tile: two per block (statistics, then gradients).
+        let blocks = v.div_ceil(cols);
+        let logits: Vec<usize> = fused
+            .kernels
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| matches!(k, Kernel::MatMul { m, k, .. } if *m == n && *k == d))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(logits.len(), 2 * blocks, "{what}:\n{}", fused.text());
+        for i in &logits {
+            let grp = fused.row_groups.iter().find(|gr| gr.start == *i);
+            let grp = grp.unwrap_or_else(|| panic!("{what}: the product of k{i} is stored:\n{}", fused.text()));
+            assert_eq!(fused.buffers[grp.tile].kind, compiler::kernel::BufKind::Tile);
+            assert!(fused.live_at(grp.start).iter().all(|b| b.node != fused.buffers[grp.tile].node));
+        }
+        assert!(fused.peak_bytes <= plain.peak_bytes, "{what}: {} vs {}", fused.peak_bytes, plain.peak_bytes);
+        let unit = codegen_cuda::emit(&fused).unwrap();
+        assert_eq!(unit.launches.iter().filter(|l| l.kind == "fused").count(), fused.row_groups.len());
+        for backend in backends() {
+            let a = runtime::compile_program(fused.clone(), backend).unwrap();
+            let b = runtime::compile_program(plain.clone(), backend).unwrap();
+            for seed in [5u64, 6] {
+                let ins = inputs(&g, seed);
+                let want: std::collections::BTreeMap<String, Tensor> =
+                    runtime::run_tensors_on(&b, &ins, seed).unwrap().into_iter().collect();
+                for (name, t) in runtime::run_tensors_on(&a, &ins, seed).unwrap() {
+                    let w = &want[&name];
+                    for (i, (x, y)) in t.data.iter().zip(&w.data).enumerate() {
+                        assert!(
+                            x.to_bits() == y.to_bits(),
+                            "{what} [{backend:?}]: `{name}`[{i}] = {x} fused, {y} unfused (seed {seed})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The memory plan of the blocked linear cross-entropy wastes nothing: the arena is the
 /// peak of live bytes (the greedy-by-size placement; first-fit in kernel order left the
 /// classifier's gradient above the first pass's blocks, 14 MiB over the peak at the
