@@ -57,6 +57,10 @@ fn main() {
         100.0 * p.peak_bytes.saturating_sub(grads) as f64 / naive_logits as f64,
         mib(naive_logits)
     );
+    // The same program without row fusion (every logits block stored, then read by its
+    // loops), to show what computing the blocks strip by strip inside their loops gives.
+    let unfused = compiler::kernel::schedule_with(&g, &compiler::kernel::ScheduleOptions { fuse_rows: false })
+        .expect("schedules");
     let start_hwm = vm_hwm();
     #[cfg(feature = "llvm")]
     let llvm_program = p.clone();
@@ -86,6 +90,7 @@ fn main() {
     // Built after the measurement (its own arena of the same size).
     #[cfg(feature = "llvm")]
     let llvm = Executable::new(llvm_program, Backend::Llvm).expect("LLVM compiles");
+    let plain = Executable::new(unfused, Backend::Cranelift).expect("compiles");
     println!(
         "  measured: peak resident memory grew {:.1} MiB when the executable was built (its arena: {:.1} MiB planned) and {:.1} MiB more in the first run (the outputs copied out of the arena: {:.1} MiB); the run allocates nothing else",
         mib(arena_hwm),
@@ -105,7 +110,8 @@ fn main() {
             None
         }
     };
-    // Per round: Cranelift, then LLVM (with `--features llvm`), then JAX.
+    // Per round: Cranelift, then LLVM (with `--features llvm`), then Cranelift without row
+    // fusion, then JAX.
     let mut results: Vec<Vec<f64>> = vec![];
     for _ in 0..rounds {
         let mut row = vec![median(&time(steps, || {
@@ -115,12 +121,18 @@ fn main() {
         row.push(median(&time(steps, || {
             llvm.run(&mut args, 0).expect("runs");
         })));
+        row.push(median(&time(steps, || {
+            plain.run(&mut args, 0).expect("runs");
+        })));
         row.push(peer.as_mut().map(|p| median(&p.run(steps))).unwrap_or(f64::NAN));
         results.push(row);
     }
     let gflops = |t: f64| format!("{:>7.1} GFLOP/s counting 3 matmuls", 3.0 * 2.0 * (n * d * v) as f64 / t / 1e9);
     let jax = results[0].len() - 1;
-    let names = ["recipec (blocked, cranelift)", "recipec (blocked, llvm)"];
+    #[cfg(feature = "llvm")]
+    let names = ["recipec (blocked, cranelift)", "recipec (blocked, llvm)", "recipec (blocked, no row fusion)"];
+    #[cfg(not(feature = "llvm"))]
+    let names = ["recipec (blocked, cranelift)", "recipec (blocked, no row fusion)"];
     for (k, name) in names.iter().enumerate().take(jax) {
         let pair: Vec<Vec<f64>> = results.iter().map(|r| vec![r[k], r[jax]]).collect();
         report("linear cross-entropy, loss and both gradients", &gflops, &[name, "jax.jit naive"], &pair);
