@@ -447,18 +447,25 @@ impl Executable {
     }
 }
 
-/// Rows per strip of a row-fused group on the CPU: about 64 K product elements (256 KiB of
-/// f32, a core's L2 share), a multiple of 16, at least 16.
+/// Rows per strip of a row-fused group on the CPU: about 1 M product elements (4 MiB of f32
+/// per thread, half a default 8 MiB block on 2 threads), a multiple of 16, at least 16;
+/// `RECIPEC_STRIP_ELEMS` overrides the element count. On the CPU the strip is sized for the
+/// matmul, whose every call repacks its operands: on the linear cross-entropy benchmark
+/// (N=4096, D=1024, V=65536, 512-column blocks, 2 threads) strips of 64 K elements ran 1.45x
+/// slower than the unfused program, 256 K 1.06x, 512 K 1.03–1.05x, 1 M at parity. (On CUDA a
+/// strip is 16–64 rows in shared memory.)
 pub fn cpu_strip_rows(n: usize) -> usize {
-    ((1usize << 16) / n.max(1)).max(16) / 16 * 16
+    let elems = std::env::var("RECIPEC_STRIP_ELEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize << 20);
+    (elems / n.max(1)).max(16) / 16 * 16
 }
 
 impl Executable {
     /// A row-fused group (`compiler::kernel::RowGroup`): per strip of [`cpu_strip_rows`]
-    /// rows (strips in parallel), the strip's product into a scratch buffer of the thread,
-    /// then each loop of the group over the strip's rows, reading the product from the
-    /// scratch (its table entry points `r0` rows before the scratch, so the loop's
-    /// `n·i0 + i1` lands in it).
+    /// rows, the strip's product into a scratch buffer, then each loop of the group over the
+    /// strip's rows, reading the product from the scratch (its table entry points `r0` rows
+    /// before the scratch, so the loop's `n·i0 + i1` lands in it). With at least as many
+    /// strips as threads the strips run in parallel (each thread its own scratch); with
+    /// fewer, one after another, each matmul and loop split over the threads.
     fn row_group(&self, grp: &compiler::kernel::RowGroup, ptrs: &[*mut u8]) {
         let p = &self.program;
         let Kernel::MatMul { a, b, m, k, n, dtype, .. } = &p.kernels[grp.start] else {
@@ -471,6 +478,9 @@ impl Executable {
         let fns: Vec<codegen_cpu::LoopFn> =
             (grp.start + 1..grp.end).map(|j| self.code.loops[j].expect("loop compiled")).collect();
         let table: Vec<usize> = ptrs.iter().map(|x| *x as usize).collect();
+        let threads = rayon::current_num_threads();
+        let across = strips >= threads && threads > 1 && m * n * k >= 1 << 18;
+        let threshold = self.parallel_threshold;
         let strip = |t: &mut Vec<usize>, scratch: &mut Vec<u8>, s: usize| {
             let (r0, r1) = (s * rows, (s * rows + rows).min(m));
             scratch.resize(rows * n * elem, 0);
@@ -482,17 +492,29 @@ impl Executable {
             };
             let a2 = View { offset: a.offset + r0 as i64 * a.row_stride, ..a.clone() };
             let o = OutView { buf: z, offset: 0, row_stride: n as i64, accumulate: false };
-            matmul(tp, &a2, b, &o, &[], r1 - r0, k, n, *dtype, false);
+            matmul(tp, &a2, b, &o, &[], r1 - r0, k, n, *dtype, !across);
             // Row `r0` of the product is the scratch's first row.
             t[z] = (base as usize).wrapping_sub(r0 * n * elem);
-            for f in &fns {
-                // SAFETY: the loop reads and writes its planned buffers at rows `r0..r1`
-                // only (`find_row_groups`), and the product's rows `r0..r1` in the scratch.
-                unsafe { f(t.as_ptr() as *const *mut u8, r0 as i64, r1 as i64) };
+            let table = SendPtr(t.as_ptr() as *const *mut u8);
+            for (f, j) in fns.iter().zip(grp.start + 1..) {
+                let Kernel::Loop(l) = &p.kernels[j] else { unreachable!("a group's loop") };
+                let points = (r1 - r0) * l.dims[1..].iter().product::<usize>();
+                if !across && points >= threshold && r1 - r0 >= 2 {
+                    let chunks = (threads * 4).min(r1 - r0);
+                    (0..chunks).into_par_iter().for_each(|c| {
+                        let t = table;
+                        let (lo, hi) = (r0 + (r1 - r0) * c / chunks, r0 + (r1 - r0) * (c + 1) / chunks);
+                        // SAFETY: as below, rows `lo..hi` of the strip.
+                        unsafe { f(t.0, lo as i64, hi as i64) }
+                    });
+                } else {
+                    // SAFETY: the loop reads and writes its planned buffers at rows `r0..r1`
+                    // only (`find_row_groups`), and the product's rows `r0..r1` in the scratch.
+                    unsafe { f(table.0, r0 as i64, r1 as i64) };
+                }
             }
         };
-        let threads = rayon::current_num_threads();
-        if strips > 1 && threads > 1 && m * n * k >= 1 << 18 {
+        if across {
             (0..strips).into_par_iter().for_each_init(|| (table.clone(), Vec::new()), |(t, sc), s| strip(t, sc, s));
         } else {
             let (mut t, mut sc) = (table.clone(), Vec::new());
