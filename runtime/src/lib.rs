@@ -292,6 +292,9 @@ pub struct Executable {
     arena: Mutex<Arena>,
     /// Loops with fewer points than this run on one thread.
     pub parallel_threshold: usize,
+    /// Product elements per strip of a row-fused group ([`cpu_strip_rows`]; any value gives
+    /// the same results).
+    pub strip_elems: usize,
     /// Seconds spent in each kernel, when profiling (`RECIPEC_PROFILE=1`).
     profile: Option<Mutex<Vec<f64>>>,
 }
@@ -328,7 +331,9 @@ impl Executable {
             .ok()
             .filter(|v| v == "1")
             .map(|_| Mutex::new(vec![0.0; program.kernels.len()]));
-        Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, profile })
+        let strip_elems =
+            std::env::var("RECIPEC_STRIP_ELEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_STRIP_ELEMS);
+        Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, strip_elems, profile })
     }
 
     /// With `RECIPEC_PROFILE=1`: the kernels that took the most time over all runs so far,
@@ -449,15 +454,17 @@ impl Executable {
 
 /// Rows per strip of a row-fused group on the CPU: about 1 M product elements (4 MiB of f32
 /// per thread, half a default 8 MiB block on 2 threads), a multiple of 16, at least 16;
-/// `RECIPEC_STRIP_ELEMS` overrides the element count. On the CPU the strip is sized for the
+/// `RECIPEC_STRIP_ELEMS` (read when an executable is built) overrides the element count. On the CPU the strip is sized for the
 /// matmul, whose every call repacks its operands: on the linear cross-entropy benchmark
 /// (N=4096, D=1024, V=65536, 512-column blocks, 2 threads) strips of 64 K elements ran 1.45x
 /// slower than the unfused program, 256 K 1.06x, 512 K 1.03–1.05x, 1 M at parity. (On CUDA a
 /// strip is 16–64 rows in shared memory.)
-pub fn cpu_strip_rows(n: usize) -> usize {
-    let elems = std::env::var("RECIPEC_STRIP_ELEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize << 20);
+pub fn cpu_strip_rows(n: usize, elems: usize) -> usize {
     (elems / n.max(1)).max(16) / 16 * 16
 }
+
+/// The default of [`Executable::strip_elems`].
+pub const DEFAULT_STRIP_ELEMS: usize = 1 << 20;
 
 impl Executable {
     /// A row-fused group (`compiler::kernel::RowGroup`): per strip of [`cpu_strip_rows`]
@@ -473,7 +480,7 @@ impl Executable {
         };
         let (m, k, n, z) = (*m, *k, *n, grp.tile);
         let elem = dtype_bytes(*dtype);
-        let rows = cpu_strip_rows(n);
+        let rows = cpu_strip_rows(n, self.strip_elems);
         let strips = m.div_ceil(rows);
         let fns: Vec<codegen_cpu::LoopFn> =
             (grp.start + 1..grp.end).map(|j| self.code.loops[j].expect("loop compiled")).collect();

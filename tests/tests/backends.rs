@@ -417,9 +417,9 @@ fn blocked_linear_cross_entropy(dtype: Dtype, n: usize, d: usize, v: usize, cols
 /// runs the same loops per strip of rows over a strip of the product in a scratch buffer,
 /// the CUDA kernel sums each product element in the unfused matmul's order (FMA tiles, or
 /// the tensor cores where the unfused kernel uses them) and reduces each row in the unfused
-/// reduction's order. The shapes cover several strips with a partial last one (on the CPU:
-/// 96-row strips at 640 columns; on CUDA: 16 to 64 rows), a last block under a warp's
-/// width, and bf16 on the tensor cores.
+/// reduction's order. The shapes cover several strips with a partial last one (on the CPU
+/// with 16 K-element strips: 16 rows at 640 columns; on CUDA: 16 to 64 rows), a last block
+/// under a warp's width, and bf16 on the tensor cores.
 #[test]
 fn row_fused_products_are_never_stored_and_give_the_unfused_bits() {
     for (dtype, n, d, v, cols) in [
@@ -454,19 +454,27 @@ fn row_fused_products_are_never_stored_and_give_the_unfused_bits() {
         assert!(fused.peak_bytes <= plain.peak_bytes, "{what}: {} vs {}", fused.peak_bytes, plain.peak_bytes);
         let unit = codegen_cuda::emit(&fused).unwrap();
         assert_eq!(unit.launches.iter().filter(|l| l.kind == "fused").count(), fused.row_groups.len());
+        // On the CPU also in strips of 16 K elements (many strips, run in parallel; the
+        // default runs one strip here, its matmul and loops split over the threads).
+        let mut runners: Vec<(String, Box<dyn Runner + Send + Sync>, Backend)> = vec![];
         for backend in backends() {
-            let a = runtime::compile_program(fused.clone(), backend).unwrap();
-            let b = runtime::compile_program(plain.clone(), backend).unwrap();
+            runners.push((format!("{backend:?}"), runtime::compile_program(fused.clone(), backend).unwrap(), backend));
+        }
+        let mut small = Executable::new(fused.clone(), Backend::Cranelift).unwrap();
+        small.strip_elems = 1 << 14;
+        runners.push(("Cranelift, 16 K-element strips".into(), Box::new(small), Backend::Cranelift));
+        for (backend, a, on) in &runners {
+            let b = runtime::compile_program(plain.clone(), *on).unwrap();
             for seed in [5u64, 6] {
                 let ins = inputs(&g, seed);
                 let want: std::collections::BTreeMap<String, Tensor> =
-                    runtime::run_tensors_on(&b, &ins, seed).unwrap().into_iter().collect();
-                for (name, t) in runtime::run_tensors_on(&a, &ins, seed).unwrap() {
+                    runtime::run_tensors_on(&*b, &ins, seed).unwrap().into_iter().collect();
+                for (name, t) in runtime::run_tensors_on(&**a, &ins, seed).unwrap() {
                     let w = &want[&name];
                     for (i, (x, y)) in t.data.iter().zip(&w.data).enumerate() {
                         assert!(
                             x.to_bits() == y.to_bits(),
-                            "{what} [{backend:?}]: `{name}`[{i}] = {x} fused, {y} unfused (seed {seed})"
+                            "{what} [{backend}]: `{name}`[{i}] = {x} fused, {y} unfused (seed {seed})"
                         );
                     }
                 }
