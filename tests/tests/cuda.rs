@@ -66,6 +66,34 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
         assert!(u.launches.iter().all(|l| l.kind != "host"), "{}", u.launch_table());
         out.push(("synthetic.device_library".into(), u));
     }
+    // Row-fused kernels (a matmul computed strip by strip inside the loops that read its
+    // product): FMA tiles in f32, tensor cores in bf16 (both sides at least 64).
+    {
+        use compiler::ir::{Bin, Graph, Op, Red, Un};
+        use lang::types::Dtype;
+        let mut g = Graph::new("row_fused");
+        for (i, (d, m, n)) in [(Dtype::F32, 40usize, 50usize), (Dtype::BF16, 70, 65)].into_iter().enumerate() {
+            let x = g.add(Op::Input { index: 2 * i, name: format!("x{i}") }, d, vec![m, 33], &[], "x").unwrap();
+            let w = g.add(Op::Input { index: 2 * i + 1, name: format!("w{i}") }, d, vec![33, n], &[], "w").unwrap();
+            let z = g.add(Op::MatMul, d, vec![m, n], &[x, w], "z").unwrap();
+            let z = g.add(Op::Cast, Dtype::F32, vec![m, n], &[z], "z").unwrap();
+            let mx = g.add(Op::Reduce { op: Red::Max, axes: vec![1] }, Dtype::F32, vec![m], &[z], "max").unwrap();
+            let r = g.add(Op::Reshape, Dtype::F32, vec![m, 1], &[mx], "max").unwrap();
+            let b = g.add(Op::Broadcast, Dtype::F32, vec![m, n], &[r], "max").unwrap();
+            let e = g.add(Op::Binary(Bin::Sub), Dtype::F32, vec![m, n], &[z, b], "sub").unwrap();
+            let e = g.add(Op::Unary(Un::Exp), Dtype::F32, vec![m, n], &[e], "exp").unwrap();
+            let s = g.add(Op::Reduce { op: Red::Sum, axes: vec![1] }, Dtype::F32, vec![m], &[e], "sum").unwrap();
+            g.outputs.push((format!("max{i}"), mx));
+            g.outputs.push((format!("sum{i}"), s));
+        }
+        let p = compiler::kernel::schedule(&g).unwrap();
+        assert_eq!(p.row_groups.len(), 2, "{}", p.text());
+        let u = codegen_cuda::emit(&p).unwrap();
+        let kinds: Vec<&str> = u.launches.iter().filter(|l| l.runs_code()).map(|l| l.kind).collect();
+        assert_eq!(kinds, ["fused", "fused"], "{}", u.launch_table());
+        assert!(u.source.contains("rc_mma16816<1>"), "the bf16 group on the tensor cores");
+        out.push(("synthetic.row_fused".into(), u));
+    }
     out
 }
 
@@ -116,7 +144,7 @@ fn nvrtc_and_ptxas_compile_every_unit() {
                 runtime::cuda::assemble(&ptx, real, &ptxas_path, &dir, &safe).unwrap_or_else(|e| panic!("{name}: {e}"));
             // Launches of the same code share a function: ptxas reports each function once.
             let functions: std::collections::BTreeSet<&str> =
-                u.launches.iter().filter(|l| l.kind != "host").map(|l| l.name.as_str()).collect();
+                u.launches.iter().filter(|l| l.runs_code()).map(|l| l.name.as_str()).collect();
             assert_eq!(usage.len(), functions.len(), "{name} {real}: ptxas reported {} functions", usage.len());
             let regs = usage.iter().map(|k| k.registers).max().unwrap_or(0);
             let smem = usage.iter().map(|k| k.shared_bytes).max().unwrap_or(0);
