@@ -101,6 +101,11 @@ pub struct Unit {
 }
 
 impl Launch {
+    /// An entry of kernel `ki` with no device function (`host` or `part`).
+    fn nothing(ki: usize, kind: &'static str) -> Launch {
+        Launch { kernel: ki, name: String::new(), kind, grid: [0; 3], block: [0; 3], shared_bytes: 0, slots: vec![] }
+    }
+
     /// Whether the launch runs a function of the unit: not `host` (the runtime runs it) nor
     /// `part` (a loop of a row-fused group: it runs inside its group's `fused` launch).
     pub fn runs_code(&self) -> bool {
@@ -1005,6 +1010,8 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
         offsets = operand_offsets(a, b, batch),
         stage = stage_tiles(
             256,
+            big,
+            "        ",
             "As[ka][r]",
             &operand_load(a, "oa", ("gr", *m), ("gk", *kk), t, &ld),
             &operand_load(b, "ob", ("gk2", *kk), ("gc", *n), t, &ld)
@@ -1034,21 +1041,24 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
     })
 }
 
-/// The staging of one k-step of the 64-row/column tile kernels: the block's `threads`
-/// threads copy the 64×16 A tile (element `(r, ka)` stored at `a_at`) and the 16×64 B tile
-/// (`Bs[kb][c]`) from the operands, zero outside them.
-fn stage_tiles(threads: u32, a_at: &str, aload: &str, bload: &str) -> String {
+/// The staging of one k-step of the tile kernels: the block's `threads` threads copy the
+/// `rows`×16 A tile (element `(r, ka)` stored at `a_at`) and the 16×64 B tile (`Bs[kb][c]`)
+/// from the operands, zero outside them; each line starts with `indent`.
+fn stage_tiles(threads: u32, rows: u32, indent: &str, a_at: &str, aload: &str, bload: &str) -> String {
     let big = BIG_TILE;
-    format!(
-        "        for (int e = tid; e < 16 * {big}; e += {threads}) {{
-            const int r = e >> 4, ka = e & 15;
-            const long long gr = row0 + r, gk = t0 + ka;
-            {a_at} = {aload};
-            const int kb = e / {big}, c = e % {big};
-            const long long gk2 = t0 + kb, gc = col0 + c;
-            Bs[kb][c] = {bload};
-        }}"
-    )
+    let text = format!(
+        "for (int e = tid; e < 16 * {rows}; e += {threads}) {{
+    const int r = e >> 4, ka = e & 15;
+    const long long gr = row0 + r, gk = t0 + ka;
+    {a_at} = {aload};
+}}
+for (int e = tid; e < 16 * {big}; e += {threads}) {{
+    const int kb = e / {big}, c = e % {big};
+    const long long gk2 = t0 + kb, gc = col0 + c;
+    Bs[kb][c] = {bload};
+}}"
+    );
+    text.lines().map(|l| format!("{indent}{l}")).collect::<Vec<_>>().join("\n")
 }
 
 /// Element `(r, c)` of a 16-bit operand `v` as its raw bits (batch start `base`), or 0
@@ -1119,6 +1129,8 @@ fn mma_matmul_kernel(ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, 
         offsets = operand_offsets(a, b, batch),
         stage = stage_tiles(
             128,
+            big,
+            "        ",
             "As[r][ka]",
             &operand_bits(a, "oa", ("gr", *m), ("gk", *kk)),
             &operand_bits(b, "ob", ("gk2", *kk), ("gc", *n))
@@ -1205,16 +1217,7 @@ fn row_group_kernel(
             for (int i = 0; i < {sub}; i++)
                 for (int e = 0; e < 4; e++) acc[i][e] = 0.0f;
             for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
-                for (int e = tid; e < 16 * {rows}; e += {ROW_BLOCK}) {{
-                    const int r = e >> 4, ka = e & 15;
-                    const long long gr = row0 + r, gk = t0 + ka;
-                    As[r][ka] = {abits};
-                }}
-                for (int e = tid; e < 16 * 64; e += {ROW_BLOCK}) {{
-                    const int kb = e >> 6, c = e & 63;
-                    const long long gk2 = t0 + kb, gc = col0 + c;
-                    Bs[kb][c] = {bbits};
-                }}
+{stage}
                 __syncthreads();
                 const int c = 8 * warp + g;
                 unsigned bfr[2];
@@ -1238,8 +1241,14 @@ fn row_group_kernel(
                     if (row0 + r < {m}LL && col < {n}LL) st_{zdt}(zs, r * {n}LL + col, {val});
                 }}"#,
             sub = rows / 16,
-            abits = operand_bits(a, "oa", ("gr", m), ("gk", kk)),
-            bbits = operand_bits(b, "ob", ("gk2", kk), ("gc", n)),
+            stage = stage_tiles(
+                ROW_BLOCK,
+                rows,
+                "                ",
+                "As[r][ka]",
+                &operand_bits(a, "oa", ("gr", m), ("gk", kk)),
+                &operand_bits(b, "ob", ("gk2", kk), ("gc", n))
+            ),
             val = round(dtype, "acc[i][e]", true),
         );
     } else {
@@ -1249,16 +1258,7 @@ fn row_group_kernel(
             {t} sum[{per}];
             for (int i = 0; i < {per}; i++) sum[i] = 0;
             for (long long t0 = 0; t0 < {kk}LL; t0 += 16) {{
-                for (int e = tid; e < 16 * {rows}; e += {ROW_BLOCK}) {{
-                    const int r = e >> 4, ka = e & 15;
-                    const long long gr = row0 + r, gk = t0 + ka;
-                    As[ka][r] = {aload};
-                }}
-                for (int e = tid; e < 16 * 64; e += {ROW_BLOCK}) {{
-                    const int kb = e >> 6, c = e & 63;
-                    const long long gk2 = t0 + kb, gc = col0 + c;
-                    Bs[kb][c] = {bload};
-                }}
+{stage}
                 __syncthreads();
                 for (int q = 0; q < 16; q++) {{
                     const {t} bv = Bs[q][tx];
@@ -1272,8 +1272,14 @@ fn row_group_kernel(
                 if (row0 + r < {m}LL && col < {n}LL) st_{zdt}(zs, r * {n}LL + col, {val});
             }}"#,
             per = rows / 4,
-            aload = operand_load(a, "oa", ("gr", m), ("gk", kk), t, &ld),
-            bload = operand_load(b, "ob", ("gk2", kk), ("gc", n), t, &ld),
+            stage = stage_tiles(
+                ROW_BLOCK,
+                rows,
+                "                ",
+                "As[ka][r]",
+                &operand_load(a, "oa", ("gr", m), ("gk", kk), t, &ld),
+                &operand_load(b, "ob", ("gk2", kk), ("gc", n), t, &ld)
+            ),
             val =
                 if matches!(dtype, Dtype::F16 | Dtype::BF16) { round(dtype, "sum[i]", true) } else { "sum[i]".into() },
         );
@@ -1284,35 +1290,33 @@ fn row_group_kernel(
         // (No kernel numbers in the text: the groups of every block share one function.)
         let _ = writeln!(out, "        {{");
         let ind = "                ";
+        // Row `r` of the strip (threads or warps `first`, `first + step`, …), stopping at the
+        // product's last row.
+        let rows_from = |out: &mut String, first: &str, step: u32| {
+            let _ = writeln!(out, "            for (int r = {first}; r < {rows}; r += {step}) {{");
+            let _ = writeln!(
+                out,
+                "                const long long i0 = row0 + r;\n                if (i0 >= {m}LL) break;"
+            );
+        };
         match (&l.reduce, l.dims.len()) {
-            (None, 1) => {
-                let _ = writeln!(out, "            for (int r = tid; r < {rows}; r += {ROW_BLOCK}) {{");
-                let _ = writeln!(
-                    out,
-                    "                const long long i0 = row0 + r;\n                if (i0 >= {m}LL) break;"
-                );
-                let names = body_with(p, l, out, ind, &BTreeMap::new(), Some(grp.tile));
-                for s in &l.stores {
-                    let _ = writeln!(out, "{ind}{}", store_line(p, s, &stored_value(p, j, l, &names, s)?));
+            (None, d) => {
+                if d == 1 {
+                    rows_from(out, "tid", ROW_BLOCK);
+                } else {
+                    let _ = writeln!(out, "            for (int e = tid; e < {rows} * {n}; e += {ROW_BLOCK}) {{");
+                    let _ = writeln!(
+                        out,
+                        "                const long long i0 = row0 + e / {n}, i1 = e % {n};\n                if (i0 >= {m}LL) break;"
+                    );
                 }
-            }
-            (None, 2) => {
-                let _ = writeln!(out, "            for (int e = tid; e < {rows} * {n}; e += {ROW_BLOCK}) {{");
-                let _ = writeln!(
-                    out,
-                    "                const long long i0 = row0 + e / {n}, i1 = e % {n};\n                if (i0 >= {m}LL) break;"
-                );
                 let names = body_with(p, l, out, ind, &BTreeMap::new(), Some(grp.tile));
                 for s in &l.stores {
                     let _ = writeln!(out, "{ind}{}", store_line(p, s, &stored_value(p, j, l, &names, s)?));
                 }
             }
             (Some(r), 2) if n as u64 >= WARP_REDUCE_MIN => {
-                let _ = writeln!(out, "            for (int r = warp; r < {rows}; r += {}) {{", ROW_BLOCK / 32);
-                let _ = writeln!(
-                    out,
-                    "                const long long i0 = row0 + r;\n                if (i0 >= {m}LL) break;"
-                );
+                rows_from(out, "warp", ROW_BLOCK / 32);
                 let _ = writeln!(out, "                double acc = {};", red_init(r.op));
                 let _ = writeln!(out, "                for (long long i1 = lane; i1 < {n}LL; i1 += 32) {{");
                 let names = body_with(p, l, out, "                    ", &BTreeMap::new(), Some(grp.tile));
@@ -1328,11 +1332,7 @@ fn row_group_kernel(
                 let _ = writeln!(out, "                }}");
             }
             (Some(r), 2) => {
-                let _ = writeln!(out, "            for (int r = tid; r < {rows}; r += {ROW_BLOCK}) {{");
-                let _ = writeln!(
-                    out,
-                    "                const long long i0 = row0 + r;\n                if (i0 >= {m}LL) break;"
-                );
+                rows_from(out, "tid", ROW_BLOCK);
                 let _ = writeln!(out, "                double acc = {};", red_init(r.op));
                 let _ = writeln!(out, "                for (long long i1 = 0; i1 < {n}LL; i1++) {{");
                 let names = body_with(p, l, out, "                    ", &BTreeMap::new(), Some(grp.tile));
@@ -1372,15 +1372,7 @@ pub fn emit(p: &Program) -> Result<Unit, String> {
         let group = p.row_groups.iter().find(|g| g.start == ki);
         if group.is_none() && ki < group_end {
             // Runs inside the row-fused kernel of its group.
-            launches.push(Launch {
-                kernel: ki,
-                name: String::new(),
-                kind: "part",
-                grid: [0; 3],
-                block: [0; 3],
-                shared_bytes: 0,
-                slots: vec![],
-            });
+            launches.push(Launch::nothing(ki, "part"));
             continue;
         }
         let mut l = match k {
@@ -1399,15 +1391,7 @@ pub fn emit(p: &Program) -> Result<Unit, String> {
             }
             Kernel::Library { .. } => match index::library_kernel(p, ki, k, &mut text)? {
                 Some(l) => l,
-                None => Launch {
-                    kernel: ki,
-                    name: String::new(),
-                    kind: "host",
-                    grid: [0; 3],
-                    block: [0; 3],
-                    shared_bytes: 0,
-                    slots: vec![],
-                },
+                None => Launch::nothing(ki, "host"),
             },
         };
         if l.runs_code() {
