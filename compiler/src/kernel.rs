@@ -1028,9 +1028,12 @@ fn try_schedule(
 /// maximum, rescaled sum, target logit) and gradient pass (softmax minus one-hot) become one
 /// group each: no block of logits is stored.
 pub fn find_row_groups(p: &Program) -> Vec<RowGroup> {
-    let readers = |b: usize| -> Vec<usize> {
-        p.kernels.iter().enumerate().filter(|(_, k)| k.reads().contains(&b)).map(|(i, _)| i).collect()
-    };
+    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, k) in p.kernels.iter().enumerate() {
+        for b in k.reads() {
+            readers.entry(b).or_default().push(i);
+        }
+    }
     let outputs: BTreeSet<usize> = p.outputs.iter().map(|o| o.1).collect();
     let mut groups = vec![];
     let mut i = 0;
@@ -1058,7 +1061,7 @@ pub fn find_row_groups(p: &Program) -> Vec<RowGroup> {
         while end < p.kernels.len() && row_local(p, i, end + 1, m, n) {
             end += 1;
         }
-        let zr = readers(z);
+        let zr = readers.get(&z).cloned().unwrap_or_default();
         if end > i + 1 && !zr.is_empty() && zr.iter().all(|r| (i + 1..end).contains(r)) {
             // Loops after the product's last reader gain nothing from the group.
             let stop = zr.iter().max().expect("a reader") + 1;
@@ -1303,6 +1306,13 @@ fn plan_arena(p: &mut Program, g: &Graph) {
             p.buffers[b].into = Some(ab);
         }
     }
+    // The arena buffers by the kernel after which they are dead (in index order).
+    let mut dying: Vec<Vec<usize>> = vec![vec![]; nk + 1];
+    for (bi, d) in p.buffers.iter().enumerate() {
+        if d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some() && d.dies <= nk {
+            dying[d.dies].push(bi);
+        }
+    }
     let mut free: Vec<(usize, usize)> = vec![];
     let mut arena = 0usize;
     let mut donated: BTreeSet<usize> = BTreeSet::new();
@@ -1379,9 +1389,9 @@ fn plan_arena(p: &mut Program, g: &Graph) {
         }
         // Buffers whose last reader is this kernel are free for the next one (unless a
         // buffer written here took their slice over).
-        for (bi, d) in p.buffers.iter().enumerate() {
-            if d.kind == BufKind::Temp && d.into.is_none() && d.born.is_some() && d.dies == i && !donated.contains(&bi)
-            {
+        for &bi in &dying[i] {
+            let d = &p.buffers[bi];
+            if !donated.contains(&bi) {
                 free.push((d.offset, align(d.bytes)));
             }
         }
@@ -1407,14 +1417,25 @@ fn plan_arena(p: &mut Program, g: &Graph) {
             p.arena_bytes = size;
         }
     }
-    for i in 0..nk {
-        let live: usize = p.live_at(i).iter().map(|d| align(d.bytes)).sum::<usize>()
-            - p.buffers
-                .iter()
-                .filter(|d| d.born == Some(i))
-                .filter_map(|d| d.reuses)
-                .map(|r| align(p.buffers[r].bytes))
-                .sum::<usize>();
+    // Bytes live in each kernel (`live_at`), less the slices handed over in place there: a
+    // sweep over births and deaths.
+    let mut delta = vec![0i64; nk + 2];
+    for d in &p.buffers {
+        if let (BufKind::Temp, None, Some(born)) = (&d.kind, d.into, d.born) {
+            if born <= d.dies {
+                delta[born] += align(d.bytes) as i64;
+                delta[d.dies.min(nk) + 1] -= align(d.bytes) as i64;
+            }
+        }
+        if let (Some(born), Some(r)) = (d.born, d.reuses) {
+            delta[born] -= align(p.buffers[r].bytes) as i64;
+            delta[born + 1] += align(p.buffers[r].bytes) as i64;
+        }
+    }
+    let mut running = 0i64;
+    for (i, step) in delta.iter().enumerate().take(nk) {
+        running += step;
+        let live = running as usize;
         if live > p.peak_bytes {
             p.peak_bytes = live;
             p.peak_at = i;

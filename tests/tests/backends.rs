@@ -492,6 +492,22 @@ fn the_blocked_linear_cross_entropy_arena_is_its_peak() {
     for (n, d, v, cols) in [(64usize, 32usize, 4096usize, 512usize), (256, 64, 8192, 1024), (17, 3, 1000, 7)] {
         let (_, p) = blocked_linear_cross_entropy(Dtype::F32, n, d, v, cols);
         assert_eq!(p.arena_bytes, p.peak_bytes, "N={n} D={d} V={v} cols={cols}:\n{}", p.text());
+        // The planner's peak (a sweep over births and deaths) is the most bytes `live_at`
+        // any kernel, less the slices handed over in place there.
+        let align = |b: usize| b.next_multiple_of(compiler::plan::ALIGN);
+        let brute = (0..p.kernels.len())
+            .map(|i| {
+                p.live_at(i).iter().map(|b| align(b.bytes)).sum::<usize>()
+                    - p.buffers
+                        .iter()
+                        .filter(|b| b.born == Some(i))
+                        .filter_map(|b| b.reuses)
+                        .map(|r| align(p.buffers[r].bytes))
+                        .sum::<usize>()
+            })
+            .max()
+            .unwrap_or(0);
+        assert_eq!(p.peak_bytes, brute, "N={n} D={d} V={v} cols={cols}");
     }
 }
 
