@@ -1366,10 +1366,11 @@ pub fn emit(p: &Program) -> Result<Unit, String> {
     let mut functions: BTreeMap<String, String> = BTreeMap::new();
     // The end of the row-fused group being emitted.
     let mut group_end = 0;
+    let group_at = p.group_starts();
     for (ki, k) in p.kernels.iter().enumerate() {
         let mut text = String::new();
         let mut offsets: Vec<(usize, i64)> = vec![];
-        let group = p.row_groups.iter().find(|g| g.start == ki);
+        let group = group_at[ki].map(|g| &p.row_groups[g]);
         if group.is_none() && ki < group_end {
             // Runs inside the row-fused kernel of its group.
             launches.push(Launch::nothing(ki, "part"));

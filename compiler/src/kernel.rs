@@ -1577,6 +1577,15 @@ impl Program {
         out
     }
 
+    /// For each kernel, the index in `row_groups` of the group it starts, if any.
+    pub fn group_starts(&self) -> Vec<Option<usize>> {
+        let mut v = vec![None; self.kernels.len()];
+        for (gi, g) in self.row_groups.iter().enumerate() {
+            v[g.start] = Some(gi);
+        }
+        v
+    }
+
     /// The arena buffers live while kernel `k` runs.
     pub fn live_at(&self, k: usize) -> Vec<&BufDecl> {
         self.buffers
@@ -1609,8 +1618,9 @@ impl Program {
             };
             let _ = writeln!(s, "  b{i}: {}{:?} {kind}  ; %{} {}", b.dtype, b.shape, b.node.index(), b.origin);
         }
+        let group_at = self.group_starts();
         for (i, k) in self.kernels.iter().enumerate() {
-            if let Some(grp) = self.row_groups.iter().find(|g| g.start == i) {
+            if let Some(grp) = group_at[i].map(|g| &self.row_groups[g]) {
                 let _ = writeln!(
                     s,
                     "  row-fused k{}..k{}: strip by strip of rows, b{} never stored",

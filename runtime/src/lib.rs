@@ -292,6 +292,8 @@ pub struct Executable {
     arena: Mutex<Arena>,
     /// Loops with fewer points than this run on one thread.
     pub parallel_threshold: usize,
+    /// For each kernel, the row-fused group it starts (`Program::group_starts`).
+    group_at: Vec<Option<usize>>,
     /// Product elements per strip of a row-fused group ([`cpu_strip_rows`]; any value gives
     /// the same results).
     pub strip_elems: usize,
@@ -333,7 +335,8 @@ impl Executable {
             .map(|_| Mutex::new(vec![0.0; program.kernels.len()]));
         let strip_elems =
             std::env::var("RECIPEC_STRIP_ELEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_STRIP_ELEMS);
-        Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, strip_elems, profile })
+        let group_at = program.group_starts();
+        Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, group_at, strip_elems, profile })
     }
 
     /// With `RECIPEC_PROFILE=1`: the kernels that took the most time over all runs so far,
@@ -395,7 +398,7 @@ impl Executable {
                 continue;
             }
             let started = profile.map(|_| std::time::Instant::now());
-            if let Some(grp) = p.row_groups.iter().find(|g| g.start == ki) {
+            if let Some(grp) = self.group_at[ki].map(|g| &p.row_groups[g]) {
                 self.row_group(grp, &ptrs);
                 skip_to = grp.end;
                 if let (Some(prof), Some(t)) = (profile, started) {
