@@ -1504,6 +1504,28 @@ mod tests {
         assert_eq!(emit(&p).unwrap(), u);
     }
 
+    /// The widest product the scheduler row-fuses fits a CUDA block's shared memory in every
+    /// dtype (a wider one would be a code generation error, not a launch failure).
+    #[test]
+    fn the_widest_row_fused_product_fits_shared_memory() {
+        use compiler::kernel::{BufKind, TILE_MAX_COLS};
+        for d in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            for cols in [TILE_MAX_COLS, TILE_MAX_COLS + 1] {
+                let mut g = Graph::new("t");
+                let x = g.add(Op::Input { index: 0, name: "x".into() }, d, vec![100, 8], &[], "x").unwrap();
+                let w = g.add(Op::Input { index: 1, name: "w".into() }, d, vec![8, cols], &[], "w").unwrap();
+                let z = g.add(Op::MatMul, d, vec![100, cols], &[x, w], "z").unwrap();
+                let s = g.add(Op::Reduce { op: Red::Max, axes: vec![1] }, d, vec![100], &[z], "s").unwrap();
+                g.outputs.push(("s".into(), s));
+                let p = compiler::kernel::schedule(&g).unwrap();
+                let fused = p.buffers.iter().any(|b| b.kind == BufKind::Tile);
+                assert_eq!(fused, cols == TILE_MAX_COLS, "{d} {cols} columns");
+                let u = emit(&p).unwrap_or_else(|e| panic!("{d} {cols} columns: {e}"));
+                assert!(u.launches.iter().all(|l| l.shared_bytes <= ROW_SHARED), "{}", u.launch_table());
+            }
+        }
+    }
+
     /// Rows of at least 32 elements reduce with one warp each: lanes stride the row, a
     /// shuffle tree combines them, lane 0 stores; 8 rows per 256-thread block.
     #[test]

@@ -266,8 +266,9 @@ impl Default for ScheduleOptions {
 }
 
 /// The widest product a row-fused group keeps on chip: a strip of [`TILE_MIN_ROWS`] rows of
-/// f32 in 48 KiB (the shared memory any CUDA block may use without opting in).
-pub const TILE_MAX_COLS: usize = 768;
+/// f32 (40 KiB at 640 columns) and the matmul's staging tiles (5 KiB) in the 48 KiB of shared
+/// memory any CUDA block may use without opting in.
+pub const TILE_MAX_COLS: usize = 640;
 /// The fewest rows of a strip (the tensor cores' tile height).
 pub const TILE_MIN_ROWS: usize = 16;
 
