@@ -466,6 +466,11 @@ pub fn cpu_strip_rows(n: usize, elems: usize) -> usize {
     (elems / n.max(1)).max(16) / 16 * 16
 }
 
+thread_local! {
+    /// A thread's scratch for the strips of row-fused groups (grown to the largest strip).
+    static STRIP_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The default of [`Executable::strip_elems`].
 pub const DEFAULT_STRIP_ELEMS: usize = 1 << 20;
 
@@ -491,9 +496,15 @@ impl Executable {
         let threads = rayon::current_num_threads();
         let across = strips >= threads && threads > 1 && m * n * k >= 1 << 18;
         let threshold = self.parallel_threshold;
-        let strip = |t: &mut Vec<usize>, scratch: &mut Vec<u8>, s: usize| {
+        let strip = |t: &mut Vec<usize>, s: usize| {
             let (r0, r1) = (s * rows, (s * rows + rows).min(m));
-            scratch.resize(rows * n * elem, 0);
+            // The thread's scratch, kept from group to group and run to run (rayon's workers
+            // live as long as the pool), so a strip does not fault in fresh pages. Taken out
+            // while in use: work this thread picks up meanwhile gets its own.
+            let mut scratch = STRIP_SCRATCH.with(|sc| sc.take());
+            if scratch.len() < rows * n * elem {
+                scratch.resize(rows * n * elem, 0);
+            }
             let base = scratch.as_mut_ptr();
             t[z] = base as usize;
             let tp: &[*mut u8] = {
@@ -523,13 +534,14 @@ impl Executable {
                     unsafe { f(table.0, r0 as i64, r1 as i64) };
                 }
             }
+            STRIP_SCRATCH.with(|sc| *sc.borrow_mut() = scratch);
         };
         if across {
-            (0..strips).into_par_iter().for_each_init(|| (table.clone(), Vec::new()), |(t, sc), s| strip(t, sc, s));
+            (0..strips).into_par_iter().for_each_init(|| table.clone(), |t, s| strip(t, s));
         } else {
-            let (mut t, mut sc) = (table.clone(), Vec::new());
+            let mut t = table;
             for s in 0..strips {
-                strip(&mut t, &mut sc, s);
+                strip(&mut t, s);
             }
         }
     }
