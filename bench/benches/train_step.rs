@@ -38,7 +38,7 @@ fn main() {
     }
     let tokens: Vec<f64> = (0..b * t).map(|i| ((i * 7919) % 256) as f64).collect();
     let batch = Buffer::from_tensor(&Tensor::new(Dtype::I32, vec![b, t], tokens));
-    let step = |progs: &Programs, state: &mut BTreeMap<String, Buffer>, k: &mut usize| {
+    let step = |progs: &Programs, state: &mut BTreeMap<String, runtime::Value>, k: &mut usize| {
         *k += 1;
         let mut extra = BTreeMap::new();
         let copy = |x: &Buffer| Buffer::from_bytes(x.dtype, x.shape.clone(), x.as_bytes());

@@ -169,6 +169,15 @@ pub fn train(req: TrainRequest) -> ExitCode {
                 s.final_loss,
                 s.unigram
             );
+            if let Some(t) = s.traffic {
+                let h = |b: u64| compiler::plan::human(b as usize);
+                let _ = writeln!(
+                    log,
+                    "device memory: {} copied in, {} copied out (the training state stays on the device; checkpoints copy it out)",
+                    h(t.up),
+                    h(t.down)
+                );
+            }
             let _ = writeln!(
                 log,
                 "wrote {d}/checkpoint.safetensors, {d}/metrics.jsonl, {d}/loss.svg\nsample with: recipec sample {d}{}",

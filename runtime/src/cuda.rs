@@ -7,7 +7,8 @@
 //! for them with `dlopen` first and every entry point here calls it: without a GPU the
 //! answer is a clear "no CUDA device" error, never a panic.
 
-use crate::{read, Buffer, Out, RunError};
+use crate::device::{check_values, make_resident, DeviceMemory, Traffic, TrafficCounter};
+use crate::{device_outputs, output_arg, read, Buffer, Out, RunError, Value, ValueOut};
 use compiler::interp::{self, Tensor};
 use compiler::kernel::{BufKind, Kernel, Program};
 use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -220,6 +221,47 @@ fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
     RunError(format!("CUDA: {what}: {e:?}"))
 }
 
+/// The GPU's memory for values that stay on the device between runs ([`crate::device`]).
+struct CudaMemory {
+    ctx: Arc<CudaContext>,
+    traffic: TrafficCounter,
+}
+
+impl DeviceMemory for CudaMemory {
+    fn alloc(&self, bytes: usize) -> Result<u64, RunError> {
+        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+        // SAFETY: a plain device allocation, freed by `free`.
+        unsafe { cu::malloc_sync(bytes) }.map_err(|e| err(&format!("cannot allocate {bytes} bytes"), e))
+    }
+    fn free(&self, ptr: u64) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by `alloc`; every launch that used it has synchronized.
+        unsafe {
+            let _ = cu::free_sync(ptr);
+        }
+    }
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<(), RunError> {
+        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+        self.traffic.up(src.len());
+        // SAFETY: `dst` holds at least `src.len()` bytes (the trait's contract).
+        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(|e| err("copy in", e))
+    }
+    fn download(&self, dst: &mut [u8], src: u64) -> Result<(), RunError> {
+        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+        self.traffic.down(dst.len());
+        // SAFETY: `src` holds at least `dst.len()` bytes (the trait's contract).
+        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(|e| err("copy out", e))
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), RunError> {
+        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+        // SAFETY: both hold `bytes` bytes (the trait's contract).
+        unsafe { cu::memcpy_dtod_sync(dst, src, bytes) }.map_err(|e| err("device copy", e))
+    }
+    fn traffic(&self) -> Traffic {
+        self.traffic.get()
+    }
+}
+
 /// A program compiled for the GPU, with its arena allocated once.
 pub struct CudaExecutable {
     pub program: Program,
@@ -228,6 +270,8 @@ pub struct CudaExecutable {
     stream: Arc<CudaStream>,
     functions: Vec<Option<CudaFunction>>,
     arena: u64,
+    /// Where [`CudaExecutable::run_values`] keeps values between runs.
+    mem: Arc<dyn DeviceMemory>,
 }
 
 impl Drop for CudaExecutable {
@@ -280,14 +324,31 @@ impl CudaExecutable {
         let arena = unsafe { cu::malloc_sync(program.arena_bytes.max(256)) }
             .map_err(|e| err("cannot allocate the arena", e))?;
         let stream = ctx.default_stream();
-        Ok(CudaExecutable { program, unit, ctx, stream, functions, arena })
+        let mem: Arc<dyn DeviceMemory> = Arc::new(CudaMemory { ctx: ctx.clone(), traffic: TrafficCounter::default() });
+        Ok(CudaExecutable { program, unit, ctx, stream, functions, arena, mem })
     }
 
     /// Runs on host buffers (copied to the device and back), like [`crate::Executable::run`].
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         let dev = self.upload(args)?;
-        self.launch_all(args, &dev.0, seed)?;
+        self.launch_all(&dev.0, seed)?;
         self.collect(args, &dev.0)
+    }
+
+    /// Runs on values that stay on the GPU ([`crate::device`]): host arguments are uploaded
+    /// once (their slots become device values), outputs are left on the device. The training
+    /// loop runs its programs this way, so a step copies only the batch in and the values the
+    /// host reads (the loss) out.
+    pub fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
+        check_values(&self.program, args)?;
+        let dev = make_resident(&self.mem, args)?;
+        self.launch_all(&dev, seed)?;
+        device_outputs(&self.program, &self.addresses(&dev), &self.mem)
+    }
+
+    /// The GPU memory of [`CudaExecutable::run_values`].
+    pub fn memory(&self) -> &Arc<dyn DeviceMemory> {
+        &self.mem
     }
 
     /// Seconds per run of the kernels alone (arguments copied to the device once, before;
@@ -298,7 +359,7 @@ impl CudaExecutable {
         let mut times = vec![];
         for _ in 0..reps {
             let t = std::time::Instant::now();
-            self.launch_all(args, &dev.0, seed)?;
+            self.launch_all(&dev.0, seed)?;
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(times)
@@ -322,20 +383,18 @@ impl CudaExecutable {
         let p = &self.program;
         p.buffers
             .iter()
-            .map(|d| match (&d.kind, d.into) {
-                (BufKind::Input(i), _) => dev_args[*i],
-                (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
-                    BufKind::Input(i) => dev_args[i],
-                    BufKind::Temp | BufKind::Tile => unreachable!("written into an argument"),
-                },
+            .enumerate()
+            .map(|(b, d)| match (&d.kind, output_arg(p, b)) {
+                (_, Some(i)) => dev_args[i],
                 (BufKind::Temp, None) => self.arena + d.offset as u64,
                 // Never in memory: the row-fused kernel keeps it in shared memory.
                 (BufKind::Tile, _) => 0,
+                (BufKind::Input(_), None) => unreachable!("an input is its argument"),
             })
             .collect()
     }
 
-    fn launch_all(&self, _args: &[Buffer], dev_args: &[u64], seed: u64) -> Result<(), RunError> {
+    fn launch_all(&self, dev_args: &[u64], seed: u64) -> Result<(), RunError> {
         let p = &self.program;
         let addrs = self.addresses(dev_args);
         // SAFETY: the table is allocated, filled and freed here, after the stream is idle.
@@ -419,19 +478,10 @@ impl CudaExecutable {
         }
         let mut outs = vec![];
         for (name, b, shape) in &p.outputs {
-            let d = &p.buffers[*b];
-            let arg = match (&d.kind, d.into) {
-                (BufKind::Input(i), _) => Some(*i),
-                (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
-                    BufKind::Input(i) => Some(i),
-                    BufKind::Temp | BufKind::Tile => None,
-                },
-                _ => None,
-            };
-            match arg {
+            match output_arg(p, *b) {
                 Some(i) => outs.push((name.clone(), Out::Arg(i, shape.clone()))),
                 None => {
-                    let mut host = Buffer::zeros(d.dtype, shape.clone());
+                    let mut host = Buffer::zeros(p.buffers[*b].dtype, shape.clone());
                     // SAFETY: the output buffer holds its elements at this address.
                     unsafe { cu::memcpy_dtoh_sync(host.as_bytes_mut(), addrs[*b]) }.map_err(|e| err("copy out", e))?;
                     outs.push((name.clone(), Out::Buf(host)));

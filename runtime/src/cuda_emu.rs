@@ -23,10 +23,15 @@
 //!
 //! The compiler is `$RECIPEC_CXX`, else `c++`, `g++` or `clang++` from `PATH`.
 
-use crate::{buffer_pointers, check_args, host_library, host_outputs, Arena, Buffer, Out, RunError};
+use crate::device::{check_values, make_resident, DeviceMemory, HostMemory};
+use crate::{
+    buffer_pointers, check_args, device_outputs, host_library, host_outputs, pointers_at, Arena, Buffer, Out, RunError,
+    Value, ValueOut,
+};
 use compiler::interp::Tensor;
 use compiler::kernel::{Kernel, Program};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::Mutex;
 
 /// The most blocks a grid-stride kernel is launched with under emulation.
@@ -72,6 +77,8 @@ pub struct EmuExecutable {
     launch: LaunchFn,
     _lib: libloading::Library,
     arena: Mutex<Arena>,
+    /// The stand-in for the GPU's memory that [`EmuExecutable::run_values`] keeps values in.
+    mem: Arc<dyn DeviceMemory>,
 }
 
 /// The text of kernel `name` in the unit (for deciding whether it has barriers).
@@ -142,19 +149,42 @@ impl EmuExecutable {
             kernels.push(Some((f, barriers)));
         }
         let arena = Mutex::new(Arena::new(program.arena_bytes));
-        Ok(EmuExecutable { program, unit, kernels, launch, _lib: so, arena })
+        let mem: Arc<dyn DeviceMemory> = Arc::new(HostMemory::default());
+        Ok(EmuExecutable { program, unit, kernels, launch, _lib: so, arena, mem })
     }
 
     /// Runs on host buffers, like [`crate::Executable::run`].
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         let p = &self.program;
         check_args(p, args)?;
-        // One run at a time: the emulator's scheduler state is the unit's statics.
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ptrs = buffer_pointers(p, args, arena.ptr());
-        // The word after the last address is the run's seed (the RNG kernels read it).
+        let ptrs = buffer_pointers(p, args, arena.ptr());
+        let ptrs = self.launch_all(ptrs, seed)?;
+        Ok(host_outputs(p, &ptrs))
+    }
+
+    /// Runs on values kept in the emulated device memory, as [`crate::cuda::CudaExecutable`]
+    /// keeps them on the GPU: host arguments are uploaded (and stay), outputs stay.
+    pub fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
+        let p = &self.program;
+        check_values(p, args)?;
+        let at: Vec<*mut u8> = make_resident(&self.mem, args)?.into_iter().map(|a| a as *mut u8).collect();
+        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let ptrs = pointers_at(p, &at, arena.ptr());
+        let ptrs = self.launch_all(ptrs, seed)?;
+        let addrs: Vec<u64> = ptrs.iter().map(|&a| a as u64).collect();
+        device_outputs(p, &addrs, &self.mem)
+    }
+
+    /// The emulated device memory of [`EmuExecutable::run_values`].
+    pub fn memory(&self) -> &Arc<dyn DeviceMemory> {
+        &self.mem
+    }
+
+    /// Runs every kernel on the buffers at `ptrs` (the arena locked by the caller).
+    fn launch_all(&self, mut ptrs: Vec<*mut u8>, seed: u64) -> Result<Vec<*mut u8>, RunError> {
+        let p = &self.program;
         ptrs.push(seed as usize as *mut u8);
-        // Then a zero word: kernels' constants are offsets from it (`Launch::slots`).
         ptrs.push(std::ptr::null_mut());
         for (ki, k) in p.kernels.iter().enumerate() {
             match (k, self.kernels[ki]) {
@@ -194,7 +224,7 @@ impl EmuExecutable {
                 (_, None) => unreachable!("device kernels have functions"),
             }
         }
-        Ok(host_outputs(p, &ptrs))
+        Ok(ptrs)
     }
 
     /// Runs on tensors (converted to and from the storage format).

@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod cuda_emu;
 pub mod data;
+pub mod device;
 pub mod npy;
 pub mod plot;
 pub mod train;
@@ -25,6 +26,7 @@ use compiler::interp::{self, Tensor};
 use compiler::ir::Op;
 use compiler::kernel::{BufKind, Kernel, Program, View};
 use compiler::plan::dtype_bytes;
+pub use device::Value;
 use lang::types::Dtype;
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -72,6 +74,10 @@ impl Buffer {
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+    /// No elements and no storage (a placeholder).
+    pub(crate) fn empty() -> Buffer {
+        Buffer { dtype: Dtype::Bool, shape: vec![0], data: vec![] }
     }
     pub fn bytes(&self) -> usize {
         self.numel() * dtype_bytes(self.dtype)
@@ -182,10 +188,42 @@ pub enum Backend {
     CudaEmu,
 }
 
+/// An output of [`Runner::run_values`]: in an argument (updated in place; the output's shape)
+/// or its own value, where the runner keeps its values (host or device).
+#[derive(Debug)]
+pub enum ValueOut {
+    Arg(usize, Vec<usize>),
+    Value(Value),
+}
+
 /// A compiled program on some device: what the training loop and `recipec eval` run.
 pub trait Runner {
     fn program(&self) -> &Program;
     fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError>;
+    /// Runs on values that may live on this runner's device. A device runner uploads host
+    /// arguments once (their slots become device values) and leaves its outputs on the device;
+    /// the default (CPU) brings device values to the host and runs [`Runner::run`].
+    fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
+        let mut bufs = Vec::with_capacity(args.len());
+        for a in args.iter_mut() {
+            bufs.push(std::mem::replace(a, Value::taken()).into_host()?);
+        }
+        let result = self.run(&mut bufs, seed);
+        for (a, b) in args.iter_mut().zip(bufs) {
+            *a = Value::Host(b);
+        }
+        Ok(result?
+            .into_iter()
+            .map(|(n, o)| match o {
+                Out::Arg(i, s) => (n, ValueOut::Arg(i, s)),
+                Out::Buf(b) => (n, ValueOut::Value(Value::Host(b))),
+            })
+            .collect())
+    }
+    /// The bytes this runner's device memory moved to and from the host (device runners).
+    fn traffic(&self) -> Option<device::Traffic> {
+        None
+    }
     /// Kernel timings, when profiling (`RECIPEC_PROFILE=1`; CPU only).
     fn profile_report(&self, _top: usize) -> Option<String> {
         None
@@ -214,6 +252,12 @@ impl<T: Runner + ?Sized> Runner for Box<T> {
     fn profile_report(&self, top: usize) -> Option<String> {
         (**self).profile_report(top)
     }
+    fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
+        (**self).run_values(args, seed)
+    }
+    fn traffic(&self) -> Option<device::Traffic> {
+        (**self).traffic()
+    }
 }
 
 impl Runner for cuda_emu::EmuExecutable {
@@ -222,6 +266,12 @@ impl Runner for cuda_emu::EmuExecutable {
     }
     fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         cuda_emu::EmuExecutable::run(self, args, seed)
+    }
+    fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
+        cuda_emu::EmuExecutable::run_values(self, args, seed)
+    }
+    fn traffic(&self) -> Option<device::Traffic> {
+        Some(self.memory().traffic())
     }
 }
 
@@ -232,20 +282,33 @@ impl Runner for cuda::CudaExecutable {
     fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         cuda::CudaExecutable::run(self, args, seed)
     }
+    fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
+        cuda::CudaExecutable::run_values(self, args, seed)
+    }
+    fn traffic(&self) -> Option<device::Traffic> {
+        Some(self.memory().traffic())
+    }
 }
 
 /// Validates arguments at the boundary: their number, dtypes and shapes (generated code never
 /// sees an unchecked buffer).
 pub(crate) fn check_args(p: &Program, args: &[Buffer]) -> Result<(), RunError> {
+    let types: Vec<(Dtype, &[usize])> = args.iter().map(|a| (a.dtype, &a.shape[..])).collect();
+    check_types(p, &types)
+}
+
+/// [`check_args`] on the arguments' dtypes and shapes.
+pub(crate) fn check_types(p: &Program, args: &[(Dtype, &[usize])]) -> Result<(), RunError> {
     if args.len() != p.inputs.len() {
         return Err(RunError(format!("`{}` takes {} arguments, got {}", p.name, p.inputs.len(), args.len())));
     }
     for (i, b) in p.inputs.iter().enumerate() {
         let d = &p.buffers[*b];
-        if args[i].dtype != d.dtype || args[i].shape != d.shape {
+        let (dtype, shape) = args[i];
+        if dtype != d.dtype || shape != &d.shape[..] {
             return Err(RunError(format!(
                 "argument {i} of `{}` must be {}{:?}, got {}{:?}",
-                p.name, d.dtype, d.shape, args[i].dtype, args[i].shape
+                p.name, d.dtype, d.shape, dtype, shape
             )));
         }
     }
@@ -550,20 +613,37 @@ impl Executable {
 /// The address of every buffer of `p`: arguments where the caller put them, temporaries at
 /// `base + offset`, outputs planned into an argument at that argument's address.
 pub(crate) fn buffer_pointers(p: &Program, args: &mut [Buffer], base: *mut u8) -> Vec<*mut u8> {
+    let at: Vec<*mut u8> = args.iter_mut().map(|b| b.as_mut_ptr()).collect();
+    pointers_at(p, &at, base)
+}
+
+/// [`buffer_pointers`] with the arguments at the addresses `args`.
+pub(crate) fn pointers_at(p: &Program, args: &[*mut u8], base: *mut u8) -> Vec<*mut u8> {
     p.buffers
         .iter()
-        .map(|d| match (&d.kind, d.into) {
-            (BufKind::Input(i), _) => args[*i].as_mut_ptr(),
-            (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
-                BufKind::Input(i) => args[i].as_mut_ptr(),
-                BufKind::Temp | BufKind::Tile => unreachable!("written into an argument"),
-            },
+        .enumerate()
+        .map(|(b, d)| match (&d.kind, output_arg(p, b)) {
+            (_, Some(i)) => args[i],
             // SAFETY: offsets are inside the arena (checked by `Program::verify`).
             (BufKind::Temp, None) => unsafe { base.add(d.offset) },
             // Never in memory: a row-fused group's runner gives it a strip's scratch.
             (BufKind::Tile, _) => std::ptr::null_mut(),
+            (BufKind::Input(_), None) => unreachable!("an input is its argument"),
         })
         .collect()
+}
+
+/// The argument buffer `b` of `p` is (an input, or planned into one), if any.
+pub(crate) fn output_arg(p: &Program, b: usize) -> Option<usize> {
+    let d = &p.buffers[b];
+    match (&d.kind, d.into) {
+        (BufKind::Input(i), _) => Some(*i),
+        (BufKind::Temp, Some(a)) => match p.buffers[a].kind {
+            BufKind::Input(i) => Some(i),
+            BufKind::Temp | BufKind::Tile => None,
+        },
+        _ => None,
+    }
 }
 
 /// Runs a library kernel on host memory (`ptrs` from [`buffer_pointers`]).
@@ -588,26 +668,40 @@ pub(crate) fn host_library(k: &Kernel, ptrs: &[*mut u8], seed: u64) -> Result<()
 pub(crate) fn host_outputs(p: &Program, ptrs: &[*mut u8]) -> Vec<(String, Out)> {
     let mut outs = vec![];
     for (name, b, shape) in &p.outputs {
-        let d = &p.buffers[*b];
-        let arg = match (&d.kind, d.into) {
-            (BufKind::Input(i), _) => Some(*i),
-            (_, Some(a)) => match p.buffers[a].kind {
-                BufKind::Input(i) => Some(i),
-                BufKind::Temp | BufKind::Tile => None,
-            },
-            _ => None,
-        };
-        if let Some(i) = arg {
+        if let Some(i) = output_arg(p, *b) {
             outs.push((name.clone(), Out::Arg(i, shape.clone())));
             continue;
         }
-        let mut o = Buffer::zeros(d.dtype, shape.clone());
+        let mut o = Buffer::zeros(p.buffers[*b].dtype, shape.clone());
         let n = o.bytes();
         // SAFETY: the buffer holds the output's bytes (same element count).
         unsafe { std::ptr::copy_nonoverlapping(ptrs[*b] as *const u8, o.as_mut_ptr(), n) };
         outs.push((name.clone(), Out::Buf(o)));
     }
     outs
+}
+
+/// The outputs of a run on device memory (`addrs`: every buffer's device address): arguments
+/// updated in place, the others copied into fresh device buffers (they stay on the device).
+pub(crate) fn device_outputs(
+    p: &Program,
+    addrs: &[u64],
+    mem: &std::sync::Arc<dyn device::DeviceMemory>,
+) -> Result<Vec<(String, ValueOut)>, RunError> {
+    let mut outs = vec![];
+    for (name, b, shape) in &p.outputs {
+        let o = match output_arg(p, *b) {
+            Some(i) => ValueOut::Arg(i, shape.clone()),
+            None => ValueOut::Value(Value::Device(device::DeviceBuffer::copy_of(
+                mem,
+                addrs[*b],
+                p.buffers[*b].dtype,
+                shape.clone(),
+            )?)),
+        };
+        outs.push((name.clone(), o));
+    }
+    Ok(outs)
 }
 
 fn clamp_index(v: f64, extent: usize) -> usize {

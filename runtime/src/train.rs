@@ -5,6 +5,10 @@
 //! optimizers; schedules read `step`). All tensors live in one map by name (`model.…`,
 //! `state.model.….m`, `mask.model.…`, `grad.model.…`); each graph takes its arguments from it
 //! by name and writes its outputs back (optimizer outputs update their argument in place).
+//! On a device backend the map's values stay in device memory ([`crate::device`]): a step
+//! uploads its batch and step number and reads back the loss and the gradient norm (one
+//! element each); the state crosses to the host only for a checkpoint (and, with
+//! `accumulate > 1`, for the host-side sum of the micro-batches' gradients).
 //!
 //! Determinism: the batch of step `s` depends only on (seed, s) (see [`crate::data`]),
 //! random nodes draw from the counter-based RNG under `seed ^ hash(s)`, and the kernels'
@@ -17,7 +21,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::data::Corpus;
-use crate::{Backend, Buffer, Out, RunError, Runner};
+use crate::{Backend, Buffer, RunError, Runner, Value, ValueOut};
 use compiler::interp::Tensor;
 use compiler::ir::Graph;
 use compiler::train::TrainPlan;
@@ -54,17 +58,18 @@ pub fn compile(g: &Graph, backend: Backend) -> Result<Box<dyn Runner + Send + Sy
 
 /// Runs `exe` with arguments taken by name from `extra` first, then `state`; the arguments
 /// go back into `state` (updated in place where the program wrote into them) and every
-/// output is stored in `state` under its name.
+/// output is stored in `state` under its name. On a device backend the arguments stay on the
+/// device afterwards and the outputs are left there ([`Runner::run_values`]).
 pub fn run_named(
     exe: &dyn Runner,
-    state: &mut BTreeMap<String, Buffer>,
+    state: &mut BTreeMap<String, Value>,
     mut extra: BTreeMap<String, Buffer>,
     seed: u64,
 ) -> Result<(), RunError> {
     let names = exe.program().input_names.clone();
-    let mut args = Vec::with_capacity(names.len());
+    let mut args: Vec<Value> = Vec::with_capacity(names.len());
     for n in &names {
-        match extra.remove(n).or_else(|| state.remove(n)) {
+        match extra.remove(n).map(Value::Host).or_else(|| state.remove(n)) {
             Some(b) => args.push(b),
             None => {
                 // Put back what was taken before failing.
@@ -75,18 +80,19 @@ pub fn run_named(
             }
         }
     }
-    let result = exe.run(&mut args, seed);
+    let result = exe.run_values(&mut args, seed);
+    // Outputs in an argument under another name or shape get their own copy.
     let mut fresh = vec![];
+    let mut copied = Ok(());
     if let Ok(outs) = &result {
         for (name, o) in outs {
             match o {
-                Out::Arg(i, shape) if names[*i] == *name && *shape == args[*i].shape => {}
-                Out::Arg(i, shape) => {
-                    let mut b = Buffer::from_bytes(args[*i].dtype, shape.clone(), args[*i].as_bytes());
-                    b.shape = shape.clone();
-                    fresh.push((name.clone(), b));
-                }
-                Out::Buf(_) => {}
+                ValueOut::Arg(i, shape) if names[*i] == *name && shape[..] == *args[*i].shape() => {}
+                ValueOut::Arg(i, shape) => match args[*i].reshaped(shape.clone()) {
+                    Ok(v) => fresh.push((name.clone(), v)),
+                    Err(e) => copied = Err(e),
+                },
+                ValueOut::Value(_) => {}
             }
         }
     }
@@ -94,18 +100,23 @@ pub fn run_named(
         state.insert(n.clone(), b);
     }
     for (name, o) in result? {
-        if let Out::Buf(b) = o {
-            state.insert(name, b);
+        if let ValueOut::Value(v) = o {
+            state.insert(name, v);
         }
     }
+    copied?;
     for (name, b) in fresh {
         state.insert(name, b);
     }
     Ok(())
 }
 
-fn scalar(state: &BTreeMap<String, Buffer>, name: &str) -> f64 {
-    state.get(name).map(|b| b.get(0)).unwrap_or(f64::NAN)
+/// Element 0 of `name` (a device value copies just that element to the host).
+fn scalar(state: &BTreeMap<String, Value>, name: &str) -> Result<f64, RunError> {
+    match state.get(name) {
+        Some(v) => v.get(0),
+        None => Ok(f64::NAN),
+    }
 }
 
 fn i32_buffer(shape: Vec<usize>, data: &[i32]) -> Buffer {
@@ -147,6 +158,8 @@ pub struct TrainSummary {
     pub unigram: f64,
     pub seconds: f64,
     pub interrupted: bool,
+    /// On a device backend: the bytes the run moved between host and device memory.
+    pub traffic: Option<crate::device::Traffic>,
 }
 
 /// The compiled graphs of a plan.
@@ -159,6 +172,13 @@ pub struct Programs {
 }
 
 impl Programs {
+    /// The bytes moved between host and device by all the programs (device backends).
+    pub fn traffic(&self) -> Option<crate::device::Traffic> {
+        let mut all = [&self.grad, &self.eval, &self.update, &self.init].map(|r| r.traffic()).to_vec();
+        all.push(self.masks.as_ref().and_then(|m| m.traffic()));
+        all.into_iter().flatten().reduce(|a, b| crate::device::Traffic { up: a.up + b.up, down: a.down + b.down })
+    }
+
     pub fn new(plan: &TrainPlan, backend: Backend) -> Result<Programs, RunError> {
         Ok(Programs {
             grad: compile(&plan.grad, backend)?,
@@ -186,7 +206,7 @@ fn persistent(plan: &TrainPlan) -> Vec<(String, Dtype, Vec<usize>)> {
 
 /// The initial training state: parameters from their initializers under the seed, optimizer
 /// states zero (the optimizer graph initializes them at step 1), masks one, gradients zero.
-pub fn initial_state(plan: &TrainPlan, progs: &Programs) -> Result<BTreeMap<String, Buffer>, RunError> {
+pub fn initial_state(plan: &TrainPlan, progs: &Programs) -> Result<BTreeMap<String, Value>, RunError> {
     let mut state = BTreeMap::new();
     run_named(&progs.init, &mut state, BTreeMap::new(), plan.settings.seed)?;
     for (name, dtype, shape) in persistent(plan) {
@@ -198,7 +218,7 @@ pub fn initial_state(plan: &TrainPlan, progs: &Programs) -> Result<BTreeMap<Stri
             let n: usize = shape.iter().product();
             b = Buffer::from_tensor(&Tensor::new(dtype, shape, vec![1.0; n]));
         }
-        state.insert(name, b);
+        state.insert(name, Value::Host(b));
     }
     Ok(state)
 }
@@ -240,10 +260,12 @@ pub fn load_state(plan: &TrainPlan, path: &Path) -> Result<(BTreeMap<String, Buf
     Ok((state, step))
 }
 
-fn save_state(plan: &TrainPlan, state: &BTreeMap<String, Buffer>, step: usize, dir: &Path) -> Result<(), RunError> {
+fn save_state(plan: &TrainPlan, state: &BTreeMap<String, Value>, step: usize, dir: &Path) -> Result<(), RunError> {
     let mut ck = Checkpoint::default();
     for (name, ..) in persistent(plan) {
-        let b = state.get(&name).ok_or_else(|| RunError(format!("the training state lacks `{name}`")))?;
+        let v = state.get(&name).ok_or_else(|| RunError(format!("the training state lacks `{name}`")))?;
+        // Values on a device are copied to the host here (and only here, for the parameters).
+        let b = v.host()?;
         ck.tensors.insert(name, Buffer::from_bytes(b.dtype, b.shape.clone(), b.as_bytes()));
     }
     let s = &plan.settings;
@@ -265,7 +287,7 @@ pub fn validation_loss(
     plan: &TrainPlan,
     progs: &Programs,
     corpus: &Corpus,
-    state: &mut BTreeMap<String, Buffer>,
+    state: &mut BTreeMap<String, Value>,
 ) -> Result<f64, RunError> {
     let (b, t) = (plan.data.batch, plan.data.context);
     let n = plan.settings.eval_batches;
@@ -276,7 +298,7 @@ pub fn validation_loss(
         extra.insert("batch.inputs".to_string(), i32_buffer(vec![b, t], &x));
         extra.insert("batch.targets".to_string(), i32_buffer(vec![b, t], &y));
         run_named(&progs.eval, state, extra, plan.settings.seed)?;
-        total += scalar(state, "loss");
+        total += scalar(state, "loss")?;
     }
     Ok(total / n as f64)
 }
@@ -345,7 +367,10 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
     std::fs::create_dir_all(&opts.out).map_err(|e| RunError(format!("cannot create {}: {e}", opts.out.display())))?;
     let ck_path = opts.out.join("checkpoint.safetensors");
     let (mut state, start) = match &opts.resume {
-        Some(dir) => load_state(plan, &dir.join("checkpoint.safetensors"))?,
+        Some(dir) => {
+            let (st, step) = load_state(plan, &dir.join("checkpoint.safetensors"))?;
+            (st.into_iter().map(|(k, b)| (k, Value::Host(b))).collect(), step)
+        }
         None => (initial_state(plan, &progs)?, 0),
     };
     if opts.resume.is_none() && ck_path.exists() {
@@ -429,10 +454,11 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
             extra.insert("batch.inputs".to_string(), i32_buffer(vec![plan.data.batch, plan.data.context], &x));
             extra.insert("batch.targets".to_string(), i32_buffer(vec![plan.data.batch, plan.data.context], &y));
             run_named(&progs.grad, &mut state, extra, step_seed(s.seed, step) ^ micro as u64)?;
-            loss += scalar(&state, "loss");
+            loss += scalar(&state, "loss")?;
             if s.accumulate > 1 {
+                // Summed on the host (a device run copies each micro-batch's gradients down).
                 for p in &plan.params {
-                    let g = &state[&format!("grad.{}", p.path)];
+                    let g = state[&format!("grad.{}", p.path)].host()?;
                     let a = acc.entry(p.path.clone()).or_insert_with(|| vec![0.0; g.numel()]);
                     for (i, x) in a.iter_mut().enumerate() {
                         *x += g.get(i);
@@ -445,7 +471,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
             for p in &plan.params {
                 let a = &acc[&p.path];
                 let t = Tensor::new(p.dtype, p.shape.clone(), a.iter().map(|x| x / k).collect());
-                state.insert(format!("grad.{}", p.path), Buffer::from_tensor(&t));
+                state.insert(format!("grad.{}", p.path), Value::Host(Buffer::from_tensor(&t)));
             }
         }
         let loss = loss / s.accumulate as f64;
@@ -461,7 +487,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         let elapsed = loop_start.elapsed().as_secs_f64();
         let rate = (step - start) as f64 * tokens_per_step / elapsed.max(1e-9);
         let eta = (steps - step) as f64 * tokens_per_step / rate.max(1e-9);
-        let gn = scalar(&state, "grad_norm");
+        let gn = scalar(&state, "grad_norm")?;
         if step % s.log_every == 0 || step == steps || step == start + 1 {
             emit(
                 serde_json::json!({"step": step, "loss": json_num(loss), "grad_norm": json_num(gn),
@@ -529,6 +555,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         unigram,
         seconds: started.elapsed().as_secs_f64(),
         interrupted,
+        traffic: progs.traffic(),
     })
 }
 
@@ -591,13 +618,13 @@ pub fn sample(
     };
     let graph = cached.as_ref().map(|c| &c.graph).unwrap_or(decode);
     let exe = compile(graph, backend)?;
-    let mut st: BTreeMap<String, Buffer> = BTreeMap::new();
+    let mut st: BTreeMap<String, Value> = BTreeMap::new();
     for name in &exe.program().input_names {
         if name == "tokens" || name == "pos" || name.starts_with("cache.") {
             continue;
         }
         let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
-        st.insert(name.clone(), Buffer::from_bytes(b.dtype, b.shape.clone(), b.as_bytes()));
+        st.insert(name.clone(), Value::Host(Buffer::from_bytes(b.dtype, b.shape.clone(), b.as_bytes())));
     }
     let mut seq: Vec<i32> = prompt.iter().map(|&b| b as i32).collect();
     if seq.is_empty() {
@@ -616,9 +643,9 @@ pub fn sample(
     let started = std::time::Instant::now();
     match &cached {
         Some(inc) => {
-            let reset = |st: &mut BTreeMap<String, Buffer>| {
+            let reset = |st: &mut BTreeMap<String, Value>| {
                 for (name, dtype, shape) in &inc.caches {
-                    st.insert(name.clone(), Buffer::zeros(*dtype, shape.clone()));
+                    st.insert(name.clone(), Value::Host(Buffer::zeros(*dtype, shape.clone())));
                 }
             };
             reset(&mut st);
@@ -632,7 +659,7 @@ pub fn sample(
                     run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
                     filled += 1;
                 }
-                let t = scalar(&st, "token") as i32;
+                let t = scalar(&st, "token")? as i32;
                 seq.push(t);
                 generated.push(t);
                 emit(out, t)?;
@@ -655,7 +682,7 @@ pub fn sample(
                 extra.insert("tokens".to_string(), i32_buffer(vec![1, context], &toks));
                 extra.insert("pos".to_string(), i32_buffer(vec![], &[pos as i32]));
                 run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
-                let t = scalar(&st, "token") as i32;
+                let t = scalar(&st, "token")? as i32;
                 seq.push(t);
                 generated.push(t);
                 emit(out, t)?;

@@ -19,8 +19,10 @@ cargo test --release -p tests --test gpu -- --nocapture 2>&1 | tee -a target/gpu
 # CUDA backend (index kernels, tensor-core and 16-bit matmuls, 128-bit loops, RNG).
 cargo test --release -p tests --test backends 2>&1 | tail -25 | tee -a target/gpu-summary.txt
 cargo test --release -p tests --test cuda nvrtc -- --nocapture 2>&1 | tail -5 | tee -a target/gpu-summary.txt
+# The training state stays on the GPU: a step copies in only the batch, out only the scalars.
+cargo test --release -p tests --test train device_training -- --nocapture 2>&1 | tail -5 | tee -a target/gpu-summary.txt
 cargo build --release -p recipec
 rm -rf target/gpu-train
-target/release/recipec train recipes/tiny_gpt.recipe --steps 20 --backend cuda --out target/gpu-train 2>&1 | tail -4 | tee -a target/gpu-summary.txt
+target/release/recipec train recipes/tiny_gpt.recipe --steps 20 --backend cuda --out target/gpu-train 2>&1 | tail -6 | tee -a target/gpu-summary.txt
 cargo bench -p bench --bench gpu 2>&1 | tail -8 | tee -a target/gpu-summary.txt
 echo "summary: target/gpu-summary.txt"

@@ -7,7 +7,7 @@ use compiler::train::TrainPlan;
 use lang::source::{MemoryLoader, SourceDb};
 use lang::types::{Dtype, ItemRef};
 use runtime::train::{initial_state, run_named, Programs};
-use runtime::{Backend, Buffer};
+use runtime::{Backend, Buffer, Value};
 use std::collections::BTreeMap;
 
 fn loader() -> MemoryLoader {
@@ -28,8 +28,16 @@ fn plan_of(src: &str) -> TrainPlan {
     compiler::train::plan(&analysis.modules, &db, ItemRef { module: 0, item }).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn values(b: &Buffer) -> Vec<f64> {
-    b.to_tensor().data
+fn values(v: &Value) -> Vec<f64> {
+    tensor(v).data
+}
+
+fn tensor(v: &Value) -> Tensor {
+    v.host().unwrap().to_tensor()
+}
+
+fn host(t: &Tensor) -> Value {
+    Value::Host(Buffer::from_tensor(t))
 }
 
 const MLP: &str = r#"use std.models.mlp
@@ -58,14 +66,14 @@ fn update_clips_the_global_norm_and_evaluates_the_schedule_at_the_step() {
         let numel: usize = p.shape.iter().product();
         n += numel;
         let t = Tensor::new(p.dtype, p.shape.clone(), vec![1.0; numel]);
-        state.insert(format!("grad.{}", p.path), Buffer::from_tensor(&t));
+        state.insert(format!("grad.{}", p.path), host(&t));
     }
     let step = 3;
     let mut extra = BTreeMap::new();
     extra.insert("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, step as f64)));
     run_named(&progs.update, &mut state, extra, 0).unwrap();
     let norm = (n as f64).sqrt();
-    assert!((state["grad_norm"].get(0) - norm).abs() < 1e-4 * norm);
+    assert!((state["grad_norm"].get(0).unwrap() - norm).abs() < 1e-4 * norm);
     // The schedule at step 3, evaluated on its own.
     let lr = {
         let mut db = SourceDb::new();
@@ -117,21 +125,21 @@ fn masks_follow_the_rule_and_the_forward_pass_uses_them() {
         }
     }
     // The loss with the mask equals the loss of the dense weights zeroed where masked.
-    let batch = |state: &mut BTreeMap<String, Buffer>| {
+    let batch = |state: &mut BTreeMap<String, Value>| {
         let mut extra = BTreeMap::new();
         let x = Tensor::new(Dtype::I32, vec![2, 4], vec![65.0, 110.0, 100.0, 32.0, 71.0, 111.0, 100.0, 10.0]);
         extra.insert("batch.inputs".to_string(), Buffer::from_tensor(&x));
         extra.insert("batch.targets".to_string(), Buffer::from_tensor(&x));
         run_named(&progs.eval, state, extra, 0).unwrap();
-        state["loss"].get(0)
+        state["loss"].get(0).unwrap()
     };
     let masked = batch(&mut state);
     let zeroed: Vec<f64> = w.iter().zip(&mask).map(|(a, m)| a * m).collect();
-    state.insert("model.w1".into(), Buffer::from_tensor(&Tensor::new(Dtype::F32, vec![4, 8], zeroed)));
-    state.insert("mask.model.w1".into(), Buffer::from_tensor(&Tensor::new(Dtype::F32, vec![4, 8], vec![1.0; 32])));
+    state.insert("model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], zeroed)));
+    state.insert("mask.model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], vec![1.0; 32])));
     assert_eq!(batch(&mut state), masked);
     let dense = {
-        state.insert("model.w1".into(), Buffer::from_tensor(&Tensor::new(Dtype::F32, vec![4, 8], w.clone())));
+        state.insert("model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], w.clone())));
         batch(&mut state)
     };
     assert_ne!(dense, masked);
@@ -194,7 +202,7 @@ trait CloneValues {
     fn clone_values(&self) -> BTreeMap<String, Vec<f64>>;
 }
 
-impl CloneValues for BTreeMap<String, Buffer> {
+impl CloneValues for BTreeMap<String, Value> {
     fn clone_values(&self) -> BTreeMap<String, Vec<f64>> {
         self.iter().map(|(k, v)| (k.clone(), values(v))).collect()
     }
@@ -250,7 +258,7 @@ recipe g {
             .map(|i| match &g.node(*i).op {
                 compiler::ir::Op::Input { name, .. } if name == "batch.inputs" => x.clone(),
                 compiler::ir::Op::Input { name, .. } if name == "batch.targets" => y.clone(),
-                compiler::ir::Op::Input { name, .. } => state[name].to_tensor(),
+                compiler::ir::Op::Input { name, .. } => tensor(&state[name]),
                 _ => unreachable!(),
             })
             .collect();
@@ -302,7 +310,7 @@ recipe r {
             .iter()
             .map(|&i| {
                 let compiler::ir::Op::Input { name, .. } = &g.node(i).op else { unreachable!() };
-                extra.get(name).cloned().unwrap_or_else(|| state[name].to_tensor())
+                extra.get(name).cloned().unwrap_or_else(|| tensor(&state[name]))
             })
             .collect()
     };
@@ -316,9 +324,9 @@ recipe r {
     #[cfg(feature = "llvm")]
     backends.push(Backend::Llvm);
     let compiled: Vec<_> = backends.into_iter().map(|b| (b, runtime::train::compile(&inc.graph, b).unwrap())).collect();
-    let mut compiled_caches: Vec<BTreeMap<String, Buffer>> = compiled
+    let mut compiled_caches: Vec<BTreeMap<String, Value>> = compiled
         .iter()
-        .map(|_| inc.caches.iter().map(|(n, d, s)| (n.clone(), Buffer::zeros(*d, s.clone()))).collect())
+        .map(|_| inc.caches.iter().map(|(n, d, s)| (n.clone(), Value::Host(Buffer::zeros(*d, s.clone())))).collect())
         .collect();
     for p in 0..t {
         let mut win = text.clone();
@@ -342,7 +350,7 @@ recipe r {
             bx.insert("tokens".to_string(), Buffer::from_tensor(&extra["tokens"]));
             bx.insert("pos".to_string(), Buffer::from_tensor(&extra["pos"]));
             for p in &plan.params {
-                st.entry(p.path.clone()).or_insert_with(|| Buffer::from_tensor(&state[&p.path].to_tensor()));
+                st.entry(p.path.clone()).or_insert_with(|| host(&tensor(&state[&p.path])));
             }
             run_named(exe.as_ref(), st, bx, 0).unwrap();
             let got = values(&st["logits"]);
@@ -351,4 +359,79 @@ recipe r {
             }
         }
     }
+}
+
+/// On a device backend the training state stays in device memory (`runtime::device`): from the
+/// second step on, a step copies in only what its programs take from the host (the batch, the
+/// step number) and copies out only the loss and the gradient norm it reads, one element each;
+/// the values match the CPU's. Run on the CUDA emulator, whose device memory counts its copies
+/// as the GPU's does, and on the GPU where there is one (`tests/gpu/run.sh`).
+#[test]
+fn a_device_training_step_copies_only_the_batch_in_and_the_scalars_out() {
+    match runtime::cuda_emu::available() {
+        Ok(()) => device_training_step_traffic(Backend::CudaEmu),
+        Err(e) => println!("the CUDA emulator is skipped: {e}"),
+    }
+    match runtime::cuda::available() {
+        Ok(()) => device_training_step_traffic(Backend::Cuda),
+        Err(e) => println!("the GPU is skipped: {e}"),
+    }
+}
+
+fn device_training_step_traffic(backend: Backend) {
+    let plan = plan_of(MLP);
+    let dev = Programs::new(&plan, backend).unwrap();
+    let cpu = Programs::new(&plan, Backend::Cranelift).unwrap();
+    let mut dev_state = initial_state(&plan, &dev).unwrap();
+    let mut cpu_state = initial_state(&plan, &cpu).unwrap();
+    assert_eq!(cpu.traffic(), None, "the CPU copies nothing");
+    let total = |p: &Programs| p.traffic().expect("a device backend counts its copies");
+    for step in 1..=3usize {
+        let x = Tensor::new(Dtype::I32, vec![2, 4], (0..8).map(|i| ((i * 37 + step * 11) % 120) as f64).collect());
+        let before = total(&dev);
+        let mut expected_up = 0;
+        let mut read = vec![];
+        for (progs, state) in [(&dev, &mut dev_state), (&cpu, &mut cpu_state)] {
+            let batch: BTreeMap<String, Buffer> =
+                ["batch.inputs", "batch.targets"].iter().map(|n| (n.to_string(), Buffer::from_tensor(&x))).collect();
+            let s: BTreeMap<String, Buffer> =
+                [("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, step as f64)))].into();
+            if std::ptr::eq(progs, &dev) {
+                for (exe, extra) in [(&progs.grad, &batch), (&progs.update, &s)] {
+                    let names = &exe.program().input_names;
+                    expected_up +=
+                        extra.iter().filter(|(n, _)| names.contains(n)).map(|(_, b)| b.bytes() as u64).sum::<u64>();
+                }
+            }
+            run_named(&progs.grad, state, batch, 0).unwrap();
+            let loss = state["loss"].get(0).unwrap();
+            run_named(&progs.update, state, s, 0).unwrap();
+            read.push((loss, state["grad_norm"].get(0).unwrap()));
+        }
+        let moved = total(&dev);
+        let (up, down) = (moved.up - before.up, moved.down - before.down);
+        if step > 1 {
+            assert_eq!(up, expected_up, "{backend:?} step {step}: bytes copied in");
+            assert!(expected_up > 0 && expected_up <= 2 * 32 + 4, "the batch and the step: {expected_up}");
+            assert_eq!(down, 8, "{backend:?} step {step}: the loss and the gradient norm, 4 bytes each");
+        }
+        for p in &plan.params {
+            assert!(matches!(dev_state[&p.path], Value::Device(_)), "{} left the device", p.path);
+        }
+        let ((a, ga), (b, gb)) = (read[0], read[1]);
+        assert!(
+            (a - b).abs() <= 1e-6 * (1.0 + b.abs()) && (ga - gb).abs() <= 1e-5 * (1.0 + gb.abs()),
+            "step {step}: device ({a}, {ga}), CPU ({b}, {gb})"
+        );
+    }
+    // The state copied out once at the end equals the CPU's.
+    let copied = total(&dev).down;
+    for p in &plan.params {
+        let (d, c) = (values(&dev_state[&p.path]), values(&cpu_state[&p.path]));
+        for (x, y) in d.iter().zip(&c) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{}: {x} vs {y}", p.path);
+        }
+    }
+    let param_bytes: usize = plan.params.iter().map(|p| p.shape.iter().product::<usize>() * 4).sum();
+    assert_eq!((total(&dev).down - copied) as usize, param_bytes);
 }

@@ -1,0 +1,303 @@
+//! Tensors that stay in a device's memory from one program run to the next.
+//!
+//! A training run keeps its state (parameters, optimizer states, masks, gradients) in a map of
+//! [`Value`]s. On the CPU every value is a host [`Buffer`]. On a device backend (the GPU, or the
+//! CUDA emulator standing in for it) a host value passed to a program is uploaded once and the
+//! slot becomes a [`DeviceBuffer`]; the program's outputs stay on the device as well. So a
+//! training step moves only what changes on the host side (the batch, the step number) to the
+//! device, and only what the host reads (the loss, the gradient norm: one element each) back;
+//! parameters cross only when a checkpoint is written.
+//!
+//! Invariant: a [`DeviceBuffer`] owns its allocation (freed on drop) and holds `numel` elements
+//! of its dtype in the storage format of [`Buffer`].
+
+use crate::{Buffer, RunError};
+use compiler::plan::dtype_bytes;
+use lang::types::Dtype;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Bytes moved between the host and a device's memory (see [`DeviceMemory::traffic`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Host to device.
+    pub up: u64,
+    /// Device to host.
+    pub down: u64,
+}
+
+/// Counters for an implementation of [`DeviceMemory::traffic`].
+#[derive(Default, Debug)]
+pub struct TrafficCounter {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl TrafficCounter {
+    pub fn up(&self, bytes: usize) {
+        self.up.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub fn down(&self, bytes: usize) {
+        self.down.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> Traffic {
+        Traffic { up: self.up.load(Ordering::Relaxed), down: self.down.load(Ordering::Relaxed) }
+    }
+}
+
+/// A device's memory: allocations addressed by 64-bit device pointers.
+pub trait DeviceMemory: Send + Sync {
+    fn alloc(&self, bytes: usize) -> Result<u64, RunError>;
+    /// Frees an allocation of [`DeviceMemory::alloc`] (errors are ignored: this runs in `drop`).
+    fn free(&self, ptr: u64);
+    /// Copies `src` to `dst`, which holds at least `src.len()` bytes.
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<(), RunError>;
+    /// Copies `dst.len()` bytes from `src` into `dst`.
+    fn download(&self, dst: &mut [u8], src: u64) -> Result<(), RunError>;
+    /// Copies `bytes` bytes from `src` to `dst`, both on this device.
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), RunError>;
+    /// The bytes uploaded and downloaded so far through this memory.
+    fn traffic(&self) -> Traffic;
+}
+
+/// A tensor in a device's memory, in [`Buffer`]'s storage format; freed on drop.
+pub struct DeviceBuffer {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    ptr: u64,
+    mem: Arc<dyn DeviceMemory>,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({}{:?} at {:#x})", self.dtype, self.shape, self.ptr)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        self.mem.free(self.ptr);
+    }
+}
+
+fn nbytes(dtype: Dtype, shape: &[usize]) -> usize {
+    shape.iter().product::<usize>() * dtype_bytes(dtype)
+}
+
+impl DeviceBuffer {
+    /// A fresh allocation of `dtype[shape]` (its contents undefined).
+    pub fn alloc(mem: &Arc<dyn DeviceMemory>, dtype: Dtype, shape: Vec<usize>) -> Result<DeviceBuffer, RunError> {
+        // One byte at least: an empty tensor still gets a distinct address.
+        let ptr = mem.alloc(nbytes(dtype, &shape).max(1))?;
+        Ok(DeviceBuffer { dtype, shape, ptr, mem: mem.clone() })
+    }
+    /// A device copy of a host buffer.
+    pub fn upload(mem: &Arc<dyn DeviceMemory>, b: &Buffer) -> Result<DeviceBuffer, RunError> {
+        let d = DeviceBuffer::alloc(mem, b.dtype, b.shape.clone())?;
+        mem.upload(d.ptr, b.as_bytes())?;
+        Ok(d)
+    }
+    /// A device copy of `bytes(dtype, shape)` bytes at `src` (on the same device).
+    pub fn copy_of(
+        mem: &Arc<dyn DeviceMemory>,
+        src: u64,
+        dtype: Dtype,
+        shape: Vec<usize>,
+    ) -> Result<DeviceBuffer, RunError> {
+        let d = DeviceBuffer::alloc(mem, dtype, shape)?;
+        mem.copy(d.ptr, src, d.bytes())?;
+        Ok(d)
+    }
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        nbytes(self.dtype, &self.shape)
+    }
+    pub fn memory(&self) -> &Arc<dyn DeviceMemory> {
+        &self.mem
+    }
+    /// The tensor copied to the host.
+    pub fn download(&self) -> Result<Buffer, RunError> {
+        let mut b = Buffer::zeros(self.dtype, self.shape.clone());
+        self.mem.download(b.as_bytes_mut(), self.ptr)?;
+        Ok(b)
+    }
+    /// Element `i` as f64 (one element copied to the host).
+    pub fn get(&self, i: usize) -> Result<f64, RunError> {
+        let numel: usize = self.shape.iter().product();
+        if i >= numel {
+            return Err(RunError(format!("element {i} of a {}{:?} tensor", self.dtype, self.shape)));
+        }
+        let size = dtype_bytes(self.dtype);
+        let mut one = Buffer::zeros(self.dtype, vec![1]);
+        self.mem.download(one.as_bytes_mut(), self.ptr + (i * size) as u64)?;
+        Ok(one.get(0))
+    }
+}
+
+/// A tensor of a run's state: in host memory or resident on a device.
+#[derive(Debug)]
+pub enum Value {
+    Host(Buffer),
+    Device(DeviceBuffer),
+}
+
+impl From<Buffer> for Value {
+    fn from(b: Buffer) -> Value {
+        Value::Host(b)
+    }
+}
+
+impl Value {
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Value::Host(b) => b.dtype,
+            Value::Device(d) => d.dtype,
+        }
+    }
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Value::Host(b) => &b.shape,
+            Value::Device(d) => &d.shape,
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+    /// The tensor on the host (borrowed, or downloaded from the device).
+    pub fn host(&self) -> Result<Cow<'_, Buffer>, RunError> {
+        match self {
+            Value::Host(b) => Ok(Cow::Borrowed(b)),
+            Value::Device(d) => Ok(Cow::Owned(d.download()?)),
+        }
+    }
+    /// The tensor as a host buffer (downloaded if on a device).
+    pub fn into_host(self) -> Result<Buffer, RunError> {
+        match self {
+            Value::Host(b) => Ok(b),
+            Value::Device(d) => d.download(),
+        }
+    }
+    /// Element `i` as f64 (a device value copies just that element).
+    pub fn get(&self, i: usize) -> Result<f64, RunError> {
+        match self {
+            Value::Host(b) if i < b.numel() => Ok(b.get(i)),
+            Value::Host(b) => Err(RunError(format!("element {i} of a {}{:?} tensor", b.dtype, b.shape))),
+            Value::Device(d) => d.get(i),
+        }
+    }
+    /// A copy with another shape of the same element count, where the value is.
+    pub fn reshaped(&self, shape: Vec<usize>) -> Result<Value, RunError> {
+        match self {
+            Value::Host(b) => Ok(Value::Host(Buffer::from_bytes(b.dtype, shape, b.as_bytes()))),
+            Value::Device(d) => Ok(Value::Device(DeviceBuffer::copy_of(&d.mem, d.ptr, d.dtype, shape)?)),
+        }
+    }
+    /// A placeholder left in a slot whose value was moved out.
+    pub(crate) fn taken() -> Value {
+        Value::Host(Buffer::empty())
+    }
+}
+
+/// The device address of every argument, uploading host values into `mem` first (their slots
+/// become device values: they stay resident for the next program).
+pub(crate) fn make_resident(mem: &Arc<dyn DeviceMemory>, args: &mut [Value]) -> Result<Vec<u64>, RunError> {
+    let mut ptrs = Vec::with_capacity(args.len());
+    for a in args.iter_mut() {
+        if let Value::Host(b) = a {
+            *a = Value::Device(DeviceBuffer::upload(mem, b)?);
+        }
+        let Value::Device(d) = a else { unreachable!("uploaded above") };
+        ptrs.push(d.ptr);
+    }
+    Ok(ptrs)
+}
+
+/// Checks values against a program's parameters (number, dtypes, shapes).
+pub(crate) fn check_values(p: &compiler::kernel::Program, args: &[Value]) -> Result<(), RunError> {
+    let types: Vec<(Dtype, &[usize])> = args.iter().map(|a| (a.dtype(), a.shape())).collect();
+    crate::check_types(p, &types)
+}
+
+/// The emulator's stand-in for a GPU's memory: host allocations (64-byte aligned) behind device
+/// pointers, with the same explicit copies, counted, so tests see what a GPU run would move.
+#[derive(Default)]
+pub struct HostMemory {
+    sizes: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+    traffic: TrafficCounter,
+}
+
+impl HostMemory {
+    fn layout(bytes: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(bytes.max(1), 64).expect("a valid layout")
+    }
+}
+
+impl DeviceMemory for HostMemory {
+    fn alloc(&self, bytes: usize) -> Result<u64, RunError> {
+        // SAFETY: a non-zero size; freed with the same layout in `free`.
+        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(bytes)) };
+        if p.is_null() {
+            return Err(RunError(format!("emulated device: cannot allocate {bytes} bytes")));
+        }
+        self.sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(p as u64, bytes);
+        Ok(p as u64)
+    }
+    fn free(&self, ptr: u64) {
+        if let Some(bytes) = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr) {
+            // SAFETY: allocated by `alloc` with this layout, and removed from the table once.
+            unsafe { std::alloc::dealloc(ptr as *mut u8, Self::layout(bytes)) };
+        }
+    }
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<(), RunError> {
+        self.traffic.up(src.len());
+        // SAFETY: `dst` is an allocation of at least `src.len()` bytes (the trait's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn download(&self, dst: &mut [u8], src: u64) -> Result<(), RunError> {
+        self.traffic.down(dst.len());
+        // SAFETY: `src` holds at least `dst.len()` bytes (the trait's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), RunError> {
+        // SAFETY: both hold `bytes` bytes; distinct allocations or the same range.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+    fn traffic(&self) -> Traffic {
+        self.traffic.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use compiler::interp::Tensor;
+
+    #[test]
+    fn values_round_trip_through_device_memory_and_count_the_bytes() {
+        let host = Arc::new(HostMemory::default());
+        let mem: Arc<dyn DeviceMemory> = host.clone();
+        let t = Tensor::new(Dtype::F32, vec![2, 3], vec![1.0, -2.0, 3.5, 4.0, 5.0, 6.25]);
+        let mut slots = vec![Value::Host(Buffer::from_tensor(&t))];
+        let ptrs = make_resident(&mem, &mut slots).unwrap();
+        assert!(matches!(slots[0], Value::Device(_)));
+        assert_eq!(mem.traffic(), Traffic { up: 24, down: 0 });
+        // Resident values are not uploaded again.
+        assert_eq!(make_resident(&mem, &mut slots).unwrap(), ptrs);
+        assert_eq!(mem.traffic().up, 24);
+        assert_eq!(slots[0].get(2).unwrap(), 3.5);
+        assert_eq!(mem.traffic().down, 4);
+        let r = slots[0].reshaped(vec![3, 2]).unwrap();
+        assert_eq!(r.shape(), &[3, 2]);
+        assert_eq!(r.into_host().unwrap().to_tensor().data, t.data);
+        assert_eq!(mem.traffic(), Traffic { up: 24, down: 28 });
+        assert!(slots[0].get(6).is_err());
+        drop(slots);
+        assert!(host.sizes.lock().unwrap().is_empty(), "every allocation freed");
+    }
+}
