@@ -7,7 +7,7 @@
 //! for them with `dlopen` first and every entry point here calls it: without a GPU the
 //! answer is a clear "no CUDA device" error, never a panic.
 
-use crate::device::{check_values, make_resident, DeviceMemory, Traffic, TrafficCounter};
+use crate::device::{check_values, make_resident, DeviceMemory, Pool, Traffic, TrafficCounter};
 use crate::{device_outputs, output_arg, read, Buffer, Out, RunError, Value, ValueOut};
 use compiler::interp::{self, Tensor};
 use compiler::kernel::{BufKind, Kernel, Program};
@@ -224,21 +224,45 @@ fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
 /// The GPU's memory for values that stay on the device between runs ([`crate::device`]).
 struct CudaMemory {
     ctx: Arc<CudaContext>,
+    pool: std::sync::Mutex<Pool>,
     traffic: TrafficCounter,
+}
+
+impl CudaMemory {
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for CudaMemory {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        for (ptr, _) in self.pool().drain() {
+            // SAFETY: allocated by `alloc`; no buffer holds it any more (each holds this memory).
+            unsafe {
+                let _ = cu::free_sync(ptr);
+            }
+        }
+    }
 }
 
 impl DeviceMemory for CudaMemory {
     fn alloc(&self, bytes: usize) -> Result<u64, RunError> {
+        let mut pool = self.pool();
+        if let Some(p) = pool.take(bytes) {
+            return Ok(p);
+        }
         self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
-        // SAFETY: a plain device allocation, freed by `free`.
-        unsafe { cu::malloc_sync(bytes) }.map_err(|e| err(&format!("cannot allocate {bytes} bytes"), e))
+        // SAFETY: a plain device allocation, released when the memory is dropped.
+        let p = unsafe { cu::malloc_sync(bytes) }.map_err(|e| err(&format!("cannot allocate {bytes} bytes"), e))?;
+        self.traffic.alloc();
+        pool.handed_out(p, bytes);
+        Ok(p)
     }
     fn free(&self, ptr: u64) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: allocated by `alloc`; every launch that used it has synchronized.
-        unsafe {
-            let _ = cu::free_sync(ptr);
-        }
+        // Kept for reuse: the launches that used it are done (every run synchronizes) and the
+        // next user's copies and launches are ordered after them on the same stream.
+        self.pool().give_back(ptr);
     }
     fn upload(&self, dst: u64, src: &[u8]) -> Result<(), RunError> {
         self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
@@ -270,6 +294,10 @@ pub struct CudaExecutable {
     stream: Arc<CudaStream>,
     functions: Vec<Option<CudaFunction>>,
     arena: u64,
+    /// The kernels' argument tables: one device allocation, made once, and the words it holds.
+    /// A run copies the tables only when they changed (arguments at other addresses, another
+    /// seed); the lock also keeps two runs from sharing the arena at once.
+    table: std::sync::Mutex<(u64, Vec<u64>)>,
     /// Where [`CudaExecutable::run_values`] keeps values between runs.
     mem: Arc<dyn DeviceMemory>,
 }
@@ -277,9 +305,12 @@ pub struct CudaExecutable {
 impl Drop for CudaExecutable {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: the arena was allocated by `malloc_sync` and nothing uses it any more.
+        let table = self.table.get_mut().map(|t| t.0).unwrap_or_else(|e| e.into_inner().0);
+        // SAFETY: the arena and the table were allocated by `malloc_sync` and nothing uses them
+        // any more.
         unsafe {
             let _ = cu::free_sync(self.arena);
+            let _ = cu::free_sync(table);
         }
     }
 }
@@ -323,9 +354,20 @@ impl CudaExecutable {
         // SAFETY: a plain device allocation, freed in `drop`.
         let arena = unsafe { cu::malloc_sync(program.arena_bytes.max(256)) }
             .map_err(|e| err("cannot allocate the arena", e))?;
+        let words: usize = unit.launches.iter().map(|l| l.slots.len()).sum();
+        // SAFETY: a plain device allocation, freed in `drop`.
+        let table = unsafe { cu::malloc_sync(words.max(1) * 8) }.map_err(|e| {
+            // SAFETY: allocated above; nothing uses it.
+            unsafe {
+                let _ = cu::free_sync(arena);
+            }
+            err("cannot allocate the kernel tables", e)
+        })?;
+        let table = std::sync::Mutex::new((table, vec![]));
         let stream = ctx.default_stream();
-        let mem: Arc<dyn DeviceMemory> = Arc::new(CudaMemory { ctx: ctx.clone(), traffic: TrafficCounter::default() });
-        Ok(CudaExecutable { program, unit, ctx, stream, functions, arena, mem })
+        let mem: Arc<dyn DeviceMemory> =
+            Arc::new(CudaMemory { ctx: ctx.clone(), pool: Default::default(), traffic: TrafficCounter::default() });
+        Ok(CudaExecutable { program, unit, ctx, stream, functions, arena, table, mem })
     }
 
     /// Runs on host buffers (copied to the device and back), like [`crate::Executable::run`].
@@ -397,7 +439,6 @@ impl CudaExecutable {
     fn launch_all(&self, dev_args: &[u64], seed: u64) -> Result<(), RunError> {
         let p = &self.program;
         let addrs = self.addresses(dev_args);
-        // SAFETY: the table is allocated, filled and freed here, after the stream is idle.
         // The word after the last address is the run's seed (the RNG kernels read it).
         let mut words = addrs.clone();
         words.extend([seed, 0]);
@@ -409,9 +450,16 @@ impl CudaExecutable {
             starts.push(tables.len() as u64 * 8);
             tables.extend(l.slots.iter().map(|(w, o)| words[*w].wrapping_add(*o as u64)));
         }
-        let table = unsafe { cu::malloc_sync(tables.len().max(1) * 8) }.map_err(|e| err("alloc", e))?;
-        if !tables.is_empty() {
-            unsafe { cu::memcpy_htod_sync(table, &tables) }.map_err(|e| err("copy", e))?;
+        let mut held = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let table = held.0;
+        if held.1 != tables {
+            held.1.clear();
+            if !tables.is_empty() {
+                // SAFETY: the allocation holds every launch's slots (counted in `new`); the
+                // previous run has synchronized, so no kernel reads the table now.
+                unsafe { cu::memcpy_htod_sync(table, &tables) }.map_err(|e| err("copy", e))?;
+            }
+            held.1 = tables;
         }
         let starts: Vec<u64> = starts.into_iter().map(|s| table + s).collect();
         let mut result = Ok(());
@@ -459,10 +507,7 @@ impl CudaExecutable {
             }
         }
         let synced = self.stream.synchronize().map_err(|e| err("synchronize", e));
-        // SAFETY: the stream is idle.
-        unsafe {
-            let _ = cu::free_sync(table);
-        }
+        drop(held);
         result.and(synced)
     }
 

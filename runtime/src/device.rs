@@ -18,13 +18,23 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Bytes moved between the host and a device's memory (see [`DeviceMemory::traffic`]).
+/// Bytes moved between the host and a device's memory, and allocations made from the device
+/// (see [`DeviceMemory::traffic`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
     /// Host to device.
     pub up: u64,
     /// Device to host.
     pub down: u64,
+    /// Allocations that the device's allocator made (not served by the [`Pool`]).
+    pub allocs: u64,
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(self, o: Traffic) -> Traffic {
+        Traffic { up: self.up + o.up, down: self.down + o.down, allocs: self.allocs + o.allocs }
+    }
 }
 
 /// Counters for an implementation of [`DeviceMemory::traffic`].
@@ -32,6 +42,7 @@ pub struct Traffic {
 pub struct TrafficCounter {
     up: AtomicU64,
     down: AtomicU64,
+    allocs: AtomicU64,
 }
 
 impl TrafficCounter {
@@ -41,15 +52,62 @@ impl TrafficCounter {
     pub fn down(&self, bytes: usize) {
         self.down.fetch_add(bytes as u64, Ordering::Relaxed);
     }
+    pub fn alloc(&self) {
+        self.allocs.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn get(&self) -> Traffic {
-        Traffic { up: self.up.load(Ordering::Relaxed), down: self.down.load(Ordering::Relaxed) }
+        Traffic {
+            up: self.up.load(Ordering::Relaxed),
+            down: self.down.load(Ordering::Relaxed),
+            allocs: self.allocs.load(Ordering::Relaxed),
+        }
     }
 }
 
-/// A device's memory: allocations addressed by 64-bit device pointers.
+/// Freed allocations kept for reuse by size, as a caching allocator does: a training step
+/// frees what the previous step allocated (its batch, its gradients), and the next step gets
+/// the same blocks back, so after the first steps nothing is allocated or freed on the device
+/// (a GPU's free synchronizes the device).
+#[derive(Default)]
+pub struct Pool {
+    /// The size of every allocation handed out or kept.
+    sizes: std::collections::HashMap<u64, usize>,
+    /// Kept allocations by size.
+    free: std::collections::HashMap<usize, Vec<u64>>,
+}
+
+impl Pool {
+    /// A kept allocation of exactly `bytes`, if any.
+    pub fn take(&mut self, bytes: usize) -> Option<u64> {
+        self.free.get_mut(&bytes)?.pop()
+    }
+    /// Records a fresh allocation.
+    pub fn handed_out(&mut self, ptr: u64, bytes: usize) {
+        self.sizes.insert(ptr, bytes);
+    }
+    /// Keeps a freed allocation (ignores pointers it did not hand out).
+    pub fn give_back(&mut self, ptr: u64) {
+        if let Some(&bytes) = self.sizes.get(&ptr) {
+            self.free.entry(bytes).or_default().push(ptr);
+        }
+    }
+    /// Every allocation, kept or handed out, with its size (to release them all at the end).
+    pub fn drain(&mut self) -> Vec<(u64, usize)> {
+        self.free.clear();
+        self.sizes.drain().collect()
+    }
+    /// The allocations handed out and not given back.
+    pub fn in_use(&self) -> usize {
+        self.sizes.len() - self.free.values().map(|v| v.len()).sum::<usize>()
+    }
+}
+
+/// A device's memory: allocations addressed by 64-bit device pointers. Implementations keep
+/// freed allocations in a [`Pool`] and release them when the memory itself is dropped (every
+/// [`DeviceBuffer`] holds its memory, so that is after the last buffer).
 pub trait DeviceMemory: Send + Sync {
     fn alloc(&self, bytes: usize) -> Result<u64, RunError>;
-    /// Frees an allocation of [`DeviceMemory::alloc`] (errors are ignored: this runs in `drop`).
+    /// Returns an allocation of [`DeviceMemory::alloc`] to the pool.
     fn free(&self, ptr: u64);
     /// Copies `src` to `dst`, which holds at least `src.len()` bytes.
     fn upload(&self, dst: u64, src: &[u8]) -> Result<(), RunError>;
@@ -222,10 +280,11 @@ pub(crate) fn check_values(p: &compiler::kernel::Program, args: &[Value]) -> Res
 }
 
 /// The emulator's stand-in for a GPU's memory: host allocations (64-byte aligned) behind device
-/// pointers, with the same explicit copies, counted, so tests see what a GPU run would move.
+/// pointers, with the same explicit copies and the same pool, counted, so tests see what a GPU
+/// run would move and allocate.
 #[derive(Default)]
 pub struct HostMemory {
-    sizes: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+    pool: std::sync::Mutex<Pool>,
     traffic: TrafficCounter,
 }
 
@@ -233,23 +292,38 @@ impl HostMemory {
     fn layout(bytes: usize) -> std::alloc::Layout {
         std::alloc::Layout::from_size_align(bytes.max(1), 64).expect("a valid layout")
     }
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        for (ptr, bytes) in self.pool().drain() {
+            // SAFETY: allocated by `alloc` with this layout; nothing holds it any more (every
+            // buffer holds this memory, which is being dropped).
+            unsafe { std::alloc::dealloc(ptr as *mut u8, Self::layout(bytes)) };
+        }
+    }
 }
 
 impl DeviceMemory for HostMemory {
     fn alloc(&self, bytes: usize) -> Result<u64, RunError> {
-        // SAFETY: a non-zero size; freed with the same layout in `free`.
+        let mut pool = self.pool();
+        if let Some(p) = pool.take(bytes) {
+            return Ok(p);
+        }
+        // SAFETY: a non-zero size; released with the same layout in `drop`.
         let p = unsafe { std::alloc::alloc_zeroed(Self::layout(bytes)) };
         if p.is_null() {
             return Err(RunError(format!("emulated device: cannot allocate {bytes} bytes")));
         }
-        self.sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(p as u64, bytes);
+        self.traffic.alloc();
+        pool.handed_out(p as u64, bytes);
         Ok(p as u64)
     }
     fn free(&self, ptr: u64) {
-        if let Some(bytes) = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr) {
-            // SAFETY: allocated by `alloc` with this layout, and removed from the table once.
-            unsafe { std::alloc::dealloc(ptr as *mut u8, Self::layout(bytes)) };
-        }
+        self.pool().give_back(ptr);
     }
     fn upload(&self, dst: u64, src: &[u8]) -> Result<(), RunError> {
         self.traffic.up(src.len());
@@ -286,7 +360,7 @@ mod tests {
         let mut slots = vec![Value::Host(Buffer::from_tensor(&t))];
         let ptrs = make_resident(&mem, &mut slots).unwrap();
         assert!(matches!(slots[0], Value::Device(_)));
-        assert_eq!(mem.traffic(), Traffic { up: 24, down: 0 });
+        assert_eq!(mem.traffic(), Traffic { up: 24, down: 0, allocs: 1 });
         // Resident values are not uploaded again.
         assert_eq!(make_resident(&mem, &mut slots).unwrap(), ptrs);
         assert_eq!(mem.traffic().up, 24);
@@ -295,9 +369,13 @@ mod tests {
         let r = slots[0].reshaped(vec![3, 2]).unwrap();
         assert_eq!(r.shape(), &[3, 2]);
         assert_eq!(r.into_host().unwrap().to_tensor().data, t.data);
-        assert_eq!(mem.traffic(), Traffic { up: 24, down: 28 });
+        assert_eq!(mem.traffic(), Traffic { up: 24, down: 28, allocs: 2 });
         assert!(slots[0].get(6).is_err());
         drop(slots);
-        assert!(host.sizes.lock().unwrap().is_empty(), "every allocation freed");
+        assert_eq!(host.pool().in_use(), 0, "every allocation given back");
+        // Given-back allocations of the size are reused.
+        let again = DeviceBuffer::upload(&mem, &Buffer::from_tensor(&t)).unwrap();
+        assert_eq!(mem.traffic().allocs, 2, "served from the pool");
+        assert_eq!(host.pool().in_use(), 1);
     }
 }

@@ -176,7 +176,7 @@ impl Programs {
     pub fn traffic(&self) -> Option<crate::device::Traffic> {
         let mut all = [&self.grad, &self.eval, &self.update, &self.init].map(|r| r.traffic()).to_vec();
         all.push(self.masks.as_ref().and_then(|m| m.traffic()));
-        all.into_iter().flatten().reduce(|a, b| crate::device::Traffic { up: a.up + b.up, down: a.down + b.down })
+        all.into_iter().flatten().reduce(|a, b| a + b)
     }
 
     pub fn new(plan: &TrainPlan, backend: Backend) -> Result<Programs, RunError> {

@@ -364,7 +364,7 @@ recipe r {
 /// On a device backend the training state stays in device memory (`runtime::device`): from the
 /// second step on, a step copies in only what its programs take from the host (the batch, the
 /// step number) and copies out only the loss and the gradient norm it reads, one element each;
-/// the values match the CPU's. Run on the CUDA emulator, whose device memory counts its copies
+/// from the third on it allocates nothing (the pool); the values match the CPU's. Run on the CUDA emulator, whose device memory counts its copies
 /// as the GPU's does, and on the GPU where there is one (`tests/gpu/run.sh`).
 #[test]
 fn a_device_training_step_copies_only_the_batch_in_and_the_scalars_out() {
@@ -414,6 +414,11 @@ fn device_training_step_traffic(backend: Backend) {
             assert_eq!(up, expected_up, "{backend:?} step {step}: bytes copied in");
             assert!(expected_up > 0 && expected_up <= 2 * 32 + 4, "the batch and the step: {expected_up}");
             assert_eq!(down, 8, "{backend:?} step {step}: the loss and the gradient norm, 4 bytes each");
+        }
+        if step > 2 {
+            // A step's batch and outputs replace the previous step's after it has run, so two
+            // of each exist at a time; from the third step on the pool serves every allocation.
+            assert_eq!(moved.allocs - before.allocs, 0, "{backend:?} step {step}: device allocations");
         }
         for p in &plan.params {
             assert!(matches!(dev_state[&p.path], Value::Device(_)), "{} left the device", p.path);
