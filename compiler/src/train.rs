@@ -733,3 +733,52 @@ pub fn summary(plan: &TrainPlan) -> String {
         plan.settings.steps
     )
 }
+
+/// The graphs that average a step's micro-batch gradients where they were computed, for
+/// `accumulate = k > 1`, over the gradient graph's `grad.<p>` outputs:
+/// - `start`, after the first micro-batch: `acc.<p> = f32(grad.<p>)`;
+/// - `add`, after each middle one: `acc.<p> = acc.<p> + f32(grad.<p>)` (in place);
+/// - `finish`, after the last: `grad.<p> = dtype((acc.<p> + f32(grad.<p>)) / k)` (in place).
+///
+/// The sum is kept in f32 whatever the parameters' dtype (one rounding per addition, one for
+/// the division and one to the gradient's dtype); with `k = 2` that is the exactly rounded mean.
+pub fn accumulation(grad: &Graph, k: usize) -> Result<[Graph; 3], crate::ir::IrError> {
+    let grads: Vec<(String, Dtype, Vec<usize>)> = grad
+        .outputs
+        .iter()
+        .filter(|(name, _)| name.starts_with("grad."))
+        .map(|(name, n)| (name.clone(), grad.node(*n).dtype, grad.node(*n).shape.clone()))
+        .collect();
+    let build = |which: &str| -> Result<Graph, crate::ir::IrError> {
+        let mut g = Graph::new(&format!("{}_accumulate_{which}", grad.name));
+        let mut index = 0;
+        let mut input = |g: &mut Graph, name: &str, dtype: Dtype, shape: &[usize]| {
+            index += 1;
+            g.add(Op::Input { index: index - 1, name: name.to_string() }, dtype, shape.to_vec(), &[], name)
+        };
+        for (name, dtype, shape) in &grads {
+            let acc_name = format!("acc.{}", &name["grad.".len()..]);
+            let origin = "accumulate";
+            let gr = input(&mut g, name, *dtype, shape)?;
+            let gr = if *dtype == Dtype::F32 { gr } else { g.add(Op::Cast, Dtype::F32, shape.clone(), &[gr], origin)? };
+            if which == "start" {
+                g.outputs.push((acc_name, gr));
+                continue;
+            }
+            let acc = input(&mut g, &acc_name, Dtype::F32, shape)?;
+            let sum = g.add(Op::Binary(Bin::Add), Dtype::F32, shape.clone(), &[acc, gr], origin)?;
+            if which == "add" {
+                g.outputs.push((acc_name, sum));
+                continue;
+            }
+            let kc = g.add(Op::Const { value: k as f64 }, Dtype::F32, vec![], &[], origin)?;
+            let kb = g.add(Op::Broadcast, Dtype::F32, shape.clone(), &[kc], origin)?;
+            let mean = g.add(Op::Binary(Bin::Div), Dtype::F32, shape.clone(), &[sum, kb], origin)?;
+            let mean =
+                if *dtype == Dtype::F32 { mean } else { g.add(Op::Cast, *dtype, shape.clone(), &[mean], origin)? };
+            g.outputs.push((name.clone(), mean));
+        }
+        Ok(g)
+    };
+    Ok([build("start")?, build("add")?, build("finish")?])
+}

@@ -7,8 +7,9 @@
 //! by name and writes its outputs back (optimizer outputs update their argument in place).
 //! On a device backend the map's values stay in device memory ([`crate::device`]): a step
 //! uploads its batch and step number and reads back the loss and the gradient norm (one
-//! element each); the state crosses to the host only for a checkpoint (and, with
-//! `accumulate > 1`, for the host-side sum of the micro-batches' gradients).
+//! element each); the state crosses to the host only for a checkpoint. With `accumulate > 1`
+//! the micro-batches' gradients are averaged by compiled graphs on the same device
+//! ([`compiler::train::accumulation`]).
 //!
 //! Determinism: the batch of step `s` depends only on (seed, s) (see [`crate::data`]),
 //! random nodes draw from the counter-based RNG under `seed ^ hash(s)`, and the kernels'
@@ -169,6 +170,9 @@ pub struct Programs {
     pub update: Box<dyn Runner + Send + Sync>,
     pub masks: Option<Box<dyn Runner + Send + Sync>>,
     pub init: Box<dyn Runner + Send + Sync>,
+    /// With `accumulate > 1`: the gradient averaging of [`compiler::train::accumulation`]
+    /// (`start`, `add`, `finish`), run where the gradients are.
+    pub accumulate: Option<[Box<dyn Runner + Send + Sync>; 3]>,
 }
 
 impl Programs {
@@ -176,6 +180,7 @@ impl Programs {
     pub fn traffic(&self) -> Option<crate::device::Traffic> {
         let mut all = [&self.grad, &self.eval, &self.update, &self.init].map(|r| r.traffic()).to_vec();
         all.push(self.masks.as_ref().and_then(|m| m.traffic()));
+        all.extend(self.accumulate.iter().flatten().map(|r| r.traffic()));
         all.into_iter().flatten().reduce(|a, b| a + b)
     }
 
@@ -186,6 +191,14 @@ impl Programs {
             update: compile(&plan.update, backend)?,
             masks: plan.masks.as_ref().map(|g| compile(g, backend)).transpose()?,
             init: compile(&plan.init, backend)?,
+            accumulate: match plan.settings.accumulate {
+                k if k > 1 => {
+                    let [a, b, c] = compiler::train::accumulation(&plan.grad, k)
+                        .map_err(|e| RunError(format!("gradient accumulation: {}", e.0)))?;
+                    Some([compile(&a, backend)?, compile(&b, backend)?, compile(&c, backend)?])
+                }
+                _ => None,
+            },
         })
     }
 }
@@ -445,9 +458,8 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
             extra.insert("step".to_string(), step_buffer(step));
             run_named(m, &mut state, extra, step_seed(s.seed, step))?;
         }
-        // Gradients, averaged over micro-batches.
+        // Gradients, averaged over micro-batches where they are (`Programs::accumulate`).
         let mut loss = 0.0;
-        let mut acc: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for micro in 0..s.accumulate {
             let (x, y) = corpus.train_batch(((step - 1) * s.accumulate + micro) as u64);
             let mut extra = BTreeMap::new();
@@ -455,23 +467,13 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
             extra.insert("batch.targets".to_string(), i32_buffer(vec![plan.data.batch, plan.data.context], &y));
             run_named(&progs.grad, &mut state, extra, step_seed(s.seed, step) ^ micro as u64)?;
             loss += scalar(&state, "loss")?;
-            if s.accumulate > 1 {
-                // Summed on the host (a device run copies each micro-batch's gradients down).
-                for p in &plan.params {
-                    let g = state[&format!("grad.{}", p.path)].host()?;
-                    let a = acc.entry(p.path.clone()).or_insert_with(|| vec![0.0; g.numel()]);
-                    for (i, x) in a.iter_mut().enumerate() {
-                        *x += g.get(i);
-                    }
-                }
-            }
-        }
-        if s.accumulate > 1 {
-            let k = s.accumulate as f64;
-            for p in &plan.params {
-                let a = &acc[&p.path];
-                let t = Tensor::new(p.dtype, p.shape.clone(), a.iter().map(|x| x / k).collect());
-                state.insert(format!("grad.{}", p.path), Value::Host(Buffer::from_tensor(&t)));
+            if let Some([start, add, finish]) = &progs.accumulate {
+                let g = match micro {
+                    0 => start,
+                    m if m + 1 == s.accumulate => finish,
+                    _ => add,
+                };
+                run_named(g, &mut state, BTreeMap::new(), 0)?;
             }
         }
         let loss = loss / s.accumulate as f64;

@@ -161,38 +161,57 @@ fn the_example_recipes_plan() {
     assert!(sparse.masks.is_some());
 }
 
+/// Gradient accumulation averages where the gradients are (`compiler::train::accumulation`):
+/// on the CPU and on a device backend, two half batches give the full batch's losses, and on
+/// the device no gradient crosses to the host (only the checkpoint and the scalars do).
 #[test]
 fn accumulating_two_half_batches_matches_one_full_batch() {
     let dir = std::env::temp_dir().join(format!("recipec-accumulate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let run = |batch: usize, acc: usize, name: &str| -> Vec<f64> {
+    let run = |batch: usize, acc: usize, name: &str, backend: Backend| {
+        // Without clipping, which would hide a wrongly scaled gradient.
         let src = MLP
+            .replace("    grad_clip = 0.1\n", "")
             .replace("batch = 2", &format!("batch = {batch}"))
             .replace("    seed = 5\n", &format!("    seed = 5\n    accumulate = {acc}\n    log_every = 1\n"));
         let plan = plan_of(&src);
-        let out = dir.join(name);
+        let out = dir.join(format!("{name}-{backend:?}"));
         let opts = runtime::train::TrainOptions {
             steps: Some(4),
             checkpoint_every: None,
             out: out.clone(),
             resume: None,
-            backend: Backend::Cranelift,
+            backend,
             progress_bar: false,
             source: src.clone(),
             source_path: dir.join("t.recipe"),
         };
-        runtime::train::train(&plan, &opts, &mut std::io::sink()).unwrap();
-        std::fs::read_to_string(out.join("metrics.jsonl"))
+        let summary = runtime::train::train(&plan, &opts, &mut std::io::sink()).unwrap();
+        let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
-            .collect()
+            .collect();
+        let param_bytes: usize = plan.params.iter().map(|p| p.shape.iter().product::<usize>() * 4).sum();
+        (losses, summary.traffic, param_bytes)
     };
-    let full = run(4, 1, "full");
-    let halves = run(2, 2, "halves");
-    assert_eq!(full.len(), 4);
-    for (a, b) in full.iter().zip(&halves) {
-        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{full:?} vs {halves:?}");
+    let mut backends = vec![Backend::Cranelift];
+    match runtime::cuda_emu::available() {
+        Ok(()) => backends.push(Backend::CudaEmu),
+        Err(e) => println!("the CUDA emulator is skipped: {e}"),
+    }
+    for backend in backends {
+        let (full, _, _) = run(4, 1, "full", backend);
+        let (halves, traffic, param_bytes) = run(2, 2, "halves", backend);
+        assert_eq!(full.len(), 4);
+        for (a, b) in full.iter().zip(&halves) {
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{backend:?}: {full:?} vs {halves:?}");
+        }
+        if let Some(t) = traffic {
+            // The final checkpoint (the parameters; sgd keeps no state) and a few scalars: eight
+            // micro-batches' gradients copied out would be eight times the parameters.
+            assert!(t.down >= param_bytes as u64 && t.down < param_bytes as u64 + 1024, "{backend:?}: {t:?}");
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
