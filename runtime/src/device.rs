@@ -378,4 +378,24 @@ mod tests {
         assert_eq!(mem.traffic().allocs, 2, "served from the pool");
         assert_eq!(host.pool().in_use(), 1);
     }
+
+    /// A CPU executable given a device value copies it home and runs as on host buffers.
+    #[test]
+    fn a_cpu_runner_takes_device_values_home() {
+        use crate::{Runner, ValueOut};
+        use compiler::ir::{Bin, Graph, Op};
+        let mut g = Graph::new("double");
+        let x = g.add(Op::Input { index: 0, name: "x".into() }, Dtype::F32, vec![3], &[], "x").unwrap();
+        let y = g.add(Op::Binary(Bin::Add), Dtype::F32, vec![3], &[x, x], "y").unwrap();
+        g.outputs.push(("y".into(), y));
+        let exe = crate::Executable::new(compiler::kernel::schedule(&g).unwrap(), crate::Backend::Cranelift).unwrap();
+        let mem: Arc<dyn DeviceMemory> = Arc::new(HostMemory::default());
+        let t = Tensor::new(Dtype::F32, vec![3], vec![1.5, -2.0, 4.0]);
+        let mut args = vec![Value::Device(DeviceBuffer::upload(&mem, &Buffer::from_tensor(&t)).unwrap())];
+        let outs = exe.run_values(&mut args, 0).unwrap();
+        assert!(matches!(args[0], Value::Host(_)));
+        let ValueOut::Value(Value::Host(y)) = &outs[0].1 else { panic!("{outs:?}") };
+        assert_eq!(y.to_tensor().data, vec![3.0, -4.0, 8.0]);
+        assert_eq!(exe.traffic(), None);
+    }
 }

@@ -204,9 +204,18 @@ pub trait Runner {
     /// arguments once (their slots become device values) and leaves its outputs on the device;
     /// the default (CPU) brings device values to the host and runs [`Runner::run`].
     fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
+        // Device values come home first (a failed copy leaves every slot as it was).
+        for a in args.iter_mut() {
+            if let Value::Device(d) = a {
+                *a = Value::Host(d.download()?);
+            }
+        }
         let mut bufs = Vec::with_capacity(args.len());
         for a in args.iter_mut() {
-            bufs.push(std::mem::replace(a, Value::taken()).into_host()?);
+            match std::mem::replace(a, Value::taken()) {
+                Value::Host(b) => bufs.push(b),
+                Value::Device(_) => unreachable!("downloaded above"),
+            }
         }
         let result = self.run(&mut bufs, seed);
         for (a, b) in args.iter_mut().zip(bufs) {
