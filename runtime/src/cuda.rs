@@ -438,6 +438,9 @@ impl CudaExecutable {
 
     fn launch_all(&self, dev_args: &[u64], seed: u64) -> Result<(), RunError> {
         let p = &self.program;
+        // With every argument already on the device nothing else has made the context current
+        // on this thread (the table copy and the host library kernels' copies need it).
+        self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
         let addrs = self.addresses(dev_args);
         // The word after the last address is the run's seed (the RNG kernels read it).
         let mut words = addrs.clone();
