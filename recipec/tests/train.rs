@@ -301,6 +301,9 @@ fn the_cuda_code_trains_like_the_cpu_code_under_the_emulator() {
     assert!(cpu.status.success(), "{}", stderr(&cpu));
     let emu = train(&recipe, &dir.join("emu"), &["--steps", "4", "--backend", "cuda-emu"]);
     assert!(emu.status.success(), "{}", stderr(&emu));
+    // The state stayed on the (emulated) device; the run says what crossed.
+    assert!(stderr(&emu).contains("device memory: ") && stderr(&emu).contains(" copied out"), "{}", stderr(&emu));
+    assert!(!stderr(&cpu).contains("device memory"), "{}", stderr(&cpu));
     let (a, b) = (losses(&dir.join("cpu")), losses(&dir.join("emu")));
     assert_eq!(a.len(), b.len());
     assert!(a.iter().any(|x| x.1 == "val_loss"), "{a:?}");
