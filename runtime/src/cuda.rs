@@ -8,8 +8,8 @@
 //! answer is a clear "no CUDA device" error, never a panic.
 
 use crate::device::{check_values, make_resident, DeviceMemory, Pool, Traffic, TrafficCounter};
-use crate::{device_outputs, output_arg, read, Buffer, Out, RunError, Value, ValueOut};
-use compiler::interp::{self, Tensor};
+use crate::{device_outputs, output_arg, Buffer, Out, RunError, Value, ValueOut};
+use compiler::interp::Tensor;
 use compiler::kernel::{BufKind, Kernel, Program};
 use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
@@ -469,26 +469,12 @@ impl CudaExecutable {
         for (ki, k) in p.kernels.iter().enumerate() {
             let l = &self.unit.launches[ki];
             match (k, &self.functions[ki]) {
-                (Kernel::Library { node, operands, args: a, out, .. }, None) => {
+                (Kernel::Library { operands, args: a, out, .. }, None) => {
                     if let Err(e) = self.stream.synchronize() {
                         result = Err(err("synchronize", e));
                         break;
                     }
-                    let mut ops = vec![];
-                    for (o, b) in operands.iter().zip(a) {
-                        let bytes = compiler::plan::dtype_bytes(o.dtype) * o.shape.iter().product::<usize>();
-                        let mut host = vec![0u8; bytes];
-                        // SAFETY: the operand's buffer holds `bytes` bytes at this address.
-                        unsafe { cu::memcpy_dtoh_sync(&mut host, addrs[*b]) }.map_err(|e| err("copy out", e))?;
-                        let numel: usize = o.shape.iter().product();
-                        let data = (0..numel).map(|i| read(o.dtype, host.as_ptr(), i)).collect();
-                        ops.push(Tensor { dtype: o.dtype, shape: o.shape.clone(), data });
-                    }
-                    let refs: Vec<&Tensor> = ops.iter().collect();
-                    let t = interp::eval(node, &refs, &[], seed).map_err(|e| RunError(e.0))?;
-                    let host = Buffer::from_tensor(&t);
-                    // SAFETY: the result's buffer holds the node's elements at this address.
-                    unsafe { cu::memcpy_htod_sync(addrs[*out], host.as_bytes()) }.map_err(|e| err("copy in", e))?;
+                    self.host_library(k, operands, a, *out, &addrs, seed)?;
                 }
                 (_, Some(f)) => {
                     let cfg = LaunchConfig {
@@ -512,6 +498,36 @@ impl CudaExecutable {
         let synced = self.stream.synchronize().map_err(|e| err("synchronize", e));
         drop(held);
         result.and(synced)
+    }
+
+    /// A library kernel (no device code) on the host, as the CPU backends run it
+    /// ([`crate::host_library`]): its operands and output copied down, the output copied back.
+    fn host_library(
+        &self,
+        k: &Kernel,
+        operands: &[compiler::ir::Node],
+        args: &[usize],
+        out: usize,
+        addrs: &[u64],
+        seed: u64,
+    ) -> Result<(), RunError> {
+        let p = &self.program;
+        let mut host: std::collections::BTreeMap<usize, Buffer> = std::collections::BTreeMap::new();
+        let shapes = operands.iter().zip(args).map(|(o, b)| (*b, o.dtype, o.shape.clone()));
+        let d = &p.buffers[out];
+        for (b, dtype, shape) in shapes.chain([(out, d.dtype, d.shape.clone())]) {
+            if let std::collections::btree_map::Entry::Vacant(v) = host.entry(b) {
+                let mut buf = Buffer::zeros(dtype, shape);
+                self.mem.download(buf.as_bytes_mut(), addrs[b])?;
+                v.insert(buf);
+            }
+        }
+        let mut ptrs = vec![std::ptr::null_mut(); p.buffers.len()];
+        for (b, buf) in host.iter_mut() {
+            ptrs[*b] = buf.as_mut_ptr();
+        }
+        crate::host_library(k, &ptrs, seed)?;
+        self.mem.upload(addrs[out], host[&out].as_bytes())
     }
 
     fn collect(&self, args: &mut [Buffer], dev_args: &[u64]) -> Result<Vec<(String, Out)>, RunError> {
