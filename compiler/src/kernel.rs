@@ -1498,6 +1498,18 @@ fn place_by_size(p: &Program) -> Option<(Vec<(usize, usize)>, usize)> {
     Some((offsets, arena))
 }
 
+/// Buffers of one type from one recipe line live at a program's peak ([`Program::peak_groups`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeakGroup {
+    /// Their bytes together (each aligned as the arena places it).
+    pub bytes: usize,
+    pub count: usize,
+    /// `f32[2048, 512]`.
+    pub ty: String,
+    /// The recipe line that created them.
+    pub origin: String,
+}
+
 impl Program {
     /// Checks the arena plan: no two temps live in the same kernel overlap in memory.
     pub fn verify(&self) -> Result<(), String> {
@@ -1555,27 +1567,38 @@ impl Program {
             out.push_str(&format!("  updated in place: {}\n", updated.join(", ")));
         }
         out.push_str("  live at the peak, largest first:\n");
-        // Buffers of one type from one recipe line are one row (`count ×`), so a value that
-        // piles up (one per block, one per step) shows with its total.
-        let mut groups: Vec<(usize, usize, String, &str, Option<usize>)> = vec![];
-        for b in self.live_at(self.peak_at) {
-            let ty = format!("{}{:?}", b.dtype, b.shape);
-            match groups.iter_mut().find(|g| g.2 == ty && g.3 == b.origin) {
-                Some(g) => g.1 += 1,
-                None => groups.push((align(b.bytes), 1, ty, &b.origin, b.born)),
-            }
-        }
-        groups.sort_by(|a, b| (b.0 * b.1).cmp(&(a.0 * a.1)).then(a.4.cmp(&b.4)));
-        for (bytes, count, ty, origin, _) in groups.iter().take(12) {
-            let n = if *count > 1 { format!("{count} × ") } else { String::new() };
-            out.push_str(&format!("    {:>10}  {:<24} {}\n", human(bytes * count), format!("{n}{ty}"), origin));
+        let groups = self.peak_groups();
+        for g in groups.iter().take(12) {
+            let n = if g.count > 1 { format!("{} × ", g.count) } else { String::new() };
+            out.push_str(&format!("    {:>10}  {:<24} {}\n", human(g.bytes), format!("{n}{}", g.ty), g.origin));
         }
         if groups.len() > 12 {
-            let rest: usize = groups[12..].iter().map(|g| g.0 * g.1).sum();
-            let count: usize = groups[12..].iter().map(|g| g.1).sum();
+            let rest: usize = groups[12..].iter().map(|g| g.bytes).sum();
+            let count: usize = groups[12..].iter().map(|g| g.count).sum();
             out.push_str(&format!("    … and {count} smaller buffers ({})\n", human(rest)));
         }
         out
+    }
+
+    /// The arena buffers live at the peak, largest first, buffers of one type from one recipe
+    /// line as one group (so a value that piles up — one per block, one per step — shows with
+    /// its total); ties in creation order.
+    pub fn peak_groups(&self) -> Vec<PeakGroup> {
+        let mut groups: Vec<(PeakGroup, Option<usize>)> = vec![];
+        for b in self.live_at(self.peak_at) {
+            let ty = format!("{}{:?}", b.dtype, b.shape);
+            match groups.iter_mut().find(|(g, _)| g.ty == ty && g.origin == b.origin) {
+                Some((g, _)) => {
+                    g.count += 1;
+                    g.bytes += align(b.bytes);
+                }
+                None => {
+                    groups.push((PeakGroup { bytes: align(b.bytes), count: 1, ty, origin: b.origin.clone() }, b.born))
+                }
+            }
+        }
+        groups.sort_by(|a, b| b.0.bytes.cmp(&a.0.bytes).then(a.1.cmp(&b.1)));
+        groups.into_iter().map(|(g, _)| g).collect()
     }
 
     /// For each kernel, the index in `row_groups` of the group it starts, if any.

@@ -253,7 +253,22 @@ fn main() -> ExitCode {
                 }
                 return train::print_entry_points(&file, &item);
             }
-            build(&file, &front_emit, true)
+            // A file with a recipe: the memory of every entry point of its job, before anything runs.
+            match (front_emit.is_empty(), recipe_name(&file)) {
+                (true, Some(recipe)) => {
+                    let code = build(&file, &front_emit, false);
+                    if code != ExitCode::SUCCESS {
+                        return code;
+                    }
+                    let code = train::print_entry_points(&file, &recipe);
+                    eprintln!(
+                        "checked {}; `--emit plan` lists the training step's buffers by recipe line, `--emit kernels` its kernels, `-o DIR` writes an artifact, `recipec train` trains it",
+                        file.display()
+                    );
+                    code
+                }
+                _ => build(&file, &front_emit, true),
+            }
         }
         Command::Opt { pass, file } => opt(&pass, &file),
         Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {

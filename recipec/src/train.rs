@@ -354,6 +354,20 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
     if let Some(m) = &plan.masks {
         graphs.push(("masks".into(), m.clone(), "per step".into()));
     }
+    if plan.settings.accumulate > 1 {
+        let k = plan.settings.accumulate;
+        match compiler::train::accumulation(&plan.grad, k) {
+            Ok([start, add, finish]) => {
+                graphs.push(("accumulate (start)".into(), start, "per step, after the first micro-batch".into()));
+                if k > 2 {
+                    let times = if k == 3 { "once".to_string() } else { format!("{} times", k - 2) };
+                    graphs.push(("accumulate (add)".into(), add, format!("{times} per step")));
+                }
+                graphs.push(("accumulate (finish)".into(), finish, "per step, after the last micro-batch".into()));
+            }
+            Err(e) => return error("E0502", format!("this is a bug in recipec: accumulate: {}", e.0), ""),
+        }
+    }
     if let Some(d) = &plan.decode {
         graphs.push(("decode (window)".into(), d.clone(), "per token with --no-cache".into()));
         match compiler::incremental::incrementalize(d, "tokens", "pos") {
@@ -370,7 +384,10 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
         }
     }
     println!("entry points of recipe `{}`", plan.name);
-    println!("  {:<20} {:>12} {:>12} {:>12}  runs", "entry point", "arguments", "arena", "peak live");
+    println!(
+        "  {:<20} {:>12} {:>12} {:>12}  {:<44} runs",
+        "entry point", "arguments", "arena", "peak live", "largest at the peak (recipe line)"
+    );
     for (name, mut g, note) in graphs {
         if let Err(e) = compiler::passes::run_pipeline(&mut g, None, &mut vec![]) {
             return error("E0502", format!("this is a bug in recipec: {name}: {}", e.0), "");
@@ -380,7 +397,19 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
             Err(e) => return error("E0502", format!("this is a bug in recipec: {name}: {e}"), ""),
         };
         let h = compiler::plan::human;
-        println!("  {:<20} {:>12} {:>12} {:>12}  {note}", name, h(p.argument_bytes), h(p.arena_bytes), h(p.peak_bytes));
+        let largest = match p.peak_groups().first() {
+            Some(g) if g.count > 1 => format!("{} {} × {} {}", h(g.bytes), g.count, g.ty, g.origin),
+            Some(g) => format!("{} {} {}", h(g.bytes), g.ty, g.origin),
+            None => "-".into(),
+        };
+        println!(
+            "  {:<20} {:>12} {:>12} {:>12}  {:<44} {note}",
+            name,
+            h(p.argument_bytes),
+            h(p.arena_bytes),
+            h(p.peak_bytes),
+            largest
+        );
     }
     ExitCode::SUCCESS
 }

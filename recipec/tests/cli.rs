@@ -328,6 +328,34 @@ fn build_plans_the_recipe_training_step() {
         assert!(table.lines().any(|l| l.trim_start().starts_with(name)), "no `{name}` line:\n{table}");
     }
     assert!(table.contains("10 KV caches, 640.0 KiB of the arguments"), "{table}");
+    // Each entry point names what dominates its peak and the recipe line that made it.
+    let grad = table.lines().find(|l| l.trim_start().starts_with("grad")).unwrap();
+    assert!(grad.contains(" × f32[") && grad.contains("models.recipe:"), "{grad}");
+}
+
+/// `recipec build FILE` on a file with a recipe says, before anything runs, how much memory each
+/// entry point of the job needs (the table of `--emit plan`), with gradient accumulation's
+/// averaging among them.
+#[test]
+fn build_says_what_every_entry_point_needs() {
+    let out = recipec().args(["build", "recipes/tiny_gpt.recipe"]).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("entry points of recipe `tiny_gpt`"), "{text}");
+    assert!(text.contains("largest at the peak (recipe line)"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checked recipes/tiny_gpt.recipe"));
+    let dir = temp_dir("build-accumulate");
+    let src = std::fs::read_to_string(repo().join("recipes/tiny_gpt.recipe")).unwrap();
+    let src = src.replacen("    seed = ", "    accumulate = 3\n    seed = ", 1);
+    assert!(src.contains("accumulate = 3"), "the example recipe sets a seed");
+    std::fs::write(dir.join("acc.recipe"), src).unwrap();
+    let out = recipec().arg("build").arg(dir.join("acc.recipe")).current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in ["grad ", "accumulate (start)", "accumulate (add)", "accumulate (finish)"] {
+        assert!(text.lines().any(|l| l.trim_start().starts_with(line)), "no `{line}`:\n{text}");
+    }
+    assert!(text.contains("3 times per step (micro-batches)") && text.contains("once per step"), "{text}");
 }
 
 #[test]
