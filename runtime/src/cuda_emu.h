@@ -190,8 +190,11 @@ static int rc_block(int n) {
 // Launches `kernel` over the grid, block after block. `barriers` = 0: the kernel has no
 // barrier and its threads run one after another directly. Returns 0, or -1 with the error
 // copied into `err`.
+// `reverse`: blocks in the reverse of the usual order (and, without barriers, a block's
+// threads too). A correct kernel gives the same bits in either order, since on a GPU blocks
+// (and threads between barriers) run in no fixed order; a difference is a race.
 extern "C" int rc_emu_launch(rc_kernel kernel, const unsigned* grid, const unsigned* block, unsigned char* const* bufs,
-                             int barriers, char* err, size_t errlen) {
+                             int barriers, int reverse, char* err, size_t errlen) {
     rc_error[0] = 0;
     int n = (int)(block[0] * block[1] * block[2]);
     if (n <= 0 || n > RC_MAX_THREADS) {
@@ -211,27 +214,29 @@ extern "C" int rc_emu_launch(rc_kernel kernel, const unsigned* grid, const unsig
     rc_direct = !barriers;
     gridDim.x = grid[0]; gridDim.y = grid[1]; gridDim.z = grid[2];
     blockDim.x = block[0]; blockDim.y = block[1]; blockDim.z = block[2];
-    for (unsigned z = 0; z < grid[2]; z++)
-        for (unsigned y = 0; y < grid[1]; y++)
-            for (unsigned x = 0; x < grid[0]; x++) {
-                blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
-                int rc = 0;
-                if (barriers) {
-                    rc = rc_block(n);
-                } else {
-                    for (int t = 0; t < n && !rc_error[0]; t++) {
-                        rc_set_thread(t);
-                        kernel(bufs);
-                    }
-                    rc = rc_error[0] ? -1 : 0;
-                }
-                if (rc != 0) {
-                    snprintf(err, errlen, "%s", rc_error);
-                    free(rc_stacks);
-                    rc_stacks = 0;
-                    return -1;
-                }
+    const unsigned long long blocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    for (unsigned long long i = 0; i < blocks; i++) {
+        const unsigned long long b = reverse ? blocks - 1 - i : i;
+        blockIdx.x = (unsigned)(b % grid[0]);
+        blockIdx.y = (unsigned)((b / grid[0]) % grid[1]);
+        blockIdx.z = (unsigned)(b / ((unsigned long long)grid[0] * grid[1]));
+        int rc = 0;
+        if (barriers) {
+            rc = rc_block(n);
+        } else {
+            for (int i = 0; i < n && !rc_error[0]; i++) {
+                rc_set_thread(reverse ? n - 1 - i : i);
+                kernel(bufs);
             }
+            rc = rc_error[0] ? -1 : 0;
+        }
+        if (rc != 0) {
+            snprintf(err, errlen, "%s", rc_error);
+            free(rc_stacks);
+            rc_stacks = 0;
+            return -1;
+        }
+    }
     free(rc_stacks);
     rc_stacks = 0;
     return 0;

@@ -40,8 +40,16 @@ pub const MAX_EMU_BLOCKS: u32 = 64;
 const HEADER: &str = include_str!("cuda_emu.h");
 
 type KernelFn = unsafe extern "C" fn(*const *mut u8);
-type LaunchFn =
-    unsafe extern "C" fn(KernelFn, *const u32, *const u32, *const *mut u8, i32, *mut std::ffi::c_char, usize) -> i32;
+type LaunchFn = unsafe extern "C" fn(
+    KernelFn,
+    *const u32,
+    *const u32,
+    *const *mut u8,
+    i32,
+    i32,
+    *mut std::ffi::c_char,
+    usize,
+) -> i32;
 
 /// The C++ compiler the emulator uses, or why there is none.
 pub fn compiler_path() -> Result<PathBuf, RunError> {
@@ -155,11 +163,29 @@ impl EmuExecutable {
 
     /// Runs on host buffers, like [`crate::Executable::run`].
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        self.run_in_order(args, seed, false)
+    }
+
+    /// [`EmuExecutable::run`] with every launch's blocks in the reverse order (and, in kernels
+    /// without barriers, each block's threads too). On a GPU blocks run in no fixed order, so
+    /// a correct program gives the same bits both ways; a difference is a race between blocks
+    /// (two writing one element, or one reading what another writes), which running blocks
+    /// one at a time would otherwise hide.
+    pub fn run_reversed(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        self.run_in_order(args, seed, true)
+    }
+
+    /// [`EmuExecutable::run_reversed`] on tensors.
+    pub fn run_tensors_reversed(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
+        crate::run_tensors_on(&Reversed(self), inputs, seed)
+    }
+
+    fn run_in_order(&self, args: &mut [Buffer], seed: u64, reversed: bool) -> Result<Vec<(String, Out)>, RunError> {
         let p = &self.program;
         check_args(p, args)?;
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let ptrs = buffer_pointers(p, args, arena.ptr());
-        let ptrs = self.launch_all(ptrs, seed)?;
+        let ptrs = self.launch_all(ptrs, seed, reversed)?;
         Ok(host_outputs(p, &ptrs))
     }
 
@@ -171,7 +197,7 @@ impl EmuExecutable {
         let at: Vec<*mut u8> = make_resident(&self.mem, args)?.into_iter().map(|a| a as *mut u8).collect();
         let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let ptrs = pointers_at(p, &at, arena.ptr());
-        let ptrs = self.launch_all(ptrs, seed)?;
+        let ptrs = self.launch_all(ptrs, seed, false)?;
         let addrs: Vec<u64> = ptrs.iter().map(|&a| a as u64).collect();
         device_outputs(p, &addrs, &self.mem)
     }
@@ -182,7 +208,7 @@ impl EmuExecutable {
     }
 
     /// Runs every kernel on the buffers at `ptrs` (the arena locked by the caller).
-    fn launch_all(&self, mut ptrs: Vec<*mut u8>, seed: u64) -> Result<Vec<*mut u8>, RunError> {
+    fn launch_all(&self, mut ptrs: Vec<*mut u8>, seed: u64, reversed: bool) -> Result<Vec<*mut u8>, RunError> {
         let p = &self.program;
         ptrs.push(seed as usize as *mut u8);
         ptrs.push(std::ptr::null_mut());
@@ -209,6 +235,7 @@ impl EmuExecutable {
                             l.block.as_ptr(),
                             table.as_ptr(),
                             barriers as i32,
+                            reversed as i32,
                             msg.as_mut_ptr(),
                             msg.len(),
                         )
@@ -230,6 +257,18 @@ impl EmuExecutable {
     /// Runs on tensors (converted to and from the storage format).
     pub fn run_tensors(&self, inputs: &[Tensor], seed: u64) -> Result<Vec<(String, Tensor)>, RunError> {
         crate::run_tensors_on(self, inputs, seed)
+    }
+}
+
+/// An emulated program run with its blocks reversed ([`EmuExecutable::run_reversed`]).
+struct Reversed<'a>(&'a EmuExecutable);
+
+impl crate::Runner for Reversed<'_> {
+    fn program(&self) -> &Program {
+        &self.0.program
+    }
+    fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
+        self.0.run_reversed(args, seed)
     }
 }
 
@@ -307,7 +346,7 @@ mod tests {
 
     /// A kernel whose lanes leave before a shuffle is reported, not hung on or read garbage.
     #[test]
-    fn a_shuffle_from_an_exited_lane_is_an_error() {
+    fn emulated_misuse_is_an_error_and_a_race_shows_in_reverse_block_order() {
         let Ok(cxx) = compiler_path() else {
             println!("skipped: no C++ compiler");
             return;
@@ -318,7 +357,7 @@ mod tests {
         std::fs::write(
             &src,
             format!(
-                "{HEADER}\nextern \"C\" __global__ void bad(unsigned char* const* bufs) {{\n    if ((threadIdx.x & 31) >= 16) return;\n    float v = __shfl_down_sync(0xffffffffu, 1.0f, 8);\n    ((float*)bufs[0])[threadIdx.x] = v;\n}}\nextern \"C\" __global__ void split(unsigned char* const* bufs) {{\n    if (threadIdx.x < 16) __syncthreads(); else (void)__shfl_down_sync(0xffffffffu, 1.0f, 1);\n}}\n"
+                "{HEADER}\nextern \"C\" __global__ void bad(unsigned char* const* bufs) {{\n    if ((threadIdx.x & 31) >= 16) return;\n    float v = __shfl_down_sync(0xffffffffu, 1.0f, 8);\n    ((float*)bufs[0])[threadIdx.x] = v;\n}}\nextern \"C\" __global__ void split(unsigned char* const* bufs) {{\n    if (threadIdx.x < 16) __syncthreads(); else (void)__shfl_down_sync(0xffffffffu, 1.0f, 1);\n}}\nextern \"C\" __global__ void racy(unsigned char* const* bufs) {{\n    if (threadIdx.x == 0) ((float*)bufs[0])[0] = (float)blockIdx.x;\n    ((float*)bufs[0])[1] = (float)threadIdx.x;\n}}\n"
             ),
         )
         .unwrap();
@@ -338,7 +377,7 @@ mod tests {
             let f: KernelFn = unsafe { *so.get::<KernelFn>(name).unwrap() };
             let mut msg = vec![0 as std::ffi::c_char; 512];
             let rc = unsafe {
-                launch(f, [1u32, 1, 1].as_ptr(), [64u32, 1, 1].as_ptr(), ptrs.as_ptr(), 1, msg.as_mut_ptr(), 512)
+                launch(f, [1u32, 1, 1].as_ptr(), [64u32, 1, 1].as_ptr(), ptrs.as_ptr(), 1, 0, msg.as_mut_ptr(), 512)
             };
             (rc, unsafe { std::ffi::CStr::from_ptr(msg.as_ptr()) }.to_string_lossy().into_owned())
         };
@@ -348,6 +387,29 @@ mod tests {
         let (rc, msg) = run(b"split\0");
         assert_eq!(rc, -1);
         assert!(msg.contains("wait at different barriers"), "{msg}");
+        // A race: every block writes element 0, every thread element 1 (no barriers). The
+        // last writer differs when blocks and threads run in reverse.
+        let racy = |reverse: i32| {
+            let f: KernelFn = unsafe { *so.get::<KernelFn>(b"racy\0").unwrap() };
+            let mut msg = vec![0 as std::ffi::c_char; 512];
+            let rc = unsafe {
+                launch(
+                    f,
+                    [4u32, 1, 1].as_ptr(),
+                    [8u32, 1, 1].as_ptr(),
+                    ptrs.as_ptr(),
+                    0,
+                    reverse,
+                    msg.as_mut_ptr(),
+                    512,
+                )
+            };
+            assert_eq!(rc, 0);
+            // SAFETY: the kernel has returned; `out` is not borrowed elsewhere.
+            unsafe { (*ptrs[0].cast::<f32>(), *ptrs[0].cast::<f32>().add(1)) }
+        };
+        assert_eq!(racy(0), (3.0, 7.0));
+        assert_eq!(racy(1), (0.0, 0.0));
         drop(so);
         let _ = std::fs::remove_dir_all(&dir);
     }

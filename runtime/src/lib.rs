@@ -233,6 +233,11 @@ pub trait Runner {
     fn traffic(&self) -> Option<device::Traffic> {
         None
     }
+    /// The CUDA emulator behind this runner, if it is one (for checks only it offers, such as
+    /// [`cuda_emu::EmuExecutable::run_reversed`]).
+    fn emulator(&self) -> Option<&cuda_emu::EmuExecutable> {
+        None
+    }
     /// Kernel timings, when profiling (`RECIPEC_PROFILE=1`; CPU only).
     fn profile_report(&self, _top: usize) -> Option<String> {
         None
@@ -267,6 +272,9 @@ impl<T: Runner + ?Sized> Runner for Box<T> {
     fn traffic(&self) -> Option<device::Traffic> {
         (**self).traffic()
     }
+    fn emulator(&self) -> Option<&cuda_emu::EmuExecutable> {
+        (**self).emulator()
+    }
 }
 
 impl Runner for cuda_emu::EmuExecutable {
@@ -281,6 +289,9 @@ impl Runner for cuda_emu::EmuExecutable {
     }
     fn traffic(&self) -> Option<device::Traffic> {
         Some(self.memory().traffic())
+    }
+    fn emulator(&self) -> Option<&cuda_emu::EmuExecutable> {
+        Some(self)
     }
 }
 

@@ -103,6 +103,9 @@ fn differential_on(g: &Graph, what: &str, backend: Backend) {
         let ins = inputs(g, seed);
         let want = interp::run(g, &ins, seed).unwrap_or_else(|e| panic!("{what}: interp: {e}"));
         let got = runtime::run_tensors_on(&exe, &ins, seed).unwrap_or_else(|e| panic!("{what}: run: {e}"));
+        if let Some(emu) = exe.emulator() {
+            same_bits_with_blocks_reversed(emu, &ins, seed, &got, what);
+        }
         for (name, t) in got {
             let w = &want[&name];
             assert_eq!((t.dtype, &t.shape), (w.dtype, &w.shape), "{what}: output `{name}`");
@@ -120,6 +123,27 @@ fn differential_on(g: &Graph, what: &str, backend: Backend) {
                     exe.program().text()
                 );
             }
+        }
+    }
+}
+
+/// On the CUDA emulator, the run with every launch's blocks (and barrier-free threads) in
+/// reverse order gives the same bits: no block depends on another's writes in one launch, as
+/// on a GPU, where blocks run in no fixed order.
+fn same_bits_with_blocks_reversed(
+    emu: &runtime::cuda_emu::EmuExecutable,
+    ins: &[Tensor],
+    seed: u64,
+    forward: &[(String, Tensor)],
+    what: &str,
+) {
+    let rev = emu.run_tensors_reversed(ins, seed).unwrap_or_else(|e| panic!("{what}: reversed run: {e}"));
+    for ((name, a), (_, b)) in forward.iter().zip(&rev) {
+        for (i, (x, y)) in a.data.iter().zip(&b.data).enumerate() {
+            assert!(
+                x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                "{what}: output `{name}` element {i} is {x} with blocks in order, {y} in reverse: a race between blocks"
+            );
         }
     }
 }
@@ -261,6 +285,9 @@ fn compare_blocked_on(reference: &Graph, blocked: &Graph, what: &str, backend: B
         let want = interp::run(reference, &ins, seed).unwrap();
         let by_interp: Vec<(String, Tensor)> = interp::run(blocked, &ins, seed).unwrap().into_iter().collect();
         let by_code = runtime::run_tensors_on(&exe, &ins, seed).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if let Some(emu) = exe.emulator() {
+            same_bits_with_blocks_reversed(emu, &ins, seed, &by_code, what);
+        }
         for (how, got) in [("interpreter", by_interp), ("generated code", by_code)] {
             for (name, t) in got {
                 let w = &want[&name];
@@ -469,7 +496,11 @@ fn row_fused_products_are_never_stored_and_give_the_unfused_bits() {
                 let ins = inputs(&g, seed);
                 let want: std::collections::BTreeMap<String, Tensor> =
                     runtime::run_tensors_on(&*b, &ins, seed).unwrap().into_iter().collect();
-                for (name, t) in runtime::run_tensors_on(&**a, &ins, seed).unwrap() {
+                let got = runtime::run_tensors_on(&**a, &ins, seed).unwrap();
+                if let Some(emu) = a.emulator() {
+                    same_bits_with_blocks_reversed(emu, &ins, seed, &got, &format!("{what} [{backend}]"));
+                }
+                for (name, t) in got {
                     let w = &want[&name];
                     for (i, (x, y)) in t.data.iter().zip(&w.data).enumerate() {
                         assert!(
