@@ -282,6 +282,15 @@ recipe g {
             })
             .collect();
         let want = interp::run(&g, &inputs, 0).unwrap();
+        if let Some(emu) = progs.grad.emulator() {
+            // The whole step with every launch's blocks reversed gives the same bits (no
+            // block depends on another's writes in one launch).
+            let (fwd, rev) = (emu.run_tensors(&inputs, 0).unwrap(), emu.run_tensors_reversed(&inputs, 0).unwrap());
+            for ((name, a), (_, b)) in fwd.iter().zip(&rev) {
+                let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{name}: the emulated GPT step differs with its blocks reversed");
+            }
+        }
         run_named(&progs.grad, &mut state, extra, 0).unwrap();
         let mut checked = 0;
         for (name, w) in &want {
