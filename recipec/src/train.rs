@@ -388,6 +388,7 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
         "  {:<20} {:>12} {:>12} {:>12}  {:<44} runs",
         "entry point", "arguments", "arena", "peak live", "largest at the peak (recipe line)"
     );
+    let mut training_arena = 0;
     for (name, mut g, note) in graphs {
         if let Err(e) = compiler::passes::run_pipeline(&mut g, None, &mut vec![]) {
             return error("E0502", format!("this is a bug in recipec: {name}: {}", e.0), "");
@@ -397,6 +398,9 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
             Err(e) => return error("E0502", format!("this is a bug in recipec: {name}: {e}"), ""),
         };
         let h = compiler::plan::human;
+        if !name.starts_with("decode") {
+            training_arena = training_arena.max(p.arena_bytes);
+        }
         let largest = match p.peak_groups().first() {
             Some(g) if g.count > 1 => format!("{} {} × {} {}", h(g.bytes), g.count, g.ty, g.origin),
             Some(g) => format!("{} {} {}", h(g.bytes), g.ty, g.origin),
@@ -411,5 +415,9 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
             largest
         );
     }
+    println!(
+        "  `recipec train` runs every entry point above but the decode steps in one arena, the largest: {}",
+        compiler::plan::human(training_arena)
+    );
     ExitCode::SUCCESS
 }

@@ -344,6 +344,11 @@ fn build_says_what_every_entry_point_needs() {
     assert!(text.starts_with("entry points of recipe `tiny_gpt`"), "{text}");
     assert!(text.contains("largest at the peak (recipe line)"), "{text}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("checked recipes/tiny_gpt.recipe"));
+    // Training runs its programs in one arena: the largest, here the gradient step's.
+    let grad = text.lines().find(|l| l.trim_start().starts_with("grad ")).unwrap();
+    let cols: Vec<&str> = grad.split_whitespace().collect();
+    let arena = format!("{} {}", cols[3], cols[4]);
+    assert!(text.contains(&format!("in one arena, the largest: {arena}")), "{arena}\n{text}");
     let dir = temp_dir("build-accumulate");
     let src = std::fs::read_to_string(repo().join("recipes/tiny_gpt.recipe")).unwrap();
     let src = src.replacen("    seed = ", "    accumulate = 3\n    seed = ", 1);

@@ -286,14 +286,62 @@ impl DeviceMemory for CudaMemory {
     }
 }
 
-/// A program compiled for the GPU, with its arena allocated once.
+/// The GPU arena of programs that never run at once ([`crate::Arenas`]): one allocation,
+/// grown to the largest arena a run needs; a run holds its lock until its outputs are copied.
+pub struct DeviceArena {
+    ctx: Arc<CudaContext>,
+    cell: std::sync::Mutex<(u64, usize)>,
+}
+
+impl DeviceArena {
+    fn new(ctx: Arc<CudaContext>) -> DeviceArena {
+        DeviceArena { ctx, cell: std::sync::Mutex::new((0, 0)) }
+    }
+
+    /// The arena, at least `bytes` large, held until the guard drops.
+    fn hold(&self, bytes: usize) -> Result<(std::sync::MutexGuard<'_, (u64, usize)>, u64), RunError> {
+        let mut cell = self.cell.lock().unwrap_or_else(|e| e.into_inner());
+        if cell.1 < bytes.max(256) {
+            self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+            if cell.1 > 0 {
+                // SAFETY: allocated below; every run that used it has synchronized.
+                unsafe {
+                    let _ = cu::free_sync(cell.0);
+                }
+                *cell = (0, 0);
+            }
+            let want = bytes.max(256);
+            // SAFETY: a plain device allocation, freed when grown again or dropped.
+            let ptr = unsafe { cu::malloc_sync(want) }
+                .map_err(|e| err(&format!("cannot allocate the arena ({})", compiler::plan::human(want)), e))?;
+            *cell = (ptr, want);
+        }
+        let base = cell.0;
+        Ok((cell, base))
+    }
+}
+
+impl Drop for DeviceArena {
+    fn drop(&mut self) {
+        let (ptr, bytes) = *self.cell.get_mut().unwrap_or_else(|e| e.into_inner());
+        if bytes > 0 {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: allocated by `hold`; no executable holds this arena any more.
+            unsafe {
+                let _ = cu::free_sync(ptr);
+            }
+        }
+    }
+}
+
+/// A program compiled for the GPU; its arena is allocated by the first run (or shared).
 pub struct CudaExecutable {
     pub program: Program,
     pub unit: codegen_cuda::Unit,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     functions: Vec<Option<CudaFunction>>,
-    arena: u64,
+    arena: Arc<DeviceArena>,
     /// The kernels' argument tables: one device allocation, made once, and the words it holds.
     /// A run copies the tables only when they changed (arguments at other addresses, another
     /// seed); the lock also keeps two runs from sharing the arena at once.
@@ -306,10 +354,9 @@ impl Drop for CudaExecutable {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
         let table = self.table.get_mut().map(|t| t.0).unwrap_or_else(|e| e.into_inner().0);
-        // SAFETY: the arena and the table were allocated by `malloc_sync` and nothing uses them
-        // any more.
+        // SAFETY: the table was allocated by `malloc_sync` and nothing uses it any more (the
+        // arena frees itself with its last executable).
         unsafe {
-            let _ = cu::free_sync(self.arena);
             let _ = cu::free_sync(table);
         }
     }
@@ -329,6 +376,12 @@ fn arch(cc: (i32, i32)) -> &'static str {
 
 impl CudaExecutable {
     pub fn new(program: Program) -> Result<CudaExecutable, RunError> {
+        Self::new_in(program, &crate::Arenas::default())
+    }
+
+    /// [`CudaExecutable::new`], running in the GPU arena of `arenas` with the programs
+    /// compiled there.
+    pub fn new_in(program: Program, arenas: &crate::Arenas) -> Result<CudaExecutable, RunError> {
         available()?;
         let unit = codegen_cuda::emit(&program).map_err(RunError)?;
         let ctx = CudaContext::new(0).map_err(|e| err("cannot open device 0", e))?;
@@ -351,18 +404,16 @@ impl CudaExecutable {
             });
         }
         ctx.bind_to_thread().map_err(|e| err("bind", e))?;
-        // SAFETY: a plain device allocation, freed in `drop`.
-        let arena = unsafe { cu::malloc_sync(program.arena_bytes.max(256)) }
-            .map_err(|e| err("cannot allocate the arena", e))?;
+        let arena = arenas
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| Arc::new(DeviceArena::new(ctx.clone())))
+            .clone();
         let words: usize = unit.launches.iter().map(|l| l.slots.len()).sum();
         // SAFETY: a plain device allocation, freed in `drop`.
-        let table = unsafe { cu::malloc_sync(words.max(1) * 8) }.map_err(|e| {
-            // SAFETY: allocated above; nothing uses it.
-            unsafe {
-                let _ = cu::free_sync(arena);
-            }
-            err("cannot allocate the kernel tables", e)
-        })?;
+        let table =
+            unsafe { cu::malloc_sync(words.max(1) * 8) }.map_err(|e| err("cannot allocate the kernel tables", e))?;
         let table = std::sync::Mutex::new((table, vec![]));
         let stream = ctx.default_stream();
         let mem: Arc<dyn DeviceMemory> =
@@ -373,8 +424,9 @@ impl CudaExecutable {
     /// Runs on host buffers (copied to the device and back), like [`crate::Executable::run`].
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         let dev = self.upload(args)?;
-        self.launch_all(&dev.0, seed)?;
-        self.collect(args, &dev.0)
+        let (_held, base) = self.arena.hold(self.program.arena_bytes)?;
+        self.launch_all(base, &dev.0, seed)?;
+        self.collect(base, args, &dev.0)
     }
 
     /// Runs on values that stay on the GPU ([`crate::device`]): host arguments are uploaded
@@ -384,8 +436,9 @@ impl CudaExecutable {
     pub fn run_values(&self, args: &mut [Value], seed: u64) -> Result<Vec<(String, ValueOut)>, RunError> {
         check_values(&self.program, args)?;
         let dev = make_resident(&self.mem, args)?;
-        self.launch_all(&dev, seed)?;
-        device_outputs(&self.program, &self.addresses(&dev), &self.mem)
+        let (_held, base) = self.arena.hold(self.program.arena_bytes)?;
+        self.launch_all(base, &dev, seed)?;
+        device_outputs(&self.program, &self.addresses(base, &dev), &self.mem)
     }
 
     /// The GPU memory of [`CudaExecutable::run_values`].
@@ -398,10 +451,11 @@ impl CudaExecutable {
     /// bandwidth. Arguments updated in place change from run to run.
     pub fn time_kernels(&self, args: &[Buffer], seed: u64, reps: usize) -> Result<Vec<f64>, RunError> {
         let dev = self.upload(args)?;
+        let (_held, base) = self.arena.hold(self.program.arena_bytes)?;
         let mut times = vec![];
         for _ in 0..reps {
             let t = std::time::Instant::now();
-            self.launch_all(&dev.0, seed)?;
+            self.launch_all(base, &dev.0, seed)?;
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(times)
@@ -421,14 +475,15 @@ impl CudaExecutable {
         Ok(dev)
     }
 
-    fn addresses(&self, dev_args: &[u64]) -> Vec<u64> {
+    /// Every buffer's device address, the arena at `base`.
+    fn addresses(&self, base: u64, dev_args: &[u64]) -> Vec<u64> {
         let p = &self.program;
         p.buffers
             .iter()
             .enumerate()
             .map(|(b, d)| match (&d.kind, output_arg(p, b)) {
                 (_, Some(i)) => dev_args[i],
-                (BufKind::Temp, None) => self.arena + d.offset as u64,
+                (BufKind::Temp, None) => base + d.offset as u64,
                 // Never in memory: the row-fused kernel keeps it in shared memory.
                 (BufKind::Tile, _) => 0,
                 (BufKind::Input(_), None) => unreachable!("an input is its argument"),
@@ -436,12 +491,13 @@ impl CudaExecutable {
             .collect()
     }
 
-    fn launch_all(&self, dev_args: &[u64], seed: u64) -> Result<(), RunError> {
+    /// Launches every kernel, the arena at `base` (held by the caller).
+    fn launch_all(&self, base: u64, dev_args: &[u64], seed: u64) -> Result<(), RunError> {
         let p = &self.program;
         // With every argument already on the device nothing else has made the context current
         // on this thread (the table copy and the host library kernels' copies need it).
         self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
-        let addrs = self.addresses(dev_args);
+        let addrs = self.addresses(base, dev_args);
         // The word after the last address is the run's seed (the RNG kernels read it).
         let mut words = addrs.clone();
         words.extend([seed, 0]);
@@ -530,9 +586,9 @@ impl CudaExecutable {
         self.mem.upload(addrs[out], host[&out].as_bytes())
     }
 
-    fn collect(&self, args: &mut [Buffer], dev_args: &[u64]) -> Result<Vec<(String, Out)>, RunError> {
+    fn collect(&self, base: u64, args: &mut [Buffer], dev_args: &[u64]) -> Result<Vec<(String, Out)>, RunError> {
         let p = &self.program;
-        let addrs = self.addresses(dev_args);
+        let addrs = self.addresses(base, dev_args);
         // Arguments updated in place come back whole.
         for (i, a) in args.iter_mut().enumerate() {
             if p.buffers.iter().any(|d| d.into == Some(p.inputs[i])) {

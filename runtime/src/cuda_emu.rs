@@ -25,14 +25,13 @@
 
 use crate::device::{check_values, make_resident, DeviceMemory, HostMemory};
 use crate::{
-    buffer_pointers, check_args, device_outputs, host_library, host_outputs, pointers_at, Arena, Buffer, Out, RunError,
-    Value, ValueOut,
+    buffer_pointers, check_args, device_outputs, host_library, host_outputs, pointers_at, Buffer, Out, RunError,
+    SharedArena, Value, ValueOut,
 };
 use compiler::interp::Tensor;
 use compiler::kernel::{Kernel, Program};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::Mutex;
 
 /// The most blocks a grid-stride kernel is launched with under emulation.
 pub const MAX_EMU_BLOCKS: u32 = 64;
@@ -84,7 +83,7 @@ pub struct EmuExecutable {
     kernels: Vec<Option<(KernelFn, bool)>>,
     launch: LaunchFn,
     _lib: libloading::Library,
-    arena: Mutex<Arena>,
+    arena: SharedArena,
     /// The stand-in for the GPU's memory that [`EmuExecutable::run_values`] keeps values in.
     mem: Arc<dyn DeviceMemory>,
 }
@@ -156,7 +155,7 @@ impl EmuExecutable {
             let barriers = text.contains("__syncthreads") || text.contains("__shfl");
             kernels.push(Some((f, barriers)));
         }
-        let arena = Mutex::new(Arena::new(program.arena_bytes));
+        let arena = SharedArena::default();
         let mem: Arc<dyn DeviceMemory> = Arc::new(HostMemory::default());
         Ok(EmuExecutable { program, unit, kernels, launch, _lib: so, arena, mem })
     }
@@ -183,7 +182,7 @@ impl EmuExecutable {
     fn run_in_order(&self, args: &mut [Buffer], seed: u64, reversed: bool) -> Result<Vec<(String, Out)>, RunError> {
         let p = &self.program;
         check_args(p, args)?;
-        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let mut arena = self.arena.hold(self.program.arena_bytes);
         let ptrs = buffer_pointers(p, args, arena.ptr());
         let ptrs = self.launch_all(ptrs, seed, reversed)?;
         Ok(host_outputs(p, &ptrs))
@@ -195,11 +194,16 @@ impl EmuExecutable {
         let p = &self.program;
         check_values(p, args)?;
         let at: Vec<*mut u8> = make_resident(&self.mem, args)?.into_iter().map(|a| a as *mut u8).collect();
-        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let mut arena = self.arena.hold(self.program.arena_bytes);
         let ptrs = pointers_at(p, &at, arena.ptr());
         let ptrs = self.launch_all(ptrs, seed, false)?;
         let addrs: Vec<u64> = ptrs.iter().map(|&a| a as u64).collect();
         device_outputs(p, &addrs, &self.mem)
+    }
+
+    /// Runs in `arena` from now on, with the other programs that share it (never at once).
+    pub fn share_arena(&mut self, arena: &SharedArena) {
+        self.arena = arena.clone();
     }
 
     /// The emulated device memory of [`EmuExecutable::run_values`].

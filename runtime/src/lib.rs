@@ -1,8 +1,9 @@
 //! The runtime: runs a scheduled [`Program`] on the CPU.
 //!
 //! Input: a program from `compiler::kernel::schedule` and the entry point's arguments as
-//! [`Buffer`]s. Output: the named outputs. One arena allocation per executable (64-byte
-//! aligned, transparent huge pages requested for large arenas), reused by every run; loops
+//! [`Buffer`]s. Output: the named outputs. One arena allocation (64-byte aligned, transparent
+//! huge pages requested for large arenas), made by the first run and reused by every run —
+//! shared by the programs of a training job ([`Arenas`]), which never run at once; loops
 //! run as Cranelift-generated code split across threads (rayon), matmuls through the `gemm`
 //! crate, and the remaining ops (gather, sort, RNG, linear algebra…) through the library
 //! below, which shares the interpreter's definitions (so RNG streams are identical).
@@ -46,6 +47,43 @@ struct Line(#[allow(dead_code)] [u64; 8]);
 
 struct Arena {
     lines: Vec<Line>,
+}
+
+/// The arena of programs that never run at once — a training job's `init`, `grad`, `eval`,
+/// `update`… ([`Arenas`]): one allocation, grown to the largest arena a run needs. A run
+/// holds its lock from the first kernel until its outputs are copied out.
+#[derive(Clone, Default)]
+pub struct SharedArena(std::sync::Arc<Mutex<Arena>>);
+
+impl SharedArena {
+    /// The bytes allocated so far.
+    pub fn bytes(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).lines.len() * 64
+    }
+    fn hold(&self, bytes: usize) -> std::sync::MutexGuard<'_, Arena> {
+        let mut a = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if a.lines.len() * 64 < bytes {
+            // The old one first: the two are never needed together.
+            *a = Arena { lines: vec![] };
+            *a = Arena::new(bytes);
+        }
+        a
+    }
+}
+
+/// The arenas a group of programs share (see [`SharedArena`]; on the GPU,
+/// [`cuda::DeviceArena`]): [`train::Programs::new`] compiles a training job's programs with
+/// one, so the job needs the largest arena, not their sum.
+#[derive(Default)]
+pub struct Arenas {
+    pub host: SharedArena,
+    pub(crate) device: Mutex<Option<std::sync::Arc<cuda::DeviceArena>>>,
+}
+
+impl Default for Arena {
+    fn default() -> Arena {
+        Arena { lines: vec![] }
+    }
 }
 
 impl Arena {
@@ -361,10 +399,27 @@ pub fn run_tensors_on(
 
 /// Compiles a scheduled program for `backend` (CPU code generators or the GPU).
 pub fn compile_program(program: Program, backend: Backend) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
+    compile_program_in(program, backend, &Arenas::default())
+}
+
+/// [`compile_program`], the program running in `arenas` with the others compiled there.
+pub fn compile_program_in(
+    program: Program,
+    backend: Backend,
+    arenas: &Arenas,
+) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
     Ok(match backend {
-        Backend::Cuda => Box::new(cuda::CudaExecutable::new(program)?),
-        Backend::CudaEmu => Box::new(cuda_emu::EmuExecutable::new(program)?),
-        b => Box::new(Executable::new(program, b)?),
+        Backend::Cuda => Box::new(cuda::CudaExecutable::new_in(program, arenas)?),
+        Backend::CudaEmu => {
+            let mut e = cuda_emu::EmuExecutable::new(program)?;
+            e.share_arena(&arenas.host);
+            Box::new(e)
+        }
+        b => {
+            let mut e = Executable::new(program, b)?;
+            e.share_arena(&arenas.host);
+            Box::new(e)
+        }
     })
 }
 
@@ -372,7 +427,7 @@ pub fn compile_program(program: Program, backend: Backend) -> Result<Box<dyn Run
 pub struct Executable {
     pub program: Program,
     code: codegen_cpu::Compiled,
-    arena: Mutex<Arena>,
+    arena: SharedArena,
     /// Loops with fewer points than this run on one thread.
     pub parallel_threshold: usize,
     /// For each kernel, the row-fused group it starts (`Program::group_starts`).
@@ -411,7 +466,8 @@ impl Executable {
             }
         }
         .map_err(RunError)?;
-        let arena = Mutex::new(Arena::new(program.arena_bytes));
+        // Allocated by the first run (and shared when `share_arena` says so).
+        let arena = SharedArena::default();
         let profile = std::env::var("RECIPEC_PROFILE")
             .ok()
             .filter(|v| v == "1")
@@ -420,6 +476,11 @@ impl Executable {
             std::env::var("RECIPEC_STRIP_ELEMS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_STRIP_ELEMS);
         let group_at = program.group_starts();
         Ok(Executable { program, code, arena, parallel_threshold: 1 << 15, group_at, strip_elems, profile })
+    }
+
+    /// Runs in `arena` from now on, with the other programs that share it (never at once).
+    pub fn share_arena(&mut self, arena: &SharedArena) {
+        self.arena = arena.clone();
     }
 
     /// With `RECIPEC_PROFILE=1`: the kernels that took the most time over all runs so far,
@@ -472,7 +533,7 @@ impl Executable {
     pub fn run(&self, args: &mut [Buffer], seed: u64) -> Result<Vec<(String, Out)>, RunError> {
         let p = &self.program;
         check_args(p, args)?;
-        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let mut arena = self.arena.hold(p.arena_bytes);
         let ptrs = buffer_pointers(p, args, arena.ptr());
         let profile = self.profile.as_ref();
         let mut skip_to = 0;

@@ -50,11 +50,20 @@ pub fn install_interrupt_handler() {
 
 /// Schedules and compiles a graph (the standard pass pipeline, fusion, memory plan).
 pub fn compile(g: &Graph, backend: Backend) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
+    compile_in(g, backend, &crate::Arenas::default())
+}
+
+/// [`compile`], running in `arenas` with the other programs compiled there.
+pub fn compile_in(
+    g: &Graph,
+    backend: Backend,
+    arenas: &crate::Arenas,
+) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
     let mut g = g.clone();
     compiler::passes::run_pipeline(&mut g, None, &mut vec![])
         .map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
     let p = compiler::kernel::schedule(&g).map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
-    crate::compile_program(p, backend)
+    crate::compile_program_in(p, backend, arenas)
 }
 
 /// Runs `exe` with arguments taken by name from `extra` first, then `state`; the arguments
@@ -173,6 +182,9 @@ pub struct Programs {
     /// With `accumulate > 1`: the gradient averaging of [`compiler::train::accumulation`]
     /// (`start`, `add`, `finish`), run where the gradients are.
     pub accumulate: Option<[Box<dyn Runner + Send + Sync>; 3]>,
+    /// The one arena they all run in (they never run at once): the job needs the largest
+    /// program's arena, not the sum.
+    pub arenas: crate::Arenas,
 }
 
 impl Programs {
@@ -185,20 +197,23 @@ impl Programs {
     }
 
     pub fn new(plan: &TrainPlan, backend: Backend) -> Result<Programs, RunError> {
+        let arenas = crate::Arenas::default();
+        let c = |g: &Graph| compile_in(g, backend, &arenas);
         Ok(Programs {
-            grad: compile(&plan.grad, backend)?,
-            eval: compile(&plan.eval, backend)?,
-            update: compile(&plan.update, backend)?,
-            masks: plan.masks.as_ref().map(|g| compile(g, backend)).transpose()?,
-            init: compile(&plan.init, backend)?,
+            grad: c(&plan.grad)?,
+            eval: c(&plan.eval)?,
+            update: c(&plan.update)?,
+            masks: plan.masks.as_ref().map(c).transpose()?,
+            init: c(&plan.init)?,
             accumulate: match plan.settings.accumulate {
                 k if k > 1 => {
-                    let [a, b, c] = compiler::train::accumulation(&plan.grad, k)
+                    let [a, b, d] = compiler::train::accumulation(&plan.grad, k)
                         .map_err(|e| RunError(format!("gradient accumulation: {}", e.0)))?;
-                    Some([compile(&a, backend)?, compile(&b, backend)?, compile(&c, backend)?])
+                    Some([c(&a)?, c(&b)?, c(&d)?])
                 }
                 _ => None,
             },
+            arenas,
         })
     }
 }

@@ -468,3 +468,32 @@ fn device_training_step_traffic(backend: Backend) {
     let param_bytes: usize = plan.params.iter().map(|p| p.shape.iter().product::<usize>() * 4).sum();
     assert_eq!((total(&dev).down - copied) as usize, param_bytes);
 }
+
+/// A training job's programs run in one arena (they never run at once), as large as the
+/// largest program's arena rather than their sum; on the CPU and the CUDA emulator, whose
+/// results the other tests check.
+#[test]
+fn the_programs_of_a_job_share_one_arena() {
+    let plan = plan_of(MLP);
+    let mut backends = vec![Backend::Cranelift];
+    if runtime::cuda_emu::available().is_ok() {
+        backends.push(Backend::CudaEmu);
+    }
+    for backend in backends {
+        let progs = Programs::new(&plan, backend).unwrap();
+        let mut state = initial_state(&plan, &progs).unwrap();
+        let x = Tensor::new(Dtype::I32, vec![2, 4], (0..8).map(|i| (i * 13 % 100) as f64).collect());
+        let batch = || -> BTreeMap<String, Buffer> {
+            ["batch.inputs", "batch.targets"].iter().map(|n| (n.to_string(), Buffer::from_tensor(&x))).collect()
+        };
+        run_named(&progs.grad, &mut state, batch(), 0).unwrap();
+        let step = BTreeMap::from([("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, 1.0)))]);
+        run_named(&progs.update, &mut state, step, 0).unwrap();
+        run_named(&progs.eval, &mut state, batch(), 0).unwrap();
+        let sizes: Vec<usize> =
+            [&progs.init, &progs.grad, &progs.eval, &progs.update].iter().map(|r| r.program().arena_bytes).collect();
+        let largest = *sizes.iter().max().unwrap();
+        assert_eq!(progs.arenas.host.bytes(), largest.div_ceil(64) * 64, "{backend:?}: {sizes:?}");
+        assert!(sizes.iter().sum::<usize>() > largest, "{sizes:?}");
+    }
+}
