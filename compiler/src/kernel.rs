@@ -1498,6 +1498,25 @@ fn place_by_size(p: &Program) -> Option<(Vec<(usize, usize)>, usize)> {
     Some((offsets, arena))
 }
 
+/// The memory a job of several programs that never run at once needs (a training run's
+/// `init`, `grad`, `eval`, `update`…), when they share one arena and keep their named tensors
+/// between runs: `(arena, state)`, the largest arena and the bytes of every distinct argument
+/// and output name (parameters, optimizer states, gradients, the batch, the loss).
+pub fn job_bytes(programs: &[&Program]) -> (usize, usize) {
+    let mut named: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for p in programs {
+        for (name, b) in p.input_names.iter().zip(&p.inputs) {
+            named.insert(name, p.buffers[*b].bytes);
+        }
+        for (name, b, shape) in &p.outputs {
+            let bytes = shape.iter().product::<usize>() * crate::plan::dtype_bytes(p.buffers[*b].dtype);
+            named.entry(name).or_insert(bytes);
+        }
+    }
+    let arena = programs.iter().map(|p| p.arena_bytes).max().unwrap_or(0);
+    (arena, named.values().sum())
+}
+
 /// Buffers of one type from one recipe line live at a program's peak ([`Program::peak_groups`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeakGroup {

@@ -750,7 +750,7 @@ pub fn accumulation(grad: &Graph, k: usize) -> Result<[Graph; 3], crate::ir::IrE
         .map(|(name, n)| (name.clone(), grad.node(*n).dtype, grad.node(*n).shape.clone()))
         .collect();
     let build = |which: &str| -> Result<Graph, crate::ir::IrError> {
-        let mut g = Graph::new(&format!("{}_accumulate_{which}", grad.name));
+        let mut g = Graph::new(format!("{}_accumulate_{which}", grad.name));
         let mut index = 0;
         let mut input = |g: &mut Graph, name: &str, dtype: Dtype, shape: &[usize]| {
             index += 1;

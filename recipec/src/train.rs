@@ -388,7 +388,7 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
         "  {:<20} {:>12} {:>12} {:>12}  {:<44} runs",
         "entry point", "arguments", "arena", "peak live", "largest at the peak (recipe line)"
     );
-    let mut training_arena = 0;
+    let mut training: Vec<compiler::kernel::Program> = vec![];
     for (name, mut g, note) in graphs {
         if let Err(e) = compiler::passes::run_pipeline(&mut g, None, &mut vec![]) {
             return error("E0502", format!("this is a bug in recipec: {name}: {}", e.0), "");
@@ -398,9 +398,6 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
             Err(e) => return error("E0502", format!("this is a bug in recipec: {name}: {e}"), ""),
         };
         let h = compiler::plan::human;
-        if !name.starts_with("decode") {
-            training_arena = training_arena.max(p.arena_bytes);
-        }
         let largest = match p.peak_groups().first() {
             Some(g) if g.count > 1 => format!("{} {} × {} {}", h(g.bytes), g.count, g.ty, g.origin),
             Some(g) => format!("{} {} {}", h(g.bytes), g.ty, g.origin),
@@ -414,10 +411,20 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
             h(p.peak_bytes),
             largest
         );
+        if !name.starts_with("decode") {
+            training.push(p);
+        }
     }
+    let (arena, state) = compiler::kernel::job_bytes(&training.iter().collect::<Vec<_>>());
+    let h = compiler::plan::human;
     println!(
         "  `recipec train` runs every entry point above but the decode steps in one arena, the largest: {}",
-        compiler::plan::human(training_arena)
+        h(arena)
+    );
+    println!(
+        "  `recipec train` needs {} in all (on the CPU, or on the GPU with `--backend cuda`): that arena and {} of training state (parameters, optimizer states, masks, gradients, the batch)",
+        h(arena + state),
+        h(state)
     );
     ExitCode::SUCCESS
 }

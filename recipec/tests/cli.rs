@@ -349,6 +349,9 @@ fn build_says_what_every_entry_point_needs() {
     let cols: Vec<&str> = grad.split_whitespace().collect();
     let arena = format!("{} {}", cols[3], cols[4]);
     assert!(text.contains(&format!("in one arena, the largest: {arena}")), "{arena}\n{text}");
+    // And the whole job: that arena plus the training state (parameters, AdamW's m and v,
+    // gradients: 4 x 3.96 MiB, and the batch).
+    assert!(text.contains("`recipec train` needs ") && text.contains(" of training state"), "{text}");
     let dir = temp_dir("build-accumulate");
     let src = std::fs::read_to_string(repo().join("recipes/tiny_gpt.recipe")).unwrap();
     let src = src.replacen("    seed = ", "    accumulate = 3\n    seed = ", 1);

@@ -179,6 +179,14 @@ pub fn assemble(
     Ok(parse_ptxas(&log))
 }
 
+/// The free and total memory of device 0, in bytes.
+pub fn memory_info() -> Result<(usize, usize), RunError> {
+    available()?;
+    let ctx = CudaContext::new(0).map_err(|e| err("cannot open device 0", e))?;
+    ctx.bind_to_thread().map_err(|e| err("bind", e))?;
+    cu::mem_get_info().map_err(|e| err("memory info", e))
+}
+
 /// The per-kernel lines of a `ptxas -v` log.
 fn parse_ptxas(log: &str) -> Vec<KernelUsage> {
     let mut out: Vec<KernelUsage> = vec![];

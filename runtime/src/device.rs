@@ -224,6 +224,9 @@ impl Value {
     pub fn numel(&self) -> usize {
         self.shape().iter().product()
     }
+    pub fn bytes(&self) -> usize {
+        nbytes(self.dtype(), self.shape())
+    }
     /// The tensor on the host (borrowed, or downloaded from the device).
     pub fn host(&self) -> Result<Cow<'_, Buffer>, RunError> {
         match self {

@@ -188,6 +188,16 @@ pub struct Programs {
 }
 
 impl Programs {
+    /// What the job needs in memory: `(arena, state)` — the shared arena (the largest
+    /// program's) and every named tensor the loop keeps ([`compiler::kernel::job_bytes`]).
+    pub fn job_bytes(&self) -> (usize, usize) {
+        let mut all: Vec<&compiler::kernel::Program> =
+            [&self.grad, &self.eval, &self.update, &self.init].iter().map(|r| r.program()).collect();
+        all.extend(self.masks.iter().map(|r| r.program()));
+        all.extend(self.accumulate.iter().flatten().map(|r| r.program()));
+        compiler::kernel::job_bytes(&all)
+    }
+
     /// The bytes moved between host and device by all the programs (device backends).
     pub fn traffic(&self) -> Option<crate::device::Traffic> {
         let mut all = [&self.grad, &self.eval, &self.update, &self.init].map(|r| r.traffic()).to_vec();
@@ -392,6 +402,23 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
     let corpus = Corpus::new(tokens, plan.data.val_fraction, plan.data.context, plan.data.batch, s.seed)?;
     let unigram = corpus.unigram_entropy();
     let progs = Programs::new(plan, opts.backend)?;
+    if opts.backend == Backend::Cuda {
+        // Before anything is allocated on the device: does the job fit?
+        let (arena, state) = progs.job_bytes();
+        let (free, total) = crate::cuda::memory_info()?;
+        if arena + state > free {
+            let h = |b: usize| compiler::plan::human(b);
+            return Err(RunError(format!(
+                "training `{}` needs {} of GPU memory (an arena of {} and {} of training state; `recipec build` shows which entry point and recipe line need the most), but the GPU has {} free of {}",
+                plan.name,
+                h(arena + state),
+                h(arena),
+                h(state),
+                h(free),
+                h(total)
+            )));
+        }
+    }
     std::fs::create_dir_all(&opts.out).map_err(|e| RunError(format!("cannot create {}: {e}", opts.out.display())))?;
     let ck_path = opts.out.join("checkpoint.safetensors");
     let (mut state, start) = match &opts.resume {

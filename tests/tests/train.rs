@@ -471,10 +471,13 @@ fn device_training_step_traffic(backend: Backend) {
 
 /// A training job's programs run in one arena (they never run at once), as large as the
 /// largest program's arena rather than their sum; on the CPU and the CUDA emulator, whose
-/// results the other tests check.
+/// results the other tests check. `Programs::job_bytes` (what `recipec build` prints and a
+/// GPU run checks against the free memory) predicts that arena and the state the loop keeps.
 #[test]
 fn the_programs_of_a_job_share_one_arena() {
-    let plan = plan_of(MLP);
+    let plan = plan_of(
+        &MLP.replace("    grad_clip = 0.1\n", "    sparsify model.w1 with nm(n = 2, m = 4)\n    grad_clip = 0.1\n"),
+    );
     let mut backends = vec![Backend::Cranelift];
     if runtime::cuda_emu::available().is_ok() {
         backends.push(Backend::CudaEmu);
@@ -482,6 +485,8 @@ fn the_programs_of_a_job_share_one_arena() {
     for backend in backends {
         let progs = Programs::new(&plan, backend).unwrap();
         let mut state = initial_state(&plan, &progs).unwrap();
+        let step = BTreeMap::from([("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, 1.0)))]);
+        run_named(progs.masks.as_ref().unwrap(), &mut state, step, 0).unwrap();
         let x = Tensor::new(Dtype::I32, vec![2, 4], (0..8).map(|i| (i * 13 % 100) as f64).collect());
         let batch = || -> BTreeMap<String, Buffer> {
             ["batch.inputs", "batch.targets"].iter().map(|n| (n.to_string(), Buffer::from_tensor(&x))).collect()
@@ -495,5 +500,14 @@ fn the_programs_of_a_job_share_one_arena() {
         let largest = *sizes.iter().max().unwrap();
         assert_eq!(progs.arenas.host.bytes(), largest.div_ceil(64) * 64, "{backend:?}: {sizes:?}");
         assert!(sizes.iter().sum::<usize>() > largest, "{sizes:?}");
+        let (arena, kept) = progs.job_bytes();
+        assert_eq!(arena, largest.max(progs.masks.as_ref().unwrap().program().arena_bytes));
+        let held: usize = state.values().map(|v| v.bytes()).sum();
+        assert_eq!(
+            kept,
+            held,
+            "{backend:?}: predicted state vs what the loop holds: {:?}",
+            state.keys().collect::<Vec<_>>()
+        );
     }
 }
