@@ -262,7 +262,21 @@ impl DeviceMemory for CudaMemory {
         }
         self.ctx.bind_to_thread().map_err(|e| err("bind", e))?;
         // SAFETY: a plain device allocation, released when the memory is dropped.
-        let p = unsafe { cu::malloc_sync(bytes) }.map_err(|e| err(&format!("cannot allocate {bytes} bytes"), e))?;
+        let p = match unsafe { cu::malloc_sync(bytes) } {
+            Ok(p) => p,
+            Err(_) => {
+                // Out of memory, perhaps because of what the pool keeps: give that back, retry.
+                for kept in pool.release_kept() {
+                    // SAFETY: kept allocations are not in use (given back by their buffers).
+                    unsafe {
+                        let _ = cu::free_sync(kept);
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { cu::malloc_sync(bytes) }
+                    .map_err(|e| err(&format!("cannot allocate {}", compiler::plan::human(bytes)), e))?
+            }
+        };
         self.traffic.alloc();
         pool.handed_out(p, bytes);
         Ok(p)

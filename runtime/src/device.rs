@@ -91,6 +91,14 @@ impl Pool {
             self.free.entry(bytes).or_default().push(ptr);
         }
     }
+    /// The kept allocations, forgotten (to release them when the device runs out of memory).
+    pub fn release_kept(&mut self) -> Vec<u64> {
+        let kept: Vec<u64> = self.free.drain().flat_map(|(_, v)| v).collect();
+        for p in &kept {
+            self.sizes.remove(p);
+        }
+        kept
+    }
     /// Every allocation, kept or handed out, with its size (to release them all at the end).
     pub fn drain(&mut self) -> Vec<(u64, usize)> {
         self.free.clear();
@@ -380,6 +388,16 @@ mod tests {
         let again = DeviceBuffer::upload(&mem, &Buffer::from_tensor(&t)).unwrap();
         assert_eq!(mem.traffic().allocs, 2, "served from the pool");
         assert_eq!(host.pool().in_use(), 1);
+        // What the pool keeps can be released (a GPU out of memory does); what is in use stays.
+        let kept = host.pool().release_kept();
+        assert_eq!(kept.len(), 1);
+        for p in kept {
+            // SAFETY: a kept allocation of 24 bytes from `alloc`, no longer in the pool.
+            unsafe { std::alloc::dealloc(p as *mut u8, HostMemory::layout(24)) };
+        }
+        assert_eq!(host.pool().in_use(), 1);
+        drop(again);
+        assert_eq!(host.pool().in_use(), 0);
     }
 
     /// A CPU executable given a device value copies it home and runs as on host buffers.
