@@ -191,19 +191,21 @@ impl Programs {
     /// What the job needs in memory: `(arena, state)` — the shared arena (the largest
     /// program's) and every named tensor the loop keeps ([`compiler::kernel::job_bytes`]).
     pub fn job_bytes(&self) -> (usize, usize) {
-        let mut all: Vec<&compiler::kernel::Program> =
-            [&self.grad, &self.eval, &self.update, &self.init].iter().map(|r| r.program()).collect();
-        all.extend(self.masks.iter().map(|r| r.program()));
-        all.extend(self.accumulate.iter().flatten().map(|r| r.program()));
-        compiler::kernel::job_bytes(&all)
+        compiler::kernel::job_bytes(&self.all().map(|r| r.program()).collect::<Vec<_>>())
     }
 
     /// The bytes moved between host and device by all the programs (device backends).
     pub fn traffic(&self) -> Option<crate::device::Traffic> {
-        let mut all = [&self.grad, &self.eval, &self.update, &self.init].map(|r| r.traffic()).to_vec();
-        all.push(self.masks.as_ref().and_then(|m| m.traffic()));
-        all.extend(self.accumulate.iter().flatten().map(|r| r.traffic()));
-        all.into_iter().flatten().reduce(|a, b| a + b)
+        self.all().filter_map(|r| r.traffic()).reduce(|a, b| a + b)
+    }
+
+    /// Every program of the job.
+    fn all(&self) -> impl Iterator<Item = &(dyn Runner + Send + Sync)> {
+        [&self.grad, &self.eval, &self.update, &self.init]
+            .into_iter()
+            .chain(&self.masks)
+            .chain(self.accumulate.iter().flatten())
+            .map(|r| r.as_ref())
     }
 
     pub fn new(plan: &TrainPlan, backend: Backend) -> Result<Programs, RunError> {
