@@ -304,6 +304,9 @@ fn the_cuda_code_trains_like_the_cpu_code_under_the_emulator() {
     // The state stayed on the (emulated) device; the run says what crossed.
     assert!(stderr(&emu).contains("device memory: ") && stderr(&emu).contains(" copied out"), "{}", stderr(&emu));
     assert!(!stderr(&cpu).contains("device memory"), "{}", stderr(&cpu));
+    // Both say up front what the job needs: the shared arena and the training state.
+    assert!(stderr(&cpu).contains("of training state)\n"), "{}", stderr(&cpu));
+    assert!(stderr(&emu).contains("of training state), on the device"), "{}", stderr(&emu));
     let (a, b) = (losses(&dir.join("cpu")), losses(&dir.join("emu")));
     assert_eq!(a.len(), b.len());
     assert!(a.iter().any(|x| x.1 == "val_loss"), "{a:?}");

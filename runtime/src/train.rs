@@ -482,6 +482,17 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         start + 1,
         if opts.resume.is_some() { " (resumed)" } else { "" }
     );
+    let (arena, kept) = progs.job_bytes();
+    let h = compiler::plan::human;
+    let _ = writeln!(
+        log,
+        "memory: {} (one arena of {} for all {} programs, {} of training state){}",
+        h(arena + kept),
+        h(arena),
+        progs.all().count(),
+        h(kept),
+        if matches!(opts.backend, Backend::Cuda | Backend::CudaEmu) { ", on the device" } else { "" }
+    );
     if corpus.max_token() < 0 {
         return Err(RunError("negative token".into()));
     }
