@@ -211,10 +211,13 @@ impl EmuExecutable {
         &self.mem
     }
 
-    /// Runs every kernel on the buffers at `ptrs` (the arena locked by the caller).
+    /// Runs every kernel on the buffers at `ptrs`. The caller holds the arena's lock, which
+    /// also makes it one run at a time: the emulator's scheduler state is the unit's statics.
     fn launch_all(&self, mut ptrs: Vec<*mut u8>, seed: u64, reversed: bool) -> Result<Vec<*mut u8>, RunError> {
         let p = &self.program;
+        // The word after the last address is the run's seed (the RNG kernels read it).
         ptrs.push(seed as usize as *mut u8);
+        // Then a zero word: kernels' constants are offsets from it (`Launch::slots`).
         ptrs.push(std::ptr::null_mut());
         for (ki, k) in p.kernels.iter().enumerate() {
             match (k, self.kernels[ki]) {

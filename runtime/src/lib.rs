@@ -45,6 +45,7 @@ pub struct Buffer {
 #[repr(align(64))]
 struct Line(#[allow(dead_code)] [u64; 8]);
 
+#[derive(Default)]
 struct Arena {
     lines: Vec<Line>,
 }
@@ -64,7 +65,7 @@ impl SharedArena {
         let mut a = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if a.lines.len() * 64 < bytes {
             // The old one first: the two are never needed together.
-            *a = Arena { lines: vec![] };
+            *a = Arena::default();
             *a = Arena::new(bytes);
         }
         a
@@ -78,12 +79,6 @@ impl SharedArena {
 pub struct Arenas {
     pub host: SharedArena,
     pub(crate) device: Mutex<Option<std::sync::Arc<cuda::DeviceArena>>>,
-}
-
-impl Default for Arena {
-    fn default() -> Arena {
-        Arena { lines: vec![] }
-    }
 }
 
 impl Arena {
