@@ -55,7 +55,7 @@ fn linear_cross_entropy(cols: Option<usize>, gpu: bool) {
         ("classifier", t(Dtype::BF16, &[v, d])),
         ("targets", t(Dtype::I32, &[n])),
     ];
-    let g = bench::source_graph(LCE_BF16, "lce", args, true);
+    let g = bench::source_graph_for(LCE_BF16, "lce", args, true, compiler::passes::Target::Cuda);
     let p = compiler::kernel::schedule(&g).expect("schedules");
     // Outputs that live in the arena (the loss and the two gradients) are not overhead.
     let outputs: usize = p.outputs.iter().map(|(_, b, _)| p.buffers[*b].bytes.next_multiple_of(64)).sum();

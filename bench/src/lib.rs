@@ -39,15 +39,26 @@ pub fn function_graph(name: &str, args: Vec<(&str, Arg)>, grad: bool) -> Graph {
 /// The optimized graph of item `name` of recipe source `src` (which may `use` the stdlib),
 /// with gradients when `grad`.
 pub fn source_graph(src: &str, name: &str, args: Vec<(&str, Arg)>, grad: bool) -> Graph {
+    source_graph_for(src, name, args, grad, compiler::passes::Target::Cpu)
+}
+
+/// [`source_graph`], optimized for `target` (the GPU benchmarks compile for CUDA).
+pub fn source_graph_for(
+    src: &str,
+    name: &str,
+    args: Vec<(&str, Arg)>,
+    grad: bool,
+    target: compiler::passes::Target,
+) -> Graph {
     let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
-    checked(src, false, name, |mods, db, r| {
+    checked(src, false, name, target, |mods, db, r| {
         compiler::entry::function(mods, db, r, &args, grad).expect("function lowers")
     })
 }
 
 fn with_item(dotted: &str, f: impl FnOnce(&lang::resolve::Modules, &SourceDb, ItemRef) -> Graph) -> Graph {
     let name = dotted.rsplit('.').next().unwrap();
-    checked(&format!("use {dotted}\n"), true, name, f)
+    checked(&format!("use {dotted}\n"), true, name, compiler::passes::Target::Cpu, f)
 }
 
 /// Item `name` of `src` (`imported`: of the stdlib module `src` imports it from), lowered by
@@ -56,6 +67,7 @@ fn checked(
     src: &str,
     imported: bool,
     name: &str,
+    target: compiler::passes::Target,
     f: impl FnOnce(&lang::resolve::Modules, &SourceDb, ItemRef) -> Graph,
 ) -> Graph {
     let mut loader = MemoryLoader::default();
@@ -71,7 +83,7 @@ fn checked(
         mods.list.iter().position(|m| (m.file != root) == imported && m.items.contains_key(name)).expect("item exists");
     let r = ItemRef { module: m, item: mods.list[m].items[name] };
     let mut g = f(mods, &db, r);
-    compiler::passes::run_pipeline(&mut g, None, &mut vec![]).expect("pipeline");
+    compiler::passes::run_pipeline_for(&mut g, None, &mut vec![], target).expect("pipeline");
     g
 }
 

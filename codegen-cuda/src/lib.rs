@@ -54,7 +54,7 @@
 use compiler::ir::{Bin, Red, Un};
 use compiler::kernel::{Affine, Inst, Kernel, Loop, Program, Store, StoreVal, View};
 use lang::types::Dtype;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 mod index;
@@ -493,20 +493,20 @@ fn binary(op: Bin, x: &str, y: &str, xd: Dtype, float: bool, dt: Dtype) -> Strin
 
 /// The body's values at one point, as C statements; returns the variable names.
 fn body(p: &Program, l: &Loop, out: &mut String, indent: &str) -> Vec<String> {
-    body_with(p, l, out, indent, &BTreeMap::new(), None)
+    body_with(p, l, out, indent, &BTreeMap::new(), &BTreeMap::new())
 }
 
 /// [`body`], with the loads of the buffers in `vector` (contiguous f32 at the flat index)
-/// read from the registers the vector loop loaded (`{name}[e]`), and the loads of `tile` (a
-/// row-fused group's product, read at `n·i0 + i1`) from the strip in shared memory (`zs`,
-/// whose row 0 is row `row0`).
+/// read from the registers the vector loop loaded (`{name}[e]`), and the loads of `tiles` (a
+/// row-fused group's product and strips, read at `n·i0 + i1`) from their strips in shared
+/// memory (the array named, whose row 0 is row `row0`).
 fn body_with(
     p: &Program,
     l: &Loop,
     out: &mut String,
     indent: &str,
     vector: &BTreeMap<usize, String>,
-    tile: Option<usize>,
+    tiles: &BTreeMap<usize, String>,
 ) -> Vec<String> {
     let mut names: Vec<String> = vec![];
     for (v, ins) in l.body.iter().enumerate() {
@@ -518,15 +518,7 @@ fn body_with(
                 let bd = p.buffers[*buf].dtype;
                 let x = match vector.get(buf) {
                     Some(v) if is_flat(at) => format!("{v}[e]"),
-                    _ if tile == Some(*buf) => {
-                        // `at` with row `i0` counted from the strip's first row.
-                        let mut idx = format!("{}LL", at.c);
-                        for (d, c) in at.coef.iter().enumerate().filter(|(_, c)| **c != 0) {
-                            let i = if d == 0 { "(i0 - row0)".to_string() } else { format!("i{d}") };
-                            let _ = write!(idx, " + {i} * {c}LL");
-                        }
-                        format!("ld_{}(zs, {idx})", Dtype::name(bd))
-                    }
+                    _ if tiles.contains_key(buf) => format!("ld_{}({}, {})", Dtype::name(bd), tiles[buf], strip_at(at)),
                     _ => format!("ld_{}(bufs[{buf}], {})", Dtype::name(bd), affine(at)),
                 };
                 if bd == dt {
@@ -567,6 +559,17 @@ fn body_with(
         names.push(name);
     }
     names
+}
+
+/// The index in a row-fused group's shared-memory strip of the element `at` (row `i0`
+/// counted from the strip's first row, `row0`).
+fn strip_at(at: &Affine) -> String {
+    let mut idx = format!("{}LL", at.c);
+    for (d, c) in at.coef.iter().enumerate().filter(|(_, c)| **c != 0) {
+        let i = if d == 0 { "(i0 - row0)".to_string() } else { format!("i{d}") };
+        let _ = write!(idx, " + {i} * {c}LL");
+    }
+    idx
 }
 
 fn red_init(op: Red) -> &'static str {
@@ -809,7 +812,7 @@ fn vector_loop_kernel(p: &Program, ki: usize, l: &Loop, out: &mut String) -> Res
     }
     let _ = writeln!(out, "        for (int e = 0; e < 4; e++) {{");
     let _ = writeln!(out, "            const long long i0 = 4 * q + e;");
-    let names = body_with(p, l, out, "            ", &vector, None);
+    let names = body_with(p, l, out, "            ", &vector, &BTreeMap::new());
     for (si, s) in l.stores.iter().enumerate() {
         let val = stored_value(p, ki, l, &names, s)?;
         if vstores[si] {
@@ -1158,56 +1161,45 @@ pub const ROW_BLOCK: u32 = 256;
 /// opting in.
 pub const ROW_SHARED: u32 = 48 * 1024;
 
-/// A row-fused group (`compiler::kernel::RowGroup`) as one kernel: each 256-thread block
-/// takes strips of `R` rows (64, 32 or 16: the most whose strip of the product fits shared
-/// memory with the staging tiles) in a grid-stride loop. For a strip it computes the product
-/// 64 columns at a time — on the tensor cores (`mma.sync.m16n8k16`, one 8-column slice per
-/// warp) where the unfused matmul would (f16/bf16, both sides at least 64), else as FMA
-/// tiles summing each output sequentially over k — and stores it, rounded to the product's
-/// dtype, in shared memory (`zs`); then runs every loop of the group on the strip's rows in
-/// order, separated by barriers: elementwise loops one point per thread, reductions over
-/// the row one warp per row (the order of `warp_reduce_kernel`) or, under
-/// [`WARP_REDUCE_MIN`] columns, one thread per row in order. Every value is therefore the
-/// bits the unfused kernels give; the product is never stored.
-fn row_group_kernel(
-    p: &Program,
-    ki: usize,
-    grp: &compiler::kernel::RowGroup,
-    mm: &Kernel,
-    out: &mut String,
-) -> Result<Launch, String> {
-    let Kernel::MatMul { a, b, m, k: kk, n, dtype, .. } = mm else { unreachable!("a matmul") };
-    let (m, kk, n, dtype) = (*m, *kk, *n, *dtype);
-    let Some((t, add, mul)) = matmul_arith(dtype) else {
-        return Err(format!("k{ki}: {dtype} matmuls are not generated for CUDA yet"));
-    };
-    let zdt = Dtype::name(dtype);
-    let elem = compiler::plan::dtype_bytes(dtype) as u32;
-    let mma = matches!(dtype, Dtype::F16 | Dtype::BF16) && m >= BIG_TILE as usize && n >= BIG_TILE as usize;
-    let staging = |r: u32| if mma { (r * (16 + 8) + 16 * (64 + 8)) * 2 } else { (16 * (r + 1) + 16 * 64) * 4 };
-    let Some(rows) = [64u32, 32, 16].into_iter().find(|r| r * n as u32 * elem + staging(*r) <= ROW_SHARED) else {
-        return Err(format!("k{ki}: a strip of 16 rows of the {n}-column product does not fit {ROW_SHARED} bytes"));
-    };
-    let strips = (m as u64).div_ceil(rows as u64);
-    let name = format!("k{ki}");
-    let ld = format!("ld_{zdt}");
-    let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
+/// Bytes of the staging tiles of a row-fused kernel's matmul section for `rows`-row strips:
+/// tensor-core (16-bit raw values, padded) or FMA (f32, the A tile k-major).
+fn row_staging(mma: bool, rows: u32) -> u32 {
     if mma {
-        let _ = writeln!(out, "    __shared__ u16 As[{rows}][16 + 8];\n    __shared__ u16 Bs[16][64 + 8];");
+        (rows * (16 + 8) + 16 * (64 + 8)) * 2
     } else {
-        let _ = writeln!(out, "    __shared__ {t} As[16][{rows} + 1];\n    __shared__ {t} Bs[16][64];");
+        (16 * (rows + 1) + 16 * 64) * 4
     }
-    let _ = writeln!(
-        out,
-        r#"    __shared__ __align__(16) u8 zs[{zbytes}];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-{offsets}
-    for (long long strip = blockIdx.x; strip < {strips}LL; strip += gridDim.x) {{
-        const long long row0 = strip * {rows}LL;
-        for (long long col0 = 0; col0 < {n}LL; col0 += 64) {{"#,
-        zbytes = rows * n as u32 * elem,
-        offsets = operand_offsets(a, b, &[]),
-    );
+}
+
+/// One matmul section of a row-fused kernel: for the strip's `rows` rows (from `row0`),
+/// `ncols` output columns 64 at a time, summed over `kk` in steps of 16 from staged tiles
+/// — on the tensor cores (`mma`; `a_bits`, `b_bits` the operands' raw 16-bit elements) or
+/// as FMA tiles summing each output sequentially over k (`a_val`, `b_val`) — each output
+/// then given to `store(val)` (a statement using `r`, the strip row, and `col`). The
+/// section declares its own staging tiles, so sections of both kinds can share a kernel.
+#[allow(clippy::too_many_arguments)]
+fn strip_matmul(
+    out: &mut String,
+    mma: bool,
+    dtype: Dtype,
+    rows: u32,
+    kk: usize,
+    ncols: usize,
+    (a_bits, b_bits): (&str, &str),
+    (a_val, b_val): (&str, &str),
+    store: &dyn Fn(&str) -> String,
+) {
+    let (t, add, mul) = matmul_arith(dtype).expect("a float matmul");
+    if mma {
+        let _ = writeln!(
+            out,
+            "        {{\n        __shared__ u16 As[{rows}][16 + 8];\n        __shared__ u16 Bs[16][64 + 8];"
+        );
+    } else {
+        let _ =
+            writeln!(out, "        {{\n        __shared__ {t} As[16][{rows} + 1];\n        __shared__ {t} Bs[16][64];");
+    }
+    let _ = writeln!(out, "        for (long long col0 = 0; col0 < {ncols}LL; col0 += 64) {{");
     if mma {
         let bf = (dtype == Dtype::BF16) as u8;
         let _ = writeln!(
@@ -1238,18 +1230,11 @@ fn row_group_kernel(
                 for (int e = 0; e < 4; e++) {{
                     const int r = 16 * i + g + 8 * (e >> 1);
                     const long long col = col0 + 8 * warp + 2 * t + (e & 1);
-                    if (row0 + r < {m}LL && col < {n}LL) st_{zdt}(zs, r * {n}LL + col, {val});
+                    {st}
                 }}"#,
             sub = rows / 16,
-            stage = stage_tiles(
-                ROW_BLOCK,
-                rows,
-                "                ",
-                "As[r][ka]",
-                &operand_bits(a, "oa", ("gr", m), ("gk", kk)),
-                &operand_bits(b, "ob", ("gk2", kk), ("gc", n))
-            ),
-            val = round(dtype, "acc[i][e]", true),
+            stage = stage_tiles(ROW_BLOCK, rows, "                ", "As[r][ka]", a_bits, b_bits),
+            st = store("acc[i][e]"),
         );
     } else {
         let _ = writeln!(
@@ -1269,24 +1254,97 @@ fn row_group_kernel(
             for (int i = 0; i < {per}; i++) {{
                 const int r = ty + 4 * i;
                 const long long col = col0 + tx;
-                if (row0 + r < {m}LL && col < {n}LL) st_{zdt}(zs, r * {n}LL + col, {val});
+                {st}
             }}"#,
             per = rows / 4,
-            stage = stage_tiles(
-                ROW_BLOCK,
-                rows,
-                "                ",
-                "As[ka][r]",
-                &operand_load(a, "oa", ("gr", m), ("gk", kk), t, &ld),
-                &operand_load(b, "ob", ("gk2", kk), ("gc", n), t, &ld)
-            ),
-            val =
-                if matches!(dtype, Dtype::F16 | Dtype::BF16) { round(dtype, "sum[i]", true) } else { "sum[i]".into() },
+            stage = stage_tiles(ROW_BLOCK, rows, "                ", "As[ka][r]", a_val, b_val),
+            st = store("sum[i]"),
         );
     }
-    let _ = writeln!(out, "        }}\n        __syncthreads();");
+    let _ = writeln!(out, "        }}\n        }}\n        __syncthreads();");
+}
+
+/// A row-fused group (`compiler::kernel::RowGroup`) as one kernel: each 256-thread block
+/// takes strips of `R` rows (64, 32 or 16: the most whose strips of the group's tiles fit
+/// shared memory with the staging tiles) in a grid-stride loop. For a strip it computes the
+/// product 64 columns at a time — on the tensor cores (`mma.sync.m16n8k16`, one 8-column
+/// slice per warp) where the unfused matmul would (f16/bf16, both sides at least 64), else as
+/// FMA tiles summing each output sequentially over k — and stores it, rounded to the
+/// product's dtype, in shared memory (`zs`); then runs every loop of the group on the strip's
+/// rows in order, separated by barriers: elementwise loops one point per thread, reductions
+/// over the row one warp per row (the order of `warp_reduce_kernel`) or, under
+/// [`WARP_REDUCE_MIN`] columns, one thread per row in order; the group's other strips
+/// (`zs1`, …) are written and read in shared memory too. Then each trailing matmul computes
+/// the strip's rows of its output the same way (its left operand from shared memory or, not
+/// a strip, from its buffer), added to its addend and rounded once, as the unfused kernel
+/// does. Every value is therefore the bits the unfused kernels give; no tile is stored.
+fn row_group_kernel(
+    p: &Program,
+    ki: usize,
+    grp: &compiler::kernel::RowGroup,
+    mm: &Kernel,
+    out: &mut String,
+) -> Result<Launch, String> {
+    let Kernel::MatMul { a, b, m, k: kk, n, dtype, .. } = mm else { unreachable!("a matmul") };
+    let (m, kk, n, dtype) = (*m, *kk, *n, *dtype);
+    let Some((t, _, _)) = matmul_arith(dtype) else {
+        return Err(format!("k{ki}: {dtype} matmuls are not generated for CUDA yet"));
+    };
+    let zdt = Dtype::name(dtype);
+    let big = |x: usize| x >= BIG_TILE as usize;
+    let mma = matches!(dtype, Dtype::F16 | Dtype::BF16) && big(m) && big(n);
+    // The tiles' shared arrays: the product `zs`, the strips `zs1`, `zs2`, …
+    let tiles: BTreeMap<usize, String> =
+        grp.tiles().enumerate().map(|(i, b)| (b, if i == 0 { "zs".to_string() } else { format!("zs{i}") })).collect();
+    let row_bytes: u32 = grp.tiles().map(|b| n as u32 * compiler::plan::dtype_bytes(p.buffers[b].dtype) as u32).sum();
+    // The kinds of matmul sections (their staging tiles): the product's, the trailing ones'.
+    let mut kinds: BTreeSet<bool> = BTreeSet::from([mma]);
     for j in grp.start + 1..grp.end {
-        let Kernel::Loop(l) = &p.kernels[j] else { return Err(format!("k{j}: a row-fused group holds loops")) };
+        if let Kernel::MatMul { m, n: d, dtype, .. } = &p.kernels[j] {
+            kinds.insert(matches!(dtype, Dtype::F16 | Dtype::BF16) && big(*m) && big(*d));
+        }
+    }
+    let staging = |r: u32| kinds.iter().map(|k| row_staging(*k, r)).sum::<u32>();
+    let Some(rows) = [64u32, 32, 16].into_iter().find(|r| r * row_bytes + staging(*r) <= ROW_SHARED) else {
+        return Err(format!("k{ki}: a strip of 16 rows of the {n}-column product does not fit {ROW_SHARED} bytes"));
+    };
+    let strips = (m as u64).div_ceil(rows as u64);
+    let name = format!("k{ki}");
+    let ld = format!("ld_{zdt}");
+    let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
+    for (b, arr) in &tiles {
+        let bytes = rows * n as u32 * compiler::plan::dtype_bytes(p.buffers[*b].dtype) as u32;
+        let _ = writeln!(out, "    __shared__ __align__(16) u8 {arr}[{bytes}];");
+    }
+    let _ = writeln!(
+        out,
+        r#"    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+{offsets}
+    for (long long strip = blockIdx.x; strip < {strips}LL; strip += gridDim.x) {{
+        const long long row0 = strip * {rows}LL;"#,
+        offsets = operand_offsets(a, b, &[]),
+    );
+    let val = |v: &str| if matches!(dtype, Dtype::F16 | Dtype::BF16) { round(dtype, v, true) } else { v.to_string() };
+    strip_matmul(
+        out,
+        mma,
+        dtype,
+        rows,
+        kk,
+        n,
+        (&operand_bits(a, "oa", ("gr", m), ("gk", kk)), &operand_bits(b, "ob", ("gk2", kk), ("gc", n))),
+        (&operand_load(a, "oa", ("gr", m), ("gk", kk), t, &ld), &operand_load(b, "ob", ("gk2", kk), ("gc", n), t, &ld)),
+        &|v| format!("if (row0 + r < {m}LL && col < {n}LL) st_{zdt}(zs, r * {n}LL + col, {});", val(v)),
+    );
+    for j in grp.start + 1..grp.end {
+        let l = match &p.kernels[j] {
+            Kernel::Loop(l) => l,
+            k @ Kernel::MatMul { .. } => {
+                trailing_section(p, j, k, rows, &tiles, out)?;
+                continue;
+            }
+            Kernel::Library { .. } => return Err(format!("k{j}: a row-fused group holds matmuls and loops")),
+        };
         // (No kernel numbers in the text: the groups of every block share one function.)
         let _ = writeln!(out, "        {{");
         let ind = "                ";
@@ -1310,16 +1368,23 @@ fn row_group_kernel(
                         "                const long long i0 = row0 + e / {n}, i1 = e % {n};\n                if (i0 >= {m}LL) break;"
                     );
                 }
-                let names = body_with(p, l, out, ind, &BTreeMap::new(), Some(grp.tile));
+                let names = body_with(p, l, out, ind, &BTreeMap::new(), &tiles);
                 for s in &l.stores {
-                    let _ = writeln!(out, "{ind}{}", store_line(p, s, &stored_value(p, j, l, &names, s)?));
+                    let v = stored_value(p, j, l, &names, s)?;
+                    let line = match tiles.get(&s.buf) {
+                        Some(arr) => {
+                            format!("st_{}({arr}, {}, {v});", Dtype::name(p.buffers[s.buf].dtype), strip_at(&s.at))
+                        }
+                        None => store_line(p, s, &v),
+                    };
+                    let _ = writeln!(out, "{ind}{line}");
                 }
             }
             (Some(r), 2) if n as u64 >= WARP_REDUCE_MIN => {
                 rows_from(out, "warp", ROW_BLOCK / 32);
                 let _ = writeln!(out, "                double acc = {};", red_init(r.op));
                 let _ = writeln!(out, "                for (long long i1 = lane; i1 < {n}LL; i1 += 32) {{");
-                let names = body_with(p, l, out, "                    ", &BTreeMap::new(), Some(grp.tile));
+                let names = body_with(p, l, out, "                    ", &BTreeMap::new(), &tiles);
                 let x = format!("(double)({})", names[r.value]);
                 let _ = writeln!(out, "                    acc = {};\n                }}", combine(r.op, "acc", &x));
                 let _ = writeln!(out, "                for (int off = 16; off > 0; off >>= 1) {{");
@@ -1335,7 +1400,7 @@ fn row_group_kernel(
                 rows_from(out, "tid", ROW_BLOCK);
                 let _ = writeln!(out, "                double acc = {};", red_init(r.op));
                 let _ = writeln!(out, "                for (long long i1 = 0; i1 < {n}LL; i1++) {{");
-                let names = body_with(p, l, out, "                    ", &BTreeMap::new(), Some(grp.tile));
+                let names = body_with(p, l, out, "                    ", &BTreeMap::new(), &tiles);
                 let x = format!("(double)({})", names[r.value]);
                 let _ = writeln!(out, "                    acc = {};\n                }}", combine(r.op, "acc", &x));
                 acc_stores(p, j, l, r, out, "                ")?;
@@ -1351,9 +1416,63 @@ fn row_group_kernel(
         kind: "fused",
         grid: [strips.clamp(1, MAX_GRID) as u32, 1, 1],
         block: [ROW_BLOCK, 1, 1],
-        shared_bytes: staging(rows) + rows * n as u32 * elem,
+        shared_bytes: staging(rows) + rows * row_bytes,
         slots: vec![],
     })
+}
+
+/// A trailing matmul of a row-fused group (`out = acc + x @ w`, `x` an `[m, k]` value of
+/// the group): the strip's rows of `out`, in the order and rounding of the unfused kernel
+/// (tensor cores where it would use them: 16-bit, both output sides at least 64).
+fn trailing_section(
+    p: &Program,
+    j: usize,
+    k: &Kernel,
+    rows: u32,
+    tiles: &BTreeMap<usize, String>,
+    out: &mut String,
+) -> Result<(), String> {
+    let Kernel::MatMul { a, b, m, k: kk, n: d, dtype, .. } = k else { unreachable!("a matmul") };
+    let (m, kk, d, dtype) = (*m, *kk, *d, *dtype);
+    let Some((t, _, _)) = matmul_arith(dtype) else {
+        return Err(format!("k{j}: {dtype} matmuls are not generated for CUDA yet"));
+    };
+    let big = |x: usize| x >= BIG_TILE as usize;
+    let mma = matches!(dtype, Dtype::F16 | Dtype::BF16) && big(m) && big(d);
+    let dt = Dtype::name(dtype);
+    let ld = format!("ld_{dt}");
+    // The left operand: its strip in shared memory, or its buffer.
+    let (a_bits, a_val) = match tiles.get(&a.buf) {
+        Some(arr) => (
+            format!("(gr < {m}LL && gk < {kk}LL) ? ((const u16*){arr})[r * {kk}LL + gk] : (u16)0"),
+            format!("(gr < {m}LL && gk < {kk}LL) ? {ld}({arr}, r * {kk}LL + gk) : ({t})0"),
+        ),
+        None => (operand_bits(a, "oa", ("gr", m), ("gk", kk)), operand_load(a, "oa", ("gr", m), ("gk", kk), t, &ld)),
+    };
+    let _ = writeln!(
+        out,
+        "        {{\n        const long long bz = 0;\n{}",
+        operand_offsets(a, b, &[]).replace("    ", "        ")
+    );
+    strip_matmul(
+        out,
+        mma,
+        dtype,
+        rows,
+        kk,
+        d,
+        (&a_bits, &operand_bits(b, "ob", ("gk2", kk), ("gc", d))),
+        (&a_val, &operand_load(b, "ob", ("gk2", kk), ("gc", d), t, &ld)),
+        &|v| {
+            format!(
+                "if (row0 + r < {m}LL && col < {d}LL) {{ const long long row = row0 + r, at = row * {d}LL + col; {} }}",
+                matmul_store(k, v)
+            )
+        },
+    );
+    let _ = writeln!(out, "        }}");
+    let _ = p;
+    Ok(())
 }
 
 /// The CUDA C of a program and how to launch each kernel. Errors name the kernel that has no

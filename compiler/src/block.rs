@@ -31,6 +31,24 @@
 //! Block results combine with `add`/`max`/`min`/`mul` chains or a `concat`. The result is an
 //! ordinary graph: the interpreter runs it, and the differential tests compare it with the
 //! unblocked one.
+//!
+//! **Transposed recomputation** (`BlockOptions::recompute_columns`, the CUDA target). In the
+//! gradient pass two consumers read each block `G_b` (`[N, w]`) of the logits' gradient:
+//! `G_b @ C_b` (the hidden state's gradient, row by row) and `G_bᵀ @ H` (the classifier's
+//! gradient, column by column). Row fusion (`kernel::find_row_groups`) can keep a block on
+//! chip only if every reader goes row by row, so with both the block is stored (8 MiB at the
+//! Gemma 2 2B setting in bf16). With this option the classifier's gradient, a
+//! `transpose(L @ region)` consumer, is instead summed over chunks of R rows of N (576 in
+//! 16 bits, 288 in f32: `chunk_rows`) from its own recomputation of the region, transposed:
+//! `Σ_r (region_r)ᵀ @ L[:, r]ᵀ`, the product as `Bᵀ @ A_rᵀ` (`[V, R]`), so each chunk is
+//! itself row-local along V. Both gradients are then trailing matmuls of row-fused groups and
+//! nothing `[N, w]` or `[V, R]` is stored: the loss keeps 0.32 MiB beyond its inputs and
+//! gradients at that setting, in 1,093 launches (2,078 before). The price is one more product
+//! (five where the naive formula needs three, the Cut Cross-Entropy kernel four with atomic
+//! adds, which would make the gradients nondeterministic), and in 16-bit dtypes the
+//! classifier's gradient is rounded once per chunk of rows (as the hidden state's is once
+//! per block). The CPU keeps the stored block: there memory is plentiful and the product
+//! costs time.
 
 use crate::ir::{Bin, Graph, IrError, NodeId, Op, Red};
 use crate::passes::PassReport;
@@ -45,18 +63,39 @@ pub struct BlockOptions {
     pub block_bytes: usize,
     /// A fixed block width (tests use awkward ones), instead of `block_bytes`.
     pub cols: Option<usize>,
+    /// Compute a `transpose(L @ region)` consumer (the classifier's gradient) from its own
+    /// recomputation of the region in row chunks, transposed (`[V, R]`), instead of from the
+    /// column blocks: no block of the region is then read by two consumers, so row fusion
+    /// keeps every block on chip (no gradient block is stored), at the cost of one more
+    /// product (see the module notes). The CUDA target's default.
+    pub recompute_columns: bool,
 }
 
 impl Default for BlockOptions {
     fn default() -> Self {
-        BlockOptions { min_bytes: 32 << 20, block_bytes: 8 << 20, cols: None }
+        BlockOptions { min_bytes: 32 << 20, block_bytes: 8 << 20, cols: None, recompute_columns: false }
     }
 }
 
 impl BlockOptions {
-    /// The defaults, overridden by `RECIPEC_BLOCK_MIN_BYTES` and `RECIPEC_BLOCK_COLS`.
+    /// The defaults, overridden by `RECIPEC_BLOCK_MIN_BYTES`, `RECIPEC_BLOCK_COLS` and
+    /// `RECIPEC_BLOCK_RECOMPUTE` (`1` or `0`).
     pub fn from_env() -> BlockOptions {
-        let mut o = BlockOptions::default();
+        BlockOptions::default().env()
+    }
+
+    /// The defaults for `target`: on CUDA the classifier's gradient is recomputed
+    /// (`recompute_columns`), so the loss keeps no gradient block in device memory.
+    pub fn for_target(target: crate::passes::Target) -> BlockOptions {
+        let o = BlockOptions { recompute_columns: target == crate::passes::Target::Cuda, ..BlockOptions::default() };
+        o.env()
+    }
+
+    fn env(self) -> BlockOptions {
+        let mut o = self;
+        if let Ok(v) = std::env::var("RECIPEC_BLOCK_RECOMPUTE") {
+            o.recompute_columns = v == "1";
+        }
         if let Some(v) = std::env::var("RECIPEC_BLOCK_MIN_BYTES").ok().and_then(|v| v.parse().ok()) {
             o.min_bytes = v;
         }
@@ -67,9 +106,17 @@ impl BlockOptions {
     }
 }
 
-/// The pass (default options).
+/// The pass (the CPU target's options).
 pub fn block_matmul_reductions(g: &mut Graph) -> Result<PassReport, IrError> {
     run(g, &BlockOptions::from_env())
+}
+
+/// Rows of a chunk of the transposed recomputation (`recompute_columns`) for a product of
+/// `elem`-byte values: the `[V, R]` product and one `[V, R]` value of the region fit, 16
+/// rows at a time, the on-chip bytes of a row-fused group (`kernel::TILE_GROUP_BYTES`).
+pub fn chunk_rows(elem: usize) -> usize {
+    let r = crate::kernel::TILE_GROUP_BYTES / (crate::kernel::TILE_MIN_ROWS * 2 * elem.max(1));
+    (r.min(crate::kernel::TILE_MAX_COLS) / 16 * 16).max(16)
 }
 
 fn bytes(g: &Graph, n: NodeId) -> usize {
@@ -226,8 +273,19 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     let mut shift_prev: HashMap<NodeId, NodeId> = HashMap::new();
     // The clamped target index of each one-hot (shared by every block and pass).
     let mut clamped: HashMap<NodeId, NodeId> = HashMap::new();
+    // Consumers computed from the transposed recomputation (`recompute_columns`).
+    let recomputed: BTreeSet<NodeId> = consumers
+        .iter()
+        .filter(|(_, k)| opts.recompute_columns && matches!(k, Consumer::ColumnsT(_)))
+        .map(|c| c.0)
+        .collect();
     for p in 0..passes {
-        let here: Vec<(NodeId, Consumer)> = consumers.iter().copied().filter(|c| phase[&c.0] == p).collect();
+        let all_here: Vec<(NodeId, Consumer)> = consumers.iter().copied().filter(|c| phase[&c.0] == p).collect();
+        let here: Vec<(NodeId, Consumer)> = all_here.iter().copied().filter(|c| !recomputed.contains(&c.0)).collect();
+        let chunked: Vec<(NodeId, Consumer)> = all_here.iter().copied().filter(|c| recomputed.contains(&c.0)).collect();
+        if !chunked.is_empty() {
+            recompute_transposed(g, z, &region, &topo, &chunked, &mut acc, &mut clamped)?;
+        }
         if here.is_empty() {
             continue;
         }
@@ -370,6 +428,10 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                 g.add(Op::Concat { axis: 0 }, cn.dtype, cn.shape.clone(), &parts[c], &cn.origin)?
             }
             Consumer::Columns => g.add(Op::Concat { axis: 1 }, cn.dtype, cn.shape.clone(), &parts[c], &cn.origin)?,
+            Consumer::ColumnsT(t) if recomputed.contains(c) => {
+                g.replace_uses(*t, acc[c]);
+                continue;
+            }
             Consumer::ColumnsT(t) => {
                 let tn = g.node(*t).clone();
                 let cat = g.add(Op::Concat { axis: 0 }, cn.dtype, tn.shape.clone(), &parts[c], &tn.origin)?;
@@ -383,6 +445,143 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
     }
     let _ = origin_of;
     Ok(true)
+}
+
+/// The `transpose(L @ region)` consumers `chunked` (`[V, K]`, `L: [K, N]`) as sums over row
+/// chunks `r` of N: `Σ_r region_rᵀ @ L[:, r]ᵀ`, with `region_rᵀ` (`[V, R]`) recomputed
+/// transposed: the product as `Bᵀ @ A_rᵀ`, every region node at `[V, R]`, and each outside
+/// value as the transpose of its row chunk (`row_slice_of`, views the kernels read in
+/// place). Row fusion then computes each chunk strip by strip of V with the consumer's
+/// matmul as its trailing matmul: nothing `[V, R]` is stored. The sums go in `acc`.
+fn recompute_transposed(
+    g: &mut Graph,
+    z: NodeId,
+    region: &BTreeSet<NodeId>,
+    topo: &[NodeId],
+    chunked: &[(NodeId, Consumer)],
+    acc: &mut HashMap<NodeId, NodeId>,
+    clamped: &mut HashMap<NodeId, NodeId>,
+) -> Result<(), IrError> {
+    let (n, v) = (g.node(z).shape[0], g.node(z).shape[1]);
+    let zn = g.node(z).clone();
+    let rows = chunk_rows(crate::plan::dtype_bytes(zn.dtype));
+    let mut need: BTreeSet<NodeId> = BTreeSet::new();
+    let mut stack: Vec<NodeId> = chunked.iter().map(|(c, _)| g.operands(*c)[1]).collect();
+    while let Some(x) = stack.pop() {
+        if need.insert(x) {
+            stack.extend(g.operands(x).into_iter().filter(|o| region.contains(o)));
+        }
+    }
+    let (a, b) = (g.operands(z)[0], g.operands(z)[1]);
+    let t01 = Op::Transpose { perm: vec![1, 0] };
+    // `Bᵀ` (`[V, D]`): the classifier itself where `B` is its transpose.
+    let bn = g.node(b).clone();
+    let bt = if bn.op == t01 {
+        g.operands(b)[0]
+    } else {
+        g.add(t01.clone(), bn.dtype, vec![bn.shape[1], bn.shape[0]], &[b], &bn.origin)?
+    };
+    let an = g.node(a).clone();
+    let d = an.shape[1];
+    for r0 in (0..n).step_by(rows) {
+        let r = rows.min(n - r0);
+        let mut clone: HashMap<NodeId, NodeId> = HashMap::new();
+        let mut sliced: HashMap<NodeId, NodeId> = HashMap::new();
+        for &x in topo.iter().filter(|x| need.contains(x)) {
+            let node = g.node(x).clone();
+            let o = &node.origin;
+            let new = if x == z {
+                let ar = g.add(Op::Slice { axis: 0, start: r0 }, an.dtype, vec![r, d], &[a], &an.origin)?;
+                let art = g.add(t01.clone(), an.dtype, vec![d, r], &[ar], &an.origin)?;
+                g.add(Op::MatMul, node.dtype, vec![v, r], &[bt, art], o)?
+            } else {
+                let mut ops = vec![];
+                for op in g.operands(x) {
+                    ops.push(match clone.get(&op) {
+                        Some(c) => *c,
+                        None => {
+                            let rs = row_slice_of(g, op, r0, r, v, &mut sliced, clamped)?;
+                            let dt = g.node(rs).dtype;
+                            g.add(t01.clone(), dt, vec![v, r], &[rs], o)?
+                        }
+                    });
+                }
+                g.add(node.op.clone(), node.dtype, vec![v, r], &ops, o)?
+            };
+            clone.insert(x, new);
+        }
+        for &(c, _) in chunked {
+            let cn = g.node(c).clone();
+            let (l, x) = (g.operands(c)[0], g.operands(c)[1]);
+            let ln = g.node(l).clone();
+            let k = ln.shape[0];
+            let lr = g.add(Op::Slice { axis: 1, start: r0 }, ln.dtype, vec![k, r], &[l], &ln.origin)?;
+            let lrt = g.add(t01.clone(), ln.dtype, vec![r, k], &[lr], &ln.origin)?;
+            let part = g.add(Op::MatMul, cn.dtype, vec![v, k], &[clone[&x], lrt], &cn.origin)?;
+            combine(g, acc, c, part, Bin::Add, cn.dtype, vec![v, k], &cn.origin)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rows `start..start + rows` of an outside `[N, V]` value (`slice_of` along the other
+/// axis): broadcasts and elementwise expressions stay views of their sliced leaves, a
+/// one-hot `scatter_add` becomes a select, anything else is a slice of its buffer.
+fn row_slice_of(
+    g: &mut Graph,
+    x: NodeId,
+    start: usize,
+    rows: usize,
+    v: usize,
+    memo: &mut HashMap<NodeId, NodeId>,
+    clamped: &mut HashMap<NodeId, NodeId>,
+) -> Result<NodeId, IrError> {
+    if let Some(s) = memo.get(&x) {
+        return Ok(*s);
+    }
+    let node = g.node(x).clone();
+    let ops = g.operands(x);
+    let n = node.shape[0];
+    let o = &node.origin;
+    // Rows of an `[N, c]` value (`c` is 1 or V).
+    let rows_of = |g: &mut Graph, y: NodeId| -> Result<NodeId, IrError> {
+        let yn = g.node(y).clone();
+        g.add(Op::Slice { axis: 0, start }, yn.dtype, vec![rows, yn.shape[1]], &[y], &yn.origin)
+    };
+    let new = match &node.op {
+        Op::Broadcast => {
+            let src = g.node(ops[0]).clone();
+            // NumPy alignment at the right: only a rank-2 operand has an axis along N.
+            let src2 = if src.shape.len() == 2 && src.shape[0] == n && n != 1 { rows_of(g, ops[0])? } else { ops[0] };
+            g.add(Op::Broadcast, node.dtype, vec![rows, v], &[src2], o)?
+        }
+        op if elementwise(op) => {
+            let mut o2 = vec![];
+            for a in ops {
+                o2.push(row_slice_of(g, a, start, rows, v, memo, clamped)?);
+            }
+            g.add(node.op.clone(), node.dtype, vec![rows, v], &o2, o)?
+        }
+        Op::ScatterAdd { axis: 1 } if g.node(ops[1]).shape == [n, 1] && g.node(ops[2]).shape == [n, 1] => {
+            let base = row_slice_of(g, ops[0], start, rows, v, memo, clamped)?;
+            // The one-hot of the chunk's rows: the column index is the (clamped) target.
+            let idx = clamp_index(g, ops[1], n, v, o, clamped)?;
+            let it = g.node(idx).dtype;
+            let idx_r = rows_of(g, idx)?;
+            let c = g.add(Op::Broadcast, it, vec![rows, v], &[idx_r], o)?;
+            let col = g.add(Op::Iota { axis: 1 }, it, vec![rows, v], &[], o)?;
+            let hit = g.add(Op::Binary(Bin::Eq), Dtype::Bool, vec![rows, v], &[col, c], o)?;
+            let vals_r = rows_of(g, ops[2])?;
+            let vals = g.add(Op::Broadcast, node.dtype, vec![rows, v], &[vals_r], o)?;
+            let zero = g.add(Op::Const { value: 0.0 }, node.dtype, vec![], &[], o)?;
+            let zero = g.add(Op::Broadcast, node.dtype, vec![rows, v], &[zero], o)?;
+            let add = g.add(Op::Select, node.dtype, vec![rows, v], &[hit, vals, zero], o)?;
+            g.add(Op::Binary(Bin::Add), node.dtype, vec![rows, v], &[base, add], o)?
+        }
+        _ => g.add(Op::Slice { axis: 0, start }, node.dtype, vec![rows, v], &[x], o)?,
+    };
+    memo.insert(x, new);
+    Ok(new)
 }
 
 /// A row sum computed online with its row maximum (see `block`).
@@ -527,23 +726,34 @@ fn one_hot(
     clamped: &mut HashMap<NodeId, NodeId>,
 ) -> Result<NodeId, IrError> {
     let it = g.node(idx).dtype;
-    let c = match clamped.get(&idx) {
-        Some(c) => *c,
-        None => {
-            let lo = g.add(Op::Const { value: 0.0 }, it, vec![], &[], o)?;
-            let lo = g.add(Op::Broadcast, it, vec![n, 1], &[lo], o)?;
-            let hi = g.add(Op::Const { value: (v - 1) as f64 }, it, vec![], &[], o)?;
-            let hi = g.add(Op::Broadcast, it, vec![n, 1], &[hi], o)?;
-            let c = g.add(Op::Binary(Bin::Max), it, vec![n, 1], &[idx, lo], o)?;
-            let c = g.add(Op::Binary(Bin::Min), it, vec![n, 1], &[c, hi], o)?;
-            clamped.insert(idx, c);
-            c
-        }
-    };
+    let c = clamp_index(g, idx, n, v, o, clamped)?;
     let c = g.add(Op::Broadcast, it, vec![n, w], &[c], o)?;
     let col = g.add(Op::Iota { axis: 1 }, it, vec![n, v], &[], o)?;
     let col = g.add(Op::Slice { axis: 1, start }, it, vec![n, w], &[col], o)?;
     g.add(Op::Binary(Bin::Eq), Dtype::Bool, vec![n, w], &[col, c], o)
+}
+
+/// `idx: [N, 1]` clamped to `0..V`, made once per `idx` (`clamped`).
+fn clamp_index(
+    g: &mut Graph,
+    idx: NodeId,
+    n: usize,
+    v: usize,
+    o: &str,
+    clamped: &mut HashMap<NodeId, NodeId>,
+) -> Result<NodeId, IrError> {
+    if let Some(c) = clamped.get(&idx) {
+        return Ok(*c);
+    }
+    let it = g.node(idx).dtype;
+    let lo = g.add(Op::Const { value: 0.0 }, it, vec![], &[], o)?;
+    let lo = g.add(Op::Broadcast, it, vec![n, 1], &[lo], o)?;
+    let hi = g.add(Op::Const { value: (v - 1) as f64 }, it, vec![], &[], o)?;
+    let hi = g.add(Op::Broadcast, it, vec![n, 1], &[hi], o)?;
+    let c = g.add(Op::Binary(Bin::Max), it, vec![n, 1], &[idx, lo], o)?;
+    let c = g.add(Op::Binary(Bin::Min), it, vec![n, 1], &[c, hi], o)?;
+    clamped.insert(idx, c);
+    Ok(c)
 }
 
 /// Columns `start..start + w` of an outside `[N, V]` value. Elementwise expressions over

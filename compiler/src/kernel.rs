@@ -20,10 +20,15 @@
 //! therefore one pass over memory.
 //!
 //! **Row fusion.** A matmul whose product is read only by the loops right after it, each of
-//! them row by row (`find_row_groups`), forms a [`RowGroup`] with them: backends run the
-//! group strip by strip of rows (the strip's product on chip, then every loop on those rows),
-//! so the product is a [`BufKind::Tile`] with no memory. In the blocked linear cross-entropy
-//! that is every logits block of both passes: no block of logits is ever stored.
+//! them row by row (`find_row_groups`), forms a [`RowGroup`] with them, and with the matmuls
+//! right after those that multiply one of the group's `[m, n]` values by an outside matrix
+//! (row `i` of their output needs row `i` only): backends run the group strip by strip of
+//! rows (the strip's product on chip, then every loop on those rows, then the trailing
+//! matmuls' rows), so the product — and any `[m, n]` value only the group reads — is a
+//! [`BufKind::Tile`] with no memory. In the blocked linear cross-entropy that is every logits
+//! block of both passes (no block of logits is ever stored), and, on the CUDA target (the
+//! classifier's gradient recomputed, `block::BlockOptions::recompute_columns`), every
+//! gradient block too.
 //!
 //! **Numerics** (shared by every code generator): f32, f16 and bf16 values are computed in
 //! f32 and rounded to their dtype after each op; integers, bools and f64 are computed in
@@ -239,9 +244,13 @@ pub struct Program {
 
 /// A matmul and the loops after it that consume its product row by row (`find_row_groups`):
 /// kernels `start..end`, `start` the matmul, whose `[m, n]` product `tile` (a
-/// [`BufKind::Tile`]) never exists in memory. A backend runs the group strip by strip of
-/// rows: the strip's product (on chip: shared memory, a thread's cache-sized scratch), then
-/// every loop of the group on those rows, in order. Within a group every buffer that a loop
+/// [`BufKind::Tile`]) never exists in memory, possibly ending with *trailing matmuls* that
+/// multiply an `[m, n]` value of the group by an outside `[n, d]` matrix (the gradient
+/// block times the classifier block, accumulated into the hidden state's gradient): row `i`
+/// of their `[m, d]` output needs row `i` of the group's value only. A backend runs the group
+/// strip by strip of rows: the strip's product (on chip: shared memory, a thread's
+/// cache-sized scratch), then every loop of the group on those rows, in order, then the
+/// trailing matmuls' rows. Within a group every buffer that a loop
 /// writes is read and written only at its own row, so strips are independent; buffers the
 /// group reads or writes are live for the whole group (the arena plan treats the group as
 /// one step).
@@ -250,6 +259,18 @@ pub struct RowGroup {
     pub start: usize,
     pub end: usize,
     pub tile: usize,
+    /// Other `[m, n]` buffers the group's loops write and only the group reads (the
+    /// gradient block of the linear cross-entropy, read by a trailing matmul): computed strip
+    /// by strip beside the product, also [`BufKind::Tile`]s with no memory.
+    #[serde(default)]
+    pub strips: Vec<usize>,
+}
+
+impl RowGroup {
+    /// The group's buffers that live on chip only: the product, then the strips.
+    pub fn tiles(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::once(self.tile).chain(self.strips.iter().copied())
+    }
 }
 
 /// Scheduler options.
@@ -269,6 +290,10 @@ impl Default for ScheduleOptions {
 /// f32 (40 KiB at 640 columns) and the matmul's staging tiles (5 KiB) in the 48 KiB of shared
 /// memory any CUDA block may use without opting in.
 pub const TILE_MAX_COLS: usize = 640;
+/// The most bytes of a [`TILE_MIN_ROWS`]-row strip of all the tiles of a group that has
+/// strips besides its product or trailing matmuls: 36 KiB, leaving room for two kinds of
+/// staging tiles (tensor-core and FMA, 5 KiB each) in the 48 KiB of shared memory.
+pub const TILE_GROUP_BYTES: usize = 36 * 1024;
 /// The fewest rows of a strip (the tensor cores' tile height).
 pub const TILE_MIN_ROWS: usize = 16;
 
@@ -1007,7 +1032,9 @@ fn try_schedule(
     if opts.fuse_rows {
         p.row_groups = find_row_groups(&p);
         for grp in &p.row_groups {
-            p.buffers[grp.tile].kind = BufKind::Tile;
+            for t in grp.tiles() {
+                p.buffers[t].kind = BufKind::Tile;
+            }
         }
     }
     p.naive_bytes = order
@@ -1024,10 +1051,13 @@ fn try_schedule(
 /// by the longest run of loops over `[m]` or `[m, n]` (elementwise, or reducing the `n` axis
 /// by sum, product, max or min) in which every buffer the run writes, and the product, is
 /// read and written only at the current row (a per-row value at `i0`, an `[m, n]` value at
-/// `n·i0 + i1`) and the matmul's operands are not written. The group must hold every reader
-/// of the product. In the blocked linear cross-entropy each block's statistics pass (row
-/// maximum, rescaled sum, target logit) and gradient pass (softmax minus one-hot) become one
-/// group each: no block of logits is stored.
+/// `n·i0 + i1`) and the matmul's operands are not written, then by the matmuls right after
+/// it that are row-local ([`trailing_matmul`]). The group must hold every reader of the
+/// product. An `[m, n]` buffer the loops write that nothing outside the group reads becomes a
+/// strip too (while a 16-row strip of every tile fits [`TILE_GROUP_BYTES`]). In the blocked
+/// linear cross-entropy each block's statistics pass (row maximum, rescaled sum, target
+/// logit) and gradient pass (softmax minus one-hot, times the classifier block into the
+/// hidden state's gradient) become one group each: no block of logits is stored.
 pub fn find_row_groups(p: &Program) -> Vec<RowGroup> {
     let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
     for (i, k) in p.kernels.iter().enumerate() {
@@ -1063,16 +1093,96 @@ pub fn find_row_groups(p: &Program) -> Vec<RowGroup> {
             end += 1;
         }
         let zr = readers.get(&z).cloned().unwrap_or_default();
-        if end > i + 1 && !zr.is_empty() && zr.iter().all(|r| (i + 1..end).contains(r)) {
-            // Loops after the product's last reader gain nothing from the group.
-            let stop = zr.iter().max().expect("a reader") + 1;
-            groups.push(RowGroup { start: i, end: stop, tile: z });
-            i = stop;
-        } else {
+        if !(end > i + 1 && !zr.is_empty() && zr.iter().all(|r| (i + 1..end).contains(r))) {
             i += 1;
+            continue;
         }
+        // The `[m, n]` values the loops write, and what the trailing matmuls write.
+        let row_values: BTreeSet<usize> = std::iter::once(z)
+            .chain(p.kernels[i + 1..end].iter().flat_map(|k| k.writes()))
+            .filter(|b| p.buffers[*b].numel() == m * n)
+            .collect();
+        let mut tail = end;
+        let mut tail_outs: BTreeSet<usize> = BTreeSet::new();
+        let budget = |bufs: &mut dyn Iterator<Item = usize>| {
+            TILE_MIN_ROWS * n * bufs.map(|b| dtype_bytes(p.buffers[b].dtype)).sum::<usize>() <= TILE_GROUP_BYTES
+        };
+        if budget(&mut std::iter::once(z)) {
+            while tail < p.kernels.len() && trailing_matmul(p, i, tail, m, n, &row_values, &tail_outs) {
+                tail_outs.extend(p.kernels[tail].writes());
+                tail += 1;
+            }
+        }
+        // Loops after the product's last reader gain nothing from the group, unless a
+        // trailing matmul reads what they write.
+        let stop = if tail > end { tail } else { zr.iter().max().expect("a reader") + 1 };
+        let mut strips: Vec<usize> = vec![];
+        for &s in row_values.iter().filter(|b| **b != z) {
+            let d = &p.buffers[s];
+            let inside = readers.get(&s).map(|r| r.iter().all(|k| (i + 1..stop).contains(k))).unwrap_or(true);
+            let owned = d.kind == BufKind::Temp && d.into.is_none() && !outputs.contains(&s);
+            // Written only by elementwise loops over `[m, n]` (at its element).
+            let written_here = p.kernels[i + 1..stop].iter().any(|k| k.writes().contains(&s))
+                && p.kernels[i + 1..stop].iter().all(|k| match k {
+                    Kernel::Loop(l) => {
+                        l.stores.iter().all(|st| st.buf != s || (l.reduce.is_none() && l.dims.len() == 2))
+                    }
+                    _ => !k.writes().contains(&s),
+                });
+            if inside
+                && owned
+                && written_here
+                && budget(&mut std::iter::once(z).chain(strips.iter().copied()).chain([s]))
+            {
+                strips.push(s);
+            }
+        }
+        groups.push(RowGroup { start: i, end: stop, tile: z, strips });
+        i = stop;
     }
     groups
+}
+
+/// Kernel `j` can end the row-fused group of the matmul `start` (product `[m, n]`): a matmul
+/// `out = acc + x @ w` with `x` one of the group's `[m, n]` values (`row_values`, contiguous,
+/// row by row: `k = n`), `w` and `acc` from outside the group (not written by it), and `out`
+/// a new contiguous `[m, d]` buffer that no kernel of the group reads. Its rows are then
+/// computed strip by strip with the group's rows.
+fn trailing_matmul(
+    p: &Program,
+    start: usize,
+    j: usize,
+    m: usize,
+    n: usize,
+    row_values: &BTreeSet<usize>,
+    tail_outs: &BTreeSet<usize>,
+) -> bool {
+    let Kernel::MatMul { a, b, out, acc, out_offset: 0, out_row_stride, batch, m: mj, k, n: d, dtype, .. } =
+        &p.kernels[j]
+    else {
+        return false;
+    };
+    let written: BTreeSet<usize> =
+        p.kernels[start..j].iter().flat_map(|k| k.writes()).chain(tail_outs.iter().copied()).collect();
+    let read_before = p.kernels[start..j].iter().any(|k| k.reads().contains(out));
+    batch.is_empty()
+        && *mj == m
+        && *k == n
+        && *out_row_stride == *d as i64
+        && matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+        && row_values.contains(&a.buf)
+        && !tail_outs.contains(&a.buf)
+        && a.offset == 0
+        && a.row_stride == n as i64
+        && a.col_stride == 1
+        && p.buffers[a.buf].dtype == *dtype
+        && !written.contains(&b.buf)
+        && acc.map(|c| !written.contains(&c) && c != b.buf && c != a.buf).unwrap_or(true)
+        && !written.contains(out)
+        && !read_before
+        && *out != a.buf
+        && *out != b.buf
+        && p.buffers[*out].kind == BufKind::Temp
 }
 
 /// Kernels `start..end` (a matmul into a product `[m, n]`, then loops) meet the conditions of
@@ -1334,19 +1444,31 @@ fn plan_arena(p: &mut Program, g: &Graph) {
             }
             let bytes = align(d.bytes);
             // In place: a buffer that dies here, read only at the element being written
-            // (an elementwise loop) or as the addend of an accumulating matmul. Not in a
-            // row-fused group: its steps interleave.
-            let donor = p.kernels[i].reads().into_iter().filter(|_| !grouped).find(|&r| {
+            // (an elementwise loop) or as the addend of an accumulating matmul. In a
+            // row-fused group, whose steps interleave, only a trailing matmul's addend that
+            // no other kernel of the group reads (each strip reads its rows of the addend,
+            // then writes the same rows of the sum).
+            let writer = if grouped {
+                (i..=span[i].1).find(|&j| {
+                    matches!(&p.kernels[j], Kernel::MatMul { out, acc: Some(c), .. }
+                        if *out == b && (i..=span[i].1).all(|o| o == j || !p.kernels[o].reads().contains(c)))
+                })
+            } else {
+                Some(i)
+            };
+            let candidates = writer.map(|j| p.kernels[j].reads()).unwrap_or_default();
+            let wk = writer.unwrap_or(i);
+            let donor = candidates.into_iter().find(|&r| {
                 let x = &p.buffers[r];
                 x.kind == BufKind::Temp
                     && x.into.is_none()
                     && x.born.map(|bb| bb < i).unwrap_or(false)
-                    && x.dies == i
+                    && x.dies == span[i].1
                     && dtype_bytes(x.dtype) == dtype_bytes(d.dtype)
                     && x.numel() == d.numel()
                     && !out_bufs.contains(&r)
                     && !donated.contains(&r)
-                    && match &p.kernels[i] {
+                    && match &p.kernels[wk] {
                         Kernel::Loop(l) if l.reduce.is_none() => {
                             let st = l.stores.iter().find(|s| s.buf == b).map(|s| &s.at);
                             l.body.iter().all(|ins| match &ins.inst {
@@ -1428,9 +1550,11 @@ fn plan_arena(p: &mut Program, g: &Graph) {
                 delta[d.dies.min(nk) + 1] -= align(d.bytes) as i64;
             }
         }
+        // (The donor dies where its taker is born, or, the addend of a row-fused group's
+        // trailing matmul, at the group's end.)
         if let (Some(born), Some(r)) = (d.born, d.reuses) {
             delta[born] -= align(p.buffers[r].bytes) as i64;
-            delta[born + 1] += align(p.buffers[r].bytes) as i64;
+            delta[p.buffers[r].dies.clamp(born, nk) + 1] += align(p.buffers[r].bytes) as i64;
         }
     }
     let mut running = 0i64;
@@ -1569,9 +1693,11 @@ impl Program {
             human(self.naive_bytes)
         ));
         if let Some(big) = self.row_groups.iter().map(|g| &self.buffers[g.tile]).max_by_key(|b| b.bytes) {
+            let strips: usize = self.row_groups.iter().map(|g| g.strips.len()).sum();
+            let also = if strips > 0 { format!(" and {strips} values they feed to a matmul") } else { String::new() };
             out.push_str(&format!(
-                "  never stored   {:>12}  ({} row-fused matmul products such as {}{:?} at {}, computed strip by strip of rows inside their consumers)\n",
-                human(self.row_groups.iter().map(|g| self.buffers[g.tile].bytes).sum::<usize>()),
+                "  never stored   {:>12}  ({} row-fused matmul products such as {}{:?} at {}{also}, computed strip by strip of rows inside their consumers)\n",
+                human(self.row_groups.iter().flat_map(|g| g.tiles()).map(|t| self.buffers[t].bytes).sum::<usize>()),
                 self.row_groups.len(),
                 big.dtype,
                 big.shape,
@@ -1664,12 +1790,13 @@ impl Program {
         let group_at = self.group_starts();
         for (i, k) in self.kernels.iter().enumerate() {
             if let Some(grp) = group_at[i].map(|g| &self.row_groups[g]) {
+                let tiles: Vec<String> = grp.tiles().map(|t| format!("b{t}")).collect();
                 let _ = writeln!(
                     s,
-                    "  row-fused k{}..k{}: strip by strip of rows, b{} never stored",
+                    "  row-fused k{}..k{}: strip by strip of rows, {} never stored",
                     grp.start,
                     grp.end - 1,
-                    grp.tile
+                    tiles.join(", ")
                 );
             }
             match k {

@@ -59,16 +59,40 @@ pub static PIPELINE: &[Pass] = &[
     },
 ];
 
-/// Runs the pipeline, verifying after each pass; `stop_after` ends it early.
+/// What the graph is compiled for: passes whose best form differs between a CPU and a GPU
+/// read it (`block-matmul-reductions`: `block::BlockOptions::for_target`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Target {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+/// Runs the pipeline for the CPU, verifying after each pass; `stop_after` ends it early.
 pub fn run_pipeline(
     g: &mut Graph,
     stop_after: Option<&str>,
     timings: &mut Vec<(&'static str, std::time::Duration)>,
 ) -> Result<(), IrError> {
+    run_pipeline_for(g, stop_after, timings, Target::Cpu)
+}
+
+/// [`run_pipeline`] for `target`.
+pub fn run_pipeline_for(
+    g: &mut Graph,
+    stop_after: Option<&str>,
+    timings: &mut Vec<(&'static str, std::time::Duration)>,
+    target: Target,
+) -> Result<(), IrError> {
     g.verify()?;
     for p in PIPELINE {
         let start = std::time::Instant::now();
-        (p.run)(g).map_err(|e| IrError(format!("pass `{}`: {}", p.name, e.0)))?;
+        let done = if p.name == "block-matmul-reductions" {
+            crate::block::run(g, &crate::block::BlockOptions::for_target(target))
+        } else {
+            (p.run)(g)
+        };
+        done.map_err(|e| IrError(format!("pass `{}`: {}", p.name, e.0)))?;
         timings.push((p.name, start.elapsed()));
         g.verify().map_err(|e| {
             IrError(format!("this is a bug in recipec: the graph is invalid after pass `{}`: {}", p.name, e.0))

@@ -356,7 +356,11 @@ fn prepare(mut g: Graph, req: &Request) -> Result<Graph, Fail> {
     {
         return Ok(g);
     }
-    compiler::passes::run_pipeline(&mut g, after, &mut timings).map_err(|e| Fail("E0502", e.0))?;
+    // The CUDA backends and `--target cuda` compile for the GPU.
+    let cuda = matches!(req.backend.as_str(), "cuda" | "cuda-emu")
+        || req.emit.iter().any(|e| e == "cuda" || e.starts_with("cuda-target="));
+    let target = if cuda { compiler::passes::Target::Cuda } else { compiler::passes::Target::Cpu };
+    compiler::passes::run_pipeline_for(&mut g, after, &mut timings, target).map_err(|e| Fail("E0502", e.0))?;
     if after.is_some() {
         print!("{g}");
     }

@@ -221,6 +221,17 @@ pub enum Backend {
     CudaEmu,
 }
 
+impl Backend {
+    /// What the pass pipeline optimizes for on this backend (the emulator runs the CUDA
+    /// target's programs, as the GPU would).
+    pub fn target(self) -> compiler::passes::Target {
+        match self {
+            Backend::Cuda | Backend::CudaEmu => compiler::passes::Target::Cuda,
+            _ => compiler::passes::Target::Cpu,
+        }
+    }
+}
+
 /// An output of [`Runner::run_values`]: in an argument (updated in place; the output's shape)
 /// or its own value, where the runner keeps its values (host or device).
 #[derive(Debug)]
@@ -616,36 +627,44 @@ pub const DEFAULT_STRIP_ELEMS: usize = 1 << 20;
 impl Executable {
     /// A row-fused group (`compiler::kernel::RowGroup`): per strip of [`cpu_strip_rows`]
     /// rows, the strip's product into a scratch buffer, then each loop of the group over the
-    /// strip's rows, reading the product from the scratch (its table entry points `r0` rows
-    /// before the scratch, so the loop's `n·i0 + i1` lands in it). With at least as many
-    /// strips as threads the strips run in parallel (each thread its own scratch); with
-    /// fewer, one after another, each matmul and loop split over the threads.
+    /// strip's rows, reading the product (and the group's other strip buffers) from the
+    /// scratch (its table entry points `r0` rows before the scratch, so the loop's
+    /// `n·i0 + i1` lands in it), then the strip's rows of each trailing matmul. With at
+    /// least as many strips as threads the strips run in parallel (each thread its own
+    /// scratch); with fewer, one after another, each matmul and loop split over the threads.
     fn row_group(&self, grp: &compiler::kernel::RowGroup, ptrs: &[*mut u8]) {
         let p = &self.program;
         let Kernel::MatMul { a, b, m, k, n, dtype, .. } = &p.kernels[grp.start] else {
             unreachable!("a row-fused group starts with its matmul")
         };
         let (m, k, n, z) = (*m, *k, *n, grp.tile);
-        let elem = dtype_bytes(*dtype);
         let rows = cpu_strip_rows(n, self.strip_elems);
-        let strips = m.div_ceil(rows);
-        let fns: Vec<codegen_cpu::LoopFn> =
-            (grp.start + 1..grp.end).map(|j| self.code.loops[j].expect("loop compiled")).collect();
+        // No strip of one row (the last takes it): `gemm` computes a one-row product as a
+        // matrix-vector product, in another order than the rows of a larger call.
+        let strips = if m > rows && m % rows == 1 { m / rows } else { m.div_ceil(rows) };
+        // Each tile's place in the scratch (bytes per row of the strip, offset of its row 0).
+        let mut tiles: Vec<(usize, usize, usize)> = vec![];
+        let mut scratch_bytes = 0;
+        for t in grp.tiles() {
+            let row = n * dtype_bytes(p.buffers[t].dtype);
+            tiles.push((t, row, scratch_bytes));
+            scratch_bytes += (rows + 1) * row;
+        }
         let table: Vec<usize> = ptrs.iter().map(|x| *x as usize).collect();
         let threads = rayon::current_num_threads();
         let across = strips >= threads && threads > 1 && m * n * k >= 1 << 18;
         let threshold = self.parallel_threshold;
         let strip = |t: &mut Vec<usize>, s: usize| {
-            let (r0, r1) = (s * rows, (s * rows + rows).min(m));
+            let (r0, r1) = (s * rows, if s + 1 == strips { m } else { s * rows + rows });
             // The thread's scratch, kept from group to group and run to run (rayon's workers
             // live as long as the pool), so a strip does not fault in fresh pages. Taken out
             // while in use: work this thread picks up meanwhile gets its own.
             let mut scratch = STRIP_SCRATCH.with(|sc| sc.take());
-            if scratch.len() < rows * n * elem {
-                scratch.resize(rows * n * elem, 0);
+            if scratch.len() < scratch_bytes {
+                scratch.resize(scratch_bytes, 0);
             }
-            let base = scratch.as_mut_ptr();
-            t[z] = base as usize;
+            let base = scratch.as_mut_ptr() as usize;
+            t[z] = base;
             let tp: &[*mut u8] = {
                 // SAFETY: `usize` and `*mut u8` have the same size and alignment.
                 unsafe { std::slice::from_raw_parts(t.as_ptr() as *const *mut u8, t.len()) }
@@ -653,24 +672,59 @@ impl Executable {
             let a2 = View { offset: a.offset + r0 as i64 * a.row_stride, ..a.clone() };
             let o = OutView { buf: z, offset: 0, row_stride: n as i64, accumulate: false };
             matmul(tp, &a2, b, &o, &[], r1 - r0, k, n, *dtype, !across);
-            // Row `r0` of the product is the scratch's first row.
-            t[z] = (base as usize).wrapping_sub(r0 * n * elem);
+            // Row `r0` of each tile is its scratch's first row.
+            for &(tb, row, off) in &tiles {
+                t[tb] = (base + off).wrapping_sub(r0 * row);
+            }
             let table = SendPtr(t.as_ptr() as *const *mut u8);
-            for (f, j) in fns.iter().zip(grp.start + 1..) {
-                let Kernel::Loop(l) = &p.kernels[j] else { unreachable!("a group's loop") };
-                let points = (r1 - r0) * l.dims[1..].iter().product::<usize>();
-                if !across && points >= threshold && r1 - r0 >= 2 {
-                    let chunks = (threads * 4).min(r1 - r0);
-                    (0..chunks).into_par_iter().for_each(|c| {
-                        let t = table;
-                        let (lo, hi) = (r0 + (r1 - r0) * c / chunks, r0 + (r1 - r0) * (c + 1) / chunks);
-                        // SAFETY: as below, rows `lo..hi` of the strip.
-                        unsafe { f(t.0, lo as i64, hi as i64) }
-                    });
-                } else {
-                    // SAFETY: the loop reads and writes its planned buffers at rows `r0..r1`
-                    // only (`find_row_groups`), and the product's rows `r0..r1` in the scratch.
-                    unsafe { f(table.0, r0 as i64, r1 as i64) };
+            for j in grp.start + 1..grp.end {
+                match &p.kernels[j] {
+                    Kernel::Loop(l) => {
+                        let f = self.code.loops[j].expect("loop compiled");
+                        let points = (r1 - r0) * l.dims[1..].iter().product::<usize>();
+                        if !across && points >= threshold && r1 - r0 >= 2 {
+                            let chunks = (threads * 4).min(r1 - r0);
+                            (0..chunks).into_par_iter().for_each(|c| {
+                                let t = table;
+                                let (lo, hi) = (r0 + (r1 - r0) * c / chunks, r0 + (r1 - r0) * (c + 1) / chunks);
+                                // SAFETY: as below, rows `lo..hi` of the strip.
+                                unsafe { f(t.0, lo as i64, hi as i64) }
+                            });
+                        } else {
+                            // SAFETY: the loop reads and writes its planned buffers at rows
+                            // `r0..r1` only (`find_row_groups`), and the tiles' rows `r0..r1`
+                            // in the scratch.
+                            unsafe { f(table.0, r0 as i64, r1 as i64) };
+                        }
+                    }
+                    Kernel::MatMul { a, b, out, acc, n: d, k, dtype, .. } => {
+                        // A trailing matmul: rows `r0..r1` of `out = acc + a @ b`.
+                        let tp: &[*mut u8] =
+                            // SAFETY: as above.
+                            unsafe { std::slice::from_raw_parts(t.as_ptr() as *const *mut u8, t.len()) };
+                        let row = d * dtype_bytes(*dtype);
+                        if let Some(c) = acc {
+                            if tp[*c] != tp[*out] {
+                                // SAFETY: both `[m, d]` contiguous; rows `r0..r1`.
+                                unsafe {
+                                    std::ptr::copy_nonoverlapping(
+                                        tp[*c].add(r0 * row) as *const u8,
+                                        tp[*out].add(r0 * row),
+                                        (r1 - r0) * row,
+                                    )
+                                };
+                            }
+                        }
+                        let a2 = View { offset: a.offset + r0 as i64 * a.row_stride, ..a.clone() };
+                        let o = OutView {
+                            buf: *out,
+                            offset: (r0 * d) as i64,
+                            row_stride: *d as i64,
+                            accumulate: acc.is_some(),
+                        };
+                        matmul(tp, &a2, b, &o, &[], r1 - r0, *k, *d, *dtype, !across);
+                    }
+                    Kernel::Library { .. } => unreachable!("a row-fused group holds matmuls and loops"),
                 }
             }
             STRIP_SCRATCH.with(|sc| *sc.borrow_mut() = scratch);
@@ -938,28 +992,45 @@ unsafe fn gemm_into<T: Copy + 'static>(
     (zero, one): (T, T),
     par: gemm::Parallelism,
 ) {
-    gemm::gemm::<T>(
-        m,
-        n,
-        k,
-        (out.0 as *mut T).offset(out.1),
-        1,
-        out.2,
-        acc,
-        (a.0 as *const T).offset(a.1),
-        a.2 .1,
-        a.2 .0,
-        (b.0 as *const T).offset(b.1),
-        b.2 .1,
-        b.2 .0,
-        if acc { one } else { zero },
-        one,
-        false,
-        false,
-        false,
-        par,
-    )
+    // Blocks of at most `K_BLOCK` along k, each added to the output: `gemm` sums a call of
+    // k ≤ 512 in one pass whatever m and n are, but splits a longer k in blocks whose size
+    // depends on m and n; here the sums do not depend on how many rows a call has.
+    let mut k0 = 0;
+    loop {
+        let kb = (k - k0).min(K_BLOCK);
+        let add = acc || k0 > 0;
+        gemm::gemm::<T>(
+            m,
+            n,
+            kb,
+            (out.0 as *mut T).offset(out.1),
+            1,
+            out.2,
+            add,
+            (a.0 as *const T).offset(a.1 + k0 as isize * a.2 .1),
+            a.2 .1,
+            a.2 .0,
+            (b.0 as *const T).offset(b.1 + k0 as isize * b.2 .0),
+            b.2 .1,
+            b.2 .0,
+            if add { one } else { zero },
+            one,
+            false,
+            false,
+            false,
+            par,
+        );
+        k0 += kb;
+        if k0 >= k {
+            break;
+        }
+    }
 }
+
+/// The longest run of k a CPU matmul sums in one pass (see `gemm_into`). Each output is the
+/// f32 (f64) sum of its blocks' partial sums in order, so a row's result is the same whether
+/// its matmul runs on all rows or on a strip of them (a row-fused group).
+pub const K_BLOCK: usize = 512;
 
 struct OutView {
     buf: usize,

@@ -60,7 +60,7 @@ pub fn compile_in(
     arenas: &crate::Arenas,
 ) -> Result<Box<dyn Runner + Send + Sync>, RunError> {
     let mut g = g.clone();
-    compiler::passes::run_pipeline(&mut g, None, &mut vec![])
+    compiler::passes::run_pipeline_for(&mut g, None, &mut vec![], backend.target())
         .map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
     let p = compiler::kernel::schedule(&g).map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
     crate::compile_program_in(p, backend, arenas)

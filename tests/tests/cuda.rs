@@ -94,6 +94,76 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
         assert!(u.source.contains("rc_mma16816<1>"), "the bf16 group on the tensor cores");
         out.push(("synthetic.row_fused".into(), u));
     }
+    // Row-fused groups ending with a trailing matmul `h + softmax(x @ w) @ u` whose left
+    // operand is a strip in shared memory: FMA tiles in f32, tensor cores in bf16.
+    {
+        use compiler::ir::{Bin, Graph, Op, Red, Un};
+        use lang::types::Dtype;
+        let mut g = Graph::new("row_fused_trailing");
+        for (i, (dt, m, n, d)) in
+            [(Dtype::F32, 40usize, 50usize, 20usize), (Dtype::BF16, 70, 64, 72)].into_iter().enumerate()
+        {
+            let input = |g: &mut Graph, j: usize, name: &str, shape: Vec<usize>| {
+                g.add(Op::Input { index: 4 * i + j, name: format!("{name}{i}") }, dt, shape, &[], name).unwrap()
+            };
+            let x = input(&mut g, 0, "x", vec![m, 33]);
+            let w = input(&mut g, 1, "w", vec![33, n]);
+            let u = input(&mut g, 2, "u", vec![n, d]);
+            let h = input(&mut g, 3, "h", vec![m, d]);
+            let h = g.add(Op::Unary(Un::Neg), dt, vec![m, d], &[h], "h").unwrap();
+            let z = g.add(Op::MatMul, dt, vec![m, n], &[x, w], "z").unwrap();
+            let zf = g.add(Op::Cast, Dtype::F32, vec![m, n], &[z], "z").unwrap();
+            let mx = g.add(Op::Reduce { op: Red::Max, axes: vec![1] }, Dtype::F32, vec![m], &[zf], "max").unwrap();
+            let r = g.add(Op::Reshape, Dtype::F32, vec![m, 1], &[mx], "max").unwrap();
+            let b = g.add(Op::Broadcast, Dtype::F32, vec![m, n], &[r], "max").unwrap();
+            let e = g.add(Op::Binary(Bin::Sub), Dtype::F32, vec![m, n], &[zf, b], "sub").unwrap();
+            let e = g.add(Op::Unary(Un::Exp), Dtype::F32, vec![m, n], &[e], "exp").unwrap();
+            let e = g.add(Op::Cast, dt, vec![m, n], &[e], "exp").unwrap();
+            let y = g.add(Op::MatMul, dt, vec![m, d], &[e, u], "y").unwrap();
+            let y = g.add(Op::Binary(Bin::Add), dt, vec![m, d], &[h, y], "y").unwrap();
+            g.outputs.push((format!("y{i}"), y));
+        }
+        let p = compiler::kernel::schedule(&g).unwrap();
+        assert!(p.row_groups.len() == 2 && p.row_groups.iter().all(|gr| gr.strips.len() == 1), "{}", p.text());
+        let u = codegen_cuda::emit(&p).unwrap();
+        let kinds: Vec<&str> = u.launches.iter().filter(|l| l.runs_code()).map(|l| l.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == "fused").count(), 2, "{}", u.launch_table());
+        assert!(!kinds.contains(&"matmul"), "{}", u.launch_table());
+        out.push(("synthetic.row_fused_trailing".into(), u));
+    }
+    // The bf16 linear cross-entropy as the CUDA target blocks it (the classifier's gradient
+    // recomputed in transposed chunks of rows): every product and gradient block on chip.
+    {
+        use lang::types::Dtype;
+        let src = "use std.loss.cross_entropy\n\npub loss lce(hidden: bf16[N, D], classifier: bf16[V, D], targets: i32[N]) -> f32 {\n    cross_entropy(f32(hidden @ classifier^T), targets)\n}\n";
+        let mut db = SourceDb::new();
+        let root = db.add("lce.recipe", src.to_string());
+        let analysis = lang::analyze(&mut db, &[root], &loader);
+        let m = analysis.modules.list.iter().position(|m| m.file == root).unwrap();
+        let item = ItemRef { module: m, item: analysis.modules.list[m].items["lce"] };
+        let t = |dt: Dtype, s: &[usize]| compiler::lower::Arg::Tensor(dt, s.to_vec());
+        let args = vec![
+            ("hidden".to_string(), t(Dtype::BF16, &[600, 64])),
+            ("classifier".to_string(), t(Dtype::BF16, &[300, 64])),
+            ("targets".to_string(), t(Dtype::I32, &[600])),
+        ];
+        let mut g = compiler::entry::function(&analysis.modules, &db, item, &args, true).unwrap();
+        // The pipeline, blocking at this small size (128-column blocks; chunks of 576 rows).
+        let opts =
+            compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(128), recompute_columns: true };
+        for pass in compiler::passes::PIPELINE {
+            let r = if pass.name == "block-matmul-reductions" {
+                compiler::block::run(&mut g, &opts)
+            } else {
+                (pass.run)(&mut g)
+            };
+            r.unwrap();
+        }
+        let p = compiler::kernel::schedule(&g).unwrap();
+        let u = codegen_cuda::emit(&p).unwrap();
+        assert!(u.launches.iter().all(|l| l.kind != "matmul"), "{}\n{}", u.launch_table(), p.text());
+        out.push(("lce_bf16_cuda_target".into(), u));
+    }
     out
 }
 
