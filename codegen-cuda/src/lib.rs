@@ -1015,7 +1015,7 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
             256,
             big,
             "        ",
-            "As[ka][r]",
+            ("As[ka][r]", "Bs"),
             &operand_load(a, "oa", ("gr", *m), ("gk", *kk), t, &ld),
             &operand_load(b, "ob", ("gk2", *kk), ("gc", *n), t, &ld)
         ),
@@ -1047,7 +1047,7 @@ fn big_matmul_kernel(p: &Program, ki: usize, k: &Kernel, out: &mut String) -> Re
 /// The staging of one k-step of the tile kernels: the block's `threads` threads copy the
 /// `rows`×16 A tile (element `(r, ka)` stored at `a_at`) and the 16×64 B tile (`Bs[kb][c]`)
 /// from the operands, zero outside them; each line starts with `indent`.
-fn stage_tiles(threads: u32, rows: u32, indent: &str, a_at: &str, aload: &str, bload: &str) -> String {
+fn stage_tiles(threads: u32, rows: u32, indent: &str, (a_at, b): (&str, &str), aload: &str, bload: &str) -> String {
     let big = BIG_TILE;
     let text = format!(
         "for (int e = tid; e < 16 * {rows}; e += {threads}) {{
@@ -1058,7 +1058,7 @@ fn stage_tiles(threads: u32, rows: u32, indent: &str, a_at: &str, aload: &str, b
 for (int e = tid; e < 16 * {big}; e += {threads}) {{
     const int kb = e / {big}, c = e % {big};
     const long long gk2 = t0 + kb, gc = col0 + c;
-    Bs[kb][c] = {bload};
+    {b}[kb][c] = {bload};
 }}"
     );
     text.lines().map(|l| format!("{indent}{l}")).collect::<Vec<_>>().join("\n")
@@ -1134,7 +1134,7 @@ fn mma_matmul_kernel(ki: usize, k: &Kernel, out: &mut String) -> Result<Launch, 
             128,
             big,
             "        ",
-            "As[r][ka]",
+            ("As[r][ka]", "Bs"),
             &operand_bits(a, "oa", ("gr", *m), ("gk", *kk)),
             &operand_bits(b, "ob", ("gk2", *kk), ("gc", *n))
         ),
@@ -1176,7 +1176,8 @@ fn row_staging(mma: bool, rows: u32) -> u32 {
 /// — on the tensor cores (`mma`; `a_bits`, `b_bits` the operands' raw 16-bit elements) or
 /// as FMA tiles summing each output sequentially over k (`a_val`, `b_val`) — each output
 /// then given to `store(val)` (a statement using `r`, the strip row, and `col`). The
-/// section declares its own staging tiles, so sections of both kinds can share a kernel.
+/// staging tiles are the kernel's (`staging_tiles`): `Ah`/`Bh` for the tensor cores, `As`/`Bs`
+/// for FMA, shared by the sections of a kind (they run one after another, between barriers).
 #[allow(clippy::too_many_arguments)]
 fn strip_matmul(
     out: &mut String,
@@ -1190,15 +1191,6 @@ fn strip_matmul(
     store: &dyn Fn(&str) -> String,
 ) {
     let (t, add, mul) = matmul_arith(dtype).expect("a float matmul");
-    if mma {
-        let _ = writeln!(
-            out,
-            "        {{\n        __shared__ u16 As[{rows}][16 + 8];\n        __shared__ u16 Bs[16][64 + 8];"
-        );
-    } else {
-        let _ =
-            writeln!(out, "        {{\n        __shared__ {t} As[16][{rows} + 1];\n        __shared__ {t} Bs[16][64];");
-    }
     let _ = writeln!(out, "        for (long long col0 = 0; col0 < {ncols}LL; col0 += 64) {{");
     if mma {
         let bf = (dtype == Dtype::BF16) as u8;
@@ -1213,15 +1205,15 @@ fn strip_matmul(
                 __syncthreads();
                 const int c = 8 * warp + g;
                 unsigned bfr[2];
-                bfr[0] = rc_pack2(Bs[2 * t][c], Bs[2 * t + 1][c]);
-                bfr[1] = rc_pack2(Bs[2 * t + 8][c], Bs[2 * t + 9][c]);
+                bfr[0] = rc_pack2(Bh[2 * t][c], Bh[2 * t + 1][c]);
+                bfr[1] = rc_pack2(Bh[2 * t + 8][c], Bh[2 * t + 9][c]);
                 for (int i = 0; i < {sub}; i++) {{
                     const int r = 16 * i + g;
                     unsigned af[4];
-                    af[0] = rc_pack2(As[r][2 * t], As[r][2 * t + 1]);
-                    af[1] = rc_pack2(As[r + 8][2 * t], As[r + 8][2 * t + 1]);
-                    af[2] = rc_pack2(As[r][2 * t + 8], As[r][2 * t + 9]);
-                    af[3] = rc_pack2(As[r + 8][2 * t + 8], As[r + 8][2 * t + 9]);
+                    af[0] = rc_pack2(Ah[r][2 * t], Ah[r][2 * t + 1]);
+                    af[1] = rc_pack2(Ah[r + 8][2 * t], Ah[r + 8][2 * t + 1]);
+                    af[2] = rc_pack2(Ah[r][2 * t + 8], Ah[r][2 * t + 9]);
+                    af[3] = rc_pack2(Ah[r + 8][2 * t + 8], Ah[r + 8][2 * t + 9]);
                     rc_mma16816<{bf}>(acc[i], af, bfr, acc[i]);
                 }}
                 __syncthreads();
@@ -1233,7 +1225,7 @@ fn strip_matmul(
                     {st}
                 }}"#,
             sub = rows / 16,
-            stage = stage_tiles(ROW_BLOCK, rows, "                ", "As[r][ka]", a_bits, b_bits),
+            stage = stage_tiles(ROW_BLOCK, rows, "                ", ("Ah[r][ka]", "Bh"), a_bits, b_bits),
             st = store("acc[i][e]"),
         );
     } else {
@@ -1257,11 +1249,23 @@ fn strip_matmul(
                 {st}
             }}"#,
             per = rows / 4,
-            stage = stage_tiles(ROW_BLOCK, rows, "                ", "As[ka][r]", a_val, b_val),
+            stage = stage_tiles(ROW_BLOCK, rows, "                ", ("As[ka][r]", "Bs"), a_val, b_val),
             st = store("sum[i]"),
         );
     }
-    let _ = writeln!(out, "        }}\n        }}\n        __syncthreads();");
+    let _ = writeln!(out, "        }}\n        __syncthreads();");
+}
+
+/// The staging tiles of a row-fused kernel's matmul sections of the kinds in `kinds`
+/// (tensor cores: 16-bit raw values, padded; FMA: `t` values, the A tile k-major).
+fn staging_tiles(out: &mut String, kinds: &BTreeSet<bool>, rows: u32, t: &str) {
+    for mma in kinds {
+        if *mma {
+            let _ = writeln!(out, "    __shared__ u16 Ah[{rows}][16 + 8];\n    __shared__ u16 Bh[16][64 + 8];");
+        } else {
+            let _ = writeln!(out, "    __shared__ {t} As[16][{rows} + 1];\n    __shared__ {t} Bs[16][64];");
+        }
+    }
 }
 
 /// A row-fused group (`compiler::kernel::RowGroup`) as one kernel: each 256-thread block
@@ -1312,6 +1316,7 @@ fn row_group_kernel(
     let name = format!("k{ki}");
     let ld = format!("ld_{zdt}");
     let _ = writeln!(out, "extern \"C\" __global__ void {name}(unsigned char* const* __restrict__ bufs) {{");
+    staging_tiles(out, &kinds, rows, t);
     for (b, arr) in &tiles {
         let bytes = rows * n as u32 * compiler::plan::dtype_bytes(p.buffers[*b].dtype) as u32;
         let _ = writeln!(out, "    __shared__ __align__(16) u8 {arr}[{bytes}];");

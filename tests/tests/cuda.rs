@@ -216,6 +216,18 @@ fn nvrtc_and_ptxas_compile_every_unit() {
             let functions: std::collections::BTreeSet<&str> =
                 u.launches.iter().filter(|l| l.runs_code()).map(|l| l.name.as_str()).collect();
             assert_eq!(usage.len(), functions.len(), "{name} {real}: ptxas reported {} functions", usage.len());
+            // The launch table's shared memory (what the launch limits are checked against)
+            // is what ptxas allocated, up to the alignment padding between arrays.
+            for k in &usage {
+                let l = u.launches.iter().find(|l| l.runs_code() && l.name == k.name);
+                let l = l.unwrap_or_else(|| panic!("{name}: ptxas reported `{}`, not in the launch table", k.name));
+                let (got, said) = (k.shared_bytes, l.shared_bytes as u64);
+                assert!(
+                    got.abs_diff(said) <= 32,
+                    "{name} {real}: `{}` has {got} B of shared memory, the table {said}",
+                    k.name
+                );
+            }
             let regs = usage.iter().map(|k| k.registers).max().unwrap_or(0);
             let smem = usage.iter().map(|k| k.shared_bytes).max().unwrap_or(0);
             let spills: u64 = usage.iter().map(|k| k.spill_bytes).sum();
