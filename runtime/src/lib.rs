@@ -638,17 +638,24 @@ impl Executable {
             unreachable!("a row-fused group starts with its matmul")
         };
         let (m, k, n, z) = (*m, *k, *n, grp.tile);
-        let rows = cpu_strip_rows(n, self.strip_elems);
-        // No strip of one row (the last takes it): `gemm` computes a one-row product as a
-        // matrix-vector product, in another order than the rows of a larger call.
-        let strips = if m > rows && m % rows == 1 { m / rows } else { m.div_ceil(rows) };
+        // Strips whose matmuls sum in the order of the whole matmuls (`strip_least_rows`);
+        // the last strip takes what would be left under that.
+        let widths: Vec<usize> = (grp.start..grp.end)
+            .filter_map(|j| match &p.kernels[j] {
+                Kernel::MatMul { n, .. } => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let least = strip_least_rows(m, &widths);
+        let rows = cpu_strip_rows(n, self.strip_elems).max(least.next_multiple_of(16));
+        let strips = if m > rows && m % rows != 0 && m % rows < least { m / rows } else { m.div_ceil(rows) };
         // Each tile's place in the scratch (bytes per row of the strip, offset of its row 0).
         let mut tiles: Vec<(usize, usize, usize)> = vec![];
         let mut scratch_bytes = 0;
         for t in grp.tiles() {
             let row = n * dtype_bytes(p.buffers[t].dtype);
             tiles.push((t, row, scratch_bytes));
-            scratch_bytes += (rows + 1) * row;
+            scratch_bytes += (rows + least) * row;
         }
         let table: Vec<usize> = ptrs.iter().map(|x| *x as usize).collect();
         let threads = rayon::current_num_threads();
@@ -992,45 +999,48 @@ unsafe fn gemm_into<T: Copy + 'static>(
     (zero, one): (T, T),
     par: gemm::Parallelism,
 ) {
-    // Blocks of at most `K_BLOCK` along k, each added to the output: `gemm` sums a call of
-    // k ≤ 512 in one pass whatever m and n are, but splits a longer k in blocks whose size
-    // depends on m and n; here the sums do not depend on how many rows a call has.
-    let mut k0 = 0;
-    loop {
-        let kb = (k - k0).min(K_BLOCK);
-        let add = acc || k0 > 0;
-        gemm::gemm::<T>(
-            m,
-            n,
-            kb,
-            (out.0 as *mut T).offset(out.1),
-            1,
-            out.2,
-            add,
-            (a.0 as *const T).offset(a.1 + k0 as isize * a.2 .1),
-            a.2 .1,
-            a.2 .0,
-            (b.0 as *const T).offset(b.1 + k0 as isize * b.2 .0),
-            b.2 .1,
-            b.2 .0,
-            if add { one } else { zero },
-            one,
-            false,
-            false,
-            false,
-            par,
-        );
-        k0 += kb;
-        if k0 >= k {
-            break;
-        }
-    }
+    gemm::gemm::<T>(
+        m,
+        n,
+        k,
+        (out.0 as *mut T).offset(out.1),
+        1,
+        out.2,
+        acc,
+        (a.0 as *const T).offset(a.1),
+        a.2 .1,
+        a.2 .0,
+        (b.0 as *const T).offset(b.1),
+        b.2 .1,
+        b.2 .0,
+        if acc { one } else { zero },
+        one,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
-/// The longest run of k a CPU matmul sums in one pass (see `gemm_into`). Each output is the
-/// f32 (f64) sum of its blocks' partial sums in order, so a row's result is the same whether
-/// its matmul runs on all rows or on a strip of them (a row-fused group).
-pub const K_BLOCK: usize = 512;
+/// The fewest rows a strip of an `m`-row row-fused group may have so that each of its
+/// matmuls (output widths `widths`) sums every output in the order of the whole matmul.
+/// `gemm` (0.19) picks its summation by the call's shape: an output of at most 256 elements
+/// is a dot product per element (k in blocks of 1024, where the operands are contiguous
+/// along k), both sides at most 64 sum k in blocks of 512, larger ones in blocks sized from
+/// k and the caches alone, and one row or column is a matrix-vector product. A strip must
+/// fall in the whole call's case (a row's sum must not depend on the rows beside it).
+pub fn strip_least_rows(m: usize, widths: &[usize]) -> usize {
+    let mut least = 2;
+    for &w in widths {
+        if m * w > 256 {
+            least = least.max(257usize.div_ceil(w.max(1)));
+        }
+        if m > 64 && w <= 64 {
+            least = least.max(65);
+        }
+    }
+    least.min(m.max(1))
+}
 
 struct OutView {
     buf: usize,

@@ -481,12 +481,17 @@ fn blocked_linear_cross_entropy_with(
 /// the tensor cores where the unfused kernel uses them) and reduces each row in the unfused
 /// reduction's order. The shapes cover several strips with a partial last one (on the CPU
 /// with 16 K-element strips: 16 rows at 640 columns; on CUDA: 16 to 64 rows), a last block
-/// under a warp's width, and bf16 on the tensor cores.
+/// under a warp's width, bf16 on the tensor cores, 8-column blocks whose smallest CPU strips
+/// `gemm` would sum in another order (`runtime::strip_least_rows` keeps them large enough),
+/// and the CUDA target's form (the classifier's gradient recomputed; every gradient block a
+/// strip on chip, several chunks of rows in f32 and bf16).
 #[test]
 fn row_fused_products_are_never_stored_and_give_the_unfused_bits() {
     for (dtype, n, d, v, cols, recompute) in [
         (Dtype::F32, 200usize, 24usize, 1300usize, 640usize, false),
         (Dtype::F32, 17, 8, 1000, 64, false),
+        (Dtype::F32, 100, 12, 64, 8, false),
+        (Dtype::F32, 60, 12, 64, 8, false),
         (Dtype::BF16, 100, 24, 300, 64, false),
         (Dtype::BF16, 70, 16, 700, 640, false),
         (Dtype::F32, 300, 8, 210, 64, true),
@@ -543,17 +548,20 @@ fn row_fused_products_are_never_stored_and_give_the_unfused_bits() {
 }
 
 /// The fused program `fused` gives the unfused `plain`'s bits on every backend, the CUDA
-/// emulator included (in both block orders), and on the CPU also in strips of 16 K elements
-/// (many strips, run in parallel; the default runs one strip at these shapes, its matmul
-/// and loops split over the threads).
+/// emulator included (in both block orders), and on the CPU also in strips of 16 K and of
+/// 256 elements (many strips, run in parallel; the default runs one strip at these shapes,
+/// its matmul and loops split over the threads; the smallest strips are as small as
+/// `runtime::strip_least_rows` lets them be).
 fn same_bits_fused_and_unfused(g: &Graph, fused: &Program, plain: &Program, what: &str) {
     let mut runners: Vec<(String, Box<dyn Runner + Send + Sync>, Backend)> = vec![];
     for backend in backends() {
         runners.push((format!("{backend:?}"), runtime::compile_program(fused.clone(), backend).unwrap(), backend));
     }
-    let mut small = Executable::new(fused.clone(), Backend::Cranelift).unwrap();
-    small.strip_elems = 1 << 14;
-    runners.push(("Cranelift, 16 K-element strips".into(), Box::new(small), Backend::Cranelift));
+    for elems in [1 << 14, 256] {
+        let mut small = Executable::new(fused.clone(), Backend::Cranelift).unwrap();
+        small.strip_elems = elems;
+        runners.push((format!("Cranelift, {elems}-element strips"), Box::new(small), Backend::Cranelift));
+    }
     for (backend, a, on) in &runners {
         let b = runtime::compile_program(plain.clone(), *on).unwrap();
         for seed in [5u64, 6] {
@@ -583,9 +591,9 @@ fn same_bits_fused_and_unfused(g: &Graph, fused: &Program, plain: &Program, what
 /// is one group, the
 /// softmax block is a strip computed on chip beside the product (never stored: nothing else
 /// reads it), `y` takes `h`'s memory, and every backend gives the unfused bits — FMA tiles
-/// and, in bf16 with both sides of `y` at least 64, the tensor cores; the CPU's matmul sums
-/// k in blocks of 512 (`runtime::K_BLOCK`) so that a strip's rows equal the whole product's,
-/// here with k = 540.
+/// and, in bf16 with both sides of `y` at least 64, the tensor cores; on the CPU a strip has
+/// enough rows that `gemm` sums it as it sums the whole product (`runtime::strip_least_rows`:
+/// here a `[16, 20]` or `[48, 3]` strip of `y` would sum k in another order).
 #[test]
 fn a_row_fused_group_multiplies_its_strip_without_storing_it() {
     use compiler::ir::{Bin, Red, Un};
@@ -594,6 +602,7 @@ fn a_row_fused_group_multiplies_its_strip_without_storing_it() {
         (Dtype::BF16, 70, 12, 540, 20, "FMA"),
         (Dtype::BF16, 100, 24, 64, 72, "tensor cores"),
         (Dtype::BF16, 33, 8, 40, 9, "FMA"),
+        (Dtype::F32, 300, 8, 280, 3, "FMA"),
     ] {
         let what = format!("{dtype} h + softmax(x @ w) @ u, m={m} k={k} n={n} d={d} ({seen})");
         let mut g = Graph::new("strip");
