@@ -389,7 +389,21 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
         "entry point", "arguments", "arena", "peak live", "largest at the peak (recipe line)"
     );
     let mut training: Vec<compiler::kernel::Program> = vec![];
+    // The GPU's programs, where its pipeline plans them differently (a blocked cross-entropy
+    // recomputes the classifier's gradient there and keeps no gradient block).
+    let mut gpu: Vec<compiler::kernel::Program> = vec![];
     for (name, mut g, note) in graphs {
+        if !name.starts_with("decode") {
+            let mut gg = g.clone();
+            let target = compiler::passes::Target::Cuda;
+            if let Err(e) = compiler::passes::run_pipeline_for(&mut gg, None, &mut vec![], target) {
+                return error("E0502", format!("this is a bug in recipec: {name}: {}", e.0), "");
+            }
+            match compiler::kernel::schedule(&gg) {
+                Ok(p) => gpu.push(p),
+                Err(e) => return error("E0502", format!("this is a bug in recipec: {name}: {e}"), ""),
+            }
+        }
         if let Err(e) = compiler::passes::run_pipeline(&mut g, None, &mut vec![]) {
             return error("E0502", format!("this is a bug in recipec: {name}: {}", e.0), "");
         }
@@ -421,8 +435,18 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
         "  `recipec train` runs every entry point above but the decode steps in one arena, the largest: {}",
         h(arena)
     );
+    let (gpu_arena, gpu_state) = compiler::kernel::job_bytes(&gpu.iter().collect::<Vec<_>>());
+    let on = if (gpu_arena, gpu_state) == (arena, state) {
+        "on the CPU, or on the GPU with `--backend cuda`".to_string()
+    } else {
+        format!(
+            "on the CPU; on the GPU with `--backend cuda` {}, an arena of {}",
+            h(gpu_arena + gpu_state),
+            h(gpu_arena)
+        )
+    };
     println!(
-        "  `recipec train` needs {} in all (on the CPU, or on the GPU with `--backend cuda`): that arena and {} of training state (parameters, optimizer states, masks, gradients, the batch)",
+        "  `recipec train` needs {} in all ({on}): that arena and {} of training state (parameters, optimizer states, masks, gradients, the batch)",
         h(arena + state),
         h(state)
     );

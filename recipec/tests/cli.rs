@@ -364,6 +364,23 @@ fn build_says_what_every_entry_point_needs() {
         assert!(text.lines().any(|l| l.trim_start().starts_with(line)), "no `{line}`:\n{text}");
     }
     assert!(text.contains("3 times per step (micro-batches)") && text.contains("once per step"), "{text}");
+    // The same job on the GPU, where it is planned differently: the output layer's logits
+    // blocked (forced at this size), the classifier's gradient recomputed there, so no
+    // gradient block is kept and the GPU's total is its own (and smaller).
+    let out = recipec()
+        .args(["build", "recipes/tiny_gpt.recipe"])
+        .env("RECIPEC_BLOCK_MIN_BYTES", "0")
+        .env("RECIPEC_BLOCK_COLS", "16")
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text.lines().find(|l| l.contains("`recipec train` needs ")).unwrap();
+    let mib = |s: &str| s.split_whitespace().next().unwrap().parse::<f64>().unwrap();
+    let cpu = mib(line.split("needs ").nth(1).unwrap());
+    let gpu = mib(line.split("`--backend cuda` ").nth(1).unwrap_or_else(|| panic!("no GPU total: {line}")));
+    assert!(gpu < cpu, "{line}");
 }
 
 #[test]
