@@ -320,7 +320,7 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                     for o in ops {
                         o2.push(match clone.get(&o) {
                             Some(c) => *c,
-                            None => slice_of(g, o, start, w, v, &mut sliced, &mut clamped)?,
+                            None => slice_of(g, o, (1, start, w), &mut sliced, &mut clamped)?,
                         });
                     }
                     g.add(node.op.clone(), node.dtype, vec![n, w], &o2, &node.origin)?
@@ -359,7 +359,7 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
                     }
                     Consumer::Pick => {
                         let x = clone[&ops[0]];
-                        let hit = one_hot(g, ops[1], start, w, n, v, o, &mut clamped)?;
+                        let hit = one_hot(g, ops[1], (1, start, w), n, v, o, &mut clamped)?;
                         let zero = g.add(Op::Const { value: 0.0 }, cn.dtype, vec![], &[], o)?;
                         let zero = g.add(Op::Broadcast, cn.dtype, vec![n, w], &[zero], o)?;
                         let sel = g.add(Op::Select, cn.dtype, vec![n, w], &[hit, x, zero], o)?;
@@ -450,7 +450,7 @@ fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError>
 /// The `transpose(L @ region)` consumers `chunked` (`[V, K]`, `L: [K, N]`) as sums over row
 /// chunks `r` of N: `Σ_r region_rᵀ @ L[:, r]ᵀ`, with `region_rᵀ` (`[V, R]`) recomputed
 /// transposed: the product as `Bᵀ @ A_rᵀ`, every region node at `[V, R]`, and each outside
-/// value as the transpose of its row chunk (`row_slice_of`, views the kernels read in
+/// value as the transpose of its row chunk (`slice_of` along rows, views the kernels read in
 /// place). Row fusion then computes each chunk strip by strip of V with the consumer's
 /// matmul as its trailing matmul: nothing `[V, R]` is stored. The sums go in `acc`.
 fn recompute_transposed(
@@ -500,7 +500,7 @@ fn recompute_transposed(
                     ops.push(match clone.get(&op) {
                         Some(c) => *c,
                         None => {
-                            let rs = row_slice_of(g, op, r0, r, v, &mut sliced, clamped)?;
+                            let rs = slice_of(g, op, (0, r0, r), &mut sliced, clamped)?;
                             let dt = g.node(rs).dtype;
                             g.add(t01.clone(), dt, vec![v, r], &[rs], o)?
                         }
@@ -522,66 +522,6 @@ fn recompute_transposed(
         }
     }
     Ok(())
-}
-
-/// Rows `start..start + rows` of an outside `[N, V]` value (`slice_of` along the other
-/// axis): broadcasts and elementwise expressions stay views of their sliced leaves, a
-/// one-hot `scatter_add` becomes a select, anything else is a slice of its buffer.
-fn row_slice_of(
-    g: &mut Graph,
-    x: NodeId,
-    start: usize,
-    rows: usize,
-    v: usize,
-    memo: &mut HashMap<NodeId, NodeId>,
-    clamped: &mut HashMap<NodeId, NodeId>,
-) -> Result<NodeId, IrError> {
-    if let Some(s) = memo.get(&x) {
-        return Ok(*s);
-    }
-    let node = g.node(x).clone();
-    let ops = g.operands(x);
-    let n = node.shape[0];
-    let o = &node.origin;
-    // Rows of an `[N, c]` value (`c` is 1 or V).
-    let rows_of = |g: &mut Graph, y: NodeId| -> Result<NodeId, IrError> {
-        let yn = g.node(y).clone();
-        g.add(Op::Slice { axis: 0, start }, yn.dtype, vec![rows, yn.shape[1]], &[y], &yn.origin)
-    };
-    let new = match &node.op {
-        Op::Broadcast => {
-            let src = g.node(ops[0]).clone();
-            // NumPy alignment at the right: only a rank-2 operand has an axis along N.
-            let src2 = if src.shape.len() == 2 && src.shape[0] == n && n != 1 { rows_of(g, ops[0])? } else { ops[0] };
-            g.add(Op::Broadcast, node.dtype, vec![rows, v], &[src2], o)?
-        }
-        op if elementwise(op) => {
-            let mut o2 = vec![];
-            for a in ops {
-                o2.push(row_slice_of(g, a, start, rows, v, memo, clamped)?);
-            }
-            g.add(node.op.clone(), node.dtype, vec![rows, v], &o2, o)?
-        }
-        Op::ScatterAdd { axis: 1 } if g.node(ops[1]).shape == [n, 1] && g.node(ops[2]).shape == [n, 1] => {
-            let base = row_slice_of(g, ops[0], start, rows, v, memo, clamped)?;
-            // The one-hot of the chunk's rows: the column index is the (clamped) target.
-            let idx = clamp_index(g, ops[1], n, v, o, clamped)?;
-            let it = g.node(idx).dtype;
-            let idx_r = rows_of(g, idx)?;
-            let c = g.add(Op::Broadcast, it, vec![rows, v], &[idx_r], o)?;
-            let col = g.add(Op::Iota { axis: 1 }, it, vec![rows, v], &[], o)?;
-            let hit = g.add(Op::Binary(Bin::Eq), Dtype::Bool, vec![rows, v], &[col, c], o)?;
-            let vals_r = rows_of(g, ops[2])?;
-            let vals = g.add(Op::Broadcast, node.dtype, vec![rows, v], &[vals_r], o)?;
-            let zero = g.add(Op::Const { value: 0.0 }, node.dtype, vec![], &[], o)?;
-            let zero = g.add(Op::Broadcast, node.dtype, vec![rows, v], &[zero], o)?;
-            let add = g.add(Op::Select, node.dtype, vec![rows, v], &[hit, vals, zero], o)?;
-            g.add(Op::Binary(Bin::Add), node.dtype, vec![rows, v], &[base, add], o)?
-        }
-        _ => g.add(Op::Slice { axis: 0, start }, node.dtype, vec![rows, v], &[x], o)?,
-    };
-    memo.insert(x, new);
-    Ok(new)
 }
 
 /// A row sum computed online with its row maximum (see `block`).
@@ -711,26 +651,29 @@ fn combine(
     Ok(())
 }
 
-/// `bool[N, w]`: whether column `start + j` is row i's (clamped) index in `idx: [N, 1]`.
-/// The clamped index is computed once per `idx` (`clamped`), not once per block: each copy
+/// A part of `one_hot(idx)` (`bool[N, V]`: whether column j is row i's clamped index in
+/// `idx: [N, 1]`): along `axis`, `len` columns (axis 1) or rows (axis 0) from `start`. The
+/// clamped index is computed once per `idx` (`clamped`), not once per block: each copy
 /// would be a buffer of its own, all alive from the first block to the last.
 #[allow(clippy::too_many_arguments)]
 fn one_hot(
     g: &mut Graph,
     idx: NodeId,
-    start: usize,
-    w: usize,
+    (axis, start, len): (usize, usize, usize),
     n: usize,
     v: usize,
     o: &str,
     clamped: &mut HashMap<NodeId, NodeId>,
 ) -> Result<NodeId, IrError> {
     let it = g.node(idx).dtype;
+    let mut shape = vec![n, v];
+    shape[axis] = len;
     let c = clamp_index(g, idx, n, v, o, clamped)?;
-    let c = g.add(Op::Broadcast, it, vec![n, w], &[c], o)?;
+    let c = if axis == 0 { g.add(Op::Slice { axis: 0, start }, it, vec![len, 1], &[c], o)? } else { c };
+    let c = g.add(Op::Broadcast, it, shape.clone(), &[c], o)?;
     let col = g.add(Op::Iota { axis: 1 }, it, vec![n, v], &[], o)?;
-    let col = g.add(Op::Slice { axis: 1, start }, it, vec![n, w], &[col], o)?;
-    g.add(Op::Binary(Bin::Eq), Dtype::Bool, vec![n, w], &[col, c], o)
+    let col = g.add(Op::Slice { axis, start }, it, shape.clone(), &[col], o)?;
+    g.add(Op::Binary(Bin::Eq), Dtype::Bool, shape, &[col, c], o)
 }
 
 /// `idx: [N, 1]` clamped to `0..V`, made once per `idx` (`clamped`).
@@ -756,15 +699,14 @@ fn clamp_index(
     Ok(c)
 }
 
-/// Columns `start..start + w` of an outside `[N, V]` value. Elementwise expressions over
-/// broadcasts are cloned with their leaves sliced (so they stay fusible); a one-hot
-/// `scatter_add` becomes a select; anything else is a slice of its buffer.
+/// Columns (`axis` 1) or rows (`axis` 0) `start..start + len` of an outside `[N, V]` value.
+/// Elementwise expressions over broadcasts are cloned with their leaves sliced (so they stay
+/// fusible: nothing `[N, V]` is materialized); a one-hot `scatter_add` becomes a select;
+/// anything else is a slice of its buffer.
 fn slice_of(
     g: &mut Graph,
     x: NodeId,
-    start: usize,
-    w: usize,
-    v: usize,
+    (axis, start, len): (usize, usize, usize),
     memo: &mut HashMap<NodeId, NodeId>,
     clamped: &mut HashMap<NodeId, NodeId>,
 ) -> Result<NodeId, IrError> {
@@ -773,38 +715,52 @@ fn slice_of(
     }
     let node = g.node(x).clone();
     let ops = g.operands(x);
-    let n = node.shape[0];
+    let (n, v) = (node.shape[0], node.shape[1]);
+    let mut shape = node.shape.clone();
+    shape[axis] = len;
     let o = &node.origin;
+    // An `[N, 1]` value's part along `axis` (its rows, or all of it).
+    let part = |g: &mut Graph, y: NodeId| -> Result<NodeId, IrError> {
+        let yn = g.node(y).clone();
+        if axis == 1 {
+            return Ok(y);
+        }
+        g.add(Op::Slice { axis: 0, start }, yn.dtype, vec![len, 1], &[y], &yn.origin)
+    };
     let new = match &node.op {
         Op::Broadcast => {
             let src = g.node(ops[0]).clone();
-            // The operand's last axis lines up with V (NumPy alignment at the right).
-            let src2 = if src.shape.last() == Some(&v) {
-                let mut s = src.shape.clone();
-                *s.last_mut().unwrap() = w;
-                g.add(Op::Slice { axis: src.shape.len() - 1, start }, src.dtype, s, &[ops[0]], &src.origin)?
-            } else {
-                ops[0]
+            // NumPy alignment at the right: the operand's axis `i` is the result's
+            // `i + 2 − rank`; it is sliced where it has the sliced axis's full length.
+            let off = 2 - src.shape.len().min(2);
+            let src2 = match axis.checked_sub(off) {
+                Some(i) if src.shape[i] == node.shape[axis] && node.shape[axis] != 1 => {
+                    let mut s = src.shape.clone();
+                    s[i] = len;
+                    g.add(Op::Slice { axis: i, start }, src.dtype, s, &[ops[0]], &src.origin)?
+                }
+                _ => ops[0],
             };
-            g.add(Op::Broadcast, node.dtype, vec![n, w], &[src2], o)?
+            g.add(Op::Broadcast, node.dtype, shape, &[src2], o)?
         }
         op if elementwise(op) => {
             let mut o2 = vec![];
             for a in ops {
-                o2.push(slice_of(g, a, start, w, v, memo, clamped)?);
+                o2.push(slice_of(g, a, (axis, start, len), memo, clamped)?);
             }
-            g.add(node.op.clone(), node.dtype, vec![n, w], &o2, o)?
+            g.add(node.op.clone(), node.dtype, shape, &o2, o)?
         }
         Op::ScatterAdd { axis: 1 } if g.node(ops[1]).shape == [n, 1] && g.node(ops[2]).shape == [n, 1] => {
-            let base = slice_of(g, ops[0], start, w, v, memo, clamped)?;
-            let hit = one_hot(g, ops[1], start, w, n, v, o, clamped)?;
-            let vals = g.add(Op::Broadcast, node.dtype, vec![n, w], &[ops[2]], o)?;
+            let base = slice_of(g, ops[0], (axis, start, len), memo, clamped)?;
+            let hit = one_hot(g, ops[1], (axis, start, len), n, v, o, clamped)?;
+            let vals = part(g, ops[2])?;
+            let vals = g.add(Op::Broadcast, node.dtype, shape.clone(), &[vals], o)?;
             let zero = g.add(Op::Const { value: 0.0 }, node.dtype, vec![], &[], o)?;
-            let zero = g.add(Op::Broadcast, node.dtype, vec![n, w], &[zero], o)?;
-            let add = g.add(Op::Select, node.dtype, vec![n, w], &[hit, vals, zero], o)?;
-            g.add(Op::Binary(Bin::Add), node.dtype, vec![n, w], &[base, add], o)?
+            let zero = g.add(Op::Broadcast, node.dtype, shape.clone(), &[zero], o)?;
+            let add = g.add(Op::Select, node.dtype, shape.clone(), &[hit, vals, zero], o)?;
+            g.add(Op::Binary(Bin::Add), node.dtype, shape, &[base, add], o)?
         }
-        _ => g.add(Op::Slice { axis: 1, start }, node.dtype, vec![n, w], &[x], o)?,
+        _ => g.add(Op::Slice { axis, start }, node.dtype, shape, &[x], o)?,
     };
     memo.insert(x, new);
     Ok(new)

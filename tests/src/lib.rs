@@ -248,3 +248,35 @@ pub fn stdlib_graphs() -> Vec<(String, compiler::ir::Graph)> {
     }
     out
 }
+
+/// Adds `y = -h + softmax_unnormalized(x @ w) @ u` to `g` (inputs `x{i}: [m, k]`,
+/// `w{i}: [k, n]`, `u{i}: [n, d]`, `h{i}: [m, d]` at argument indices `first..first + 4`;
+/// the exponentials in f32, cast back to `dt`): the shape of the hidden state's gradient in
+/// the linear cross-entropy, a row-fused group whose softmax block feeds a trailing matmul
+/// and nothing else. Returns `y` and the row maximum.
+pub fn softmax_matmul(
+    g: &mut compiler::ir::Graph,
+    first: usize,
+    i: usize,
+    dt: Dtype,
+    (m, k, n, d): (usize, usize, usize, usize),
+) -> (compiler::ir::NodeId, compiler::ir::NodeId) {
+    use compiler::ir::{Bin, Op, Red, Un};
+    let mut input = |j: usize, name: &str, shape: Vec<usize>| {
+        g.add(Op::Input { index: first + j, name: format!("{name}{i}") }, dt, shape, &[], name).unwrap()
+    };
+    let (x, w, u, h) =
+        (input(0, "x", vec![m, k]), input(1, "w", vec![k, n]), input(2, "u", vec![n, d]), input(3, "h", vec![m, d]));
+    let h = g.add(Op::Unary(Un::Neg), dt, vec![m, d], &[h], "h").unwrap();
+    let z = g.add(Op::MatMul, dt, vec![m, n], &[x, w], "z").unwrap();
+    let zf = g.add(Op::Cast, Dtype::F32, vec![m, n], &[z], "z").unwrap();
+    let mx = g.add(Op::Reduce { op: Red::Max, axes: vec![1] }, Dtype::F32, vec![m], &[zf], "max").unwrap();
+    let r = g.add(Op::Reshape, Dtype::F32, vec![m, 1], &[mx], "max").unwrap();
+    let b = g.add(Op::Broadcast, Dtype::F32, vec![m, n], &[r], "max").unwrap();
+    let e = g.add(Op::Binary(Bin::Sub), Dtype::F32, vec![m, n], &[zf, b], "sub").unwrap();
+    let e = g.add(Op::Unary(Un::Exp), Dtype::F32, vec![m, n], &[e], "exp").unwrap();
+    let e = g.add(Op::Cast, dt, vec![m, n], &[e], "exp").unwrap();
+    let y = g.add(Op::MatMul, dt, vec![m, d], &[e, u], "y").unwrap();
+    let y = g.add(Op::Binary(Bin::Add), dt, vec![m, d], &[h, y], "y").unwrap();
+    (y, mx)
+}

@@ -596,7 +596,7 @@ fn same_bits_fused_and_unfused(g: &Graph, fused: &Program, plain: &Program, what
 /// here a `[16, 20]` or `[48, 3]` strip of `y` would sum k in another order).
 #[test]
 fn a_row_fused_group_multiplies_its_strip_without_storing_it() {
-    use compiler::ir::{Bin, Red, Un};
+    use compiler::ir::Un;
     for (dtype, m, k, n, d, seen) in [
         (Dtype::F32, 70usize, 12usize, 280usize, 20usize, "FMA"),
         (Dtype::BF16, 70, 12, 540, 20, "FMA"),
@@ -606,21 +606,7 @@ fn a_row_fused_group_multiplies_its_strip_without_storing_it() {
     ] {
         let what = format!("{dtype} h + softmax(x @ w) @ u, m={m} k={k} n={n} d={d} ({seen})");
         let mut g = Graph::new("strip");
-        let x = g.add(Op::Input { index: 0, name: "x".into() }, dtype, vec![m, k], &[], "x").unwrap();
-        let w = g.add(Op::Input { index: 1, name: "w".into() }, dtype, vec![k, n], &[], "w").unwrap();
-        let u = g.add(Op::Input { index: 2, name: "u".into() }, dtype, vec![n, d], &[], "u").unwrap();
-        let h = g.add(Op::Input { index: 3, name: "h".into() }, dtype, vec![m, d], &[], "h").unwrap();
-        let h = g.add(Op::Unary(Un::Neg), dtype, vec![m, d], &[h], "h").unwrap();
-        let z = g.add(Op::MatMul, dtype, vec![m, n], &[x, w], "z").unwrap();
-        let zf = g.add(Op::Cast, Dtype::F32, vec![m, n], &[z], "z").unwrap();
-        let mx = g.add(Op::Reduce { op: Red::Max, axes: vec![1] }, Dtype::F32, vec![m], &[zf], "max").unwrap();
-        let r = g.add(Op::Reshape, Dtype::F32, vec![m, 1], &[mx], "max").unwrap();
-        let b = g.add(Op::Broadcast, Dtype::F32, vec![m, n], &[r], "max").unwrap();
-        let e = g.add(Op::Binary(Bin::Sub), Dtype::F32, vec![m, n], &[zf, b], "sub").unwrap();
-        let e = g.add(Op::Unary(Un::Exp), Dtype::F32, vec![m, n], &[e], "exp").unwrap();
-        let e = g.add(Op::Cast, dtype, vec![m, n], &[e], "exp").unwrap();
-        let y = g.add(Op::MatMul, dtype, vec![m, d], &[e, u], "y").unwrap();
-        let y = g.add(Op::Binary(Bin::Add), dtype, vec![m, d], &[h, y], "y").unwrap();
+        let (y, mx) = tests::softmax_matmul(&mut g, 0, 0, dtype, (m, k, n, d));
         let t = g.add(Op::Unary(Un::Tanh), dtype, vec![m, d], &[y], "t").unwrap();
         g.outputs.push(("t".into(), t));
         g.outputs.push(("max".into(), mx));

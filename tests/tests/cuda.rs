@@ -97,30 +97,13 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
     // Row-fused groups ending with a trailing matmul `h + softmax(x @ w) @ u` whose left
     // operand is a strip in shared memory: FMA tiles in f32, tensor cores in bf16.
     {
-        use compiler::ir::{Bin, Graph, Op, Red, Un};
+        use compiler::ir::Graph;
         use lang::types::Dtype;
         let mut g = Graph::new("row_fused_trailing");
         for (i, (dt, m, n, d)) in
             [(Dtype::F32, 40usize, 50usize, 20usize), (Dtype::BF16, 70, 64, 72)].into_iter().enumerate()
         {
-            let input = |g: &mut Graph, j: usize, name: &str, shape: Vec<usize>| {
-                g.add(Op::Input { index: 4 * i + j, name: format!("{name}{i}") }, dt, shape, &[], name).unwrap()
-            };
-            let x = input(&mut g, 0, "x", vec![m, 33]);
-            let w = input(&mut g, 1, "w", vec![33, n]);
-            let u = input(&mut g, 2, "u", vec![n, d]);
-            let h = input(&mut g, 3, "h", vec![m, d]);
-            let h = g.add(Op::Unary(Un::Neg), dt, vec![m, d], &[h], "h").unwrap();
-            let z = g.add(Op::MatMul, dt, vec![m, n], &[x, w], "z").unwrap();
-            let zf = g.add(Op::Cast, Dtype::F32, vec![m, n], &[z], "z").unwrap();
-            let mx = g.add(Op::Reduce { op: Red::Max, axes: vec![1] }, Dtype::F32, vec![m], &[zf], "max").unwrap();
-            let r = g.add(Op::Reshape, Dtype::F32, vec![m, 1], &[mx], "max").unwrap();
-            let b = g.add(Op::Broadcast, Dtype::F32, vec![m, n], &[r], "max").unwrap();
-            let e = g.add(Op::Binary(Bin::Sub), Dtype::F32, vec![m, n], &[zf, b], "sub").unwrap();
-            let e = g.add(Op::Unary(Un::Exp), Dtype::F32, vec![m, n], &[e], "exp").unwrap();
-            let e = g.add(Op::Cast, dt, vec![m, n], &[e], "exp").unwrap();
-            let y = g.add(Op::MatMul, dt, vec![m, d], &[e, u], "y").unwrap();
-            let y = g.add(Op::Binary(Bin::Add), dt, vec![m, d], &[h, y], "y").unwrap();
+            let (y, _) = tests::softmax_matmul(&mut g, 4 * i, i, dt, (m, 33, n, d));
             g.outputs.push((format!("y{i}"), y));
         }
         let p = compiler::kernel::schedule(&g).unwrap();
