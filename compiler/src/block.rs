@@ -47,8 +47,9 @@
 //! (five where the naive formula needs three, the Cut Cross-Entropy kernel four with atomic
 //! adds, which would make the gradients nondeterministic), and in 16-bit dtypes the
 //! classifier's gradient is rounded once per chunk of rows (as the hidden state's is once
-//! per block). The CPU keeps the stored block: there memory is plentiful and the product
-//! costs time.
+//! per block). Blocks are then also at most `chunk_rows` columns wide, so that row fusion
+//! takes every block whatever N is (at N = 1024 the 8 MiB default would be 4,096 columns).
+//! The CPU keeps the stored block: there memory is plentiful and the product costs time.
 
 use crate::ir::{Bin, Graph, IrError, NodeId, Op, Red};
 use crate::passes::PassReport;
@@ -67,7 +68,9 @@ pub struct BlockOptions {
     /// recomputation of the region in row chunks, transposed (`[V, R]`), instead of from the
     /// column blocks: no block of the region is then read by two consumers, so row fusion
     /// keeps every block on chip (no gradient block is stored), at the cost of one more
-    /// product (see the module notes). The CUDA target's default.
+    /// product (see the module notes). The CUDA target's default. Blocks are then at most
+    /// `chunk_rows` columns wide (unless `cols` fixes the width), so that row fusion keeps
+    /// each block and its gradient on chip whatever N is.
     pub recompute_columns: bool,
 }
 
@@ -175,9 +178,11 @@ fn elementwise(op: &Op) -> bool {
 fn block(g: &mut Graph, z: NodeId, opts: &BlockOptions) -> Result<bool, IrError> {
     let (n, v) = (g.node(z).shape[0], g.node(z).shape[1]);
     let nv = vec![n, v];
-    let cols = opts
-        .cols
-        .unwrap_or_else(|| (opts.block_bytes / (n * crate::plan::dtype_bytes(g.node(z).dtype)).max(1)).clamp(16, 4096));
+    let elem = crate::plan::dtype_bytes(g.node(z).dtype);
+    // Recomputing the classifier's gradient (the CUDA target), blocks are also narrow
+    // enough for row fusion to keep a block and its gradient on chip (`chunk_rows`).
+    let fit = if opts.recompute_columns { chunk_rows(elem) } else { 4096 };
+    let cols = opts.cols.unwrap_or_else(|| (opts.block_bytes / (n * elem).max(1)).clamp(16, 4096).min(fit));
     if cols >= v {
         return Ok(false);
     }

@@ -363,6 +363,17 @@ fn linear_cross_entropy_graph(n: usize, d: usize, v: usize) -> Graph {
 /// The same at `dtype` (f16/bf16: the classifier product in 16 bits, the loss in f32, as a
 /// user writes it: `cross_entropy(f32(hidden @ classifier^T), targets)`).
 fn linear_cross_entropy_graph_of(dtype: Dtype, n: usize, d: usize, v: usize) -> Graph {
+    linear_cross_entropy_graph_for(dtype, n, d, v, compiler::passes::Target::Cpu)
+}
+
+/// [`linear_cross_entropy_graph_of`] after the pipeline for `target`.
+fn linear_cross_entropy_graph_for(
+    dtype: Dtype,
+    n: usize,
+    d: usize,
+    v: usize,
+    target: compiler::passes::Target,
+) -> Graph {
     let loader = stdlib_loader();
     let mut db = SourceDb::new();
     let (root, m, name) = if dtype == Dtype::F32 {
@@ -386,8 +397,31 @@ fn linear_cross_entropy_graph_of(dtype: Dtype, n: usize, d: usize, v: usize) -> 
         ("targets".to_string(), t(Dtype::I32, &[n])),
     ];
     let mut g = compiler::entry::function(mods, &db, item, &args, true).unwrap();
-    compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+    compiler::passes::run_pipeline_for(&mut g, None, &mut vec![], target).unwrap();
     g
+}
+
+/// On the CUDA target the default pipeline keeps nothing of a blocked linear cross-entropy
+/// in memory but its gradients and row statistics, whatever N is: blocks are at most
+/// `chunk_rows` columns wide there, so row fusion takes each of them (at N = 1024 the 8 MiB
+/// default width would be 4,096 columns, too wide to keep on chip). Plans only.
+#[test]
+fn the_cuda_target_keeps_no_block_of_a_linear_cross_entropy() {
+    for (dtype, n, d, v) in
+        [(Dtype::BF16, 1024usize, 16usize, 16384usize), (Dtype::F32, 1024, 16, 8192), (Dtype::BF16, 8192, 16, 2400)]
+    {
+        let what = format!("{dtype} linear_cross_entropy N={n} D={d} V={v} for CUDA");
+        let g = linear_cross_entropy_graph_for(dtype, n, d, v, compiler::passes::Target::Cuda);
+        let p = compiler::kernel::schedule(&g).unwrap();
+        p.verify().unwrap();
+        assert!(!p.row_groups.is_empty(), "{what}: not blocked");
+        for b in p.buffers.iter().filter(|b| b.kind == compiler::kernel::BufKind::Temp && b.born.is_some()) {
+            assert!(b.shape.len() < 2 || b.shape[1] == d || b.shape[1] == 1, "{what}: {b:?} stored:\n{}", p.report());
+        }
+        // The CPU's plan of the same loss keeps a block of the logits' gradient.
+        let cpu = compiler::kernel::schedule(&linear_cross_entropy_graph_of(dtype, n, d, v)).unwrap();
+        assert!(cpu.arena_bytes > p.arena_bytes, "{what}: {} on the CPU, {} for CUDA", cpu.arena_bytes, p.arena_bytes);
+    }
 }
 
 /// In bf16 and f16 the blocked linear cross-entropy runs its products as matmul kernels
