@@ -365,11 +365,15 @@ at build time.",
 "`recipec build --target cuda` generates the CUDA C of the entry point and, where the tools \
 are installed, compiles it with NVRTC and assembles it with `ptxas` for the chosen \
 architecture (`--arch sm_80` or `sm_90`). A kernel that needs more than 1024 threads or 48 KiB \
-of static shared memory per block, or a translation unit NVRTC or `ptxas` rejects, is reported \
-here, before anything is launched, with a command that reproduces the failure.",
+of static shared memory per block, or a grid of more than 65,535 blocks down or deep (a \
+matmul's row tiles of 64 and its batch: more than 4,194,240 rows or 65,535 batched products), \
+or a translation unit NVRTC or `ptxas` rejects, is reported here, before anything is launched, \
+with a command that reproduces the failure. `--backend cuda` (`eval`, `train`) checks the same \
+limits before it compiles or copies anything.",
 "recipec build stdlib/loss.recipe --item linear_cross_entropy --grad --shape hidden=f32[8192, 2304] ... --target cuda --arch sm_75",
-"Choose `--arch sm_80` or `sm_90`; a kernel over the limits or a compiler failure is a bug in \
-recipec's CUDA generator: report it with the printed command.";
+"Choose `--arch sm_80` or `sm_90`; for a grid over the limits, fewer rows or batched products \
+per call; a kernel over the other limits or a compiler failure is a bug in recipec's CUDA \
+generator: report it with the printed command.";
 
 "E0601", "the recipe cannot be trained as written",
 "`recipec train` (and `recipec sample`) build every graph of the recipe before anything runs: \

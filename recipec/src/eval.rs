@@ -498,8 +498,8 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             u.launches.iter().filter(|l| l.runs_code()).map(|l| l.name.as_str()).collect();
         println!("  {} device functions (launches of the same code with other buffers share one)", functions.len());
         println!(
-            "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>8} {:>6} {:>8}",
-            "kernel", "kind", "launches", "grid", "block", "smem", "regs", "spilled"
+            "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>12} {:>6} {:>8} {:>6}",
+            "kernel", "kind", "launches", "grid", "block", "smem", "regs", "spilled", "stack"
         );
         // One row per device function (at its first launch), and one per host kernel.
         let mut shown: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
@@ -509,22 +509,28 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             }
             let count = if l.kind == "host" { 1 } else { u.launches.iter().filter(|m| m.name == l.name).count() };
             let k = usage.as_ref().and_then(|v| v.iter().find(|k| k.name == l.name));
-            let (regs, spill) = match k {
-                Some(k) => (k.registers.to_string(), format!("{} B", k.spill_bytes)),
-                None if l.kind == "host" => ("-".into(), "-".into()),
-                None => ("?".into(), "?".into()),
+            let (regs, spill, stack) = match k {
+                Some(k) => (k.registers.to_string(), format!("{} B", k.spill_bytes), format!("{} B", k.stack_bytes)),
+                None if l.kind == "host" => ("-".into(), "-".into(), "-".into()),
+                None => ("?".into(), "?".into(), "?".into()),
             };
             let name = if l.kind == "host" { format!("({})", l.kernel) } else { l.name.clone() };
+            // Static shared memory, plus the dynamic strips a launch opts in to.
+            let smem = match l.dynamic_shared {
+                0 => l.shared_bytes.to_string(),
+                d => format!("{}+{d}", l.shared_bytes),
+            };
             println!(
-                "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>8} {:>6} {:>8}",
+                "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>12} {:>6} {:>8} {:>6}",
                 name,
                 l.kind,
                 count,
                 format!("{:?}", l.grid),
                 format!("{:?}", l.block),
-                l.shared_bytes,
+                smem,
                 regs,
-                spill
+                spill,
+                stack
             );
         }
         Ok(())

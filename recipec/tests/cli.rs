@@ -479,10 +479,13 @@ fn build_target_cuda_compiles_and_reports_each_kernel() {
     match tools {
         Ok(_) => {
             assert!(out_dir.join("sparse_gpt.sm_80.cubin").exists(), "{stderr}");
+            // Each row ends `regs spilled B stack B`.
             for k in &kernels {
-                let regs: u32 =
-                    k.split_whitespace().rev().nth(2).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("{k}"));
-                assert!((1..=255).contains(&regs), "{k}");
+                let col = |i: usize| -> u32 {
+                    k.split_whitespace().rev().nth(i).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("{k}"))
+                };
+                assert!((1..=255).contains(&col(4)), "{k}");
+                assert!(col(3) == 0 && col(1) <= 48, "spills or local memory: {k}");
             }
         }
         Err(why) => {

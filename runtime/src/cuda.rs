@@ -88,12 +88,24 @@ pub struct KernelUsage {
     pub registers: u32,
     pub spill_bytes: u64,
     pub shared_bytes: u64,
+    /// Local memory per thread (`bytes stack frame`): arrays indexed at run time and
+    /// libm's slow paths; spills are counted in `spill_bytes`.
+    pub stack_bytes: u64,
 }
 
-/// The limits every `sm_80`/`sm_90` kernel of a unit must fit without opting in to more:
-/// 1024 threads per block, 48 KiB of static shared memory per block.
+/// The limits every `sm_80`/`sm_90` kernel of a unit must fit: 1024 threads per block, 48 KiB
+/// of static shared memory per block (163 KiB with the dynamic memory a launch opts in to), a
+/// grid of at most
+/// 2³¹ − 1 blocks across and 65,535 down and deep (a matmul's row tiles and batch).
 pub fn check_launches(unit: &codegen_cuda::Unit) -> Result<(), String> {
     for l in unit.launches.iter().filter(|l| l.runs_code()) {
+        let limits = [(1u64 << 31) - 1, 65535, 65535];
+        if let Some(d) = (0..3).find(|&d| l.grid[d] as u64 > limits[d] || l.grid[d] == 0) {
+            return Err(format!(
+                "kernel {} of `{}` needs a grid of {:?} blocks (at most {:?}; dimension {d} is over)",
+                l.name, unit.name, l.grid, limits
+            ));
+        }
         let threads: u64 = l.block.iter().map(|&b| b as u64).product();
         if threads > 1024 {
             return Err(format!(
@@ -105,6 +117,15 @@ pub fn check_launches(unit: &codegen_cuda::Unit) -> Result<(), String> {
             return Err(format!(
                 "kernel {} of `{}` needs {} bytes of shared memory per block (at most 49152 without opting in)",
                 l.name, unit.name, l.shared_bytes
+            ));
+        }
+        if l.shared_bytes + l.dynamic_shared > codegen_cuda::OPT_IN_SHARED {
+            return Err(format!(
+                "kernel {} of `{}` needs {} bytes of shared memory per block with its dynamic strips (at most {} on sm_80)",
+                l.name,
+                unit.name,
+                l.shared_bytes + l.dynamic_shared,
+                codegen_cuda::OPT_IN_SHARED
             ));
         }
     }
@@ -190,17 +211,25 @@ pub fn memory_info() -> Result<(usize, usize), RunError> {
 /// The per-kernel lines of a `ptxas -v` log.
 fn parse_ptxas(log: &str) -> Vec<KernelUsage> {
     let mut out: Vec<KernelUsage> = vec![];
+    // Whose properties the next lines give (an entry's or a device function's it calls).
+    let mut props = String::new();
     for line in log.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            props = rest.trim().to_string();
+        }
         let num = |key: &str| -> Option<u64> {
             let i = line.find(key)?;
             line[..i].split_whitespace().last()?.parse().ok()
         };
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
-            out.push(KernelUsage { name, registers: 0, spill_bytes: 0, shared_bytes: 0 });
+            out.push(KernelUsage { name, registers: 0, spill_bytes: 0, shared_bytes: 0, stack_bytes: 0 });
         } else if let Some(k) = out.last_mut() {
             if let Some(s) = num(" bytes spill stores") {
                 k.spill_bytes += s;
+            }
+            if let Some(s) = num(" bytes stack frame").filter(|_| props == k.name) {
+                k.stack_bytes = s;
             }
             if line.contains("Used") && line.contains("registers") {
                 k.registers = num(" registers").unwrap_or(0) as u32;
@@ -404,8 +433,19 @@ impl CudaExecutable {
     /// [`CudaExecutable::new`], running in the GPU arena of `arenas` with the programs
     /// compiled there.
     pub fn new_in(program: Program, arenas: &crate::Arenas) -> Result<CudaExecutable, RunError> {
+        Self::with_options(program, arenas, &codegen_cuda::EmitOptions::from_env())
+    }
+
+    /// [`CudaExecutable::new_in`] with the CUDA C emitted with `opts`.
+    pub fn with_options(
+        program: Program,
+        arenas: &crate::Arenas,
+        opts: &codegen_cuda::EmitOptions,
+    ) -> Result<CudaExecutable, RunError> {
         available()?;
-        let unit = codegen_cuda::emit(&program).map_err(RunError)?;
+        let unit = codegen_cuda::emit_with(&program, opts).map_err(RunError)?;
+        // A launch over the device's limits fails here, before anything is compiled or copied.
+        check_launches(&unit).map_err(RunError)?;
         let ctx = CudaContext::new(0).map_err(|e| err("cannot open device 0", e))?;
         let cc = ctx.compute_capability().map_err(|e| err("compute capability", e))?;
         let opts = cudarc::nvrtc::CompileOptions {
@@ -422,7 +462,18 @@ impl CudaExecutable {
             functions.push(if !l.runs_code() {
                 None
             } else {
-                Some(module.load_function(&l.name).map_err(|e| err(&format!("kernel {}", l.name), e))?)
+                let f = module.load_function(&l.name).map_err(|e| err(&format!("kernel {}", l.name), e))?;
+                if l.dynamic_shared > 0 {
+                    // Dynamic shared memory past 48 KiB is opted in to per function.
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        l.dynamic_shared as i32,
+                    )
+                    .map_err(|e| {
+                        err(&format!("kernel {}: {} B of dynamic shared memory", l.name, l.dynamic_shared), e)
+                    })?;
+                }
+                Some(f)
             });
         }
         ctx.bind_to_thread().map_err(|e| err("bind", e))?;
@@ -558,7 +609,7 @@ impl CudaExecutable {
                     let cfg = LaunchConfig {
                         grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
                         block_dim: (l.block[0], l.block[1], l.block[2]),
-                        shared_mem_bytes: 0,
+                        shared_mem_bytes: l.dynamic_shared,
                     };
                     let mut b = self.stream.launch_builder(f);
                     b.arg(&starts[ki]);
@@ -644,13 +695,13 @@ mod tests {
     use super::*;
     #[test]
     fn ptxas_logs_are_read_per_kernel() {
-        let log = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'k0' for 'sm_90'\nptxas info    : Function properties for k0\n    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\nptxas info    : Used 40 registers, 2048 bytes smem, 380 bytes cmem[0]\nptxas info    : Compiling entry function 'k3' for 'sm_90'\nptxas info    : Function properties for k3\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 12 registers, 380 bytes cmem[0]\n";
+        let log = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'k0' for 'sm_90'\nptxas info    : Function properties for k0\n    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\nptxas info    : Used 40 registers, 2048 bytes smem, 380 bytes cmem[0]\nptxas info    : Function properties for __internal_trig_reduction_slowpathd\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Compiling entry function 'k3' for 'sm_90'\nptxas info    : Function properties for k3\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 12 registers, 380 bytes cmem[0]\n";
         let k = parse_ptxas(log);
         assert_eq!(
             k,
             vec![
-                KernelUsage { name: "k0".into(), registers: 40, spill_bytes: 4, shared_bytes: 2048 },
-                KernelUsage { name: "k3".into(), registers: 12, spill_bytes: 0, shared_bytes: 0 },
+                KernelUsage { name: "k0".into(), registers: 40, spill_bytes: 4, shared_bytes: 2048, stack_bytes: 8 },
+                KernelUsage { name: "k3".into(), registers: 12, spill_bytes: 0, shared_bytes: 0, stack_bytes: 0 },
             ]
         );
     }

@@ -97,8 +97,13 @@ fn kernel_text<'a>(source: &'a str, name: &str) -> &'a str {
 
 impl EmuExecutable {
     pub fn new(program: Program) -> Result<EmuExecutable, RunError> {
+        Self::with_options(program, &codegen_cuda::EmitOptions::from_env())
+    }
+
+    /// [`EmuExecutable::new`] with the CUDA C emitted with `opts`.
+    pub fn with_options(program: Program, opts: &codegen_cuda::EmitOptions) -> Result<EmuExecutable, RunError> {
         let cxx = compiler_path()?;
-        let unit = codegen_cuda::emit(&program).map_err(RunError)?;
+        let unit = codegen_cuda::emit_with(&program, opts).map_err(RunError)?;
         let dir = std::env::temp_dir().join(format!(
             "recipec-cuda-emu-{}-{}",
             std::process::id(),

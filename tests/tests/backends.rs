@@ -598,22 +598,25 @@ fn same_bits_fused_and_unfused(g: &Graph, fused: &Program, plain: &Program, what
     }
     for (backend, a, on) in &runners {
         let b = runtime::compile_program(plain.clone(), *on).unwrap();
-        for seed in [5u64, 6] {
-            let ins = inputs(g, seed);
-            let want: std::collections::BTreeMap<String, Tensor> =
-                runtime::run_tensors_on(&*b, &ins, seed).unwrap().into_iter().collect();
-            let got = runtime::run_tensors_on(&**a, &ins, seed).unwrap();
-            if let Some(emu) = a.emulator() {
-                same_bits_with_blocks_reversed(emu, &ins, seed, &got, &format!("{what} [{backend}]"));
-            }
-            for (name, t) in got {
-                let w = &want[&name];
-                for (i, (x, y)) in t.data.iter().zip(&w.data).enumerate() {
-                    assert!(
-                        x.to_bits() == y.to_bits(),
-                        "{what} [{backend}]: `{name}`[{i}] = {x} fused, {y} unfused (seed {seed})"
-                    );
-                }
+        same_bits_as_unfused(g, &**a, &*b, &format!("{what} [{backend}]"));
+    }
+}
+
+/// `fused` gives `unfused`'s bits on `g`'s inputs for two seeds (an emulator also with each
+/// launch's blocks in reverse order).
+fn same_bits_as_unfused(g: &Graph, fused: &dyn Runner, unfused: &dyn Runner, what: &str) {
+    for seed in [5u64, 6] {
+        let ins = inputs(g, seed);
+        let want: std::collections::BTreeMap<String, Tensor> =
+            runtime::run_tensors_on(unfused, &ins, seed).unwrap().into_iter().collect();
+        let got = runtime::run_tensors_on(fused, &ins, seed).unwrap();
+        if let Some(emu) = fused.emulator() {
+            same_bits_with_blocks_reversed(emu, &ins, seed, &got, what);
+        }
+        for (name, t) in got {
+            let w = &want[&name];
+            for (i, (x, y)) in t.data.iter().zip(&w.data).enumerate() {
+                assert!(x.to_bits() == y.to_bits(), "{what}: `{name}`[{i}] = {x} fused, {y} unfused (seed {seed})");
             }
         }
     }
@@ -670,6 +673,50 @@ fn a_row_fused_group_multiplies_its_strip_without_storing_it() {
             assert!(!unit.source.contains("rc_mma16816<1>(acc"), "{what}");
         }
         same_bits_fused_and_unfused(&g, &fused, &plain, &what);
+    }
+}
+
+/// Strips in the opt-in shared memory (`codegen_cuda::EmitOptions::row_shared`, the bench's
+/// `RECIPEC_CUDA_ROW_SHARED`): a bf16 group 576 columns wide (the widest the CUDA target
+/// blocks a cross-entropy) fits 16-row strips in 48 KiB and 64-row strips in dynamic shared
+/// memory (147,456 bytes); both give the unfused kernels' bits on the emulator, in both
+/// block orders, and on a GPU where there is one.
+#[test]
+fn row_fused_strips_in_opt_in_shared_memory_give_the_same_bits() {
+    let (dtype, m, k, n, d) = (Dtype::BF16, 100usize, 24usize, 576usize, 72usize);
+    let mut g = Graph::new("strip");
+    let (y, mx) = tests::softmax_matmul(&mut g, 0, 0, dtype, (m, k, n, d));
+    g.outputs.push(("y".into(), y));
+    g.outputs.push(("max".into(), mx));
+    let fused = compiler::kernel::schedule(&g).unwrap();
+    let plain = compiler::kernel::schedule_with(&g, &compiler::kernel::ScheduleOptions { fuse_rows: false }).unwrap();
+    assert_eq!(fused.row_groups.len(), 1, "{}", fused.text());
+    for (row_shared, dynamic) in [(codegen_cuda::ROW_SHARED, 0), (codegen_cuda::OPT_IN_SHARED, 64 * 576 * 2 * 2)] {
+        let opts = codegen_cuda::EmitOptions { row_shared };
+        let unit = codegen_cuda::emit_with(&fused, &opts).unwrap();
+        let launch = unit.launches.iter().find(|l| l.kind == "fused").unwrap();
+        assert_eq!(launch.dynamic_shared, dynamic, "{}", unit.launch_table());
+        runtime::cuda::check_launches(&unit).unwrap();
+        // Each against the same device's unfused kernels (the tensor cores' order within a
+        // step of 16 is the hardware's, so a device's bits are its own).
+        let mut runners: Vec<(&str, Box<dyn Runner>, Box<dyn Runner>)> = vec![];
+        match runtime::cuda_emu::EmuExecutable::with_options(fused.clone(), &opts) {
+            Ok(e) => {
+                let unfused = runtime::cuda_emu::EmuExecutable::new(plain.clone()).unwrap();
+                runners.push(("emulator", Box::new(e), Box::new(unfused)))
+            }
+            Err(e) if std::env::var("RECIPEC_REQUIRE_CUDA_EMU").as_deref() == Ok("1") => panic!("{e}"),
+            Err(e) => eprintln!("the CUDA emulator is skipped: {e}"),
+        }
+        if runtime::cuda::available().is_ok() {
+            let arenas = runtime::Arenas::default();
+            let gpu = runtime::cuda::CudaExecutable::with_options(fused.clone(), &arenas, &opts).unwrap();
+            let unfused = runtime::cuda::CudaExecutable::new(plain.clone()).unwrap();
+            runners.push(("GPU", Box::new(gpu), Box::new(unfused)));
+        }
+        for (what, r, unfused) in &runners {
+            same_bits_as_unfused(&g, &**r, &**unfused, &format!("{row_shared} B of shared memory [{what}]"));
+        }
     }
 }
 

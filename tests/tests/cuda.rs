@@ -115,8 +115,13 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
         out.push(("synthetic.row_fused_trailing".into(), u));
     }
     // The bf16 linear cross-entropy as the CUDA target blocks it (the classifier's gradient
-    // recomputed in transposed chunks of rows): every product and gradient block on chip.
-    {
+    // recomputed in transposed chunks of rows): every product and gradient block on chip. Also
+    // with 576-column blocks (the widest the CUDA target makes) and strips in the opt-in
+    // shared memory: 64 rows, in dynamic shared memory.
+    for (name, v, cols, row_shared) in [
+        ("lce_bf16_cuda_target", 300usize, 128usize, codegen_cuda::ROW_SHARED),
+        ("lce_bf16_cuda_opt_in_shared", 1152, 576, codegen_cuda::OPT_IN_SHARED),
+    ] {
         use lang::types::Dtype;
         let src = "use std.loss.cross_entropy\n\npub loss lce(hidden: bf16[N, D], classifier: bf16[V, D], targets: i32[N]) -> f32 {\n    cross_entropy(f32(hidden @ classifier^T), targets)\n}\n";
         let mut db = SourceDb::new();
@@ -127,13 +132,13 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
         let t = |dt: Dtype, s: &[usize]| compiler::lower::Arg::Tensor(dt, s.to_vec());
         let args = vec![
             ("hidden".to_string(), t(Dtype::BF16, &[600, 64])),
-            ("classifier".to_string(), t(Dtype::BF16, &[300, 64])),
+            ("classifier".to_string(), t(Dtype::BF16, &[v, 64])),
             ("targets".to_string(), t(Dtype::I32, &[600])),
         ];
         let mut g = compiler::entry::function(&analysis.modules, &db, item, &args, true).unwrap();
-        // The pipeline, blocking at this small size (128-column blocks; chunks of 576 rows).
+        // The pipeline, blocking at this small size (chunks of 576 rows).
         let opts =
-            compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(128), recompute_columns: true };
+            compiler::block::BlockOptions { min_bytes: 0, block_bytes: 0, cols: Some(cols), recompute_columns: true };
         for pass in compiler::passes::PIPELINE {
             let r = if pass.name == "block-matmul-reductions" {
                 compiler::block::run(&mut g, &opts)
@@ -143,9 +148,24 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
             r.unwrap();
         }
         let p = compiler::kernel::schedule(&g).unwrap();
-        let u = codegen_cuda::emit(&p).unwrap();
+        let u = codegen_cuda::emit_with(&p, &codegen_cuda::EmitOptions { row_shared }).unwrap();
         assert!(u.launches.iter().all(|l| l.kind != "matmul"), "{}\n{}", u.launch_table(), p.text());
-        out.push(("lce_bf16_cuda_target".into(), u));
+        let dynamic = u.launches.iter().any(|l| l.dynamic_shared > 0);
+        assert_eq!(dynamic, row_shared > codegen_cuda::ROW_SHARED, "{name}:\n{}", u.launch_table());
+        // The strips in dynamic memory are laid out one after another inside it.
+        for l in u.launches.iter().filter(|l| l.dynamic_shared > 0) {
+            let start = u.source.find(&format!(" void {}(", l.name)).unwrap();
+            let text = &u.source[start..start + u.source[start..].find("\n}\n").unwrap()];
+            let at: Vec<u32> = text
+                .lines()
+                .filter_map(|line| line.split("= rc_dynamic + ").nth(1))
+                .map(|n| n.trim_end_matches(';').parse().unwrap())
+                .collect();
+            assert!(!at.is_empty() && at[0] == 0, "{name} {}: {at:?}", l.name);
+            assert!(at.windows(2).all(|w| w[0] < w[1]) && at.iter().all(|a| a % 16 == 0), "{name} {}: {at:?}", l.name);
+            assert!(*at.last().unwrap() < l.dynamic_shared, "{name} {}: {at:?} in {}", l.name, l.dynamic_shared);
+        }
+        out.push((name.to_string(), u));
     }
     out
 }
@@ -169,6 +189,9 @@ fn generated_cuda_is_snapshotted() {
         });
     }
 }
+
+/// The largest stack frame (local memory per thread) a generated kernel may have.
+const MAX_STACK: u64 = 48;
 
 #[test]
 fn nvrtc_and_ptxas_compile_every_unit() {
@@ -214,9 +237,22 @@ fn nvrtc_and_ptxas_compile_every_unit() {
             let regs = usage.iter().map(|k| k.registers).max().unwrap_or(0);
             let smem = usage.iter().map(|k| k.shared_bytes).max().unwrap_or(0);
             let spills: u64 = usage.iter().map(|k| k.spill_bytes).sum();
+            let stack = usage.iter().map(|k| k.stack_bytes).max().unwrap_or(0);
             assert!(regs <= 255 && smem <= 48 * 1024, "{name} {real}: {regs} registers, {smem} B shared");
+            // Local memory per thread: only libm's trigonometric slow path (40 B) has some. An
+            // array indexed in a loop that was not unrolled lives there instead of in registers
+            // (the matmul accumulators took 64-128 B before their loops were unrolled, a
+            // horizontally fused update computed all at once 2,352 B): it fails.
+            for k in &usage {
+                assert!(
+                    k.stack_bytes <= MAX_STACK,
+                    "{name} {real}: `{}` has a {} B stack frame",
+                    k.name,
+                    k.stack_bytes
+                );
+            }
             report.push_str(&format!(
-                "{name:<40} {real}: {:>4} functions, max {regs:>3} registers, {spills} B spilled, max {smem} B shared\n",
+                "{name:<40} {real}: {:>4} functions, max {regs:>3} registers, {spills} B spilled, max {stack} B stack, max {smem} B shared\n",
                 usage.len()
             ));
         }
@@ -234,6 +270,30 @@ fn the_training_step_has_no_host_kernels() {
         assert!(host.is_empty(), "{name}: kernels left on the host: {host:?}");
         if name.ends_with(".grad") || name.contains("grad") {
             assert!(u.launches.iter().any(|l| l.kind == "index"), "{name}: {}", u.launch_table());
+        }
+    }
+}
+
+/// A launch over the device's grid limits (65,535 blocks down and deep) is refused before
+/// anything runs, with the kernel and its grid named: a batched matmul of 70,000 products
+/// needs 70,000 blocks deep. At 65,535 it fits.
+#[test]
+fn a_grid_over_the_device_limits_is_refused_before_launch() {
+    use compiler::ir::{Graph, Op};
+    use lang::types::Dtype;
+    for (batch, fits) in [(65535usize, true), (70000, false)] {
+        let mut g = Graph::new("t");
+        let a = g.add(Op::Input { index: 0, name: "a".into() }, Dtype::F32, vec![batch, 2, 3], &[], "a").unwrap();
+        let b = g.add(Op::Input { index: 1, name: "b".into() }, Dtype::F32, vec![batch, 3, 2], &[], "b").unwrap();
+        let m = g.add(Op::MatMul, Dtype::F32, vec![batch, 2, 2], &[a, b], "m").unwrap();
+        g.outputs.push(("m".into(), m));
+        let u = codegen_cuda::emit(&compiler::kernel::schedule(&g).unwrap()).unwrap();
+        match runtime::cuda::check_launches(&u) {
+            Ok(()) => assert!(fits, "{}", u.launch_table()),
+            Err(e) => {
+                assert!(!fits, "{e}");
+                assert!(e.contains("needs a grid of [1, 1, 70000] blocks") && e.contains("dimension 2"), "{e}");
+            }
         }
     }
 }
