@@ -365,7 +365,8 @@ at build time.",
 "`recipec build --target cuda` generates the CUDA C of the entry point and, where the tools \
 are installed, compiles it with NVRTC and assembles it with `ptxas` for the chosen \
 architecture (`--arch sm_80` or `sm_90`). A kernel that needs more than 1024 threads or 48 KiB \
-of static shared memory per block, or a grid of more than 65,535 blocks down or deep (a \
+of static shared memory per block, more registers for one block than the 65,536 of a \
+multiprocessor, or a grid of more than 65,535 blocks down or deep (a \
 matmul's row tiles of 64 and its batch: more than 4,194,240 rows or 65,535 batched products), \
 or a translation unit NVRTC or `ptxas` rejects, is reported here, before anything is launched, \
 with a command that reproduces the failure. `--backend cuda` (`eval`, `train`) checks the same \

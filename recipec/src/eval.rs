@@ -473,6 +473,11 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             }
             Err(e) => return Err(Fail("E0503", e.0)),
         };
+        // Resident warps per multiprocessor, and a kernel no multiprocessor could hold refused.
+        let occupancy = match &usage {
+            Some(usage) => runtime::cuda::check_resources(&u, usage, arch).map_err(|e| Fail("E0503", e))?,
+            None => vec![],
+        };
         let parts = u.launches.iter().filter(|l| l.kind == "part").count();
         println!(
             "cuda {} for {arch}: {} launches{}",
@@ -498,8 +503,17 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             u.launches.iter().filter(|l| l.runs_code()).map(|l| l.name.as_str()).collect();
         println!("  {} device functions (launches of the same code with other buffers share one)", functions.len());
         println!(
-            "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>12} {:>6} {:>8} {:>6}",
-            "kernel", "kind", "launches", "grid", "block", "smem", "regs", "spilled", "stack"
+            "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>12} {:>6} {:>8} {:>6}  {}",
+            "kernel",
+            "kind",
+            "launches",
+            "grid",
+            "block",
+            "smem",
+            "regs",
+            "spilled",
+            "stack",
+            format_args!("warps/SM of {} (limit)", runtime::cuda::MAX_WARPS_PER_SM)
         );
         // One row per device function (at its first launch), and one per host kernel.
         let mut shown: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
@@ -520,8 +534,13 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
                 0 => l.shared_bytes.to_string(),
                 d => format!("{}+{d}", l.shared_bytes),
             };
+            let occ = match occupancy.iter().find(|(n, _)| *n == l.name) {
+                Some((_, o)) => format!("{:>2} ({})", o.warps, o.limit),
+                None if l.kind == "host" => "-".into(),
+                None => "?".into(),
+            };
             println!(
-                "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>12} {:>6} {:>8} {:>6}",
+                "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>12} {:>6} {:>8} {:>6}  {}",
                 name,
                 l.kind,
                 count,
@@ -530,7 +549,8 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
                 smem,
                 regs,
                 spill,
-                stack
+                stack,
+                occ
             );
         }
         Ok(())

@@ -479,13 +479,17 @@ fn build_target_cuda_compiles_and_reports_each_kernel() {
     match tools {
         Ok(_) => {
             assert!(out_dir.join("sparse_gpt.sm_80.cubin").exists(), "{stderr}");
-            // Each row ends `regs spilled B stack B`.
+            // Each row ends `regs spilled B stack B warps (limit)`: the resident warps of 64 per
+            // multiprocessor and what limits them.
             for k in &kernels {
                 let col = |i: usize| -> u32 {
                     k.split_whitespace().rev().nth(i).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("{k}"))
                 };
-                assert!((1..=255).contains(&col(4)), "{k}");
-                assert!(col(3) == 0 && col(1) <= 48, "spills or local memory: {k}");
+                assert!((1..=255).contains(&col(6)), "{k}");
+                assert!(col(5) == 0 && col(3) <= 48, "spills or local memory: {k}");
+                assert!((1..=64).contains(&col(1)), "{k}");
+                let limit = k.split_whitespace().last().unwrap();
+                assert!(["(registers)", "(shared)", "(threads)", "(blocks)"].contains(&limit), "{k}");
             }
         }
         Err(why) => {

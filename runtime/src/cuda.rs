@@ -132,6 +132,84 @@ pub fn check_launches(unit: &codegen_cuda::Unit) -> Result<(), String> {
     Ok(())
 }
 
+/// How many blocks of one kernel a multiprocessor holds at once, and what stops one more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Resident blocks per multiprocessor; 0: the kernel cannot be launched at all.
+    pub blocks: u32,
+    /// Resident warps per multiprocessor, of [`MAX_WARPS_PER_SM`].
+    pub warps: u32,
+    /// What limits `blocks`: `registers`, `shared` (memory), `threads` (the warps a
+    /// multiprocessor schedules) or `blocks` (its block slots).
+    pub limit: &'static str,
+}
+
+/// Warps one sm_80 or sm_90 multiprocessor holds (2,048 threads).
+pub const MAX_WARPS_PER_SM: u32 = 64;
+
+/// The [`Occupancy`] of a kernel on an `sm_80` (A100) or `sm_90` (H100, H200) multiprocessor,
+/// by the rules of NVIDIA's occupancy calculator: 65,536 registers in 4 sub-partitions,
+/// allocated per warp in units of 256 (a block's warps rounded up to a multiple of 4 must fit
+/// one block's 65,536); shared memory per block (`shared_bytes`, static plus dynamic) plus the
+/// 1 KiB the system reserves per block, in units of 128 bytes, out of the largest carveout
+/// (164 KiB on sm_80, 228 KiB on sm_90: what the driver configures when a kernel needs it);
+/// 64 warps and 32 blocks. Where a GPU is present the GPU test compares this with the driver's
+/// `cuOccupancyMaxActiveBlocksPerMultiprocessor` for every kernel.
+pub fn occupancy(arch: &str, threads: u32, registers: u32, shared_bytes: u64) -> Occupancy {
+    const REGS: u32 = 65536;
+    const SUB_PARTITIONS: u32 = 4;
+    const MAX_BLOCKS: u32 = 32;
+    let smem_per_sm: u64 = if arch == "sm_80" { 164 * 1024 } else { 228 * 1024 };
+    let warps = threads.div_ceil(32).max(1);
+    let round = |x: u64, unit: u64| x.div_ceil(unit) * unit;
+    let by_regs = if registers == 0 {
+        u32::MAX
+    } else {
+        let per_warp = round(registers as u64 * 32, 256) as u32;
+        if per_warp as u64 * round(warps as u64, SUB_PARTITIONS as u64) > REGS as u64 {
+            0
+        } else {
+            (REGS / SUB_PARTITIONS / per_warp) * SUB_PARTITIONS / warps
+        }
+    };
+    let per_block = round(shared_bytes + 1024, 128);
+    let by_smem = if shared_bytes == 0 { u32::MAX } else { (smem_per_sm / per_block) as u32 };
+    // A tie names the hardware's caps first: a full multiprocessor is not register-bound.
+    let limits =
+        [(MAX_WARPS_PER_SM / warps, "threads"), (MAX_BLOCKS, "blocks"), (by_regs, "registers"), (by_smem, "shared")];
+    let (blocks, limit) = limits.iter().copied().min_by_key(|&(b, _)| b).expect("four limits");
+    Occupancy { blocks, warps: blocks * warps, limit }
+}
+
+/// Each device function's [`Occupancy`] on `arch` from what `ptxas` reported (`usage`), in the
+/// order of the unit's launches (one entry per function, at its first launch; a function
+/// `ptxas` did not report is left out), or, for a kernel no multiprocessor can hold (its
+/// registers for a whole block are more than the 65,536 there are), why not: a launch would
+/// fail with "too many resources requested".
+pub fn check_resources(
+    unit: &codegen_cuda::Unit,
+    usage: &[KernelUsage],
+    arch: &str,
+) -> Result<Vec<(String, Occupancy)>, String> {
+    let mut out: Vec<(String, Occupancy)> = vec![];
+    for l in unit.launches.iter().filter(|l| l.runs_code()) {
+        if out.iter().any(|(n, _)| *n == l.name) {
+            continue;
+        }
+        let Some(k) = usage.iter().find(|k| k.name == l.name) else { continue };
+        let threads: u32 = l.block.iter().product();
+        let occ = occupancy(arch, threads, k.registers, l.shared_bytes as u64 + l.dynamic_shared as u64);
+        if occ.blocks == 0 {
+            return Err(format!(
+                "kernel {} of `{}` needs {} registers for each of its {threads} threads on {arch}: more than the 65,536 of a multiprocessor",
+                l.name, unit.name, k.registers
+            ));
+        }
+        out.push((l.name.clone(), occ));
+    }
+    Ok(out)
+}
+
 /// Whether NVRTC can be loaded (it compiles CUDA C without a GPU), or why not.
 pub fn nvrtc_available() -> Result<(), RunError> {
     if loadable(&["libnvrtc.so.12", "libnvrtc.so"]) {
@@ -463,6 +541,17 @@ impl CudaExecutable {
                 None
             } else {
                 let f = module.load_function(&l.name).map_err(|e| err(&format!("kernel {}", l.name), e))?;
+                // The driver's word on the registers: a block it cannot hold fails here, by name,
+                // rather than at its launch ("too many resources requested").
+                let threads: u32 = l.block.iter().product();
+                let most = f.max_threads_per_block().map_err(|e| err(&format!("kernel {}", l.name), e))?;
+                if (most as u32) < threads {
+                    let regs = f.num_regs().unwrap_or(0);
+                    return Err(RunError(format!(
+                        "kernel {} of `{}` needs {regs} registers for each of its {threads} threads: this GPU runs at most {most} threads of it per block",
+                        l.name, program.name
+                    )));
+                }
                 if l.dynamic_shared > 0 {
                     // Dynamic shared memory past 48 KiB is opted in to per function.
                     f.set_attribute(
@@ -492,6 +581,40 @@ impl CudaExecutable {
         let mem: Arc<dyn DeviceMemory> =
             Arc::new(CudaMemory { ctx: ctx.clone(), pool: Default::default(), traffic: TrafficCounter::default() });
         Ok(CudaExecutable { program, unit, ctx, stream, functions, arena, table, mem })
+    }
+
+    /// Where [`occupancy`] (from the registers the driver reports) and the driver's own
+    /// `cuOccupancyMaxActiveBlocksPerMultiprocessor` disagree on a device function's resident
+    /// blocks, one line each; `Err` on a device the model does not describe (only sm_80 and
+    /// sm_90 are).
+    pub fn occupancy_mismatches(&self) -> Result<Vec<String>, RunError> {
+        let cc = self.ctx.compute_capability().map_err(|e| err("compute capability", e))?;
+        let arch = match cc {
+            (8, 0) => "sm_80",
+            (9, 0) => "sm_90",
+            (a, b) => return Err(RunError(format!("the occupancy model covers sm_80 and sm_90, not sm_{a}{b}"))),
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = vec![];
+        for (l, f) in self.unit.launches.iter().zip(&self.functions) {
+            let Some(f) = f else { continue };
+            if !seen.insert(l.name.as_str()) {
+                continue;
+            }
+            let threads: u32 = l.block.iter().product();
+            let regs = f.num_regs().map_err(|e| err(&format!("kernel {}", l.name), e))? as u32;
+            let model = occupancy(arch, threads, regs, l.shared_bytes as u64 + l.dynamic_shared as u64);
+            let driver = f
+                .occupancy_max_active_blocks_per_multiprocessor(threads, l.dynamic_shared as usize, None)
+                .map_err(|e| err(&format!("kernel {}", l.name), e))?;
+            if model.blocks != driver {
+                out.push(format!(
+                    "{}: {threads} threads, {regs} registers, {}+{} B shared: the model holds {} blocks ({}), the driver {driver}",
+                    l.name, l.shared_bytes, l.dynamic_shared, model.blocks, model.limit
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Runs on host buffers (copied to the device and back), like [`crate::Executable::run`].
@@ -704,6 +827,60 @@ mod tests {
                 KernelUsage { name: "k3".into(), registers: 12, spill_bytes: 0, shared_bytes: 0, stack_bytes: 0 },
             ]
         );
+    }
+
+    #[test]
+    fn occupancy_follows_the_calculator() {
+        let occ = |arch, t, r, s| {
+            let o = occupancy(arch, t, r, s);
+            (o.blocks, o.warps, o.limit)
+        };
+        // Hand-computed with the occupancy calculator's rules (see `occupancy`).
+        assert_eq!(occ("sm_90", 256, 32, 0), (8, 64, "threads"));
+        assert_eq!(occ("sm_90", 32, 16, 0), (32, 32, "blocks"));
+        // 96 registers: 3,072 per warp, 5 warps per 16,384-register sub-partition, 20 warps.
+        assert_eq!(occ("sm_90", 128, 96, 0), (5, 20, "registers"));
+        // 48 KiB + 1 KiB reserved per block: 4 blocks in 228 KiB, 3 in 164 KiB.
+        assert_eq!(occ("sm_90", 128, 96, 48 * 1024), (4, 16, "shared"));
+        assert_eq!(occ("sm_80", 128, 96, 48 * 1024), (3, 12, "shared"));
+        // The opt-in strips fill a multiprocessor with one block on either.
+        assert_eq!(occ("sm_80", 256, 64, codegen_cuda::OPT_IN_SHARED as u64), (1, 8, "shared"));
+        assert_eq!(occ("sm_90", 256, 64, codegen_cuda::OPT_IN_SHARED as u64), (1, 8, "shared"));
+        // 255 registers round to 8,192 a warp: one block of 8 warps; 32 warps cannot start.
+        assert_eq!(occ("sm_90", 256, 255, 0), (1, 8, "registers"));
+        assert_eq!(occ("sm_90", 1024, 255, 0).0, 0);
+        // 64 registers for 1,024 threads take the whole register file.
+        assert_eq!(occ("sm_90", 1024, 64, 0), (1, 32, "registers"));
+        assert_eq!(occ("sm_90", 1024, 32, 0), (2, 64, "threads"));
+    }
+
+    #[test]
+    fn a_kernel_no_multiprocessor_holds_is_refused() {
+        let launch = |name: &str, threads: u32| codegen_cuda::Launch {
+            kernel: 0,
+            name: name.into(),
+            kind: "loop",
+            grid: [1, 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+            dynamic_shared: 0,
+            slots: vec![],
+        };
+        let unit = codegen_cuda::Unit {
+            name: "f".into(),
+            source: String::new(),
+            launches: vec![launch("k0", 256), launch("k1", 1024), launch("k0", 256)],
+        };
+        let usage = |regs| {
+            vec![
+                KernelUsage { name: "k0".into(), registers: 40, spill_bytes: 0, shared_bytes: 0, stack_bytes: 0 },
+                KernelUsage { name: "k1".into(), registers: regs, spill_bytes: 0, shared_bytes: 0, stack_bytes: 0 },
+            ]
+        };
+        let ok = check_resources(&unit, &usage(64), "sm_90").expect("fits");
+        assert_eq!(ok.iter().map(|(n, o)| (n.as_str(), o.blocks)).collect::<Vec<_>>(), vec![("k0", 6), ("k1", 1)]);
+        let e = check_resources(&unit, &usage(72), "sm_90").unwrap_err();
+        assert!(e.contains("kernel k1 of `f` needs 72 registers for each of its 1024 threads"), "{e}");
     }
 
     #[test]

@@ -251,8 +251,17 @@ fn nvrtc_and_ptxas_compile_every_unit() {
                     k.stack_bytes
                 );
             }
+            // Every function fits a multiprocessor (registers for a whole block included); the
+            // report gives the fewest resident warps of any and what limits them.
+            let occupancy = runtime::cuda::check_resources(&u, &usage, real).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(occupancy.len(), functions.len(), "{name} {real}: a function without an occupancy");
+            let fewest = occupancy
+                .iter()
+                .min_by_key(|(_, o)| o.warps)
+                .map(|(k, o)| format!("{:>2} ({k}: {})", o.warps, o.limit))
+                .unwrap_or_else(|| "-".into());
             report.push_str(&format!(
-                "{name:<40} {real}: {:>4} functions, max {regs:>3} registers, {spills} B spilled, max {stack} B stack, max {smem} B shared\n",
+                "{name:<40} {real}: {:>4} functions, max {regs:>3} registers, {spills} B spilled, max {stack} B stack, max {smem} B shared, fewest warps/SM {fewest}\n",
                 usage.len()
             ));
         }

@@ -1,5 +1,5 @@
 //! The CUDA backend against the interpreter on a GPU: every stdlib item at its sample shapes
-//! and the GPT training step. Skips, saying why, where no GPU (driver) or NVRTC is present;
+//! (and each kernel's occupancy model against the driver's) and the GPT training step. Skips, saying why, where no GPU (driver) or NVRTC is present;
 //! `tests/gpu/run.sh` runs it on a machine with one.
 //!
 //! Tolerance: integers and bools exact; floats |a − b| ≤ 1e-5 + 1e-4·|b| (matmul tiles sum in
@@ -36,7 +36,7 @@ fn stdlib_items_on_the_gpu_match_the_interpreter() {
         println!("skipped: {e}");
         return;
     }
-    let (mut ran, mut failed) = (0, vec![]);
+    let (mut ran, mut failed, mut told) = (0, vec![], false);
     for (name, g) in tests::stdlib_graphs() {
         let p = compiler::kernel::schedule(&g).unwrap();
         let exe = match CudaExecutable::new(p) {
@@ -65,6 +65,15 @@ fn stdlib_items_on_the_gpu_match_the_interpreter() {
                 Tensor::new(n.dtype, n.shape.clone(), data)
             })
             .collect();
+        // The occupancy `recipec build --target cuda` prints, against the driver's.
+        match exe.occupancy_mismatches() {
+            Ok(m) => failed.extend(m.into_iter().map(|m| format!("{name}: occupancy: {m}"))),
+            Err(e) if !told => {
+                told = true;
+                println!("occupancy not compared: {e}");
+            }
+            Err(_) => {}
+        }
         let want = interp::run(&g, &ins, 3).unwrap();
         // Every item runs, and every failure is listed (a GPU's time is scarce: one run
         // should say all that is wrong).
