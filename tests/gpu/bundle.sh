@@ -11,12 +11,13 @@ cd "$(dirname "$0")/../.."
 rm -rf .gpu
 mkdir -p .gpu/bin
 # RECIPEC_BUNDLE_PROFILE=dev builds them in the dev profile instead (CI checks the scripts
-# this way, reusing its test builds; a GPU run wants the release ones).
+# this way, taking them from its workspace build with the same features, so nothing is
+# rebuilt; a GPU run wants the release ones).
 json=--message-format=json-render-diagnostics
 if [ "${RECIPEC_BUNDLE_PROFILE:-release}" = dev ]; then
-    cargo test --locked -p tests --test gpu --test backends --test train --no-run $json >.gpu/tests.json
-    cargo test --locked -p bench --bench gpu --no-run $json >.gpu/bench.json
-    cargo build --locked -p recipec $json >.gpu/recipec.json
+    cargo build --locked --workspace --all-targets $json >.gpu/all.json
+    for f in tests bench recipec; do cp .gpu/all.json .gpu/$f.json; done
+    rm .gpu/all.json
 else
     cargo test --locked --release -p tests --test gpu --test backends --test train --no-run $json >.gpu/tests.json
     cargo bench --locked -p bench --bench gpu --no-run $json >.gpu/bench.json
@@ -29,12 +30,17 @@ wanted = [
     (".gpu/bench.json", "bench", {"gpu": "gpu-bench"}),
     (".gpu/recipec.json", "bin", {"recipec": "recipec"}),
 ]
+# Whose targets: the `tests`, `bench` and `recipec` packages' (other packages have targets
+# of the same names), and `recipec` itself, not its unit-test executable.
+homes = {"test": "/tests/tests/", "bench": "/bench/benches/", "bin": "/recipec/src/"}
 found = {}
 for path, kind, names in wanted:
     for line in open(path):
         m = json.loads(line)
         t = m.get("target", {})
-        if m.get("reason") == "compiler-artifact" and m.get("executable") and kind in t.get("kind", []) and t.get("name") in names:
+        if (m.get("reason") == "compiler-artifact" and m.get("executable") and kind in t.get("kind", [])
+                and t.get("name") in names and homes[kind] in t.get("src_path", "")
+                and (kind != "bin" or not m.get("profile", {}).get("test"))):
             found[names[t["name"]]] = m["executable"]
 expected = {"gpu-tests", "backends-tests", "train-tests", "gpu-bench", "recipec"}
 missing = expected - set(found)
