@@ -1654,6 +1654,16 @@ pub struct PeakGroup {
 }
 
 impl Program {
+    /// The recipe line (or pass) kernel `k` computes a value of: where its first output came
+    /// from.
+    pub fn kernel_origin(&self, k: usize) -> &str {
+        let out = match &self.kernels[k] {
+            Kernel::Loop(l) => l.stores[0].buf,
+            Kernel::MatMul { out, .. } | Kernel::Library { out, .. } => *out,
+        };
+        &self.buffers[out].origin
+    }
+
     /// Checks the arena plan: no two temps live in the same kernel overlap in memory.
     pub fn verify(&self) -> Result<(), String> {
         let temps: Vec<(usize, &BufDecl)> = self

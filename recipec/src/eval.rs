@@ -513,7 +513,7 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
             "regs",
             "spilled",
             "stack",
-            format_args!("warps/SM of {} (limit)", runtime::cuda::MAX_WARPS_PER_SM)
+            format_args!("warps/SM of {} (limit)   recipe line", runtime::cuda::MAX_WARPS_PER_SM)
         );
         // One row per device function (at its first launch), and one per host kernel.
         let mut shown: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
@@ -539,6 +539,8 @@ fn build_cuda(g: &Graph, arch: &str, out: Option<&std::path::Path>) -> Result<()
                 None if l.kind == "host" => "-".into(),
                 None => "?".into(),
             };
+            // The line whose value the kernel computes (a fused kernel: its matmul's product).
+            let occ = format!("{occ:<25} {}", p.kernel_origin(l.kernel));
             println!(
                 "  {:<6} {:<7} {:>8} {:>16} {:>12} {:>12} {:>6} {:>8} {:>6}  {}",
                 name,

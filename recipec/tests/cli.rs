@@ -479,17 +479,19 @@ fn build_target_cuda_compiles_and_reports_each_kernel() {
     match tools {
         Ok(_) => {
             assert!(out_dir.join("sparse_gpt.sm_80.cubin").exists(), "{stderr}");
-            // Each row ends `regs spilled B stack B warps (limit)`: the resident warps of 64 per
-            // multiprocessor and what limits them.
+            // Each row ends `regs spilled B stack B warps (limit) line`: the resident warps of 64
+            // per multiprocessor, what limits them, and the recipe line of the kernel's value.
             for k in &kernels {
+                let (head, tail) = k.split_at(k.find(" (").unwrap_or_else(|| panic!("no limit: {k}")));
                 let col = |i: usize| -> u32 {
-                    k.split_whitespace().rev().nth(i).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("{k}"))
+                    head.split_whitespace().rev().nth(i).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("{k}"))
                 };
-                assert!((1..=255).contains(&col(6)), "{k}");
-                assert!(col(5) == 0 && col(3) <= 48, "spills or local memory: {k}");
-                assert!((1..=64).contains(&col(1)), "{k}");
-                let limit = k.split_whitespace().last().unwrap();
+                assert!((1..=255).contains(&col(5)), "{k}");
+                assert!(col(4) == 0 && col(2) <= 48, "spills or local memory: {k}");
+                assert!((1..=64).contains(&col(0)), "{k}");
+                let (limit, line) = tail.trim().split_once(' ').unwrap_or_else(|| panic!("no recipe line: {k}"));
                 assert!(["(registers)", "(shared)", "(threads)", "(blocks)"].contains(&limit), "{k}");
+                assert!(line.trim().contains(".recipe:") || line.trim() == "batch", "{k}");
             }
         }
         Err(why) => {

@@ -498,23 +498,17 @@ impl Executable {
         idx.sort_by(|a, b| prof[*b].partial_cmp(&prof[*a]).unwrap());
         let mut out = format!("profile of `{}`: {:.1} ms in {} kernels\n", self.program.name, total * 1e3, prof.len());
         for k in idx.into_iter().take(top) {
-            let (what, origin) = match &self.program.kernels[k] {
-                Kernel::Loop(l) => (
-                    format!(
-                        "loop {:?}{}{}",
-                        l.dims,
-                        if l.reduce.is_some() { " reduce" } else { "" },
-                        if self.code.vectorized[k] { " x4" } else { "" }
-                    ),
-                    self.program.buffers[l.stores[0].buf].origin.clone(),
+            let what = match &self.program.kernels[k] {
+                Kernel::Loop(l) => format!(
+                    "loop {:?}{}{}",
+                    l.dims,
+                    if l.reduce.is_some() { " reduce" } else { "" },
+                    if self.code.vectorized[k] { " x4" } else { "" }
                 ),
-                Kernel::MatMul { batch, m, k: kk, n, out, .. } => {
-                    (format!("matmul {batch:?} {m}x{kk}x{n}"), self.program.buffers[*out].origin.clone())
-                }
-                Kernel::Library { node, out, .. } => {
-                    (format!("library {} {:?}", node.op.name(), node.shape), self.program.buffers[*out].origin.clone())
-                }
+                Kernel::MatMul { batch, m, k: kk, n, .. } => format!("matmul {batch:?} {m}x{kk}x{n}"),
+                Kernel::Library { node, .. } => format!("library {} {:?}", node.op.name(), node.shape),
             };
+            let origin = self.program.kernel_origin(k);
             out.push_str(&format!(
                 "  {:>8.2} ms {:>5.1}%  k{k:<4} {what:<40} {origin}\n",
                 prof[k] * 1e3,
