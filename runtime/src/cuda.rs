@@ -198,7 +198,8 @@ pub fn check_resources(
         }
         let Some(k) = usage.iter().find(|k| k.name == l.name) else { continue };
         let threads: u32 = l.block.iter().product();
-        let occ = occupancy(arch, threads, k.registers, l.shared_bytes as u64 + l.dynamic_shared as u64);
+        // The static shared memory ptxas allocated (the table's, up to alignment padding).
+        let occ = occupancy(arch, threads, k.registers, k.shared_bytes + l.dynamic_shared as u64);
         if occ.blocks == 0 {
             return Err(format!(
                 "kernel {} of `{}` needs {} registers for each of its {threads} threads on {arch}: more than the 65,536 of a multiprocessor",
@@ -602,15 +603,17 @@ impl CudaExecutable {
                 continue;
             }
             let threads: u32 = l.block.iter().product();
-            let regs = f.num_regs().map_err(|e| err(&format!("kernel {}", l.name), e))? as u32;
-            let model = occupancy(arch, threads, regs, l.shared_bytes as u64 + l.dynamic_shared as u64);
+            let what = |e| err(&format!("kernel {}", l.name), e);
+            let regs = f.num_regs().map_err(what)? as u32;
+            let shared = f.shared_size_bytes().map_err(what)? as u64;
+            let model = occupancy(arch, threads, regs, shared + l.dynamic_shared as u64);
             let driver = f
                 .occupancy_max_active_blocks_per_multiprocessor(threads, l.dynamic_shared as usize, None)
-                .map_err(|e| err(&format!("kernel {}", l.name), e))?;
+                .map_err(what)?;
             if model.blocks != driver {
                 out.push(format!(
-                    "{}: {threads} threads, {regs} registers, {}+{} B shared: the model holds {} blocks ({}), the driver {driver}",
-                    l.name, l.shared_bytes, l.dynamic_shared, model.blocks, model.limit
+                    "{}: {threads} threads, {regs} registers, {shared}+{} B shared: the model holds {} blocks ({}), the driver {driver}",
+                    l.name, l.dynamic_shared, model.blocks, model.limit
                 ));
             }
         }
