@@ -16,26 +16,25 @@ mkdir -p .gpu/bin
 json=--message-format=json-render-diagnostics
 if [ "${RECIPEC_BUNDLE_PROFILE:-release}" = dev ]; then
     cargo build --locked --workspace --all-targets $json >.gpu/all.json
-    for f in tests bench recipec; do cp .gpu/all.json .gpu/$f.json; done
-    rm .gpu/all.json
 else
     cargo test --locked --release -p tests --test gpu --test backends --test train --no-run $json >.gpu/tests.json
     cargo bench --locked -p bench --bench gpu --no-run $json >.gpu/bench.json
     cargo build --locked --release -p recipec $json >.gpu/recipec.json
 fi
 python3 - <<'EOF'
-import json, shutil
+import glob, json, shutil
 wanted = [
-    (".gpu/tests.json", "test", {"gpu": "gpu-tests", "backends": "backends-tests", "train": "train-tests"}),
-    (".gpu/bench.json", "bench", {"gpu": "gpu-bench"}),
-    (".gpu/recipec.json", "bin", {"recipec": "recipec"}),
+    ("test", {"gpu": "gpu-tests", "backends": "backends-tests", "train": "train-tests"}),
+    ("bench", {"gpu": "gpu-bench"}),
+    ("bin", {"recipec": "recipec"}),
 ]
 # Whose targets: the `tests`, `bench` and `recipec` packages' (other packages have targets
 # of the same names), and `recipec` itself, not its unit-test executable.
 homes = {"test": "/tests/tests/", "bench": "/bench/benches/", "bin": "/recipec/src/"}
 found = {}
-for path, kind, names in wanted:
-    for line in open(path):
+messages = [line for path in sorted(glob.glob(".gpu/*.json")) for line in open(path)]
+for kind, names in wanted:
+    for line in messages:
         m = json.loads(line)
         t = m.get("target", {})
         if (m.get("reason") == "compiler-artifact" and m.get("executable") and kind in t.get("kind", [])

@@ -1,6 +1,7 @@
 //! The CUDA backend against the interpreter on a GPU: every stdlib item at its sample shapes
-//! (and each kernel's occupancy model against the driver's) and the GPT training step. Skips, saying why, where no GPU (driver) or NVRTC is present;
-//! `tests/gpu/run.sh` runs it on a machine with one.
+//! (and each kernel's occupancy model against the driver's) and the GPT training step.
+//! Skips, saying why, where no GPU (driver) or NVRTC is present; `tests/gpu/run.sh` runs it
+//! on a machine with one.
 //!
 //! Tolerance: integers and bools exact; floats |a − b| ≤ 1e-5 + 1e-4·|b| (matmul tiles sum in
 //! f32, and transcendentals other than f32 exp/erf/gelu come from CUDA's libm).
