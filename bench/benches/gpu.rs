@@ -5,6 +5,10 @@
 //!   arguments are copied to the device once, before) against the device's copy bandwidth,
 //!   counting the bytes the step must move: read param, grad, m, v; write param, m, v
 //!   (7 × 4 bytes per parameter). Goal: at least 85% of the copy bandwidth.
+//! - One training step of `recipes/tiny_gpt.recipe` as `recipec train --backend cuda` runs it
+//!   (the batch copied in, the loss and gradient norm out), its kernels replayed as CUDA graphs
+//!   against the same kernels launched one by one (`RECIPEC_CUDA_GRAPHS=0`), interleaved round
+//!   by round: what the graphs save in launch overhead on a small model.
 //! - Linear cross-entropy forward and backward in bf16 at the Cut Cross-Entropy paper's
 //!   Gemma 2 2B setting (N=8192, D=2304, V=256000; `BENCH_SMOKE=1`: N=1024, D=256, V=16384),
 //!   the naive formula through the compiler (blocked over V, bf16 products on the tensor
@@ -37,6 +41,9 @@ fn main() {
         Ok(()) => {
             if let Err(e) = adamw() {
                 println!("AdamW on the GPU failed: {}", e.0);
+            }
+            if let Err(e) = train_step() {
+                println!("The training step on the GPU failed: {}", e.0);
             }
         }
     }
@@ -203,5 +210,51 @@ fn adamw() -> Result<(), runtime::RunError> {
         copy / 1e9,
         100.0 * moved / t / copy
     );
+    Ok(())
+}
+
+fn train_step() -> Result<(), runtime::RunError> {
+    use runtime::train::{initial_state, Programs};
+    let plan = bench::tiny_gpt_plan();
+    let (b, t) = (plan.data.batch, plan.data.context);
+    let mut runners = vec![];
+    for graphs in ["1", "0"] {
+        std::env::set_var("RECIPEC_CUDA_GRAPHS", graphs);
+        let progs = Programs::new(&plan, runtime::Backend::Cuda);
+        std::env::remove_var("RECIPEC_CUDA_GRAPHS");
+        let progs = progs?;
+        let state = initial_state(&plan, &progs)?;
+        runners.push((progs, state, 0usize));
+    }
+    // Launches per step: the loops of a row-fused group run inside its kernel.
+    let launches: usize = [&runners[0].0.grad, &runners[0].0.update]
+        .iter()
+        .map(|r| {
+            let p = r.program();
+            p.kernels.len() - p.row_groups.iter().map(|g| g.end - g.start - 1).sum::<usize>()
+        })
+        .sum();
+    let batch = bench::byte_batch(b, t);
+    // A first step each (it captures the graphs), failing cleanly.
+    for (progs, state, k) in runners.iter_mut() {
+        bench::train_step(progs, state, &batch, k)?;
+    }
+    let (rounds, steps) = if smoke() { (2, 3) } else { (5, 20) };
+    let mut rows = vec![];
+    for _ in 0..rounds {
+        let mut row = vec![];
+        for (progs, state, k) in runners.iter_mut() {
+            row.push(median(&bench::time(steps, || bench::train_step(progs, state, &batch, k).expect("step"))));
+        }
+        rows.push(row);
+    }
+    let tok = (b * t) as f64;
+    bench::report(
+        &format!("one training step of recipes/tiny_gpt.recipe on the GPU ({b} x {t} tokens, {launches} launches)"),
+        &|s| format!("{:>8.0} tokens/s", tok / s),
+        &["CUDA graphs", "kernel by kernel"],
+        &rows,
+    );
+    println!("  (a ratio above 1.00x means the graphs are faster)");
     Ok(())
 }

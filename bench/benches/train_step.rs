@@ -6,25 +6,11 @@
 //! least as fast as JAX.
 
 use bench::{median, report, smoke, time, Peer};
-use compiler::interp::Tensor;
-use lang::source::{MemoryLoader, SourceDb};
-use lang::types::{Dtype, ItemRef};
-use runtime::train::{initial_state, run_named, Programs};
-use runtime::{Backend, Buffer};
-use std::collections::BTreeMap;
+use runtime::train::{initial_state, Programs};
+use runtime::Backend;
 
 fn main() {
-    let text = std::fs::read_to_string(bench::root().join("recipes/tiny_gpt.recipe")).expect("the example recipe");
-    let mut loader = MemoryLoader::default();
-    for (m, f, t) in stdlib::MODULES {
-        loader = loader.with(m, &format!("<std>/{f}"), t);
-    }
-    let mut db = SourceDb::new();
-    let root = db.add("recipes/tiny_gpt.recipe", text);
-    let analysis = lang::analyze(&mut db, &[root], &loader);
-    assert!(!analysis.has_errors());
-    let item = analysis.modules.list[0].items["tiny_gpt"];
-    let plan = compiler::train::plan(&analysis.modules, &db, ItemRef { module: 0, item }).expect("plans");
+    let plan = bench::tiny_gpt_plan();
     let (b, t) = (plan.data.batch, plan.data.context);
     #[allow(unused_mut)]
     let mut backends = vec![("recipec (cranelift)", Backend::Cranelift)];
@@ -36,19 +22,7 @@ fn main() {
         let state = initial_state(&plan, &progs).expect("initializes");
         runners.push((*name, progs, state, 0usize));
     }
-    let tokens: Vec<f64> = (0..b * t).map(|i| ((i * 7919) % 256) as f64).collect();
-    let batch = Buffer::from_tensor(&Tensor::new(Dtype::I32, vec![b, t], tokens));
-    let step = |progs: &Programs, state: &mut BTreeMap<String, runtime::Value>, k: &mut usize| {
-        *k += 1;
-        let mut extra = BTreeMap::new();
-        let copy = |x: &Buffer| Buffer::from_bytes(x.dtype, x.shape.clone(), x.as_bytes());
-        extra.insert("batch.inputs".to_string(), copy(&batch));
-        extra.insert("batch.targets".to_string(), copy(&batch));
-        run_named(&progs.grad, state, extra, 0).expect("grad");
-        let mut extra = BTreeMap::new();
-        extra.insert("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, *k as f64)));
-        run_named(&progs.update, state, extra, 0).expect("update");
-    };
+    let batch = bench::byte_batch(b, t);
     let mut peer = match Peer::start() {
         Ok(mut p) => {
             p.send(&format!("gpt {b} {t} 256 128 5 4"));
@@ -65,7 +39,7 @@ fn main() {
     for _ in 0..rounds {
         let mut row = vec![];
         for (_, progs, state, k) in runners.iter_mut() {
-            row.push(median(&time(steps, || step(progs, state, k))));
+            row.push(median(&time(steps, || bench::train_step(progs, state, &batch, k).expect("step"))));
         }
         row.push(peer.as_mut().map(|p| median(&p.run(steps))).unwrap_or(f64::NAN));
         results.push(row);

@@ -56,6 +56,46 @@ pub fn source_graph_for(
     })
 }
 
+/// The training plan of `recipes/tiny_gpt.recipe`, the example GPT.
+pub fn tiny_gpt_plan() -> compiler::train::TrainPlan {
+    let text = std::fs::read_to_string(root().join("recipes/tiny_gpt.recipe")).expect("the example recipe");
+    let mut loader = MemoryLoader::default();
+    for (m, f, t) in stdlib::MODULES {
+        loader = loader.with(m, &format!("<std>/{f}"), t);
+    }
+    let mut db = SourceDb::new();
+    let file = db.add("recipes/tiny_gpt.recipe", text);
+    let analysis = lang::analyze(&mut db, &[file], &loader);
+    assert!(!analysis.has_errors());
+    let item = analysis.modules.list[0].items["tiny_gpt"];
+    compiler::train::plan(&analysis.modules, &db, ItemRef { module: 0, item }).expect("plans")
+}
+
+/// One training step as `recipec train` runs it (the gradient program on `batch` as inputs
+/// and targets, then the update at step `*k + 1`), on `state` from
+/// [`runtime::train::initial_state`].
+pub fn train_step(
+    progs: &runtime::train::Programs,
+    state: &mut std::collections::BTreeMap<String, runtime::Value>,
+    batch: &runtime::Buffer,
+    k: &mut usize,
+) -> Result<(), runtime::RunError> {
+    use runtime::Buffer;
+    *k += 1;
+    let copy = |x: &Buffer| Buffer::from_bytes(x.dtype, x.shape.clone(), x.as_bytes());
+    let extra = [("batch.inputs", copy(batch)), ("batch.targets", copy(batch))];
+    runtime::train::run_named(&progs.grad, state, extra.map(|(n, b)| (n.to_string(), b)).into(), 0)?;
+    let step = Buffer::from_tensor(&compiler::interp::Tensor::scalar(Dtype::I32, *k as f64));
+    runtime::train::run_named(&progs.update, state, [("step".to_string(), step)].into(), 0)?;
+    Ok(())
+}
+
+/// A batch of `b` sequences of `t` byte tokens (a fixed pattern, the same in every benchmark).
+pub fn byte_batch(b: usize, t: usize) -> runtime::Buffer {
+    let tokens: Vec<f64> = (0..b * t).map(|i| ((i * 7919) % 256) as f64).collect();
+    runtime::Buffer::from_tensor(&compiler::interp::Tensor::new(Dtype::I32, vec![b, t], tokens))
+}
+
 fn with_item(dotted: &str, f: impl FnOnce(&lang::resolve::Modules, &SourceDb, ItemRef) -> Graph) -> Graph {
     let name = dotted.rsplit('.').next().unwrap();
     checked(&format!("use {dotted}\n"), true, name, compiler::passes::Target::Cpu, f)

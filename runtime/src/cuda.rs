@@ -3,6 +3,12 @@
 //! sort, RNG, linear algebra) run on the host between launches (their operands are copied
 //! down and the result copied back), as on the CPU backends.
 //!
+//! Every run launches the same kernels with the same parameters (each kernel's only parameter
+//! is the address of its argument table, which the executable allocates once), so the first
+//! run captures each stretch of device launches between host library kernels as a CUDA graph
+//! and later runs replay the graphs: one driver call per stretch instead of one per kernel
+//! ([`stretches`]; `RECIPEC_CUDA_GRAPHS=0` launches kernel by kernel).
+//!
 //! cudarc panics when the driver or NVRTC libraries are missing, so [`available`] checks
 //! for them with `dlopen` first and every entry point here calls it: without a GPU the
 //! answer is a clear "no CUDA device" error, never a panic.
@@ -11,7 +17,9 @@ use crate::device::{check_values, make_resident, DeviceMemory, Pool, Traffic, Tr
 use crate::{device_outputs, output_arg, Buffer, Out, RunError, Value, ValueOut};
 use compiler::interp::Tensor;
 use compiler::kernel::{BufKind, Kernel, Program};
-use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result as cu, sys, CudaContext, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PushKernelArg,
+};
 use std::sync::Arc;
 
 fn loadable(names: &[&str]) -> bool {
@@ -472,18 +480,72 @@ pub struct CudaExecutable {
     stream: Arc<CudaStream>,
     functions: Vec<Option<CudaFunction>>,
     arena: Arc<DeviceArena>,
-    /// The kernels' argument tables: one device allocation, made once, and the words it holds.
-    /// A run copies the tables only when they changed (arguments at other addresses, another
-    /// seed); the lock also keeps two runs from sharing the arena at once.
-    table: std::sync::Mutex<(u64, Vec<u64>)>,
+    /// The kernels' argument tables and the captured graphs. The lock also keeps two runs
+    /// from sharing the arena at once, and serializes the graphs' use (the driver requires it).
+    table: std::sync::Mutex<Launched>,
+    /// What a run launches, in order ([`stretches`]).
+    stretches: Vec<Stretch>,
+    /// Whether runs replay CUDA graphs (`RECIPEC_CUDA_GRAPHS=0`: no).
+    graphs: bool,
     /// Where [`CudaExecutable::run_values`] keeps values between runs.
     mem: Arc<dyn DeviceMemory>,
+}
+
+/// What one run launches, in order: a stretch of device kernels (indices into
+/// `Program::kernels`, captured as one CUDA graph when it has two or more) or a library
+/// kernel that runs on the host, after the device has finished what came before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stretch {
+    Device(Vec<usize>),
+    Host(usize),
+}
+
+/// A unit's launches as [`Stretch`]es: each maximal run of device launches between host
+/// library kernels, in program order (the loops of a row-fused group, `part`, run inside
+/// their group's launch and are not launched).
+pub fn stretches(launches: &[codegen_cuda::Launch]) -> Vec<Stretch> {
+    let mut out = vec![];
+    for (k, l) in launches.iter().enumerate() {
+        match l.kind {
+            "part" => {}
+            "host" => out.push(Stretch::Host(k)),
+            _ => match out.last_mut() {
+                Some(Stretch::Device(ks)) => ks.push(k),
+                _ => out.push(Stretch::Device(vec![k])),
+            },
+        }
+    }
+    out
+}
+
+/// A captured stretch.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph is used only under its executable's table lock, so by one thread at a time,
+// as the driver requires of graph objects.
+unsafe impl Send for Graph {}
+
+/// The state of an executable's launches, behind its lock.
+struct Launched {
+    /// The kernels' argument tables: one device allocation, made once, and the words it
+    /// holds. A run copies the tables only when they changed (arguments at other addresses,
+    /// another seed).
+    table: u64,
+    words: Vec<u64>,
+    /// One entry per stretch (`None` for a host kernel or a single launch), captured by the
+    /// first run that uses graphs.
+    graphs: Option<Vec<Option<Graph>>>,
+    /// Why capturing failed, if it did: runs then launch kernel by kernel.
+    fallback: Option<String>,
 }
 
 impl Drop for CudaExecutable {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        let table = self.table.get_mut().map(|t| t.0).unwrap_or_else(|e| e.into_inner().0);
+        let launched = self.table.get_mut().unwrap_or_else(|e| e.into_inner());
+        // The graphs go first: their launches are done (every run synchronizes).
+        launched.graphs = None;
+        let table = launched.table;
         // SAFETY: the table was allocated by `malloc_sync` and nothing uses it any more (the
         // arena frees itself with its last executable).
         unsafe {
@@ -577,11 +639,27 @@ impl CudaExecutable {
         // SAFETY: a plain device allocation, freed in `drop`.
         let table =
             unsafe { cu::malloc_sync(words.max(1) * 8) }.map_err(|e| err("cannot allocate the kernel tables", e))?;
-        let table = std::sync::Mutex::new((table, vec![]));
+        let table = std::sync::Mutex::new(Launched { table, words: vec![], graphs: None, fallback: None });
         let stream = ctx.default_stream();
         let mem: Arc<dyn DeviceMemory> =
             Arc::new(CudaMemory { ctx: ctx.clone(), pool: Default::default(), traffic: TrafficCounter::default() });
-        Ok(CudaExecutable { program, unit, ctx, stream, functions, arena, table, mem })
+        let stretches = stretches(&unit.launches);
+        let graphs = !matches!(std::env::var("RECIPEC_CUDA_GRAPHS").as_deref(), Ok("0" | "off" | "no"));
+        Ok(CudaExecutable { program, unit, ctx, stream, functions, arena, table, stretches, graphs, mem })
+    }
+
+    /// Turns the replay of CUDA graphs on or off (on unless `RECIPEC_CUDA_GRAPHS=0`); either
+    /// way a run launches the same kernels in the same order.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+    }
+
+    /// How many CUDA graphs the runs replay (0 before the first run, or without graphs), and
+    /// why capturing them failed if it did (the runs then launched kernel by kernel).
+    pub fn graphs(&self) -> (usize, Option<String>) {
+        let l = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let n = l.graphs.as_ref().map_or(0, |g| g.iter().flatten().count());
+        (n, l.fallback.clone())
     }
 
     /// Where [`occupancy`] (from the registers the driver reports) and the driver's own
@@ -709,50 +787,96 @@ impl CudaExecutable {
             tables.extend(l.slots.iter().map(|(w, o)| words[*w].wrapping_add(*o as u64)));
         }
         let mut held = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let table = held.0;
-        if held.1 != tables {
-            held.1.clear();
+        let table = held.table;
+        if held.words != tables {
+            held.words.clear();
             if !tables.is_empty() {
                 // SAFETY: the allocation holds every launch's slots (counted in `new`); the
                 // previous run has synchronized, so no kernel reads the table now.
                 unsafe { cu::memcpy_htod_sync(table, &tables) }.map_err(|e| err("copy", e))?;
             }
-            held.1 = tables;
+            held.words = tables;
         }
+        // Each kernel's one parameter: the address of its table, the same in every run.
         let starts: Vec<u64> = starts.into_iter().map(|s| table + s).collect();
+        if self.graphs && held.graphs.is_none() && held.fallback.is_none() {
+            match self.capture(&starts) {
+                Ok(g) => held.graphs = Some(g),
+                Err(e) => held.fallback = Some(e.0),
+            }
+        }
+        let graphs = if self.graphs { held.graphs.as_deref() } else { None };
         let mut result = Ok(());
-        for (ki, k) in p.kernels.iter().enumerate() {
-            let l = &self.unit.launches[ki];
-            match (k, &self.functions[ki]) {
-                (Kernel::Library { operands, args: a, out, .. }, None) => {
-                    if let Err(e) = self.stream.synchronize() {
-                        result = Err(err("synchronize", e));
-                        break;
-                    }
-                    self.host_library(k, operands, a, *out, &addrs, seed)?;
+        for (i, s) in self.stretches.iter().enumerate() {
+            let done = match (s, graphs.and_then(|g| g[i].as_ref())) {
+                // SAFETY: the graph's kernels read and write only the planned buffers through
+                // the tables, which are in place; the default stream orders the replay after
+                // the copies before it.
+                (Stretch::Device(_), Some(g)) => {
+                    unsafe { cu::graph::launch(g.0.cu_graph_exec(), self.stream.cu_stream()) }
+                        .map_err(|e| err(&format!("replay of {}'s kernels", p.name), e))
                 }
-                (_, Some(f)) => {
-                    let cfg = LaunchConfig {
-                        grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
-                        block_dim: (l.block[0], l.block[1], l.block[2]),
-                        shared_mem_bytes: l.dynamic_shared,
-                    };
-                    let mut b = self.stream.launch_builder(f);
-                    b.arg(&starts[ki]);
-                    // SAFETY: the kernel reads and writes only the planned buffers in the table.
-                    if let Err(e) = unsafe { b.launch(cfg) } {
-                        result = Err(err(&format!("launch of {}", l.name), e));
-                        break;
-                    }
+                (Stretch::Device(ks), None) => ks.iter().try_for_each(|&ki| self.launch(&self.stream, ki, &starts)),
+                (Stretch::Host(ki), _) => {
+                    self.stream.synchronize().map_err(|e| err("synchronize", e)).and_then(|()| match &p.kernels[*ki] {
+                        k @ Kernel::Library { operands, args: a, out, .. } => {
+                            self.host_library(k, operands, a, *out, &addrs, seed)
+                        }
+                        _ => unreachable!("host launches are library kernels"),
+                    })
                 }
-                // A loop of a row-fused group: it ran in its group's launch.
-                (_, None) if l.kind == "part" => {}
-                (_, None) => unreachable!("device kernels have functions"),
+            };
+            if let Err(e) = done {
+                result = Err(e);
+                break;
             }
         }
         let synced = self.stream.synchronize().map_err(|e| err("synchronize", e));
         drop(held);
         result.and(synced)
+    }
+
+    /// Launches device kernel `ki` on `stream`, its table at `starts[ki]`.
+    fn launch(&self, stream: &Arc<CudaStream>, ki: usize, starts: &[u64]) -> Result<(), RunError> {
+        let l = &self.unit.launches[ki];
+        let f = self.functions[ki].as_ref().expect("device kernels have functions");
+        let cfg = LaunchConfig {
+            grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+            block_dim: (l.block[0], l.block[1], l.block[2]),
+            shared_mem_bytes: l.dynamic_shared,
+        };
+        let mut b = stream.launch_builder(f);
+        b.arg(&starts[ki]);
+        // SAFETY: the kernel reads and writes only the planned buffers in the table.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| err(&format!("launch of {}", l.name), e))
+    }
+
+    /// Each stretch of two or more device launches captured as a CUDA graph, on a stream of its
+    /// own (the default stream cannot be captured; nothing runs while capturing). The graphs
+    /// replay on the default stream, so they stay ordered with the copies around them.
+    fn capture(&self, starts: &[u64]) -> Result<Vec<Option<Graph>>, RunError> {
+        let stream = self.ctx.new_stream().map_err(|e| err("cannot create a stream to capture on", e))?;
+        let mut graphs = vec![];
+        for s in &self.stretches {
+            let Stretch::Device(ks) = s else {
+                graphs.push(None);
+                continue;
+            };
+            if ks.len() < 2 {
+                graphs.push(None);
+                continue;
+            }
+            stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(|e| err("cannot begin a capture", e))?;
+            let launched = ks.iter().try_for_each(|&ki| self.launch(&stream, ki, starts));
+            // Ended whatever happened, so the stream leaves capture mode.
+            let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            launched?;
+            let graph = ended.map_err(|e| err("cannot instantiate a graph", e))?;
+            graphs.push(Some(Graph(graph.ok_or_else(|| RunError("CUDA: a capture gave no graph".into()))?)));
+        }
+        Ok(graphs)
     }
 
     /// A library kernel (no device code) on the host, as the CPU backends run it
@@ -884,6 +1008,29 @@ mod tests {
         assert_eq!(ok.iter().map(|(n, o)| (n.as_str(), o.blocks)).collect::<Vec<_>>(), vec![("k0", 6), ("k1", 1)]);
         let e = check_resources(&unit, &usage(72), "sm_90").unwrap_err();
         assert!(e.contains("kernel k1 of `f` needs 72 registers for each of its 1024 threads"), "{e}");
+    }
+
+    #[test]
+    fn graphs_capture_the_device_launches_between_host_kernels() {
+        let launch = |kind: &'static str| codegen_cuda::Launch {
+            kernel: 0,
+            name: String::new(),
+            kind,
+            grid: [1, 1, 1],
+            block: [32, 1, 1],
+            shared_bytes: 0,
+            dynamic_shared: 0,
+            slots: vec![],
+        };
+        let kinds = ["loop", "fused", "part", "part", "reduce", "host", "index", "host", "host", "mma", "matmul"];
+        let launches: Vec<_> = kinds.iter().map(|k| launch(k)).collect();
+        use Stretch::{Device, Host};
+        assert_eq!(
+            stretches(&launches),
+            vec![Device(vec![0, 1, 4]), Host(5), Device(vec![6]), Host(7), Host(8), Device(vec![9, 10])]
+        );
+        assert_eq!(stretches(&[]), vec![]);
+        assert_eq!(stretches(&[launch("host")]), vec![Host(0)]);
     }
 
     #[test]

@@ -84,7 +84,7 @@ step() {
     [ $rc -ne 0 ] && [ "$how" = "ok" ] && how="FAILED (exit $rc)"
     [ $rc -ne 0 ] && FAILED=1
     say "== $name: $how in $((SECONDS - t0)) s"
-    grep -E "^test result|passed|skipped|panicked|GPU|GiB|MiB|ms|loss|error" "$LOGS/$name.log" | grep -v "^\s*$" | tail -15 | sed 's/^/   /' | tee -a "$SUMMARY"
+    grep -E "^test result|passed|skipped|panicked|GPU|GiB|MiB|ms|loss|error|graphs" "$LOGS/$name.log" | grep -v "^\s*$" | tail -25 | sed 's/^/   /' | tee -a "$SUMMARY"
 }
 
 B=.gpu/bin

@@ -1,5 +1,7 @@
 //! The CUDA backend against the interpreter on a GPU: every stdlib item at its sample shapes
-//! (and each kernel's occupancy model against the driver's) and the GPT training step.
+//! (and each kernel's occupancy model against the driver's; and its runs replayed as CUDA
+//! graphs, which must give the bits of the kernels launched one by one) and the GPT training
+//! step.
 //! Skips, saying why, where no GPU (driver) or NVRTC is present; `tests/gpu/run.sh` runs it
 //! on a machine with one.
 //!
@@ -31,16 +33,26 @@ fn close(got: &[(String, Tensor)], want: &std::collections::HashMap<String, Tens
     Ok(())
 }
 
+fn same_bits(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((na, ta), (nb, tb))| {
+            na == nb
+                && ta.shape == tb.shape
+                && ta.data.len() == tb.data.len()
+                && ta.data.iter().zip(&tb.data).all(|(x, y)| x.to_bits() == y.to_bits())
+        })
+}
+
 #[test]
 fn stdlib_items_on_the_gpu_match_the_interpreter() {
     if let Err(e) = runtime::cuda::available() {
         println!("skipped: {e}");
         return;
     }
-    let (mut ran, mut failed, mut told) = (0, vec![], false);
+    let (mut ran, mut failed, mut told, mut graphs) = (0, vec![], false, 0);
     for (name, g) in tests::stdlib_graphs() {
         let p = compiler::kernel::schedule(&g).unwrap();
-        let exe = match CudaExecutable::new(p) {
+        let mut exe = match CudaExecutable::new(p) {
             Ok(e) => e,
             Err(e) => {
                 failed.push(format!("{name}: {e}"));
@@ -78,11 +90,29 @@ fn stdlib_items_on_the_gpu_match_the_interpreter() {
         let want = interp::run(&g, &ins, 3).unwrap();
         // Every item runs, and every failure is listed (a GPU's time is scarce: one run
         // should say all that is wrong).
-        match exe.run_tensors(&ins, 3).map_err(|e| e.0).and_then(|got| close(&got, &want)) {
+        exe.set_graphs(false);
+        let one_by_one = exe.run_tensors(&ins, 3).map_err(|e| e.0);
+        match one_by_one.clone().and_then(|got| close(&got, &want)) {
             Ok(()) => ran += 1,
             Err(e) => failed.push(format!("{name}: {e}")),
         }
+        // The first run with graphs captures them, the second replays them.
+        exe.set_graphs(true);
+        for run in ["capturing", "replaying"] {
+            match (exe.run_tensors(&ins, 3), &one_by_one) {
+                (Ok(got), Ok(want)) if !same_bits(&got, want) => {
+                    failed.push(format!("{name}: {run} CUDA graphs gave other bits than launching kernel by kernel"))
+                }
+                (Err(e), _) => failed.push(format!("{name}: {run} CUDA graphs: {e}")),
+                _ => {}
+            }
+        }
+        match exe.graphs() {
+            (n, None) => graphs += n,
+            (_, Some(why)) => failed.push(format!("{name}: CUDA graphs not captured: {why}")),
+        }
     }
     println!("{ran} stdlib items ran on the GPU and matched the interpreter");
+    println!("{graphs} CUDA graphs replayed, each giving the bits of its kernels launched one by one");
     assert!(failed.is_empty(), "{} items failed on the GPU:\n{}", failed.len(), failed.join("\n"));
 }
