@@ -29,7 +29,7 @@ use crate::{
     SharedArena, Value, ValueOut,
 };
 use compiler::interp::Tensor;
-use compiler::kernel::{Kernel, Program};
+use compiler::kernel::Program;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -84,6 +84,9 @@ pub struct EmuExecutable {
     launch: LaunchFn,
     _lib: libloading::Library,
     arena: SharedArena,
+    /// What a run launches, in order: the stretches the GPU captures as CUDA graphs, run one
+    /// launch after another here (so every emulated run checks that they hold every launch).
+    stretches: Vec<crate::cuda::Stretch>,
     /// The stand-in for the GPU's memory that [`EmuExecutable::run_values`] keeps values in.
     mem: Arc<dyn DeviceMemory>,
 }
@@ -162,7 +165,8 @@ impl EmuExecutable {
         }
         let arena = SharedArena::default();
         let mem: Arc<dyn DeviceMemory> = Arc::new(HostMemory::default());
-        Ok(EmuExecutable { program, unit, kernels, launch, _lib: so, arena, mem })
+        let stretches = crate::cuda::stretches(&unit.launches);
+        Ok(EmuExecutable { program, unit, kernels, launch, _lib: so, arena, stretches, mem })
     }
 
     /// Runs on host buffers, like [`crate::Executable::run`].
@@ -224,43 +228,44 @@ impl EmuExecutable {
         ptrs.push(seed as usize as *mut u8);
         // Then a zero word: kernels' constants are offsets from it (`Launch::slots`).
         ptrs.push(std::ptr::null_mut());
-        for (ki, k) in p.kernels.iter().enumerate() {
-            match (k, self.kernels[ki]) {
-                (Kernel::Library { .. }, None) => host_library(k, &ptrs, seed)?,
-                (_, Some((f, barriers))) => {
-                    let l = &self.unit.launches[ki];
-                    // The kernel's own table: program words (addresses, the seed) plus offsets.
-                    let table: Vec<*mut u8> =
-                        l.slots.iter().map(|(w, o)| ptrs[*w].wrapping_offset(*o as isize)).collect();
-                    let mut grid = l.grid;
-                    // Tile kernels need their whole grid; grid-stride loops take any.
-                    if !matches!(l.kind, "matmul" | "mma") {
-                        grid[0] = grid[0].min(MAX_EMU_BLOCKS);
-                    }
-                    let mut msg = vec![0 as std::ffi::c_char; 512];
-                    // SAFETY: the kernel reads and writes the planned buffers in `ptrs` (the
-                    // same addresses the CPU backends use); the launcher returns when done.
-                    let rc = unsafe {
-                        (self.launch)(
-                            f,
-                            grid.as_ptr(),
-                            l.block.as_ptr(),
-                            table.as_ptr(),
-                            barriers as i32,
-                            reversed as i32,
-                            msg.as_mut_ptr(),
-                            msg.len(),
-                        )
-                    };
-                    if rc != 0 {
-                        // SAFETY: the launcher wrote a NUL-terminated message into `msg`.
-                        let text = unsafe { std::ffi::CStr::from_ptr(msg.as_ptr()) }.to_string_lossy().into_owned();
-                        return Err(RunError(format!("emulated CUDA kernel {} of `{}`: {text}", l.name, p.name)));
-                    }
+        for s in &self.stretches {
+            let ks = match s {
+                crate::cuda::Stretch::Host(ki) => {
+                    host_library(&p.kernels[*ki], &ptrs, seed)?;
+                    continue;
                 }
-                // A loop of a row-fused group: it ran in its group's launch.
-                (_, None) if self.unit.launches[ki].kind == "part" => {}
-                (_, None) => unreachable!("device kernels have functions"),
+                crate::cuda::Stretch::Device(ks) => ks,
+            };
+            for &ki in ks {
+                let Some((f, barriers)) = self.kernels[ki] else { unreachable!("device kernels have functions") };
+                let l = &self.unit.launches[ki];
+                // The kernel's own table: program words (addresses, the seed) plus offsets.
+                let table: Vec<*mut u8> = l.slots.iter().map(|(w, o)| ptrs[*w].wrapping_offset(*o as isize)).collect();
+                let mut grid = l.grid;
+                // Tile kernels need their whole grid; grid-stride loops take any.
+                if !matches!(l.kind, "matmul" | "mma") {
+                    grid[0] = grid[0].min(MAX_EMU_BLOCKS);
+                }
+                let mut msg = vec![0 as std::ffi::c_char; 512];
+                // SAFETY: the kernel reads and writes the planned buffers in `ptrs` (the
+                // same addresses the CPU backends use); the launcher returns when done.
+                let rc = unsafe {
+                    (self.launch)(
+                        f,
+                        grid.as_ptr(),
+                        l.block.as_ptr(),
+                        table.as_ptr(),
+                        barriers as i32,
+                        reversed as i32,
+                        msg.as_mut_ptr(),
+                        msg.len(),
+                    )
+                };
+                if rc != 0 {
+                    // SAFETY: the launcher wrote a NUL-terminated message into `msg`.
+                    let text = unsafe { std::ffi::CStr::from_ptr(msg.as_ptr()) }.to_string_lossy().into_owned();
+                    return Err(RunError(format!("emulated CUDA kernel {} of `{}`: {text}", l.name, p.name)));
+                }
             }
         }
         Ok(ptrs)
