@@ -86,7 +86,7 @@ pub fn train_step(
     let extra = [("batch.inputs", copy(batch)), ("batch.targets", copy(batch))];
     runtime::train::run_named(&progs.grad, state, extra.map(|(n, b)| (n.to_string(), b)).into(), 0)?;
     let step = Buffer::from_tensor(&compiler::interp::Tensor::scalar(Dtype::I32, *k as f64));
-    runtime::train::run_named(&progs.update, state, [("step".to_string(), step)].into(), 0)?;
+    runtime::train::run_named(progs.update_at(*k), state, [("step".to_string(), step)].into(), 0)?;
     Ok(())
 }
 

@@ -228,12 +228,33 @@ pub fn optimizer(
     param: (Dtype, Vec<usize>),
     args: &[(String, Arg)],
 ) -> R<Graph> {
+    optimizer_step(modules, db, r, param, args, false).map(|(g, _)| g)
+}
+
+/// [`optimizer`], and the periods `K` of its `state ... every K` initializers. With `steady`,
+/// the graph of a step at which no state takes its initial value (a step after the first at
+/// which `(step - 1) % K != 0` for every period): the initializers' conditions are `false`,
+/// so the initializers (a projection's SVD, say) fold away, and for such steps the graph
+/// computes what [`optimizer`]'s does, bit for bit.
+pub fn optimizer_step(
+    modules: &Modules,
+    db: &SourceDb,
+    r: ItemRef,
+    param: (Dtype, Vec<usize>),
+    args: &[(String, Arg)],
+    steady: bool,
+) -> R<(Graph, Vec<u64>)> {
     let (mut lw, rule, _, _, step) = rule_start(modules, db, r, &param, args, false)?;
+    let mut periods = vec![];
     // Each state's input takes the shape of its initializer, lowered in order with the
     // statements before it (an initializer may use earlier `let`s).
-    let first = {
-        let one = lw.constant(Dtype::I32, 1.0, "step 1")?;
-        lw.node(Op::Binary(Bin::Eq), Dtype::Bool, vec![], &[step, one], "step 1")?
+    let never = if steady { Some(lw.constant(Dtype::Bool, 0.0, "steady step")?) } else { None };
+    let first = match never {
+        Some(f) => f,
+        None => {
+            let one = lw.constant(Dtype::I32, 1.0, "step 1")?;
+            lw.node(Op::Binary(Bin::Eq), Dtype::Bool, vec![], &[step, one], "step 1")?
+        }
     };
     let mut state_inputs: Vec<(String, NodeId)> = vec![];
     for s in &rule.body {
@@ -248,8 +269,11 @@ pub fn optimizer(
                 let mut cond = first;
                 if let Some(k) = every {
                     let Val::Int(k) = lw.expr(k)? else { return fail("`every` needs a constant") };
-                    let ek = every_k(&mut lw, step, k, &origin)?;
-                    cond = lw.node(Op::Binary(Bin::Or), Dtype::Bool, vec![], &[first, ek], &origin)?;
+                    periods.push(k.clamp(1, i32::MAX as i64) as u64);
+                    if never.is_none() {
+                        let ek = every_k(&mut lw, step, k, &origin)?;
+                        cond = lw.node(Op::Binary(Bin::Or), Dtype::Bool, vec![], &[first, ek], &origin)?;
+                    }
                 }
                 let v = select_init(&mut lw, cond, iv, input, &origin)?;
                 lw.bind(&name.name, Val::T(v));
@@ -275,7 +299,7 @@ pub fn optimizer(
         let v = lw.broadcast(v, &s, "state")?;
         lw.graph.outputs.push((format!("state_{name}"), v));
     }
-    Ok(lw.graph)
+    Ok((lw.graph, periods))
 }
 
 /// A sparsity rule: inputs `param`, `grad`, `step`, `mask` (the previous mask, used

@@ -31,7 +31,8 @@ pub static PIPELINE: &[Pass] = &[
     },
     Pass {
         name: "fold-constants",
-        summary: "evaluate nodes whose operands are all scalar constants",
+        summary:
+            "evaluate nodes whose operands are all scalar constants; pick a `where` branch by a constant condition",
         needs: "canonical",
         produces: "canonical",
         run: fold_constants,
@@ -141,6 +142,19 @@ fn fold_constants(g: &mut Graph) -> Result<PassReport, IrError> {
     for id in g.topo() {
         let n = g.node(id).clone();
         let ops = g.operands(id);
+        // where(c, a, b) with a constant condition (or a broadcast constant) is a branch.
+        if n.op == Op::Select {
+            let c = g.node(ops[0]);
+            let c = match c.op {
+                Op::Broadcast => g.node(g.operands(ops[0])[0]),
+                _ => c,
+            };
+            if let Op::Const { value } = c.op {
+                g.replace_uses(id, if value != 0.0 { ops[1] } else { ops[2] });
+                changed += 1;
+                continue;
+            }
+        }
         let foldable = !ops.is_empty()
             && n.shape.is_empty()
             && matches!(n.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast)

@@ -84,6 +84,12 @@ pub struct TrainPlan {
     pub grad: Graph,
     pub eval: Graph,
     pub update: Graph,
+    /// `update` for a step at which no optimizer state takes its initial value (the
+    /// initializers, a projection's SVD for one, fold away): any step after the first whose
+    /// `(step - 1) % K` is not 0 for each of `refresh_periods`. Bit for bit `update` there.
+    pub update_steady: Graph,
+    /// The periods `K` of the optimizers' `state ... every K`, sorted.
+    pub refresh_periods: Vec<u64>,
     /// `None` when the recipe has no `decode` and the model no `logits` method.
     pub decode: Option<Graph>,
 }
@@ -401,33 +407,35 @@ fn groups<'r>(modules: &Modules, db: &SourceDb, r: ItemRef, rec: &'r RecipeDef) 
     Ok((Groups { params, optimize, sparsify }, lw.graph))
 }
 
-/// Builds the training plan of recipe `r`. Errors carry the recipe span at fault (a selector,
-/// a hyperparameter, a shape that does not fit the model) and happen before any training.
-pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
-    let rec = recipe_def(modules, r)?;
-    let f = file_of(modules, r);
-    let (Groups { mut params, optimize, sparsify }, init) = groups(modules, db, r, rec)?;
-    let (data, settings) = {
-        let (mut lw, _) = recipe_lowerer(modules, db, r, "settings")?;
-        (data_spec(&mut lw, rec, f)?, settings(&mut lw, rec, f)?)
-    };
-    for p in params.iter_mut() {
-        if p.sparsity.is_some() && !p.dtype.is_float() {
-            return fail(format!("`{}` is not a floating-point parameter and cannot be sparsified", p.path), None);
-        }
-    }
-    let masked: Vec<String> = params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
-    let grad = loss_graph(modules, db, r, "grad", &masked, &params, true)?;
-    let eval = loss_graph(modules, db, r, "eval", &masked, &params, false)?;
+/// The update graph and what building it found.
+struct Update {
+    graph: Graph,
+    /// Optimizer states: `(state.<path>.<name>, dtype, shape)`.
+    states: Vec<(String, Dtype, Vec<usize>)>,
+    /// The sparsity rules' graphs, for the mask refresh.
+    mask_graph_parts: Vec<(usize, Graph, HashMap<String, NodeId>)>,
+    /// The periods of the optimizers' `state ... every K` initializers.
+    periods: Vec<u64>,
+}
 
-    // The update: clipping, sparsity gradient rules, optimizers.
+/// The update: clipping, sparsity gradient rules, optimizers (with `steady`, for a step at
+/// which no optimizer state takes its initial value: [`entry::optimizer_step`]).
+fn update_graph(
+    modules: &Modules,
+    db: &SourceDb,
+    r: ItemRef,
+    f: lang::source::FileId,
+    (params, optimize, sparsify): (&[ParamSpec], &[Option<&Expr>], &[Option<&Expr>]),
+    settings: &Settings,
+    steady: bool,
+) -> R<Update> {
     let mut lw = Lowerer::new(modules, db, "update");
     lw.set_module(r.module);
     let step = lw.node(Op::Input { index: 0, name: "step".into() }, Dtype::I32, vec![], &[], "step")?;
     lw.bind("step", Val::T(step));
     let mut p_in = vec![];
     let mut g_in = vec![];
-    for p in &params {
+    for p in params {
         p_in.push(input(&mut lw, p.path.clone(), p.dtype, &p.shape, "param")?);
         g_in.push(input(&mut lw, format!("grad.{}", p.path), p.dtype, &p.shape, "grad")?);
     }
@@ -466,6 +474,7 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
         }
     };
     let mut states = vec![];
+    let mut periods = vec![];
     let mut mask_graph_parts: Vec<(usize, Graph, HashMap<String, NodeId>)> = vec![];
     for (i, p) in params.iter().enumerate() {
         let mut g = g_in[i];
@@ -502,8 +511,9 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
             continue;
         };
         let (item, args, nodes) = rule_args(&mut lw, modules, rule, f)?;
-        let og = entry::optimizer(modules, db, item, (p.dtype, p.shape.clone()), &args)
+        let (og, every) = entry::optimizer_step(modules, db, item, (p.dtype, p.shape.clone()), &args, steady)
             .map_err(|e| at_rule(db, e, f, rule.span, p))?;
+        periods.extend(every);
         let mut bound: BTreeMap<String, NodeId> = BTreeMap::new();
         for id in &og.inputs {
             if let Op::Input { name, .. } = &og.node(*id).op {
@@ -539,7 +549,37 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
             lw.graph.outputs.push((out, n));
         }
     }
-    let update = lw.graph;
+    Ok(Update { graph: lw.graph, states, mask_graph_parts, periods })
+}
+
+/// Builds the training plan of recipe `r`. Errors carry the recipe span at fault (a selector,
+/// a hyperparameter, a shape that does not fit the model) and happen before any training.
+pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
+    let rec = recipe_def(modules, r)?;
+    let f = file_of(modules, r);
+    let (Groups { mut params, optimize, sparsify }, init) = groups(modules, db, r, rec)?;
+    let (data, settings) = {
+        let (mut lw, _) = recipe_lowerer(modules, db, r, "settings")?;
+        (data_spec(&mut lw, rec, f)?, settings(&mut lw, rec, f)?)
+    };
+    for p in params.iter_mut() {
+        if p.sparsity.is_some() && !p.dtype.is_float() {
+            return fail(format!("`{}` is not a floating-point parameter and cannot be sparsified", p.path), None);
+        }
+    }
+    let masked: Vec<String> = params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
+    let grad = loss_graph(modules, db, r, "grad", &masked, &params, true)?;
+    let eval = loss_graph(modules, db, r, "eval", &masked, &params, false)?;
+
+    // The update: clipping, sparsity gradient rules, optimizers; and its form for the steps at
+    // which no optimizer state takes its initial value.
+    let groups = (&params[..], &optimize[..], &sparsify[..]);
+    let Update { graph: update, states, mask_graph_parts, mut periods } =
+        update_graph(modules, db, r, f, groups, &settings, false)?;
+    periods.sort_unstable();
+    periods.dedup();
+    let mut update_steady = update_graph(modules, db, r, f, groups, &settings, true)?.graph;
+    update_steady.name = "update_steady".into();
 
     // Mask refresh at the start of a step, from the parameters and the previous gradient.
     let masks = if mask_graph_parts.is_empty() {
@@ -590,6 +630,8 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
         grad,
         eval,
         update,
+        update_steady,
+        refresh_periods: periods,
         decode,
     })
 }

@@ -349,7 +349,8 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
             },
         ),
         ("eval".into(), plan.eval.clone(), "per validation batch".into()),
-        ("update".into(), plan.update.clone(), "per step".into()),
+        ("update".into(), plan.update.clone(), refresh_steps(&plan.refresh_periods)),
+        ("update (steady)".into(), plan.update_steady.clone(), "every other step".into()),
     ];
     if let Some(m) = &plan.masks {
         graphs.push(("masks".into(), m.clone(), "per step".into()));
@@ -451,4 +452,16 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
         h(state)
     );
     ExitCode::SUCCESS
+}
+
+/// When the update with the optimizers' state initializers runs: step 1, and every `K` steps
+/// for each `state ... every K` (`update (steady)`, without them, runs the other steps).
+fn refresh_steps(periods: &[u64]) -> String {
+    match periods {
+        [] => "at step 1".into(),
+        ks => {
+            let ks: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
+            format!("at step 1 and every {} steps", ks.join(" or "))
+        }
+    }
 }

@@ -177,6 +177,10 @@ pub struct Programs {
     pub grad: Box<dyn Runner + Send + Sync>,
     pub eval: Box<dyn Runner + Send + Sync>,
     pub update: Box<dyn Runner + Send + Sync>,
+    /// `update` for the steps at which no optimizer state takes its initial value
+    /// ([`TrainPlan::update_steady`]; [`Programs::update_at`] picks).
+    pub update_steady: Box<dyn Runner + Send + Sync>,
+    refresh_periods: Vec<u64>,
     pub masks: Option<Box<dyn Runner + Send + Sync>>,
     pub init: Box<dyn Runner + Send + Sync>,
     /// With `accumulate > 1`: the gradient averaging of [`compiler::train::accumulation`]
@@ -199,9 +203,21 @@ impl Programs {
         self.all().filter_map(|r| r.traffic()).reduce(|a, b| a + b)
     }
 
+    /// The update program for step `step` (from 1): the steady form unless some optimizer
+    /// state takes its initial value at this step (step 1, and `(step - 1) % K == 0` for a
+    /// `state ... every K`), where the two give the same bits.
+    pub fn update_at(&self, step: usize) -> &(dyn Runner + Send + Sync) {
+        let refresh = step <= 1 || self.refresh_periods.iter().any(|&k| (step as u64 - 1) % k == 0);
+        if refresh {
+            self.update.as_ref()
+        } else {
+            self.update_steady.as_ref()
+        }
+    }
+
     /// Every program of the job.
     fn all(&self) -> impl Iterator<Item = &(dyn Runner + Send + Sync)> {
-        [&self.grad, &self.eval, &self.update, &self.init]
+        [&self.grad, &self.eval, &self.update, &self.update_steady, &self.init]
             .into_iter()
             .chain(&self.masks)
             .chain(self.accumulate.iter().flatten())
@@ -215,6 +231,8 @@ impl Programs {
             grad: c(&plan.grad)?,
             eval: c(&plan.eval)?,
             update: c(&plan.update)?,
+            update_steady: c(&plan.update_steady)?,
+            refresh_periods: plan.refresh_periods.clone(),
             masks: plan.masks.as_ref().map(c).transpose()?,
             init: c(&plan.init)?,
             accumulate: match plan.settings.accumulate {
@@ -534,7 +552,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         let loss = loss / s.accumulate as f64;
         let mut extra = BTreeMap::new();
         extra.insert("step".to_string(), step_buffer(step));
-        run_named(&progs.update, &mut state, extra, step_seed(s.seed, step))?;
+        run_named(progs.update_at(step), &mut state, extra, step_seed(s.seed, step))?;
         done = step;
         last_loss = loss;
         if !loss.is_finite() {
@@ -600,7 +618,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         let _ = writeln!(log, "the checkpoint is already at step {start} of {steps}: nothing to do");
     }
     write_plot(&opts.out, &plan.name, &metrics, unigram)?;
-    for e in [&progs.grad, &progs.update] {
+    for e in [&progs.grad, &progs.update, &progs.update_steady] {
         if let Some(r) = e.profile_report(500) {
             let _ = write!(log, "{r}");
         }

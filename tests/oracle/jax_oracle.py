@@ -207,6 +207,64 @@ def optimizers():
         check(f"sign_sgd{shape}", out["param"], sign_sgd(), **ELT)
 
 
+def projected_optimizers():
+    """GaLore-AdamW and FRUGAL, written from the papers' algorithms and the authors' step code
+    (FRUGAL's `GaloreOptimizer`/`AdamW`; GaLore as in Fira's `fira_adamw.py`). P is the top-r
+    right singular vectors, each signed so its largest-magnitude entry is positive (the
+    convention `svd_topk` documents; the updates do not depend on it). gap = 2 over 5 steps
+    refreshes P (and FRUGAL's statistics) at steps 1, 3 and 5."""
+    k, gap, r = 5, 2, 2
+    f64 = jnp.float64
+
+    def proj(G):
+        _, _, vt = jnp.linalg.svd(G, full_matrices=False)
+        return jnp.stack([v * jnp.sign(v[jnp.argmax(jnp.abs(v))]) for v in vt[:r]])
+
+    for rows, cols in [(6, 4), (3, 5)]:
+        p0 = rng.randn(rows, cols).astype(np.float32)
+        g = rng.randn(k, rows, cols).astype(np.float32)
+
+        def frugal(lr=0.01, b1=0.9, b2=0.999, eps=1e-8, wd=0.1, free=0.5):
+            W = jnp.asarray(p0, f64)
+            for t in range(k):
+                G = jnp.asarray(g[t], f64)
+                if t % gap == 0:  # the projector's update resets the Adam statistics
+                    P, M, V, n = proj(G), jnp.zeros((rows, r), f64), jnp.zeros((rows, r), f64), 0
+                W = W * (1 - lr * wd)
+                n += 1
+                R = G @ P.T
+                M = b1 * M + (1 - b1) * R
+                V = b2 * V + (1 - b2) * R * R
+                update = -(lr / (1 - b1 ** n)) * M / (jnp.sqrt(V) / jnp.sqrt(1 - b2 ** n) + eps)
+                W = W + update @ P - lr * free * jnp.sign(G - R @ P)
+            return W, P, M, V
+
+        out = run_eval(STD("optim"), "frugal", {"param": p0, "grad": g},
+                       {"lr": 0.01, "rank": r, "gap": gap, "weight_decay": 0.1, "free_lr_scale": 0.5}, steps=k)
+        for name, want in zip(["param", "state_p", "state_m", "state_v"], frugal()):
+            check(f"frugal[{rows}x{cols}] {name}", out[name], want, **ELT)
+
+        def galore(lr=0.01, alpha=0.25, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
+            W = jnp.asarray(p0, f64)
+            M, V = jnp.zeros((rows, r), f64), jnp.zeros((rows, r), f64)
+            for t in range(1, k + 1):
+                G = jnp.asarray(g[t - 1], f64)
+                if (t - 1) % gap == 0:  # the state is kept when P changes
+                    P = proj(G)
+                R = G @ P.T
+                M = b1 * M + (1 - b1) * R
+                V = b2 * V + (1 - b2) * R * R
+                step_size = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                W = W - step_size * alpha * (M / (jnp.sqrt(V) + eps)) @ P
+                W = W - lr * wd * W
+            return W, P, M, V
+
+        out = run_eval(STD("optim"), "galore_adamw", {"param": p0, "grad": g},
+                       {"lr": 0.01, "rank": r, "gap": gap, "weight_decay": 0.1}, steps=k)
+        for name, want in zip(["param", "state_p", "state_m", "state_v"], galore()):
+            check(f"galore_adamw[{rows}x{cols}] {name}", out[name], want, **ELT)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 def schedules():
@@ -334,7 +392,7 @@ def linear_algebra():
             check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
 
 
-for f in [losses, linear_ce, optimizers, schedules, sparsity, decoding, layer_norm, linear_algebra]:
+for f in [losses, linear_ce, optimizers, projected_optimizers, schedules, sparsity, decoding, layer_norm, linear_algebra]:
     case(f)
 
 print()

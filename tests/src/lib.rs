@@ -109,6 +109,7 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ("std.loss", "linear_cross_entropy") => {
             vec![("hidden", t(F32, &[3, 4])), ("classifier", t(F32, &[5, 4])), ("targets", t(I32, &[3]))]
         }
+        ("std.optim", "frugal" | "galore_adamw") => vec![("lr", Arg::Scalar(0.1)), ("rank", Arg::Scalar(2.0))],
         ("std.optim", _) => vec![("lr", Arg::Scalar(0.1))],
         ("std.schedule", "constant") => vec![("value", Arg::Scalar(1.0))],
         ("std.schedule", "linear_warmup") => vec![("peak", Arg::Scalar(1.0)), ("warmup", Arg::Scalar(10.0))],
@@ -197,7 +198,8 @@ pub fn auto_args(params: &[lang::ast::Param]) -> Vec<(String, Arg)> {
 
 /// The graph of a function, loss, schedule, optimizer or sparsity rule at `args` (`None`
 /// for other items): `grads` adds a function's gradients; an optimizer's parameter has shape
-/// `shapes.0`, a sparsity rule's `shapes.1`.
+/// `shapes.0` (a rule for matrices, `param: f32[M, N]`, given a vector shape steps a 6 x 4
+/// matrix), a sparsity rule's `shapes.1`.
 pub fn item_graph(
     mods: &lang::resolve::Modules,
     db: &SourceDb,
@@ -211,7 +213,11 @@ pub fn item_graph(
         ItemKind::Fn(f) if f.kind == FnKind::Schedule => compiler::entry::schedule(mods, db, r, args),
         ItemKind::Fn(_) => compiler::entry::function(mods, db, r, args, grads),
         ItemKind::Rule(rd) if rd.kind == RuleKind::Optimizer => {
-            compiler::entry::optimizer(mods, db, r, (Dtype::F32, shapes.0), args)
+            // A rule for matrices (`param: f32[M, N]`: GaLore, FRUGAL) steps a 6 x 4 matrix.
+            let matrix =
+                rd.params.iter().any(|p| p.name.name == "param" && p.ty.dims.as_ref().is_some_and(|d| d.len() == 2));
+            let shape = if matrix && shapes.0.len() != 2 { vec![6, 4] } else { shapes.0 };
+            compiler::entry::optimizer(mods, db, r, (Dtype::F32, shape), args)
         }
         ItemKind::Rule(_) => compiler::entry::sparsity(mods, db, r, (Dtype::F32, shapes.1), args),
         _ => return None,

@@ -159,6 +159,67 @@ fn the_example_recipes_plan() {
     assert!(sparse.params.iter().any(|p| p.optimizer.as_deref() == Some("sgd")));
     assert!(sparse.params.iter().any(|p| p.optimizer.as_deref() == Some("adam")));
     assert!(sparse.masks.is_some());
+    let frugal = plan_of(&std::fs::read_to_string(root.join("recipes/frugal_gpt.recipe")).unwrap());
+    let matrices = frugal.params.iter().filter(|p| p.shape.len() == 2 && p.path.starts_with("model.blocks.")).count();
+    assert_eq!(frugal.params.iter().filter(|p| p.optimizer.as_deref() == Some("frugal")).count(), matrices);
+    assert_eq!(frugal.refresh_periods, vec![200]);
+    // Adam's statistics of a [128, 128] matrix: a projection [32, 128] and m, v of [128, 32].
+    let wq =
+        |s: &str| frugal.states.iter().find(|x| x.0 == format!("state.model.blocks.0.attn.wq.{s}")).unwrap().2.clone();
+    assert_eq!((wq("p"), wq("m"), wq("v")), (vec![32, 128], vec![128, 32], vec![128, 32]));
+}
+
+const PROJECTED: &str = r#"use std.models.mlp
+use std.optim.{adamw, frugal, galore_adamw}
+
+recipe r {
+    model = mlp(I = 4, H = 8, O = 4)
+    data = text("embedded:kjv", context = 4, batch = 2)
+    loss = mean(model.forward(f32(batch.inputs) / 100.0) * model.forward(f32(batch.inputs) / 50.0))
+    optimize model.w1 with frugal(lr = 0.01, rank = 2, gap = 3, weight_decay = 0.1)
+    optimize model.w2 with galore_adamw(lr = 0.01, rank = 2, gap = 2)
+    optimize model.{b1, b2} with adamw(lr = 0.01)
+    seed = 5
+}
+"#;
+
+/// Between refreshes of the optimizer states the loop runs the steady update, in which the
+/// states' initializers (here FRUGAL's and GaLore's SVDs) fold away; it gives the bits of the
+/// full update at those steps, and the full update runs at step 1 and at every refresh.
+#[test]
+fn the_steady_update_gives_the_full_updates_bits_between_refreshes() {
+    let plan = plan_of(PROJECTED);
+    assert_eq!(plan.refresh_periods, vec![2, 3]);
+    // Counted after the passes the compiler runs (constant folding takes the branch).
+    let svds = |g: &compiler::ir::Graph| {
+        let mut g = g.clone();
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        g.topo().into_iter().filter(|n| matches!(g.node(*n).op, compiler::ir::Op::SvdTopK { .. })).count()
+    };
+    assert_eq!((svds(&plan.update), svds(&plan.update_steady)), (2, 0));
+    let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
+    let (mut picked, mut full) = (initial_state(&plan, &progs).unwrap(), initial_state(&plan, &progs).unwrap());
+    let mut steady_steps = vec![];
+    for step in 1..=7usize {
+        let x = Tensor::new(Dtype::I32, vec![2, 4], (0..8).map(|i| ((i * 37 + step * 11) % 120) as f64).collect());
+        let exe = progs.update_at(step);
+        if std::ptr::eq(exe, progs.update_steady.as_ref()) {
+            steady_steps.push(step);
+        }
+        for (state, update) in [(&mut picked, exe), (&mut full, progs.update.as_ref())] {
+            let batch = ["batch.inputs", "batch.targets"].map(|n| (n.to_string(), Buffer::from_tensor(&x)));
+            run_named(&progs.grad, state, batch.into(), 0).unwrap();
+            let s = [("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, step as f64)))];
+            run_named(update, state, s.into(), 0).unwrap();
+        }
+    }
+    // (step - 1) % 2 and (step - 1) % 3 both nonzero.
+    assert_eq!(steady_steps, vec![2, 6]);
+    for (name, v) in &full {
+        let (a, b) = (values(v), values(&picked[name]));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: {a:?} vs {b:?}");
+    }
+    assert!(plan.states.iter().any(|s| s.0 == "state.model.w1.p"), "{:?}", plan.states);
 }
 
 /// Gradient accumulation averages where the gradients are (`compiler::train::accumulation`):
@@ -495,8 +556,10 @@ fn the_programs_of_a_job_share_one_arena() {
         let step = BTreeMap::from([("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, 1.0)))]);
         run_named(&progs.update, &mut state, step, 0).unwrap();
         run_named(&progs.eval, &mut state, batch(), 0).unwrap();
-        let sizes: Vec<usize> =
-            [&progs.init, &progs.grad, &progs.eval, &progs.update].iter().map(|r| r.program().arena_bytes).collect();
+        let sizes: Vec<usize> = [&progs.init, &progs.grad, &progs.eval, &progs.update, &progs.update_steady]
+            .iter()
+            .map(|r| r.program().arena_bytes)
+            .collect();
         let largest = *sizes.iter().max().unwrap();
         assert_eq!(progs.arenas.host.bytes(), largest.div_ceil(64) * 64, "{backend:?}: {sizes:?}");
         assert!(sizes.iter().sum::<usize>() > largest, "{sizes:?}");
