@@ -532,74 +532,31 @@ fn qr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
     (0..m).flat_map(|i| (0..n).map(|j| q[j][i]).collect::<Vec<_>>()).collect()
 }
 
-/// The thin SVD of a row-major `[m, n]` matrix by one-sided Jacobi rotations in f64:
-/// returns U `[m, r]` and Vᵀ `[r, n]` (r = min(m, n)), singular values descending, each
-/// right singular vector's largest-magnitude entry positive (and U's columns to match).
+/// The thin SVD of a row-major `[m, n]` matrix in f64 (faer's, single-threaded, so the same
+/// bits every run on a machine): returns U `[m, r]` and Vᵀ `[r, n]` (r = min(m, n)), singular
+/// values descending, each right singular vector's largest-magnitude entry (the first, on a
+/// tie) positive and U's columns to match. A matrix the SVD does not converge on (NaN or
+/// infinite entries) gives NaN.
 fn svd(a: &[f64], m: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
-    // Work on the matrix with more rows than columns; transpose back at the end.
-    let (rows, cols, t) = if m >= n { (m, n, false) } else { (n, m, true) };
-    let at = |i: usize, j: usize| if t { a[j * n + i] } else { a[i * n + j] };
-    let mut w: Vec<Vec<f64>> = (0..cols).map(|j| (0..rows).map(|i| at(i, j)).collect()).collect();
-    let mut v: Vec<Vec<f64>> = (0..cols).map(|j| (0..cols).map(|i| (i == j) as i32 as f64).collect()).collect();
-    for _sweep in 0..60 {
-        let mut off = 0.0f64;
-        for p in 0..cols {
-            for q in p + 1..cols {
-                let alpha: f64 = w[p].iter().map(|x| x * x).sum();
-                let beta: f64 = w[q].iter().map(|x| x * x).sum();
-                let gamma: f64 = w[p].iter().zip(&w[q]).map(|(x, y)| x * y).sum();
-                if gamma.abs() <= 1e-15 * (alpha * beta).sqrt() || gamma == 0.0 {
-                    continue;
-                }
-                off = off.max(gamma.abs() / (alpha * beta).sqrt());
-                let zeta = (beta - alpha) / (2.0 * gamma);
-                let tt = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
-                let tt = if zeta == 0.0 { 1.0 } else { tt };
-                let c = 1.0 / (1.0 + tt * tt).sqrt();
-                let s = c * tt;
-                for i in 0..rows {
-                    let (x, y) = (w[p][i], w[q][i]);
-                    w[p][i] = c * x - s * y;
-                    w[q][i] = s * x + c * y;
-                }
-                for i in 0..cols {
-                    let (x, y) = (v[p][i], v[q][i]);
-                    v[p][i] = c * x - s * y;
-                    v[q][i] = s * x + c * y;
-                }
-            }
+    let r = m.min(n);
+    let mat = faer::Mat::<f64>::from_fn(m, n, |i, j| a[i * n + j]);
+    let (u, v) = match mat.thin_svd() {
+        Ok(d) if a.iter().all(|x| x.is_finite()) => (d.U().to_owned(), d.V().to_owned()),
+        _ => return (vec![f64::NAN; m * r], vec![f64::NAN; r * n]),
+    };
+    let mut uo = vec![0.0; m * r];
+    let mut vt = vec![0.0; r * n];
+    for k in 0..r {
+        let big = (0..n).map(|j| v[(j, k)]).fold(0.0f64, |acc, x| if x.abs() > acc.abs() { x } else { acc });
+        let sign = if big < 0.0 { -1.0 } else { 1.0 };
+        for j in 0..n {
+            vt[k * n + j] = sign * v[(j, k)];
         }
-        if off < 1e-15 {
-            break;
+        for i in 0..m {
+            uo[i * r + k] = sign * u[(i, k)];
         }
     }
-    let mut sv: Vec<(f64, usize)> = (0..cols).map(|j| (w[j].iter().map(|x| x * x).sum::<f64>().sqrt(), j)).collect();
-    sv.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-    let r = cols;
-    // Columns of the long side (u_long = w / σ) and of the short side (v).
-    let mut long = vec![vec![0.0; rows]; r];
-    let mut short = vec![vec![0.0; cols]; r];
-    for (k, (sigma, j)) in sv.iter().enumerate() {
-        let mut sv_short = v[*j].clone();
-        let mut sv_long: Vec<f64> = w[*j].iter().map(|x| if *sigma > 1e-300 { x / sigma } else { 0.0 }).collect();
-        // Sign convention on the right singular vector (of the original matrix).
-        let right = if t { &sv_long } else { &sv_short };
-        let big = right.iter().copied().fold(0.0f64, |acc, x| if x.abs() > acc.abs() { x } else { acc });
-        if big < 0.0 {
-            sv_short.iter_mut().for_each(|x| *x = -*x);
-            sv_long.iter_mut().for_each(|x| *x = -*x);
-        }
-        long[k] = sv_long;
-        short[k] = sv_short;
-    }
-    // Original: A = U Σ Vᵀ. Not transposed: U = long (m = rows), V = short. Transposed:
-    // Aᵀ = long Σ shortᵀ, so U = short (m = cols), V = long.
-    let (u_cols, v_rows) = if t { (&short, &long) } else { (&long, &short) };
-    let mm = if t { cols } else { rows };
-    let nn = if t { rows } else { cols };
-    let u: Vec<f64> = (0..mm).flat_map(|i| (0..r).map(|k| u_cols[k][i]).collect::<Vec<_>>()).collect();
-    let vt: Vec<f64> = (0..r).flat_map(|k| (0..nn).map(|i| v_rows[k][i]).collect::<Vec<_>>()).collect();
-    (u, vt)
+    (uo, vt)
 }
 
 fn clamp_index(v: f64, extent: usize) -> usize {
