@@ -684,7 +684,15 @@ mod tests {
                     assert!((acc - mat[i * n + j]).abs() < 1e-10, "{m}x{n} [{i},{j}]: {acc} vs {}", mat[i * n + j]);
                 }
             }
+            // The sign convention: each right singular vector's largest entry is positive.
+            for k in 0..r {
+                let big = vt[k * n..(k + 1) * n].iter().fold(0.0f64, |b, x| if x.abs() > b.abs() { *x } else { b });
+                assert!(big > 0.0, "{m}x{n}: vector {k}");
+            }
         }
+        // No convergence to wait for: NaN in, NaN out.
+        let (u, vt) = svd(&[f64::NAN, 1.0, 2.0, 3.0], 2, 2);
+        assert!(u.iter().chain(&vt).all(|x| x.is_nan()));
     }
 
     #[test]
