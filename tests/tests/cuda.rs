@@ -33,7 +33,7 @@ fn units() -> Vec<(String, codegen_cuda::Unit)> {
     let analysis = lang::analyze(&mut db, &[root], &loader);
     let item = analysis.modules.list[0].items["tiny_gpt"];
     let plan = compiler::train::plan(&analysis.modules, &db, ItemRef { module: 0, item }).unwrap();
-    for g in [&plan.grad, &plan.update, &plan.init] {
+    for g in [&plan.grad, &plan.update, &plan.update_steady, &plan.init] {
         let mut g = g.clone();
         compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
         let p = compiler::kernel::schedule(&g).unwrap();
