@@ -208,8 +208,8 @@ def optimizers():
 
 
 def projected_optimizers():
-    """GaLore-AdamW and FRUGAL, written from the papers' algorithms and the authors' step code
-    (FRUGAL's `GaloreOptimizer`/`AdamW`; GaLore as in Fira's `fira_adamw.py`). P is the top-r
+    """GaLore-AdamW, Fira and FRUGAL, written from the papers' algorithms and the authors' step
+    code (FRUGAL's `GaloreOptimizer`/`AdamW`; GaLore and Fira as in Fira's `fira_adamw.py`). P is the top-r
     right singular vectors, each signed so its largest-magnitude entry is positive (the
     convention `svd_topk` documents; the updates do not depend on it). gap = 2 over 5 steps
     refreshes P (and FRUGAL's statistics) at steps 1, 3 and 5."""
@@ -244,7 +244,7 @@ def projected_optimizers():
         for name, want in zip(["param", "state_p", "state_m", "state_v"], frugal()):
             check(f"frugal[{rows}x{cols}] {name}", out[name], want, **ELT)
 
-        def galore(lr=0.01, alpha=0.25, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
+        def galore(lr=0.01, alpha=0.25, b1=0.9, b2=0.999, eps=1e-6, wd=0.1):
             W = jnp.asarray(p0, f64)
             M, V = jnp.zeros((rows, r), f64), jnp.zeros((rows, r), f64)
             for t in range(1, k + 1):
@@ -263,6 +263,38 @@ def projected_optimizers():
                        {"lr": 0.01, "rank": r, "gap": gap, "weight_decay": 0.1}, steps=k)
         for name, want in zip(["param", "state_p", "state_m", "state_v"], galore()):
             check(f"galore_adamw[{rows}x{cols}] {name}", out[name], want, **ELT)
+
+        def fira(lr=0.01, alpha=0.25, b1=0.9, b2=0.999, eps=1e-6, wd=0.1, paper=False):
+            W = jnp.asarray(p0, f64)
+            M, V, prev = jnp.zeros((rows, r), f64), jnp.zeros((rows, r), f64), None
+            for t in range(1, k + 1):
+                G = jnp.asarray(g[t - 1], f64)
+                if (t - 1) % gap == 0:
+                    P = proj(G)
+                R = G @ P.T
+                M = b1 * M + (1 - b1) * R
+                V = b2 * V + (1 - b2) * R * R
+                step_size = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                N = M / (jnp.sqrt(V) + eps)
+                # Norm-based scaling, one factor per row of R (R has more rows than columns).
+                phi = jnp.linalg.norm(N, axis=1) / (jnp.linalg.norm(R, axis=1) + 1e-8)
+                S = (G - (1.0 if paper else alpha) * R @ P) * phi[:, None]
+                if prev is None:
+                    prev = jnp.linalg.norm(S)
+                else:  # the norm-growth limiter
+                    size = jnp.linalg.norm(S)
+                    lim = max(size / (prev + 1e-8), 1.01) / 1.01
+                    S, prev = S / lim, size / lim
+                W = W - step_size * (alpha * N @ P + S)
+                W = W - lr * wd * W
+            return W, P, M, V, prev
+
+        for paper in [False, True]:
+            out = run_eval(STD("optim"), "fira_adamw", {"param": p0, "grad": g},
+                           {"lr": 0.01, "rank": r, "gap": gap, "weight_decay": 0.1, "paper_residual": str(paper).lower()},
+                           steps=k)
+            for name, want in zip(["param", "state_p", "state_m", "state_v", "state_q"], fira(paper=paper)):
+                check(f"fira_adamw[{rows}x{cols}] paper_residual={paper} {name}", out[name], want, **ELT)
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -109,7 +109,9 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ("std.loss", "linear_cross_entropy") => {
             vec![("hidden", t(F32, &[3, 4])), ("classifier", t(F32, &[5, 4])), ("targets", t(I32, &[3]))]
         }
-        ("std.optim", "frugal" | "galore_adamw") => vec![("lr", Arg::Scalar(0.1)), ("rank", Arg::Scalar(2.0))],
+        ("std.optim", "frugal" | "galore_adamw" | "fira_adamw") => {
+            vec![("lr", Arg::Scalar(0.1)), ("rank", Arg::Scalar(2.0))]
+        }
         ("std.optim", _) => vec![("lr", Arg::Scalar(0.1))],
         ("std.schedule", "constant") => vec![("value", Arg::Scalar(1.0))],
         ("std.schedule", "linear_warmup") => vec![("peak", Arg::Scalar(1.0)), ("warmup", Arg::Scalar(10.0))],
