@@ -354,6 +354,26 @@ def sparsity():
     check("magnitude mask", out["mask"], (np.abs(w) >= thr).astype(np.float32), rtol=0, atol=0)
     check("magnitude straight-through grad", out["grad"], w * 0.5, rtol=0, atol=0)
 
+    # Progressive gradient flow (Bambhaniya et al.), from the code's `get_sparse_mask` and
+    # decay types: the soft mask after K steps on fixed weights, and SR-STE's gradient.
+    def nm_mask(x, n, m):
+        groups = jnp.abs(jnp.asarray(x, jnp.float64)).reshape(x.shape[0], -1, m)
+        ranks = jnp.argsort(jnp.argsort(-groups, axis=-1, stable=True), axis=-1, stable=True)
+        return (ranks < n).astype(jnp.float64).reshape(x.shape)
+
+    hard = nm_mask(w, 2, 4)
+    for exponential, steps, dense in [(True, 4, 1), (False, 4, 1), (True, 1, 0), (False, 30, 0)]:
+        t = max(steps - 1 - dense, 0)  # updates since the dense phase ended
+        beta = np.exp(-0.1 * t) if exponential else max(0.0, 1 - 0.1 * t)
+        out = run_eval(STD("sparsity"), "mdgf", {"param": w, "grad": w * 0.5},
+                       {"decay": 0.1, "exponential": str(exponential).lower(), "dense_steps": dense}, steps=steps)
+        check(f"mdgf exponential={exponential} step {steps} mask", out["mask"], hard + (1 - hard) * beta, **ELT)
+        check(f"mdgf exponential={exponential} straight-through grad", out["grad"], w * 0.5, rtol=0, atol=0)
+    g = rng.randn(6, 16).astype(np.float32)
+    out = run_eval(STD("sparsity"), "srste", {"param": w, "grad": g}, {"decay": 0.01})
+    check("srste mask", out["mask"], hard, rtol=0, atol=0)
+    check("srste grad", out["grad"], g + 0.01 * (1 - hard) * w, **ELT)
+
 
 # ----------------------------------------------------------------------------- decoding
 

@@ -222,6 +222,38 @@ fn the_steady_update_gives_the_full_updates_bits_between_refreshes() {
     assert!(plan.states.iter().any(|s| s.0 == "state.model.w1.p"), "{:?}", plan.states);
 }
 
+/// A soft mask (MDGF): the pruned weights of the N:M pattern enter the forward pass scaled by
+/// β(t) = 1 − κt, here 0.5 at step 2, and the loss is the loss of the weights so scaled.
+#[test]
+fn soft_masks_scale_the_pruned_weights_in_the_forward_pass() {
+    let src = MLP.replace(
+        "    grad_clip = 0.1\n",
+        "    sparsify model.w1 with mdgf(n = 2, m = 4, decay = 0.5, exponential = false)\n",
+    );
+    let plan = plan_of(&src.replace("use std.sparsity.nm", "use std.sparsity.mdgf"));
+    let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
+    let mut state = initial_state(&plan, &progs).unwrap();
+    let step = BTreeMap::from([("step".to_string(), Buffer::from_tensor(&Tensor::scalar(Dtype::I32, 2.0)))]);
+    run_named(progs.masks.as_ref().unwrap(), &mut state, step, 0).unwrap();
+    let (w, mask) = (values(&state["model.w1"]), values(&state["mask.model.w1"]));
+    for g in 0..8 {
+        let group = &mask[g * 4..g * 4 + 4];
+        assert_eq!(group.iter().filter(|&&m| m == 1.0).count(), 2, "group {g}: {group:?}");
+        assert_eq!(group.iter().filter(|&&m| m == 0.5).count(), 2, "group {g}: {group:?}");
+    }
+    let x = Tensor::new(Dtype::I32, vec![2, 4], vec![65.0, 110.0, 100.0, 32.0, 71.0, 111.0, 100.0, 10.0]);
+    let loss = |state: &mut BTreeMap<String, Value>| {
+        let batch = ["batch.inputs", "batch.targets"].map(|n| (n.to_string(), Buffer::from_tensor(&x)));
+        run_named(&progs.eval, state, batch.into(), 0).unwrap();
+        state["loss"].get(0).unwrap()
+    };
+    let soft = loss(&mut state);
+    let scaled: Vec<f64> = w.iter().zip(&mask).map(|(a, m)| a * m).collect();
+    state.insert("model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], scaled)));
+    state.insert("mask.model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], vec![1.0; 32])));
+    assert_eq!(loss(&mut state), soft);
+}
+
 /// Gradient accumulation averages where the gradients are (`compiler::train::accumulation`):
 /// on the CPU and on a device backend, two half batches give the full batch's losses, and on
 /// the device no gradient crosses to the host (only the checkpoint and the scalars do).
