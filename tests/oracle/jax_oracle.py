@@ -332,6 +332,31 @@ def schedules():
         want = wsd(shape, F)
         # Before the decay phase x < 0 is never used (np.where evaluates all branches).
         check(f"wsd shape={shape}", out["out"], want, **ELT)
+    # WSD-S (Wen et al.): one run, a decayed checkpoint every `period` steps, after which the
+    # rate jumps back to the peak and training continues from the decayed weights. Written as
+    # the run goes: a global warmup, then in each period a stable phase and a decay over its
+    # last n_a steps that reaches F exactly at the checkpoint step.
+    def wsd_s(period, shape, F, steps, warm=30, frac=0.2):
+        na = int(np.floor(frac * period))
+        lr = []
+        for t in range(1, steps + 1):
+            into = (t - 1) % period + 1  # 1..period; period is the checkpoint step
+            if t < warm:
+                lr.append(t / warm + (1 - t / warm) / 100.0)
+            elif into < period - na:
+                lr.append(1.0)
+            elif into < period:
+                x = (into - (period - na)) / na
+                lr.append({"linear": F + (1 - F) * (1 - x), "sqrt": F + (1 - F) * (1 - np.sqrt(x)),
+                           "cosine": F + (1 - F) * 0.5 * (1 + np.cos(np.pi * x))}[shape])
+            else:
+                lr.append(F)
+        return np.array(lr)
+
+    for shape, F in [("linear", 0.0), ("sqrt", 0.1), ("cosine", 0.05)]:
+        out = run_eval(STD("schedule"), "wsd_s", hps={"peak": 1.0, "period": 200, "warmup": 30, "decay_frac": 0.2,
+                                                      "shape": shape, "final_factor": F}, steps=650)
+        check(f"wsd_s shape={shape}", out["out"], wsd_s(200, shape, F, 650), **ELT)
     # The reference values of the methods notes (n = 1000, f = 0.2, F = 0, step 900).
     for shape, v in [("linear", 0.5), ("sqrt", 0.2929), ("cosine", 0.5), ("square", 0.75)]:
         out = run_eval(STD("schedule"), "wsd", hps={"peak": 1.0, "total": 1000, "warmup": 0, "decay_frac": 0.2, "shape": shape}, steps=900)

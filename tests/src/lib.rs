@@ -115,6 +115,13 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ("std.optim", _) => vec![("lr", Arg::Scalar(0.1))],
         ("std.schedule", "constant") => vec![("value", Arg::Scalar(1.0))],
         ("std.schedule", "linear_warmup") => vec![("peak", Arg::Scalar(1.0)), ("warmup", Arg::Scalar(10.0))],
+        ("std.schedule", "wsd_s") => vec![("peak", Arg::Scalar(1.0)), ("period", Arg::Scalar(50.0))],
+        ("std.schedule", "decay_shape") => vec![
+            ("x", Arg::Tensor(F32, vec![])),
+            ("shape", Arg::Str("cosine".into())),
+            ("f", Arg::Scalar(0.1)),
+            ("sqrt_power", Arg::Scalar(0.5)),
+        ],
         ("std.schedule", _) => vec![("peak", Arg::Scalar(1.0)), ("total", Arg::Scalar(100.0))],
         ("std.sparsity", _) => vec![],
         ("std.decode", _) => vec![("logits", t(F32, &[6]))],
