@@ -100,6 +100,14 @@ fn update_clips_the_global_norm_and_evaluates_the_schedule_at_the_step() {
     }
 }
 
+/// The validation loss of the small MLP on a fixed batch.
+fn eval_loss(progs: &Programs, state: &mut BTreeMap<String, Value>) -> f64 {
+    let x = Tensor::new(Dtype::I32, vec![2, 4], vec![65.0, 110.0, 100.0, 32.0, 71.0, 111.0, 100.0, 10.0]);
+    let batch = ["batch.inputs", "batch.targets"].map(|n| (n.to_string(), Buffer::from_tensor(&x)));
+    run_named(&progs.eval, state, batch.into(), 0).unwrap();
+    state["loss"].get(0).unwrap()
+}
+
 #[test]
 fn masks_follow_the_rule_and_the_forward_pass_uses_them() {
     let src = MLP.replace("    grad_clip = 0.1\n", "    sparsify model.w1 with nm(n = 2, m = 4)\n");
@@ -125,14 +133,7 @@ fn masks_follow_the_rule_and_the_forward_pass_uses_them() {
         }
     }
     // The loss with the mask equals the loss of the dense weights zeroed where masked.
-    let batch = |state: &mut BTreeMap<String, Value>| {
-        let mut extra = BTreeMap::new();
-        let x = Tensor::new(Dtype::I32, vec![2, 4], vec![65.0, 110.0, 100.0, 32.0, 71.0, 111.0, 100.0, 10.0]);
-        extra.insert("batch.inputs".to_string(), Buffer::from_tensor(&x));
-        extra.insert("batch.targets".to_string(), Buffer::from_tensor(&x));
-        run_named(&progs.eval, state, extra, 0).unwrap();
-        state["loss"].get(0).unwrap()
-    };
+    let batch = |state: &mut BTreeMap<String, Value>| eval_loss(&progs, state);
     let masked = batch(&mut state);
     let zeroed: Vec<f64> = w.iter().zip(&mask).map(|(a, m)| a * m).collect();
     state.insert("model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], zeroed)));
@@ -241,17 +242,11 @@ fn soft_masks_scale_the_pruned_weights_in_the_forward_pass() {
         assert_eq!(group.iter().filter(|&&m| m == 1.0).count(), 2, "group {g}: {group:?}");
         assert_eq!(group.iter().filter(|&&m| m == 0.5).count(), 2, "group {g}: {group:?}");
     }
-    let x = Tensor::new(Dtype::I32, vec![2, 4], vec![65.0, 110.0, 100.0, 32.0, 71.0, 111.0, 100.0, 10.0]);
-    let loss = |state: &mut BTreeMap<String, Value>| {
-        let batch = ["batch.inputs", "batch.targets"].map(|n| (n.to_string(), Buffer::from_tensor(&x)));
-        run_named(&progs.eval, state, batch.into(), 0).unwrap();
-        state["loss"].get(0).unwrap()
-    };
-    let soft = loss(&mut state);
+    let soft = eval_loss(&progs, &mut state);
     let scaled: Vec<f64> = w.iter().zip(&mask).map(|(a, m)| a * m).collect();
     state.insert("model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], scaled)));
     state.insert("mask.model.w1".into(), host(&Tensor::new(Dtype::F32, vec![4, 8], vec![1.0; 32])));
-    assert_eq!(loss(&mut state), soft);
+    assert_eq!(eval_loss(&progs, &mut state), soft);
 }
 
 /// Gradient accumulation averages where the gradients are (`compiler::train::accumulation`):
