@@ -539,11 +539,13 @@ fn qr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
 /// infinite entries) gives NaN.
 fn svd(a: &[f64], m: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
     let r = m.min(n);
+    let nan = || (vec![f64::NAN; m * r], vec![f64::NAN; r * n]);
+    if !a.iter().all(|x| x.is_finite()) {
+        return nan();
+    }
     let mat = faer::Mat::<f64>::from_fn(m, n, |i, j| a[i * n + j]);
-    let (u, v) = match mat.thin_svd() {
-        Ok(d) if a.iter().all(|x| x.is_finite()) => (d.U().to_owned(), d.V().to_owned()),
-        _ => return (vec![f64::NAN; m * r], vec![f64::NAN; r * n]),
-    };
+    let Ok(d) = mat.thin_svd() else { return nan() };
+    let (u, v) = (d.U(), d.V());
     let mut uo = vec![0.0; m * r];
     let mut vt = vec![0.0; r * n];
     for k in 0..r {

@@ -855,7 +855,7 @@ impl CudaExecutable {
     /// own (the default stream cannot be captured; nothing runs while capturing). The graphs
     /// replay on the default stream, so they stay ordered with the copies around them.
     fn capture(&self, starts: &[u64]) -> Result<Vec<Option<Graph>>, RunError> {
-        let stream = self.ctx.new_stream().map_err(|e| err("cannot create a stream to capture on", e))?;
+        let mut stream = None;
         let mut graphs = vec![];
         for s in &self.stretches {
             let Stretch::Device(ks) = s else {
@@ -866,10 +866,16 @@ impl CudaExecutable {
                 graphs.push(None);
                 continue;
             }
+            let stream = match &stream {
+                Some(s) => s,
+                None => {
+                    stream.insert(self.ctx.new_stream().map_err(|e| err("cannot create a stream to capture on", e))?)
+                }
+            };
             stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(|e| err("cannot begin a capture", e))?;
-            let launched = ks.iter().try_for_each(|&ki| self.launch(&stream, ki, starts));
+            let launched = ks.iter().try_for_each(|&ki| self.launch(stream, ki, starts));
             // Ended whatever happened, so the stream leaves capture mode.
             let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
             launched?;
