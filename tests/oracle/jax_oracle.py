@@ -158,6 +158,165 @@ def linear_ce():
         check(f"linear_cross_entropy[{n},{d},{v}] grad classifier", out["grad_classifier"], gc, **RED)
 
 
+def eisl_sequence():
+    """EISL from the criterion's steps: clamp, cost matrix, n x n identity convolution (here
+    `lax.conv`), softmax over generated positions, sum over positions, mean over targets."""
+
+    def ref(logp, y, n, tau, noise=None):
+        B, T, V = logp.shape
+        lp = jnp.asarray(jax.nn.relu(jnp.asarray(logp) + 20.0) - 20.0, jnp.float64)  # the code's clamp, in f32
+        C = jnp.take_along_axis(lp, jnp.broadcast_to(jnp.asarray(y)[:, None, :], (B, T, T)), axis=2)
+        G = jax.lax.conv(C[:, None], jnp.eye(n, dtype=jnp.float64)[None, None] / n, (1, 1), "VALID")[:, 0]
+        w = jax.nn.softmax((G if noise is None else G + noise) / tau, axis=1)
+        return -jnp.mean(jnp.sum(w * G, axis=1)), G
+
+    for (B, T, V), n, tau in [((2, 5, 7), 2, 1.0), ((3, 6, 11), 3, 0.5), ((2, 4, 5), 1, 1.0), ((1, 4, 6), 4, 2.0)]:
+        z = rng.randn(B, T, V).astype(np.float32) * 3
+        logp = np.array(jax.nn.log_softmax(z, axis=-1), np.float32)
+        logp[0, 0, 0] = -30.0  # below the clamp
+        y = rng.randint(0, V, size=(B, T)).astype(np.int32)
+        y[0, 0] = 0
+        out = run_eval(STD("loss"), "eisl", {"logp": logp, "targets": y}, {"n": n, "tau": tau}, grad=True)
+        f = lambda lp: ref(lp, y, n, tau)[0]  # noqa: E731
+        check(f"eisl[{B}x{T}x{V}, n={n}, tau={tau}]", out["out"], f(logp), **RED)
+        check(f"eisl[{B}x{T}x{V}, n={n}, tau={tau}] grad", out["grad_logp"], jax.grad(f)(jnp.asarray(logp, jnp.float64)), **RED)
+    # Gumbel variant: B identical rows draw independent noise, so the loss is a Monte Carlo
+    # mean over B; compare with an independent JAX Monte Carlo estimate of the expectation.
+    B, T, V, n = 4000, 4, 5, 2
+    z = rng.randn(1, T, V).astype(np.float32) * 2
+    logp = np.repeat(np.asarray(jax.nn.log_softmax(z, axis=-1), np.float32), B, axis=0)
+    y = np.repeat(rng.randint(0, V, size=(1, T)).astype(np.int32), B, axis=0)
+    out = run_eval(STD("loss"), "eisl", {"logp": logp, "targets": y}, {"n": n, "gumbel": "true"}, seed=7)
+    _, G = ref(logp[:1], y[:1], n, 1.0)
+    g = jax.random.gumbel(jax.random.PRNGKey(0), (200000,) + G.shape[1:], jnp.float64)
+    per = jnp.sum(jax.nn.softmax(G + g, axis=1) * G, axis=1)  # [samples, J]
+    want = -jnp.mean(per)
+    sigma = float(jnp.sqrt(jnp.sum(jnp.var(per, axis=0))) / (per.shape[1] * np.sqrt(B)))
+    check("eisl gumbel (Monte Carlo mean over 4000 rows, 5 sigma)", out["out"], want, rtol=0, atol=5 * sigma)
+    # Without noise the same rows give a different value: the noise is really drawn.
+    det = -jnp.mean(jnp.sum(jax.nn.softmax(G, axis=1) * G, axis=1))
+    if abs(float(want - det)) < 10 * sigma:
+        failed.append("eisl gumbel: the test inputs cannot tell noise from no noise")
+
+
+def distillation():
+    """SquareHead as the code computes it (rows selected by the mask, per-layer normalized
+    MSE, summed); temperature KL as `kl_div(log_target=True, reduction=sum) * T^2 / kept`."""
+    eps = 2.0 ** -7  # finfo(bf16).eps
+    for L, N, D in [(1, 5, 3), (3, 8, 16)]:
+        s = rng.randn(L, N, D).astype(np.float32)
+        t = (s + 0.3 * rng.randn(L, N, D)).astype(np.float32) * 2
+        mask = (rng.rand(N) > 0.3).astype(np.float32)
+        mask[0] = 1.0
+        rows = mask.astype(bool)
+
+        def sh(s):
+            return sum(jnp.mean((s[l][rows] - t[l][rows]) ** 2) / (jnp.mean(t[l][rows] ** 2) + eps) for l in range(L))
+
+        out = run_eval(STD("loss"), "squarehead", {"student": s, "teacher": t, "mask": mask}, grad=True)
+        check(f"squarehead[{L}x{N}x{D}]", out["out"], sh(s), **RED)
+        check(f"squarehead[{L}x{N}x{D}] grad student", out["grad_student"], jax.grad(sh)(jnp.asarray(s, jnp.float64)), **RED)
+        check(f"squarehead[{L}x{N}x{D}] no teacher grad", out["grad_teacher"], np.zeros_like(t), rtol=0, atol=0)
+        # Invariant to scaling student and teacher together (up to eps).
+        c = 3.0
+        out2 = run_eval(STD("loss"), "squarehead", {"student": s * c, "teacher": t * c, "mask": mask}, {"eps": 0.0})
+        out1 = run_eval(STD("loss"), "squarehead", {"student": s, "teacher": t, "mask": mask}, {"eps": 0.0})
+        check(f"squarehead[{L}x{N}x{D}] joint scaling", out2["out"], out1["out"], **RED)
+    for n, v, T in [(4, 7, 1.0), (9, 33, 2.0)]:
+        zs = rng.randn(n, v).astype(np.float32) * 2
+        zt = rng.randn(n, v).astype(np.float32) * 2
+        y = rng.randint(0, v, size=n).astype(np.int32)
+        y[1] = -100
+        keep = y != -100
+
+        def kd(zs):
+            ls = jax.nn.log_softmax(zs[keep] / T, axis=1)
+            lt = jax.nn.log_softmax(zt[keep] / T, axis=1)
+            return jnp.sum(jnp.exp(lt) * (lt - ls)) * T * T / keep.sum()
+
+        out = run_eval(STD("loss"), "distill_kl", {"student": zs, "teacher": zt, "targets": y}, {"t": T}, grad=True)
+        check(f"distill_kl[{n}x{v}, T={T}]", out["out"], kd(zs), **RED)
+        check(f"distill_kl[{n}x{v}, T={T}] grad student", out["grad_student"], jax.grad(kd)(jnp.asarray(zs, jnp.float64)), **RED)
+        check(f"distill_kl[{n}x{v}, T={T}] no teacher grad", out["grad_teacher"], np.zeros_like(zt), rtol=0, atol=0)
+
+
+def gram():
+    """GRAM volumes as sqrt|det(A A^T)| with `jnp.linalg.det` per pair (LU), and the loss as
+    the code writes it: normalize, divide by the temperature, label-smoothed CE both ways."""
+
+    def vol(a, m):  # a [A, D], m [K, B, D]
+        out = np.zeros((a.shape[0], m.shape[1]))
+        for i in range(a.shape[0]):
+            for j in range(m.shape[1]):
+                X = np.concatenate([a[i:i + 1], m[:, j]], axis=0).astype(np.float64)
+                out[i, j] = np.sqrt(abs(np.linalg.det(X @ X.T)))
+        return out
+
+    for A, B, K, D in [(3, 4, 1, 5), (4, 5, 2, 8), (2, 3, 3, 6)]:
+        a = rng.randn(A, D).astype(np.float32)
+        m = rng.randn(K, B, D).astype(np.float32)
+        out = run_eval(STD("loss"), "gram_volume", {"anchor": a, "others": m})
+        check(f"gram_volume[{A},{B},K={K},D={D}]", out["out"], vol(a, m), rtol=1e-4, atol=1e-5)
+    # Two unit vectors: |sin θ|; a collinear pair: 0.
+    th = np.array([0.3, 1.2, 2.5])
+    a = np.stack([np.cos(th), np.sin(th)], 1).astype(np.float32)
+    m = np.array([[[1.0, 0.0], [2.0, 0.0]]], np.float32)
+    out = run_eval(STD("loss"), "gram_volume", {"anchor": a, "others": m})
+    want = np.stack([np.abs(np.sin(th)), 2 * np.abs(np.sin(th))], 1)
+    check("gram_volume two vectors = |sin|", out["out"], want, rtol=1e-5, atol=1e-6)
+    out = run_eval(STD("loss"), "gram_volume", {"anchor": np.array([[1.0, 2.0, 0.0]], np.float32), "others": np.array([[[2.0, 4.0, 0.0]]], np.float32)})
+    check("gram_volume collinear = 0", out["out"], np.zeros((1, 1)), rtol=0, atol=1e-3)
+
+    def lsce(z, y, eps):
+        logp = jax.nn.log_softmax(z, axis=1)
+        nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+        return jnp.mean((1 - eps) * nll - eps * jnp.mean(logp, axis=1))
+
+    def loss(a, m, tau=0.07, eps=0.1):
+        nrm = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+        a, m = nrm(a), nrm(m)
+        G = jnp.concatenate([jnp.broadcast_to(a[:, None, None], (a.shape[0], m.shape[1], 1, a.shape[1])),
+                             jnp.broadcast_to(jnp.transpose(m, (1, 0, 2))[None], (a.shape[0],) + jnp.transpose(m, (1, 0, 2)).shape)], axis=2)
+        V = jnp.sqrt(jnp.abs(jnp.linalg.det(G @ jnp.swapaxes(G, -1, -2)))) / tau
+        y = jnp.arange(a.shape[0])
+        return 0.5 * (lsce(-V, y, eps) + lsce(-V.T, y, eps))
+
+    for B, K, D, tau in [(4, 1, 6, 0.07), (6, 2, 8, 0.5)]:
+        a = rng.randn(B, D).astype(np.float32)
+        m = rng.randn(K, B, D).astype(np.float32)
+        out = run_eval(STD("loss"), "gram_loss", {"anchor": a, "others": m}, {"tau": tau}, grad=True)
+        f = lambda a, m: loss(a, m, tau)  # noqa: E731
+        ga, gm = jax.grad(f, argnums=(0, 1))(jnp.asarray(a, jnp.float64), jnp.asarray(m, jnp.float64))
+        check(f"gram_loss[B={B},K={K},tau={tau}]", out["out"], f(a, m), **RED)
+        check(f"gram_loss[B={B},K={K},tau={tau}] grad anchor", out["grad_anchor"], ga, rtol=1e-3, atol=1e-4)
+        check(f"gram_loss[B={B},K={K},tau={tau}] grad others", out["grad_others"], gm, rtol=1e-3, atol=1e-4)
+
+
+def flow_matching():
+    """W-CFM: Gibbs-weighted CFM regression onto x1 - x0; epsilon -> inf is plain I-CFM."""
+    for N, D in [(5, 3), (16, 8)]:
+        v = rng.randn(N, D).astype(np.float32)
+        x0 = rng.randn(N, D).astype(np.float32)
+        x1 = (rng.randn(N, D) * 0.5 + 1.0).astype(np.float32)
+        for cost, eps, normalize in [("sqeuclid", 4.0, "none"), ("euclid", 2.0, "none"), ("sqeuclid", 1.0, "batch_mean")]:
+            def f(v):
+                d = x1.astype(np.float64) - x0
+                c = np.sum(d * d, 1) if cost == "sqeuclid" else np.linalg.norm(d, axis=1)
+                w = np.exp(-c / eps)
+                if normalize == "batch_mean":
+                    w = w / w.mean()
+                return jnp.mean(w * jnp.sum((v - d) ** 2, axis=1))
+
+            out = run_eval(STD("loss"), "wcfm", {"velocity": v, "x0": x0, "x1": x1},
+                           {"epsilon": eps, "cost": cost, "normalize": normalize}, grad=True)
+            name = f"wcfm[{N}x{D}, {cost}, eps={eps}, {normalize}]"
+            check(name, out["out"], f(v), **RED)
+            check(name + " grad velocity", out["grad_velocity"], jax.grad(f)(jnp.asarray(v, jnp.float64)), **RED)
+        icfm = jnp.mean(jnp.sum((v - (x1 - x0)) ** 2, axis=1))
+        out = run_eval(STD("loss"), "wcfm", {"velocity": v, "x0": x0, "x1": x1}, {"epsilon": 1e30})
+        check(f"wcfm[{N}x{D}] epsilon=1e30 is I-CFM", out["out"], icfm, **RED)
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 def optimizers():
@@ -469,7 +628,7 @@ def linear_algebra():
             check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
 
 
-for f in [losses, linear_ce, optimizers, projected_optimizers, schedules, sparsity, decoding, layer_norm, linear_algebra]:
+for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, schedules, sparsity, decoding, layer_norm, linear_algebra]:
     case(f)
 
 print()

@@ -109,6 +109,16 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ("std.loss", "linear_cross_entropy") => {
             vec![("hidden", t(F32, &[3, 4])), ("classifier", t(F32, &[5, 4])), ("targets", t(I32, &[3]))]
         }
+        ("std.loss", "eisl") => vec![("logp", t(F32, &[2, 5, 7])), ("targets", t(I32, &[2, 5]))],
+        ("std.loss", "squarehead") => {
+            vec![("student", t(F32, &[2, 3, 4])), ("teacher", t(F32, &[2, 3, 4])), ("mask", t(F32, &[3]))]
+        }
+        ("std.loss", "distill_kl") => {
+            vec![("student", t(F32, &[3, 5])), ("teacher", t(F32, &[3, 5])), ("targets", t(I32, &[3]))]
+        }
+        ("std.loss", "gram_volume") => vec![("anchor", t(F32, &[3, 4])), ("others", t(F32, &[2, 5, 4]))],
+        ("std.loss", "gram_loss") => vec![("anchor", t(F32, &[3, 4])), ("others", t(F32, &[2, 3, 4]))],
+        ("std.loss", "wcfm") => vec![("velocity", t(F32, &[3, 4])), ("x0", t(F32, &[3, 4])), ("x1", t(F32, &[3, 4]))],
         ("std.optim", "frugal" | "galore_adamw" | "fira_adamw") => {
             vec![("lr", Arg::Scalar(0.1)), ("rank", Arg::Scalar(2.0))]
         }
@@ -233,10 +243,17 @@ pub fn item_graph(
     })
 }
 
+/// True for the items whose graphs are tested with their gradients: losses, and the
+/// `std.loss` functions with a scalar value (`gram_volume` gives a matrix).
+pub fn takes_gradients(module: &str, kind: &lang::ast::ItemKind) -> bool {
+    use lang::ast::{FnKind, ItemKind};
+    let scalar = |f: &lang::ast::FnDef| f.ret.as_ref().is_some_and(|t| t.dims.as_ref().is_none_or(|d| d.is_empty()));
+    matches!(kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || (module == "std.loss" && scalar(f)))
+}
+
 /// The graph of every stdlib item that has sample arguments (losses and `std.loss` items
 /// with their gradients), after the pass pipeline: `(module.item, graph)`, sorted.
 pub fn stdlib_graphs() -> Vec<(String, compiler::ir::Graph)> {
-    use lang::ast::{FnKind, ItemKind};
     use lang::types::ItemRef;
     let mut loader = lang::source::MemoryLoader::default();
     for (m, f, text) in stdlib::MODULES {
@@ -254,7 +271,7 @@ pub fn stdlib_graphs() -> Vec<(String, compiler::ir::Graph)> {
             let r = ItemRef { module: 0, item: i };
             let Some(args) = samples(module, name) else { continue };
             let args: Vec<(String, Arg)> = args.into_iter().map(|(n, a)| (n.to_string(), a)).collect();
-            let loss = matches!(&mods.item(r).kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || *module == "std.loss");
+            let loss = takes_gradients(module, &mods.item(r).kind);
             let Some(g) = item_graph(mods, &db, r, &args, loss, (vec![37], vec![4, 16])) else { continue };
             let mut g = g.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
             compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();

@@ -57,7 +57,7 @@ fn stdlib_graphs() {
             let lowered = lowered.unwrap_or_else(|e| panic!("{module}.{name}: {e}"));
             round_trip(&lowered, &format!("{module}.{name} lowered"));
             snap.push_str(&format!("\nLOWERED\n{lowered}"));
-            if matches!(&item.kind, ItemKind::Fn(f) if f.kind == FnKind::Loss || module == &"std.loss") {
+            if tests::takes_gradients(module, &item.kind) {
                 let g = compiler::entry::function(mods, &db, r, &args, true).unwrap();
                 round_trip(&g, &format!("{module}.{name} with gradients"));
                 snap.push_str(&format!("\nGRADIENTS\n{g}"));
