@@ -167,6 +167,9 @@ impl Dim {
         }
     }
     pub fn add(&self, o: &Dim) -> Dim {
+        self.add_terms(o).cancel_quotients()
+    }
+    fn add_terms(&self, o: &Dim) -> Dim {
         let mut terms = self.terms.clone();
         for (m, c) in &o.terms {
             let e = terms.entry(m.clone()).or_insert(0);
@@ -176,6 +179,40 @@ impl Dim {
             }
         }
         Dim { terms }
+    }
+    /// `k·c·(x / c)` is `k·x` for a constant `c` and a symbolic `x`: the quotient asserts that
+    /// `c` divides `x` (as `D / H` does), so `2 * (E / 2)` equals `E`. A constant `x` keeps its
+    /// quotient, which marks an inexact division (`is_inexact`).
+    fn cancel_quotients(self) -> Dim {
+        let cancels = |m: &Mono, coef: i64| {
+            m.iter().position(|(a, e)| {
+                *e == 1
+                    && matches!(a, Atom::Quot(x, y) if x.as_const().is_none()
+                        && y.as_const().is_some_and(|c| c != 0 && coef.checked_rem(c) == Some(0)))
+            })
+        };
+        if !self.terms.iter().any(|(m, c)| cancels(m, *c).is_some()) {
+            return self;
+        }
+        let mut out = Dim::default();
+        for (m, coef) in &self.terms {
+            let mut one = BTreeMap::new();
+            match cancels(m, *coef) {
+                Some(i) => {
+                    let Atom::Quot(x, y) = &m[i].0 else { unreachable!() };
+                    let c = y.as_const().unwrap_or(1);
+                    let mut rest = m.clone();
+                    rest.remove(i);
+                    one.insert(rest, coef / c);
+                    out = out.add_terms(&x.mul(&Dim { terms: one }));
+                }
+                None => {
+                    one.insert(m.clone(), *coef);
+                    out = out.add_terms(&Dim { terms: one });
+                }
+            }
+        }
+        out.cancel_quotients()
     }
     pub fn neg(&self) -> Dim {
         Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c.saturating_neg())).collect() }
@@ -557,5 +594,16 @@ mod tests {
         let eight = b.div(&t).subst(&|s: &Sym| Some(Dim::constant(if s.id == 1 { 16 } else { 2 })));
         assert_eq!(eight.as_const(), Some(8));
         assert_eq!(b.add(&b).sub(&b), b);
+        // A quotient by a constant cancels against a multiple of it.
+        let two = Dim::constant(2);
+        let half = t.div(&two);
+        assert_eq!(half.to_string(), "(T) / (2)");
+        assert_eq!(two.mul(&half), t);
+        assert_eq!(half.add(&half), t);
+        assert_eq!(Dim::constant(6).mul(&half).mul(&b), Dim::constant(3).mul(&t).mul(&b));
+        assert_eq!(half.mul(&Dim::constant(3)).to_string(), "3 * (T) / (2)");
+        // A constant quotient stays: it marks an inexact division.
+        let inexact = Dim::constant(7).div(&two);
+        assert!(two.mul(&inexact).is_inexact());
     }
 }

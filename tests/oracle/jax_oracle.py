@@ -604,6 +604,63 @@ def layer_norm():
     check("layer_norm", out["out"], ln(x, g, b), **RED)
 
 
+def positions():
+    """RoPE as Llama applies it (`rotate_half`), its relative-position property, the NTK and
+    LongLLaDA base rules against the methods note's worked table, and LM-Infinite's mask
+    against a set-based count of the keys each query sees."""
+    def rotate_half(x):
+        h = x.shape[-1] // 2
+        return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+    def rope(x, base, offset=0):
+        E = x.shape[-1]
+        inv = 1.0 / (base ** (np.arange(0, E, 2, dtype=np.float32) / np.float32(E)))
+        pos = np.arange(offset, offset + x.shape[-2], dtype=np.float32)
+        freqs = np.outer(pos, inv).astype(np.float32)
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return x * np.cos(emb) + rotate_half(x) * np.sin(emb)
+
+    for shape, base, offset in [((1, 2, 5, 8), 10000.0, 0), ((2, 3, 7, 16), 500.0, 3)]:
+        x = rng.randn(*shape).astype(np.float32)
+        out = run_eval(STD("models"), "rope", {"x": x}, {"base": base, "offset": offset})
+        check(f"rope{list(shape)} base={base} offset={offset}", out["out"], rope(x, base, offset), rtol=1e-5, atol=2e-6)
+    # Scores of rotated queries and keys depend on positions only through their difference.
+    q = rng.randn(1, 1, 6, 8).astype(np.float32)
+    k = rng.randn(1, 1, 6, 8).astype(np.float32)
+    s0 = [run_eval(STD("models"), "rope", {"x": t}, {"offset": 0})["out"] for t in (q, k)]
+    s5 = [run_eval(STD("models"), "rope", {"x": t}, {"offset": 5})["out"] for t in (q, k)]
+    check("rope relative positions", s5[0][0, 0] @ s5[1][0, 0].T, s0[0][0, 0] @ s0[1][0, 0].T, rtol=1e-4, atol=1e-4)
+
+    def ntk_base(b, d, T, Tn, rule="critical", bidi=False):
+        if Tn <= T:
+            return b
+        if bidi:
+            T, Tn = 2 * T, 2 * Tn
+        if rule == "ntk":
+            return b * (Tn / T) ** (d / (d - 2))
+        dc = 2 * np.ceil(d / 2 * np.log(T / (2 * np.pi)) / np.log(b))
+        return (Tn / (2 * np.pi)) ** (d / dc)
+
+    # The methods note's table for LLaDA-8B (d = 128, b = 5e5, T = 4096): λ = b'/b.
+    for Tn, lam in [(8192, 3.40), (16384, 13.6), (24576, 30.6), (32768, 54.4)]:
+        got = run_eval(STD("models"), "ntk_rope_base", hps={"base": 500000.0, "dim": 128, "train_len": 4096, "target_len": Tn})["out"]
+        check(f"ntk_rope_base LongLLaDA {Tn // 1024}k (table, 3 digits)", got / 5e5, lam, rtol=6e-3, atol=0)
+        check(f"ntk_rope_base LongLLaDA {Tn // 1024}k", got, ntk_base(5e5, 128, 4096, Tn), rtol=1e-6, atol=0)
+    for args in [(10000.0, 64, 128, 512, "ntk", False), (10000.0, 64, 128, 512, "critical", True), (10000.0, 64, 512, 256, "ntk", False)]:
+        b, d, T, Tn, rule, bidi = args
+        hps = {"base": b, "dim": d, "train_len": T, "target_len": Tn, "rule": rule, "bidirectional": str(bidi).lower()}
+        got = run_eval(STD("models"), "ntk_rope_base", hps=hps)["out"]
+        check(f"ntk_rope_base {args}", got, ntk_base(*args), rtol=1e-6, atol=0)
+
+    for n, local, g in [(8, 3, 2), (12, 4, 0), (5, 8, 0), (9, 2, 10)]:
+        m = run_eval(STD("models"), "lambda_mask", hps={"n": n, "local": local, "n_global": g})["out"].astype(bool)
+        counts = [len(set(range(min(g, q + 1))) | set(range(max(0, q - local + 1), q + 1))) for q in range(n)]
+        ok = m.sum(1).tolist() == counts and not np.triu(m, 1).any()
+        if local >= n and g == 0:
+            ok = ok and (m == np.tril(np.ones((n, n), bool))).all()
+        check(f"lambda_mask n={n} local={local} n_global={g}", float(ok), 1.0, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- linear algebra
 
 def linear_algebra():
@@ -628,7 +685,7 @@ def linear_algebra():
             check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
 
 
-for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, schedules, sparsity, decoding, layer_norm, linear_algebra]:
+for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, schedules, sparsity, decoding, layer_norm, positions, linear_algebra]:
     case(f)
 
 print()

@@ -135,6 +135,16 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ("std.schedule", _) => vec![("peak", Arg::Scalar(1.0)), ("total", Arg::Scalar(100.0))],
         ("std.sparsity", _) => vec![],
         ("std.decode", _) => vec![("logits", t(F32, &[6]))],
+        ("std.models", "rope") => vec![("x", t(F32, &[2, 2, 3, 4])), ("offset", Arg::Scalar(1.0))],
+        ("std.models", "ntk_rope_base") => vec![
+            ("base", Arg::Scalar(10000.0)),
+            ("dim", Arg::Scalar(64.0)),
+            ("train_len", Arg::Scalar(128.0)),
+            ("target_len", Arg::Scalar(512.0)),
+        ],
+        ("std.models", "lambda_mask") => {
+            vec![("n", Arg::Scalar(6.0)), ("local", Arg::Scalar(2.0)), ("n_global", Arg::Scalar(1.0))]
+        }
         ("std.models", "layer_norm") => vec![("x", t(F32, &[3, 4])), ("gain", t(F32, &[4])), ("bias", t(F32, &[4]))],
         _ => return None,
     })
