@@ -588,6 +588,58 @@ def decoding():
     check("top_p frequencies (p = 0.7)", f, nuc, rtol=0, atol=0.06)
 
 
+def localleap():
+    """LocalLeap's commit rule as the code's loop runs it: positions in confidence order,
+    the first always committed, the others against the relaxed threshold near an anchor."""
+    def ref(c, tau, relax, r):
+        order = [i for i in np.argsort(-c, kind="stable") if np.isfinite(c[i])]
+        anchors = [i for i in order if c[i] >= tau]
+        near = set()
+        for a in anchors:
+            near |= set(range(max(0, a - r), min(len(c), a + r + 1)))
+        commit = np.zeros(len(c), bool)
+        for j, k in enumerate(order):
+            if j == 0 or c[k] >= (relax if (anchors and k in near) else tau):
+                commit[k] = True
+        return commit
+
+    # The methods note's case: an anchor at 0.95 takes its neighbors at >= 0.75 within 4,
+    # not a 0.8 six positions away.
+    c = np.full(16, -np.inf, np.float32)
+    c[2:14] = [0.5, 0.95, 0.8, 0.7, 0.76, 0.6, 0.5, 0.3, 0.2, 0.8, 0.1, 0.4]
+    cases = [(c, 0.9, 0.75, 4)]
+    no_anchor = np.array([0.3, 0.6, 0.85, 0.2, 0.8], np.float32)  # only the top-1 commits
+    cases.append((no_anchor, 0.9, 0.75, 4))
+    for _ in range(4):
+        x = rng.rand(24).astype(np.float32)
+        x[rng.rand(24) < 0.3] = -np.inf
+        cases.append((x, 0.7, 0.5, 2))
+    for i, (c, tau, relax, r) in enumerate(cases):
+        out = run_eval(STD("decode"), "localleap_commit", {"confidence": c}, {"threshold": tau, "relaxed": relax, "radius": r})
+        want = ref(c, tau, relax, r)
+        check(f"localleap_commit case {i} ({int(want.sum())} of {np.isfinite(c).sum()} commit)", out["out"].astype(float), want.astype(float), rtol=0, atol=0)
+    assert ref(cases[0][0], 0.9, 0.75, 4).nonzero()[0].tolist() == [3, 4, 6]
+    assert ref(no_anchor, 0.9, 0.75, 4).nonzero()[0].tolist() == [2]
+
+
+def quantization():
+    """Group-wise abs-max quantization as the methods note writes it, with numpy's
+    round-half-to-even."""
+    for (M, N), bits, group in [((3, 8), 4, 4), ((5, 128), 4, 64), ((4, 96), 8, 32), ((2, 12), 3, 12)]:
+        w = rng.randn(M, N).astype(np.float32)
+        w[0, :group] = 0.0  # a group of zeros stays zero
+        g = w.reshape(M, N // group, group)
+        top = 2 ** (bits - 1) - 1
+        s = np.abs(g).max(axis=2, keepdims=True) / np.float32(top)
+        q = np.clip(np.round(g / np.where(s > 0, s, 1)), -top - 1, top)
+        want = (q * s).reshape(M, N)
+        out = run_eval(STD("sparsity"), "quantize_groups", {"w": w}, {"bits": bits, "group": group})
+        check(f"quantize_groups[{M}x{N}] bits={bits} group={group}", out["out"], want, **ELT)
+        levels = np.unique(np.round(out["out"].reshape(M, N // group, group) / np.where(s > 0, s, 1)))
+        if levels.size > 2 ** bits:
+            failed.append(f"quantize_groups bits={bits}: {levels.size} levels")
+
+
 # ----------------------------------------------------------------------------- models
 
 def layer_norm():
@@ -685,7 +737,7 @@ def linear_algebra():
             check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
 
 
-for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, schedules, sparsity, decoding, layer_norm, positions, linear_algebra]:
+for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, linear_algebra]:
     case(f)
 
 print()

@@ -133,7 +133,9 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
             ("sqrt_power", Arg::Scalar(0.5)),
         ],
         ("std.schedule", _) => vec![("peak", Arg::Scalar(1.0)), ("total", Arg::Scalar(100.0))],
+        ("std.sparsity", "quantize_groups") => vec![("w", t(F32, &[3, 8])), ("group", Arg::Scalar(4.0))],
         ("std.sparsity", _) => vec![],
+        ("std.decode", "localleap_commit") => vec![("confidence", t(F32, &[10])), ("radius", Arg::Scalar(2.0))],
         ("std.decode", _) => vec![("logits", t(F32, &[6]))],
         ("std.models", "rope") => vec![("x", t(F32, &[2, 2, 3, 4])), ("offset", Arg::Scalar(1.0))],
         ("std.models", "ntk_rope_base") => vec![
