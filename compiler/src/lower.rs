@@ -71,6 +71,16 @@ pub struct ModelVal {
     pub config: HashMap<String, Val>,
     /// The parameter path of this instance (`blocks.3.mlp`).
     pub prefix: Vec<String>,
+    /// The first segment of its parameters' paths: `model`, or `teacher` for a recipe's
+    /// frozen teacher.
+    pub root: String,
+}
+
+impl ModelVal {
+    /// The same instance with its parameters named under `root` (`teacher.wte`).
+    pub fn rooted(&self, root: &str) -> ModelVal {
+        ModelVal { item: self.item, config: self.config.clone(), prefix: self.prefix.clone(), root: root.into() }
+    }
 }
 
 /// A value supplied for a parameter of the entry point.
@@ -841,7 +851,7 @@ impl<'a> Lowerer<'a> {
                 };
                 let bound = self.bind_call_args(&params, args)?;
                 if let ItemKind::Model(_) = &modules.item(r).kind {
-                    return self.construct(r, &params, bound, vec![]);
+                    return self.construct(r, &params, bound, vec![], "model".into());
                 }
                 return self.lower_call(r, &bound, span);
             }
@@ -872,6 +882,7 @@ impl<'a> Lowerer<'a> {
         params: &[Param],
         mut bound: HashMap<String, Val>,
         prefix: Vec<String>,
+        root: String,
     ) -> R<Val> {
         let saved = (self.module, std::mem::replace(&mut self.scopes, vec![HashMap::new()]));
         self.module = r.module;
@@ -893,7 +904,7 @@ impl<'a> Lowerer<'a> {
         self.module = saved.0;
         self.scopes = saved.1;
         result?;
-        Ok(Val::Model(std::rc::Rc::new(ModelVal { item: r, config, prefix })))
+        Ok(Val::Model(std::rc::Rc::new(ModelVal { item: r, config, prefix, root })))
     }
 
     fn model_def(&self, mv: &ModelVal) -> &'a lang::ast::ModelDef {
@@ -934,7 +945,7 @@ impl<'a> Lowerer<'a> {
         extra: &[(String, Val)],
         span: lang::source::Span,
     ) -> R<Val> {
-        let mut path: Vec<String> = vec!["model".into()];
+        let mut path: Vec<String> = vec![mv.root.clone()];
         path.extend(mv.prefix.iter().cloned());
         path.push(name.to_string());
         if let Some(i) = index {
@@ -1013,7 +1024,7 @@ impl<'a> Lowerer<'a> {
         if let Some(i) = index {
             prefix.push(i.to_string());
         }
-        self.construct(r, &sub.params, bound, prefix)
+        self.construct(r, &sub.params, bound, prefix, mv.root.clone())
     }
 
     fn array_element(&mut self, mv: &std::rc::Rc<ModelVal>, member: &str, i: i64, span: lang::source::Span) -> R<Val> {
@@ -1122,7 +1133,7 @@ impl<'a> Lowerer<'a> {
                         },
                         None => None,
                     };
-                    let mut path: Vec<String> = vec!["model".into()];
+                    let mut path: Vec<String> = vec![mv.root.clone()];
                     path.extend(mv.prefix.iter().cloned());
                     path.push(name.name.clone());
                     if let Some(i) = i {

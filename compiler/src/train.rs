@@ -92,6 +92,29 @@ pub struct TrainPlan {
     pub refresh_periods: Vec<u64>,
     /// `None` when the recipe has no `decode` and the model no `logits` method.
     pub decode: Option<Graph>,
+    /// `teacher = ...` with `teacher_from = "..."`: a frozen model whose parameters
+    /// (`teacher.<path>`, inputs of `grad` and `eval`, never updated or checkpointed) are read
+    /// from another run's checkpoint.
+    pub teacher: Option<Teacher>,
+    /// `init_from = "..."`: the checkpoint whose `model.*` parameters replace the
+    /// initializers' values on a fresh start.
+    pub init_from: Option<Source>,
+}
+
+/// A checkpoint a recipe reads: a run directory or a `.safetensors` file, as written
+/// (relative to the recipe's file), and the span of the string.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Source {
+    pub path: String,
+    pub span: Span,
+}
+
+/// A recipe's frozen teacher.
+#[derive(Clone, Debug)]
+pub struct Teacher {
+    /// Its parameters, `teacher.<path>`; `model.<path>` in the checkpoint it comes from.
+    pub params: Vec<ParamSpec>,
+    pub from: Source,
 }
 
 fn fail<T>(msg: impl Into<String>, at: Option<(lang::source::FileId, Span)>) -> R<T> {
@@ -123,7 +146,46 @@ fn recipe_lowerer<'a>(modules: &'a Modules, db: &'a SourceDb, r: ItemRef, name: 
         return fail("`model` is not a model instance", Some((file_of(modules, r), model.span)));
     }
     lw.bind_model("model", m.clone());
+    if let Some(t) = field(rec, "teacher") {
+        match lw.expr(t)? {
+            Val::Model(tv) => lw.bind_model("teacher", Val::Model(std::rc::Rc::new(tv.rooted("teacher")))),
+            _ => return fail("`teacher` is not a model instance", Some((file_of(modules, r), t.span))),
+        }
+    }
     Ok((lw, m))
+}
+
+/// The string of a `teacher_from`/`init_from` field.
+fn source(modules: &Modules, r: ItemRef, rec: &RecipeDef, name: &str) -> R<Option<Source>> {
+    match field(rec, name) {
+        None => Ok(None),
+        Some(Expr { kind: ExprKind::Str(s), span, .. }) => Ok(Some(Source { path: s.clone(), span: *span })),
+        Some(e) => fail(format!("`{name}` must be a string"), Some((file_of(modules, r), e.span))),
+    }
+}
+
+/// The teacher's parameters, named `teacher.<path>`, with their shapes.
+fn teacher(modules: &Modules, db: &SourceDb, r: ItemRef, rec: &RecipeDef) -> R<Option<Teacher>> {
+    let Some(from) = source(modules, r, rec, "teacher_from")? else { return Ok(None) };
+    let (mut lw, _) = recipe_lowerer(modules, db, r, "teacher")?;
+    let Some(Val::Model(tv)) = lw.lookup_public("teacher") else {
+        return fail("`teacher_from` needs `teacher`", Some((file_of(modules, r), from.span)));
+    };
+    let values = lw.initial_values(&tv)?;
+    let params = values
+        .iter()
+        .map(|(path, n)| {
+            let node = lw.graph.node(*n);
+            ParamSpec {
+                path: path.clone(),
+                dtype: node.dtype,
+                shape: node.shape.clone(),
+                optimizer: None,
+                sparsity: None,
+            }
+        })
+        .collect();
+    Ok(Some(Teacher { params, from }))
 }
 
 fn file_of(modules: &Modules, r: ItemRef) -> lang::source::FileId {
@@ -245,7 +307,9 @@ fn loss_graph(
     let out = lw.cast(out, Dtype::F32, "loss")?;
     lw.graph.outputs.push(("loss".into(), out));
     if grads {
-        let used: Vec<(String, NodeId)> = lw.params.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        // The model's parameters only: the teacher's are constants of the step.
+        let used: Vec<(String, NodeId)> =
+            lw.params.iter().filter(|(k, _)| k.starts_with("model.")).map(|(k, v)| (k.clone(), *v)).collect();
         let ids: Vec<NodeId> = used.iter().map(|p| p.1).collect();
         let gs = crate::autodiff::grad(&mut lw.graph, out, &ids)?;
         let by_path: HashMap<String, NodeId> = used.iter().map(|p| p.0.clone()).zip(gs).collect();
@@ -633,6 +697,8 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
         update_steady,
         refresh_periods: periods,
         decode,
+        teacher: teacher(modules, db, r, rec)?,
+        init_from: source(modules, r, rec, "init_from")?,
     })
 }
 

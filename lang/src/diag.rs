@@ -319,7 +319,9 @@ models, and `optimize`/`sparsify` in recipes.",
 "Use a known field (see the help line and `docs/language.md`).";
 
 "E0402", "missing recipe field",
-"A recipe must set `model`, `data` and `loss`, and optimize at least one parameter group.",
+"A recipe must set `model`, `data` and `loss`, and optimize at least one parameter group. \
+`teacher` and `teacher_from` come together: the teacher's model and the checkpoint its \
+parameters are read from.",
 "recipe r {\n    model = mlp(D = 4, H = 8, C = 2)\n}",
 "Add the missing field.";
 
@@ -389,10 +391,13 @@ here, with the recipe line at fault, and no training starts.",
 recipe's graphs get.";
 
 "E0602", "invalid checkpoint",
-"`--resume DIR` and `recipec sample DIR` read `DIR/checkpoint.safetensors`. The file is \
-rejected when it is truncated, damaged (its checksum does not match), of another recipe, or \
-lacks a tensor the recipe needs or has it with another shape. A rejected checkpoint is never \
-overwritten: training does not start.",
+"`--resume DIR` and `recipec sample DIR` read `DIR/checkpoint.safetensors`, and a recipe's \
+`init_from` and `teacher_from` name a run directory (its `checkpoint.safetensors`) or a \
+`.safetensors` file. The file is rejected when it is missing, truncated, damaged (its \
+checksum does not match), of another recipe (for `--resume`), or lacks a tensor the recipe \
+needs or has it with another shape (`init_from` and `teacher_from` need every parameter of \
+the model as `model.<path>`). A rejected checkpoint is never overwritten: training does not \
+start.",
 "recipec train recipes/tiny_gpt.recipe --resume runs/tiny_gpt   # after the file was cut short",
 "Resume from an intact checkpoint (checkpoints are written atomically, so the last one written \
 completely is the one in the directory), or start afresh with another `--out`.";

@@ -417,6 +417,14 @@ impl Formatter<'_> {
                 s.push_str(&format!("{})", INDENT.repeat(self.indent)));
                 s
             }
+            // A sum (or `&&`, `||` chain) too long for its line breaks after the operator, the
+            // right operand on the next line, one indent deeper (a newline after an operator
+            // continues the statement).
+            ExprKind::Binary(op @ (BinOp::Add | BinOp::Sub | BinOp::And | BinOp::Or), a, b) => {
+                let inner = INDENT.repeat(self.indent + 1);
+                let sub = Formatter { indent: self.indent + 1, ..self.shallow() };
+                format!("{} {}\n{inner}{}", self.expr(a, col), op.symbol(), sub.expr(b, inner.len()))
+            }
             ExprKind::List(items) if !items.is_empty() => {
                 let inner = INDENT.repeat(self.indent + 1);
                 let mut s = String::from("[\n");
@@ -573,6 +581,16 @@ mod tests {
         let src = "recipe r {\n    optimize model.** with adamw(lr = wsd(peak = 3e-3, total = 1500, warmup = 100, decay_frac = 0.2), weight_decay = 0.1)\n}\n";
         let out = check_idempotent(src);
         assert!(out.contains("adamw(\n        lr = wsd("), "{out}");
+    }
+
+    #[test]
+    fn breaks_long_sums_after_the_operator() {
+        let src = "recipe r {\n    loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets)) + 0.5 * squarehead(model.hidden_states(batch.inputs), teacher.hidden_states(batch.inputs))\n}\n";
+        let out = check_idempotent(src);
+        assert_eq!(
+            out,
+            "recipe r {\n    loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets)) +\n        0.5 * squarehead(model.hidden_states(batch.inputs), teacher.hidden_states(batch.inputs))\n}\n"
+        );
     }
 
     #[test]

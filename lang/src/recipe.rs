@@ -22,6 +22,9 @@ pub static RECIPE_FIELDS: &[(&str, &str, bool)] = &[
     ("eval_batches", "batches per validation loss (default 8)", false),
     ("checkpoint_every", "steps between checkpoints (default 500)", false),
     ("log_every", "steps between log lines (default 10)", false),
+    ("init_from", "a run directory or `.safetensors` checkpoint whose `model` parameters start training", false),
+    ("teacher", "a frozen model instance for distillation, in scope in `loss` as `teacher`", false),
+    ("teacher_from", "the run directory or `.safetensors` checkpoint the teacher's parameters come from", false),
 ];
 
 /// What the checker learned about a recipe: its parameters and groups.
@@ -164,9 +167,77 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
     } else {
         c.bind_recipe("batch", Ty::Unknown, rec.name.span);
     }
+    // The teacher: a second model instance, frozen, its parameters read from `teacher_from`.
+    match (field("teacher"), field("teacher_from")) {
+        (Some((name, value)), from) => {
+            let t = c.expr(value);
+            match &t {
+                Ty::Model(mt) => {
+                    let concrete = mt.config.iter().all(|x| match x {
+                        Ty::Dim(d) => d.as_const().is_some(),
+                        _ => true,
+                    });
+                    if !concrete {
+                        c.error(
+                            "E0310",
+                            value.span,
+                            "every integer argument of the teacher model must be a constant".into(),
+                            "not all constants",
+                        );
+                    }
+                }
+                Ty::Unknown => {}
+                other => {
+                    c.error(
+                        "E0406",
+                        value.span,
+                        format!("`teacher` must be a model instance, found {}", other.describe()),
+                        "not a model",
+                    )
+                    .help = Some(
+                        "call a model item, as for `model`: `gpt(V = 256, D = 128, L = 5, H = 4, T = 128)`".into(),
+                    );
+                }
+            }
+            c.bind_recipe("teacher", t, name.span);
+            if from.is_none() && !poisoned_fields {
+                c.error(
+                    "E0402",
+                    name.span,
+                    format!("recipe `{}` sets `teacher` but not `teacher_from`", rec.name.name),
+                    "the teacher's parameters come from nowhere",
+                )
+                .help = Some("add `teacher_from = \"runs/NAME\"`: the run directory of the trained teacher".into());
+            }
+        }
+        (None, Some((name, _))) => {
+            c.error(
+                "E0402",
+                name.span,
+                format!("recipe `{}` sets `teacher_from` but not `teacher`", rec.name.name),
+                "no teacher to load",
+            )
+            .help = Some(
+                "add `teacher = ...`: the teacher's model instance, e.g. the model of the run it comes from".into(),
+            );
+        }
+        (None, None) => {}
+    }
     for (name, value) in &fields {
         match name.name.as_str() {
-            "model" | "data" => {}
+            "model" | "data" | "teacher" => {}
+            "init_from" | "teacher_from" => {
+                if !matches!(value.kind, ExprKind::Str(_)) {
+                    c.expr(value);
+                    c.error(
+                        "E0404",
+                        value.span,
+                        format!("`{}` must be a string: a run directory or a `.safetensors` file", name.name),
+                        "not a string",
+                    )
+                    .help = Some(format!("write `{} = \"runs/tiny_gpt\"` (relative to the recipe's file)", name.name));
+                }
+            }
             "loss" => {
                 let t = c.expr(value);
                 if let Some(tt) = t.as_tensor() {

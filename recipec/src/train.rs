@@ -144,6 +144,18 @@ pub fn train(req: TrainRequest) -> ExitCode {
             );
         }
     }
+    // The checkpoints the recipe reads (a teacher, `init_from`), checked before anything runs.
+    let base = req.file.parent().unwrap_or(std::path::Path::new("."));
+    let sources = match runtime::train::load_sources(&plan, base) {
+        Ok(s) => s,
+        Err(e) => {
+            let d = Diagnostic::error("E0602", e.message)
+                .label(roots[0], e.span, "this checkpoint")
+                .help("nothing ran; name the run directory (or `.safetensors` file) of a run of the same model");
+            eprint!("{}", render::render(&db, &d, crate::color()));
+            return ExitCode::from(1);
+        }
+    };
     let opts = runtime::train::TrainOptions {
         steps: req.steps,
         checkpoint_every: req.checkpoint_every,
@@ -153,6 +165,7 @@ pub fn train(req: TrainRequest) -> ExitCode {
         progress_bar: std::io::stderr().is_terminal(),
         source: db.file(roots[0]).text.clone(),
         source_path: req.file.clone(),
+        sources: Some(sources),
     };
     runtime::train::install_interrupt_handler();
     let stderr = std::io::stderr();
@@ -446,11 +459,22 @@ pub fn print_entry_points(file: &Path, recipe: &str) -> ExitCode {
             h(gpu_arena)
         )
     };
+    let teacher = match &plan.teacher {
+        Some(t) => {
+            let bytes: usize =
+                t.params.iter().map(|p| p.shape.iter().product::<usize>() * compiler::plan::dtype_bytes(p.dtype)).sum();
+            format!(", the frozen teacher's {} from \"{}\"", h(bytes), t.from.path)
+        }
+        None => String::new(),
+    };
     println!(
-        "  `recipec train` needs {} in all ({on}): that arena and {} of training state (parameters, optimizer states, masks, gradients, the batch)",
+        "  `recipec train` needs {} in all ({on}): that arena and {} of training state (parameters, optimizer states, masks, gradients, the batch{teacher})",
         h(arena + state),
         h(state)
     );
+    if let Some(src) = &plan.init_from {
+        println!("  the model starts from the parameters in \"{}\" (init_from)", src.path);
+    }
     ExitCode::SUCCESS
 }
 

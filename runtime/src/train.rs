@@ -157,6 +157,90 @@ pub struct TrainOptions {
     /// The recipe's source text and path (written beside the checkpoint).
     pub source: String,
     pub source_path: PathBuf,
+    /// The teacher's and `init_from`'s tensors, when the caller has read them already
+    /// ([`load_sources`]); otherwise `train` reads them.
+    pub sources: Option<Sources>,
+}
+
+/// Tensors a recipe reads from other runs' checkpoints.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// `teacher.<path>`: the teacher's parameters (every run, resumed or not).
+    pub teacher: BTreeMap<String, Buffer>,
+    /// `model.<path>`: `init_from`'s parameters (a fresh start only).
+    pub init: BTreeMap<String, Buffer>,
+}
+
+/// Why a checkpoint named by `teacher_from` or `init_from` cannot be used.
+#[derive(Clone, Debug)]
+pub struct SourceError {
+    pub span: lang::source::Span,
+    pub message: String,
+}
+
+/// Reads the recipe's `teacher_from` and `init_from` checkpoints (paths relative to `base`,
+/// the recipe's directory; a directory means its `checkpoint.safetensors`). Each parameter
+/// the recipe needs must be there as `model.<path>` with the recipe's dtype and shape; where
+/// the checkpoint holds a sparsity mask (`mask.model.<path>`), the value is the masked one,
+/// the weights that run's forward pass used.
+pub fn load_sources(plan: &TrainPlan, base: &Path) -> Result<Sources, SourceError> {
+    let mut out = Sources::default();
+    if let Some(t) = &plan.teacher {
+        out.teacher = read_params(&t.from, base, &t.params, "teacher")?;
+    }
+    if let Some(src) = &plan.init_from {
+        out.init = read_params(src, base, &plan.params, "model")?;
+    }
+    Ok(out)
+}
+
+fn read_params(
+    src: &compiler::train::Source,
+    base: &Path,
+    wanted: &[compiler::train::ParamSpec],
+    root: &str,
+) -> Result<BTreeMap<String, Buffer>, SourceError> {
+    let fail = |message: String| SourceError { span: src.span, message };
+    let mut path = base.join(&src.path);
+    if path.is_dir() {
+        path = path.join("checkpoint.safetensors");
+    }
+    let ck = Checkpoint::load(&path).map_err(|e| fail(e.0))?;
+    let mut out = BTreeMap::new();
+    for p in wanted {
+        let name = format!("model{}", &p.path[root.len()..]);
+        let Some(b) = ck.tensors.get(&name) else {
+            let what = if root == "model" { "the model's".to_string() } else { format!("the {root}'s") };
+            return Err(fail(format!(
+                "{}: the checkpoint has no `{name}` ({what} `{}`): is it a run of this model?",
+                path.display(),
+                p.path
+            )));
+        };
+        if b.dtype != p.dtype || b.shape != p.shape {
+            return Err(fail(format!(
+                "{}: `{name}` is {}{:?} in the checkpoint but {}{:?} in the recipe (`{}`)",
+                path.display(),
+                b.dtype,
+                b.shape,
+                p.dtype,
+                p.shape,
+                p.path
+            )));
+        }
+        let value = match ck.tensors.get(&format!("mask.{name}")) {
+            Some(m) if m.shape == b.shape => {
+                let (mut t, m) = (b.to_tensor(), m.to_tensor());
+                for (x, k) in t.data.iter_mut().zip(&m.data) {
+                    *x *= k;
+                }
+                Buffer::from_tensor(&t)
+            }
+            _ => Buffer::from_bytes(b.dtype, b.shape.clone(), b.as_bytes()),
+        };
+        out.insert(p.path.clone(), value);
+    }
+    Ok(out)
 }
 
 /// How a run ended.
@@ -448,6 +532,14 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         }
         None => (initial_state(plan, &progs)?, 0),
     };
+    let sources = match &opts.sources {
+        Some(s) => s.clone(),
+        None => load_sources(plan, base).map_err(|e| RunError(e.message))?,
+    };
+    state.extend(sources.teacher.into_iter().map(|(k, b)| (k, Value::Host(b))));
+    if opts.resume.is_none() {
+        state.extend(sources.init.into_iter().map(|(k, b)| (k, Value::Host(b))));
+    }
     if opts.resume.is_none() && ck_path.exists() {
         // A fresh run into a directory with a checkpoint would overwrite it.
         return Err(RunError(format!(
@@ -500,6 +592,13 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         start + 1,
         if opts.resume.is_some() { " (resumed)" } else { "" }
     );
+    if let (Some(src), None) = (&plan.init_from, &opts.resume) {
+        let _ = writeln!(log, "starting from the parameters in {} (init_from)", base.join(&src.path).display());
+    }
+    if let Some(t) = &plan.teacher {
+        let n: usize = t.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
+        let _ = writeln!(log, "teacher: {n} parameters from {}, frozen", base.join(&t.from.path).display());
+    }
     let (arena, kept) = progs.job_bytes();
     let h = compiler::plan::human;
     let _ = writeln!(

@@ -273,6 +273,7 @@ fn accumulating_two_half_batches_matches_one_full_batch() {
             progress_bar: false,
             source: src.clone(),
             source_path: dir.join("t.recipe"),
+            sources: None,
         };
         let summary = runtime::train::train(&plan, &opts, &mut std::io::sink()).unwrap();
         let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -600,4 +601,93 @@ fn the_programs_of_a_job_share_one_arena() {
             state.keys().collect::<Vec<_>>()
         );
     }
+}
+
+const SMALL_GPT: &str = "gpt(V = 256, D = 16, L = 2, H = 2, T = 16)";
+
+/// Trains `src` (a recipe file in `dir`) for `steps` steps into `dir/out` and returns the
+/// logged losses.
+fn train_in(dir: &std::path::Path, src: &str, out: &str, steps: usize, resume: bool) -> Vec<f64> {
+    let plan = plan_of(src);
+    let opts = runtime::train::TrainOptions {
+        steps: Some(steps),
+        checkpoint_every: None,
+        out: dir.join(out),
+        resume: resume.then(|| dir.join(out)),
+        backend: Backend::Cranelift,
+        progress_bar: false,
+        source: src.to_string(),
+        source_path: dir.join("t.recipe"),
+        sources: None,
+    };
+    runtime::train::train(&plan, &opts, &mut std::io::sink()).unwrap_or_else(|e| panic!("{}", e.0));
+    std::fs::read_to_string(dir.join(out).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .collect()
+}
+
+fn distill_recipe(loss: &str, extra: &str) -> String {
+    format!(
+        "use std.models.gpt\nuse std.loss.{{cross_entropy, squarehead}}\nuse std.optim.adamw\nuse std.sparsity.nm\n\n\
+         recipe student {{\n    model = {SMALL_GPT}\n    init_from = \"teacher\"\n    teacher = {SMALL_GPT}\n    \
+         teacher_from = \"teacher\"\n    data = text(\"embedded:kjv\", context = 16, batch = 2)\n    loss = {loss}\n    \
+         optimize model.** with adamw(lr = 1e-2)\n    log_every = 1\n    seed = 3\n{extra}}}\n"
+    )
+}
+
+/// `init_from` starts the model at another run's parameters and `teacher` reads them into a
+/// frozen second model: a student started from its teacher has SquareHead loss 0 exactly (the
+/// two hold the same values under their own names), a loss with cross-entropy moves the
+/// student and never the teacher (its loss stays 0 only while the student has not moved),
+/// the checkpoint holds no teacher, and resuming reloads it and gives the same losses.
+#[test]
+fn a_student_starts_from_its_teacher_which_stays_frozen() {
+    let dir = std::env::temp_dir().join(format!("recipec-distill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let teacher = format!(
+        "use std.models.gpt\nuse std.loss.cross_entropy\nuse std.optim.adamw\n\nrecipe teacher {{\n    \
+         model = {SMALL_GPT}\n    data = text(\"embedded:kjv\", context = 16, batch = 2)\n    \
+         loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))\n    \
+         optimize model.** with adamw(lr = 1e-2)\n}}\n"
+    );
+    train_in(&dir, &teacher, "teacher", 5, false);
+    let sq = "squarehead(model.hidden_states(batch.inputs), teacher.hidden_states(batch.inputs), ones(shape = [32]))";
+    let zero = train_in(&dir, &distill_recipe(sq, ""), "only_squarehead", 3, false);
+    assert_eq!(zero, vec![0.0; 3], "a student equal to its teacher");
+
+    // Cross-entropy plus SquareHead under 2:4 sparsity: the loss at step 1 exceeds the plain
+    // cross-entropy (the pruned MLP differs from the teacher), and the teacher's value is the
+    // checkpoint's, so the SquareHead term alone at a fresh student is 0 again afterwards.
+    let ce = "cross_entropy(model.logits(batch.inputs), flatten(batch.targets))";
+    let both = format!("{ce} +\n        {sq}");
+    let sparse = "    sparsify model.blocks.*.mlp.w1 with nm(n = 2, m = 4)\n";
+    let full = train_in(&dir, &distill_recipe(&both, sparse), "full", 6, false);
+    let plain = train_in(&dir, &distill_recipe(ce, sparse), "plain", 1, false);
+    assert!(full[0] > plain[0], "SquareHead adds to the loss of a pruned student: {full:?} vs {plain:?}");
+    let ck = runtime::checkpoint::Checkpoint::load(&dir.join("full").join("checkpoint.safetensors")).unwrap();
+    assert!(ck.tensors.keys().all(|k| !k.contains("teacher")), "the checkpoint holds no teacher");
+    let again = train_in(&dir, &distill_recipe(sq, ""), "again", 1, false);
+    assert_eq!(again, vec![0.0], "the teacher checkpoint is untouched");
+
+    // Stopped after 3 steps and resumed to 6: the same losses bit for bit.
+    let src = distill_recipe(&both, sparse);
+    let first = train_in(&dir, &src, "resumed", 3, false);
+    let rest = train_in(&dir, &src, "resumed", 6, true);
+    assert_eq!(first[..], full[..3]);
+    assert_eq!(rest[..], full[..], "resumed run");
+
+    // A checkpoint of another model: refused before training, at the string that names it.
+    let other = distill_recipe(ce, "")
+        .replace(&format!("teacher = {SMALL_GPT}"), "teacher = gpt(V = 256, D = 32, L = 2, H = 2, T = 16)");
+    let plan = plan_of(&other);
+    let e = runtime::train::load_sources(&plan, &dir).unwrap_err();
+    assert!(e.message.contains("`model.wte` is f32[256, 16] in the checkpoint but f32[256, 32]"), "{}", e.message);
+    assert_eq!(&other[e.span.range()], "\"teacher\"");
+    let missing = distill_recipe(ce, "").replace("init_from = \"teacher\"", "init_from = \"nowhere\"");
+    let e = runtime::train::load_sources(&plan_of(&missing), &dir).unwrap_err();
+    assert!(e.message.contains("nowhere"), "{}", e.message);
+    let _ = std::fs::remove_dir_all(&dir);
 }
