@@ -182,6 +182,17 @@ fn fold_constants(g: &mut Graph) -> Result<PassReport, IrError> {
 }
 
 fn cse(g: &mut Graph) -> Result<PassReport, IrError> {
+    let changed = merge_duplicates(g);
+    dce(g)?;
+    Ok(PassReport { changed })
+}
+
+/// Points every use of a node at the first node with the same op, type and operands (inputs
+/// and random draws are never merged) and returns how many were merged; the merged nodes stay,
+/// unused. The training step runs it before taking gradients, so that a forward pass written
+/// twice (`model.features(x)` and `model.hidden_states(x)` in one loss) is one pass with one
+/// backward pass, not two.
+pub fn merge_duplicates(g: &mut Graph) -> usize {
     let mut seen: HashMap<String, NodeId> = HashMap::new();
     let mut changed = 0;
     for id in g.topo() {
@@ -201,8 +212,7 @@ fn cse(g: &mut Graph) -> Result<PassReport, IrError> {
             }
         }
     }
-    dce(g)?;
-    Ok(PassReport { changed })
+    changed
 }
 
 fn dce(g: &mut Graph) -> Result<PassReport, IrError> {

@@ -307,6 +307,7 @@ fn loss_graph(
     let out = lw.cast(out, Dtype::F32, "loss")?;
     lw.graph.outputs.push(("loss".into(), out));
     if grads {
+        crate::passes::merge_duplicates(&mut lw.graph);
         // The model's parameters only: the teacher's are constants of the step.
         let used: Vec<(String, NodeId)> =
             lw.params.iter().filter(|(k, _)| k.starts_with("model.")).map(|(k, v)| (k.clone(), *v)).collect();

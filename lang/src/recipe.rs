@@ -64,6 +64,41 @@ fn article(word: &str) -> String {
     }
 }
 
+/// Checks a field that instantiates a model (`model`, `teacher`): a model call whose integer
+/// arguments are constants. Returns the type to bind and the concrete model, if it is one.
+fn model_field(c: &mut Checker, field: &str, value: &Expr) -> (Ty, Option<ModelTy>) {
+    let t = c.expr(value);
+    match &t {
+        Ty::Model(mt) => {
+            let concrete = mt.config.iter().all(|x| match x {
+                Ty::Dim(d) => d.as_const().is_some(),
+                _ => true,
+            });
+            if concrete {
+                return (t.clone(), Some(mt.clone()));
+            }
+            c.error(
+                "E0310",
+                value.span,
+                format!("every integer argument of the recipe's {field} must be a constant"),
+                "not all constants",
+            );
+            (t.clone(), None)
+        }
+        Ty::Unknown => (Ty::Unknown, None),
+        other => {
+            c.error(
+                "E0406",
+                value.span,
+                format!("`{field}` must be a model instance, found {}", other.describe()),
+                "not a model",
+            )
+            .help = Some("call a model item, such as `gpt(V = 256, D = 128, L = 4, H = 4, T = 128)`".into());
+            (Ty::Unknown, None)
+        }
+    }
+}
+
 pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> CheckedRecipe {
     c.enter_recipe(r);
     let file = c.file();
@@ -110,42 +145,17 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
         }
     }
     // The model first: `model` is in scope for everything else.
-    let mut model_ty = None;
-    if let Some((name, value)) = field("model") {
-        let t = c.expr(value);
-        match &t {
-            Ty::Model(mt) => {
-                let concrete = mt.config.iter().all(|x| match x {
-                    Ty::Dim(d) => d.as_const().is_some(),
-                    _ => true,
-                });
-                if !concrete {
-                    c.error(
-                        "E0310",
-                        value.span,
-                        "every integer argument of the recipe's model must be a constant".into(),
-                        "not all constants",
-                    );
-                } else {
-                    model_ty = Some(mt.clone());
-                }
-                c.bind_recipe("model", t.clone(), name.span);
-            }
-            Ty::Unknown => c.bind_recipe("model", Ty::Unknown, name.span),
-            other => {
-                c.error(
-                    "E0406",
-                    value.span,
-                    format!("`model` must be a model instance, found {}", other.describe()),
-                    "not a model",
-                )
-                .help = Some("call a model item, such as `gpt(V = 256, D = 128, L = 4, H = 4, T = 128)`".into());
-                c.bind_recipe("model", Ty::Unknown, name.span);
-            }
+    let model_ty = match field("model") {
+        Some((name, value)) => {
+            let (t, concrete) = model_field(c, "model", value);
+            c.bind_recipe("model", t, name.span);
+            concrete
         }
-    } else {
-        c.bind_recipe("model", Ty::Unknown, rec.name.span);
-    }
+        None => {
+            c.bind_recipe("model", Ty::Unknown, rec.name.span);
+            None
+        }
+    };
     if let Some((name, value)) = field("data") {
         let t = c.expr(value);
         match &t {
@@ -170,35 +180,7 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
     // The teacher: a second model instance, frozen, its parameters read from `teacher_from`.
     match (field("teacher"), field("teacher_from")) {
         (Some((name, value)), from) => {
-            let t = c.expr(value);
-            match &t {
-                Ty::Model(mt) => {
-                    let concrete = mt.config.iter().all(|x| match x {
-                        Ty::Dim(d) => d.as_const().is_some(),
-                        _ => true,
-                    });
-                    if !concrete {
-                        c.error(
-                            "E0310",
-                            value.span,
-                            "every integer argument of the teacher model must be a constant".into(),
-                            "not all constants",
-                        );
-                    }
-                }
-                Ty::Unknown => {}
-                other => {
-                    c.error(
-                        "E0406",
-                        value.span,
-                        format!("`teacher` must be a model instance, found {}", other.describe()),
-                        "not a model",
-                    )
-                    .help = Some(
-                        "call a model item, as for `model`: `gpt(V = 256, D = 128, L = 5, H = 4, T = 128)`".into(),
-                    );
-                }
-            }
+            let (t, _) = model_field(c, "teacher", value);
             c.bind_recipe("teacher", t, name.span);
             if from.is_none() && !poisoned_fields {
                 c.error(
