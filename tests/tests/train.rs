@@ -691,3 +691,28 @@ fn a_student_starts_from_its_teacher_which_stays_frozen() {
     assert!(e.message.contains("nowhere"), "{}", e.message);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A loss that writes the same forward pass more than once, each copy with another use (as
+/// a distillation loss calls `features` and `hidden_states`), gets one backward pass through
+/// it: its gradient graph has as many matrix products as the loss that computes it once.
+#[test]
+fn a_forward_pass_written_twice_is_differentiated_once() {
+    let src = |loss: &str| {
+        format!(
+            "use std.optim.sgd\n\nmodel two(I: i32) {{\n    param w: f32[I, I] = normal(std = 0.1)\n\n    \
+             fn f(x: f32[N, I]) -> f32[N, I] {{\n        tanh(x @ w) @ w\n    }}\n\n    \
+             fn once(x: f32[N, I]) -> f32 {{\n        let y = f(x)\n        mean(y) + mean(y * y)\n    }}\n\n    \
+             fn twice(x: f32[N, I]) -> f32 {{\n        mean(f(x)) + mean(f(x) * f(x))\n    }}\n}}\n\n\
+             recipe r {{\n    model = two(I = 4)\n    data = text(\"embedded:kjv\", context = 4, batch = 2)\n    \
+             loss = model.{loss}(f32(batch.inputs) / 100.0)\n    optimize model.** with sgd(lr = 0.1)\n}}\n"
+        )
+    };
+    let matmuls = |loss: &str| {
+        let mut g = plan_of(&src(loss)).grad;
+        compiler::passes::run_pipeline(&mut g, None, &mut vec![]).unwrap();
+        g.topo().into_iter().filter(|n| matches!(g.node(*n).op, compiler::ir::Op::MatMul)).count()
+    };
+    let (once, twice) = (matmuls("once"), matmuls("twice"));
+    assert!(once >= 4, "{once}");
+    assert_eq!(twice, once, "matrix products: {twice} with the forward pass written three times, {once} once");
+}
