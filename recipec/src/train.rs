@@ -146,7 +146,7 @@ pub fn train(req: TrainRequest) -> ExitCode {
     }
     // The checkpoints the recipe reads (a teacher, `init_from`), checked before anything runs.
     let base = req.file.parent().unwrap_or(std::path::Path::new("."));
-    let sources = match runtime::train::load_sources(&plan, base) {
+    let sources = match runtime::train::load_sources(&plan, base, req.resume.is_none()) {
         Ok(s) => s,
         Err(e) => {
             let d = Diagnostic::error("E0602", e.message)

@@ -183,12 +183,14 @@ pub struct SourceError {
 /// the recipe needs must be there as `model.<path>` with the recipe's dtype and shape; where
 /// the checkpoint holds a sparsity mask (`mask.model.<path>`), the value is the masked one,
 /// the weights that run's forward pass used.
-pub fn load_sources(plan: &TrainPlan, base: &Path) -> Result<Sources, SourceError> {
+/// `init_from` is read only for a `fresh` start (a resumed run continues from its own
+/// checkpoint).
+pub fn load_sources(plan: &TrainPlan, base: &Path, fresh: bool) -> Result<Sources, SourceError> {
     let mut out = Sources::default();
     if let Some(t) = &plan.teacher {
         out.teacher = read_params(&t.from, base, &t.params, "teacher")?;
     }
-    if let Some(src) = &plan.init_from {
+    if let (Some(src), true) = (&plan.init_from, fresh) {
         out.init = read_params(src, base, &plan.params, "model")?;
     }
     Ok(out)
@@ -534,7 +536,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
     };
     let sources = match &opts.sources {
         Some(s) => s.clone(),
-        None => load_sources(plan, base).map_err(|e| RunError(e.message))?,
+        None => load_sources(plan, base, opts.resume.is_none()).map_err(|e| RunError(e.message))?,
     };
     state.extend(sources.teacher.into_iter().map(|(k, b)| (k, Value::Host(b))));
     if opts.resume.is_none() {

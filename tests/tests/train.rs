@@ -683,11 +683,11 @@ fn a_student_starts_from_its_teacher_which_stays_frozen() {
     let other = distill_recipe(ce, "")
         .replace(&format!("teacher = {SMALL_GPT}"), "teacher = gpt(V = 256, D = 32, L = 2, H = 2, T = 16)");
     let plan = plan_of(&other);
-    let e = runtime::train::load_sources(&plan, &dir).unwrap_err();
+    let e = runtime::train::load_sources(&plan, &dir, true).unwrap_err();
     assert!(e.message.contains("`model.wte` is f32[256, 16] in the checkpoint but f32[256, 32]"), "{}", e.message);
     assert_eq!(&other[e.span.range()], "\"teacher\"");
     let missing = distill_recipe(ce, "").replace("init_from = \"teacher\"", "init_from = \"nowhere\"");
-    let e = runtime::train::load_sources(&plan_of(&missing), &dir).unwrap_err();
+    let e = runtime::train::load_sources(&plan_of(&missing), &dir, true).unwrap_err();
     assert!(e.message.contains("nowhere"), "{}", e.message);
     let _ = std::fs::remove_dir_all(&dir);
 }
