@@ -62,13 +62,23 @@ fn has_matmul(g: &Graph) -> bool {
     g.topo().iter().any(|n| matches!(g.node(*n).op, Op::MatMul | Op::Qr | Op::SvdTopK { .. }))
 }
 
-/// The code generators under test: Cranelift, and LLVM when built with `--features llvm`.
+/// The code generators under test: Cranelift, and LLVM when built with `--features llvm`,
+/// the CUDA emulator where a C++ compiler exists, a GPU where one does.
+/// `RECIPEC_TEST_BACKENDS=llvm` (a comma-separated list of `cranelift`, `llvm`, `cuda-emu`,
+/// `cuda`) keeps only those: CI's second run, built with LLVM, tests only what the first
+/// run could not.
 fn backends() -> Vec<Backend> {
-    #[allow(unused_mut)]
-    let mut v = vec![Backend::Cranelift];
+    let only = std::env::var("RECIPEC_TEST_BACKENDS").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|l| l.split(',').any(|b| b.trim() == name));
+    let mut v = vec![];
+    if wanted("cranelift") {
+        v.push(Backend::Cranelift);
+    }
     #[cfg(feature = "llvm")]
-    v.push(Backend::Llvm);
-    if std::env::var("RECIPEC_CUDA_EMU").as_deref() != Ok("0") {
+    if wanted("llvm") {
+        v.push(Backend::Llvm);
+    }
+    if wanted("cuda-emu") && std::env::var("RECIPEC_CUDA_EMU").as_deref() != Ok("0") {
         match runtime::cuda_emu::available() {
             Ok(()) => v.push(Backend::CudaEmu),
             // CI sets RECIPEC_REQUIRE_CUDA_EMU=1: there the emulator must run.
@@ -77,9 +87,10 @@ fn backends() -> Vec<Backend> {
         }
     }
     // On a machine with a GPU (tests/gpu/run.sh), the real thing too.
-    if runtime::cuda::available().is_ok() {
+    if wanted("cuda") && runtime::cuda::available().is_ok() {
         v.push(Backend::Cuda);
     }
+    assert!(!v.is_empty(), "RECIPEC_TEST_BACKENDS={only:?} names no code generator this build has");
     v
 }
 
