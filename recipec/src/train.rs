@@ -146,12 +146,10 @@ pub fn train(req: TrainRequest) -> ExitCode {
     }
     // The checkpoints the recipe reads (a teacher, `init_from`), checked before anything runs.
     let base = req.file.parent().unwrap_or(std::path::Path::new("."));
-    let sources = match runtime::train::load_sources(&plan, base, req.resume.is_none()) {
+    let sources = match runtime::train::load_sources(&plan, base, req.resume.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            let d = Diagnostic::error("E0602", e.message)
-                .label(roots[0], e.span, "this checkpoint")
-                .help("nothing ran; name the run directory (or `.safetensors` file) of a run of the same model");
+            let d = Diagnostic::error("E0602", e.message).label(roots[0], e.span, "this checkpoint").help(e.help);
             eprint!("{}", render::render(&db, &d, crate::color()));
             return ExitCode::from(1);
         }

@@ -178,6 +178,33 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Only the header's `__metadata__`, without reading the tensors' bytes.
+    pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, RunError> {
+        use std::io::Read;
+        let fail = |e: String| RunError(format!("{}: not a valid checkpoint: {e}", path.display()));
+        let mut f = std::fs::File::open(path).map_err(|e| RunError(format!("cannot read {}: {e}", path.display())))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| fail(format!("no header ({e})")))?;
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            return Err(fail(format!("the header claims {n} bytes")));
+        }
+        let mut h = vec![0u8; n as usize];
+        f.read_exact(&mut h).map_err(|e| fail(format!("the header is truncated ({e})")))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&h).map_err(|e| fail(format!("the header is not valid JSON: {e}")))?;
+        let mut out = BTreeMap::new();
+        if let Some(m) = header.get("__metadata__").and_then(|m| m.as_object()) {
+            for (k, v) in m {
+                out.insert(
+                    k.clone(),
+                    v.as_str().ok_or_else(|| fail(format!("metadata `{k}` is not a string")))?.to_string(),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     pub fn load(path: &Path) -> Result<Checkpoint, RunError> {
         let bytes = std::fs::read(path).map_err(|e| RunError(format!("cannot read {}: {e}", path.display())))?;
         Checkpoint::from_bytes(&bytes).map_err(|e| RunError(format!("{}: not a valid checkpoint: {e}", path.display())))

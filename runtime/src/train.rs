@@ -169,6 +169,10 @@ pub struct Sources {
     pub teacher: BTreeMap<String, Buffer>,
     /// `model.<path>`: `init_from`'s parameters (a fresh start only).
     pub init: BTreeMap<String, Buffer>,
+    /// A digest of the teacher's values as read (FNV-1a over names, dtypes, shapes and
+    /// bytes), recorded in every checkpoint as `teacher_digest`: a resumed run refuses a
+    /// teacher that is not the one it started with.
+    pub teacher_digest: Option<String>,
 }
 
 /// Why a checkpoint named by `teacher_from` or `init_from` cannot be used.
@@ -176,6 +180,18 @@ pub struct Sources {
 pub struct SourceError {
     pub span: lang::source::Span,
     pub message: String,
+    /// What the user can do about it.
+    pub help: String,
+}
+
+/// The digest [`Sources::teacher_digest`] records.
+fn digest_of(params: &BTreeMap<String, Buffer>) -> String {
+    let mut bytes = vec![];
+    for (name, b) in params {
+        bytes.extend_from_slice(format!("{name}:{}{:?};", b.dtype, b.shape).as_bytes());
+        bytes.extend_from_slice(b.as_bytes());
+    }
+    format!("{:016x}", crate::checkpoint::fnv1a(&bytes))
 }
 
 /// Reads the recipe's `teacher_from` and `init_from` checkpoints (paths relative to `base`,
@@ -183,14 +199,41 @@ pub struct SourceError {
 /// the recipe needs must be there as `model.<path>` with the recipe's dtype and shape; where
 /// the checkpoint holds a sparsity mask (`mask.model.<path>`), the value is the masked one,
 /// the weights that run's forward pass used.
-/// `init_from` is read only for a `fresh` start (a resumed run continues from its own
-/// checkpoint).
-pub fn load_sources(plan: &TrainPlan, base: &Path, fresh: bool) -> Result<Sources, SourceError> {
+/// `init_from` is read only for a fresh start (`resume` is `None`): a resumed run continues
+/// from its own checkpoint (`resume`, a run directory), whose recorded teacher digest must
+/// match the teacher read now.
+pub fn load_sources(plan: &TrainPlan, base: &Path, resume: Option<&Path>) -> Result<Sources, SourceError> {
     let mut out = Sources::default();
     if let Some(t) = &plan.teacher {
         out.teacher = read_params(&t.from, base, &t.params, "teacher")?;
+        let digest = digest_of(&out.teacher);
+        if let Some(dir) = resume {
+            let ck = dir.join("checkpoint.safetensors");
+            let meta = Checkpoint::read_metadata(&ck).map_err(|e| SourceError {
+                span: t.from.span,
+                message: e.0,
+                help: "nothing ran; resume from an intact run directory".into(),
+            })?;
+            match meta.get("teacher_digest") {
+                Some(d) if *d != digest => {
+                    return Err(SourceError {
+                        span: t.from.span,
+                        message: format!(
+                            "the teacher in {} is not the one the run in {} started with (its parameters' digest is {digest}, the run recorded {d})",
+                            base.join(&t.from.path).display(),
+                            dir.display()
+                        ),
+                        help: "nothing ran; resuming with another teacher would change the loss mid-run: restore \
+                               the teacher's checkpoint, or start a fresh run with another `--out`"
+                            .into(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        out.teacher_digest = Some(digest);
     }
-    if let (Some(src), true) = (&plan.init_from, fresh) {
+    if let (Some(src), None) = (&plan.init_from, resume) {
         out.init = read_params(src, base, &plan.params, "model")?;
     }
     Ok(out)
@@ -202,7 +245,11 @@ fn read_params(
     wanted: &[compiler::train::ParamSpec],
     root: &str,
 ) -> Result<BTreeMap<String, Buffer>, SourceError> {
-    let fail = |message: String| SourceError { span: src.span, message };
+    let fail = |message: String| SourceError {
+        span: src.span,
+        message,
+        help: "nothing ran; name the run directory (or `.safetensors` file) of a run of the same model".into(),
+    };
     let mut path = base.join(&src.path);
     if path.is_dir() {
         path = path.join("checkpoint.safetensors");
@@ -404,7 +451,13 @@ pub fn load_state(plan: &TrainPlan, path: &Path) -> Result<(BTreeMap<String, Buf
     Ok((state, step))
 }
 
-fn save_state(plan: &TrainPlan, state: &BTreeMap<String, Value>, step: usize, dir: &Path) -> Result<(), RunError> {
+fn save_state(
+    plan: &TrainPlan,
+    state: &BTreeMap<String, Value>,
+    step: usize,
+    dir: &Path,
+    teacher_digest: Option<&str>,
+) -> Result<(), RunError> {
     let mut ck = Checkpoint::default();
     for (name, ..) in persistent(plan) {
         let v = state.get(&name).ok_or_else(|| RunError(format!("the training state lacks `{name}`")))?;
@@ -422,6 +475,9 @@ fn save_state(plan: &TrainPlan, state: &BTreeMap<String, Value>, step: usize, di
         ("data_position", (step * s.accumulate * plan.data.batch).to_string()),
     ] {
         ck.metadata.insert(k.to_string(), v);
+    }
+    if let Some(d) = teacher_digest {
+        ck.metadata.insert("teacher_digest".into(), d.to_string());
     }
     ck.save(&dir.join("checkpoint.safetensors"))
 }
@@ -536,8 +592,9 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
     };
     let sources = match &opts.sources {
         Some(s) => s.clone(),
-        None => load_sources(plan, base, opts.resume.is_none()).map_err(|e| RunError(e.message))?,
+        None => load_sources(plan, base, opts.resume.as_deref()).map_err(|e| RunError(e.message))?,
     };
+    let teacher_digest = sources.teacher_digest.clone();
     state.extend(sources.teacher.into_iter().map(|(k, b)| (k, Value::Host(b))));
     if opts.resume.is_none() {
         state.extend(sources.init.into_iter().map(|(k, b)| (k, Value::Host(b))));
@@ -657,7 +714,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         done = step;
         last_loss = loss;
         if !loss.is_finite() {
-            save_state(plan, &state, step - 1, &opts.out).ok();
+            save_state(plan, &state, step - 1, &opts.out, teacher_digest.as_deref()).ok();
             return Err(RunError(format!("the loss is {loss} at step {step}: training diverged")));
         }
         let elapsed = loop_start.elapsed().as_secs_f64();
@@ -704,7 +761,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         }
         let stop = INTERRUPTED.load(Ordering::SeqCst);
         if step % ck_every == 0 || step == steps || stop {
-            save_state(plan, &state, step, &opts.out)?;
+            save_state(plan, &state, step, &opts.out, teacher_digest.as_deref())?;
             write_plot(&opts.out, &plan.name, &metrics, unigram)?;
         }
         if stop {

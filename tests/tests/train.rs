@@ -679,15 +679,40 @@ fn a_student_starts_from_its_teacher_which_stays_frozen() {
     assert_eq!(first[..], full[..3]);
     assert_eq!(rest[..], full[..], "resumed run");
 
+    // The teacher trained on after the student started: resuming the student is refused at
+    // `teacher_from` (the checkpoint records which teacher it started with), nothing written.
+    let meta = runtime::checkpoint::Checkpoint::read_metadata(&dir.join("resumed").join("checkpoint.safetensors"));
+    assert!(meta.unwrap().contains_key("teacher_digest"));
+    train_in(&dir, &teacher, "teacher", 7, true);
+    let before = std::fs::read(dir.join("resumed").join("checkpoint.safetensors")).unwrap();
+    let e = runtime::train::load_sources(&plan_of(&src), &dir, Some(&dir.join("resumed"))).unwrap_err();
+    assert!(e.message.contains("is not the one the run in"), "{}", e.message);
+    assert_eq!(&src[e.span.range()], "\"teacher\"");
+    assert!(src[..e.span.range().start].ends_with("teacher_from = "), "the span is teacher_from's string");
+    let opts = runtime::train::TrainOptions {
+        steps: Some(8),
+        checkpoint_every: None,
+        out: dir.join("resumed"),
+        resume: Some(dir.join("resumed")),
+        backend: Backend::Cranelift,
+        progress_bar: false,
+        source: src.clone(),
+        source_path: dir.join("t.recipe"),
+        sources: None,
+    };
+    let e = runtime::train::train(&plan_of(&src), &opts, &mut std::io::sink()).unwrap_err();
+    assert!(e.0.contains("is not the one the run in"), "{}", e.0);
+    assert_eq!(std::fs::read(dir.join("resumed").join("checkpoint.safetensors")).unwrap(), before);
+
     // A checkpoint of another model: refused before training, at the string that names it.
     let other = distill_recipe(ce, "")
         .replace(&format!("teacher = {SMALL_GPT}"), "teacher = gpt(V = 256, D = 32, L = 2, H = 2, T = 16)");
     let plan = plan_of(&other);
-    let e = runtime::train::load_sources(&plan, &dir, true).unwrap_err();
+    let e = runtime::train::load_sources(&plan, &dir, None).unwrap_err();
     assert!(e.message.contains("`model.wte` is f32[256, 16] in the checkpoint but f32[256, 32]"), "{}", e.message);
     assert_eq!(&other[e.span.range()], "\"teacher\"");
     let missing = distill_recipe(ce, "").replace("init_from = \"teacher\"", "init_from = \"nowhere\"");
-    let e = runtime::train::load_sources(&plan_of(&missing), &dir, true).unwrap_err();
+    let e = runtime::train::load_sources(&plan_of(&missing), &dir, None).unwrap_err();
     assert!(e.message.contains("nowhere"), "{}", e.message);
     let _ = std::fs::remove_dir_all(&dir);
 }
