@@ -273,7 +273,8 @@ fn run(req: &Request) -> Result<(), Fail> {
                             Tensor::scalar(Dtype::I32, step as f64),
                         ];
                         inputs.extend(states.iter().cloned());
-                        let out = run_graph(&g, &inputs, req.seed, &req.backend)?;
+                        let seed = runtime::train::step_seed(req.seed, step);
+                        let out = run_graph(&g, &inputs, seed, &req.backend)?;
                         p = out["param"].clone();
                         states = state_inputs.iter().map(|(n, _, _)| out[n].clone()).collect();
                     }
@@ -298,7 +299,7 @@ fn run(req: &Request) -> Result<(), Fail> {
                             Tensor::scalar(Dtype::I32, step as f64),
                             mask.clone(),
                         ];
-                        last = run_graph(&g, &inputs, req.seed, &req.backend)?;
+                        last = run_graph(&g, &inputs, runtime::train::step_seed(req.seed, step), &req.backend)?;
                         mask = last["mask"].clone();
                     }
                     outputs.push(("mask".into(), mask));

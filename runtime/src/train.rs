@@ -139,7 +139,9 @@ fn step_buffer(step: usize) -> Buffer {
 }
 
 /// The seed of step `s`'s random nodes.
-fn step_seed(seed: u64, s: usize) -> u64 {
+/// The random seed of step `s` (from 1) of a run seeded `seed`: training's update and
+/// sparsity graphs, and `recipec eval --steps` of an optimizer or sparsity rule, draw under it.
+pub fn step_seed(seed: u64, s: usize) -> u64 {
     seed ^ (s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 

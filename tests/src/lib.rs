@@ -119,7 +119,7 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ("std.loss", "gram_volume") => vec![("anchor", t(F32, &[3, 4])), ("others", t(F32, &[2, 5, 4]))],
         ("std.loss", "gram_loss") => vec![("anchor", t(F32, &[3, 4])), ("others", t(F32, &[2, 3, 4]))],
         ("std.loss", "wcfm") => vec![("velocity", t(F32, &[3, 4])), ("x0", t(F32, &[3, 4])), ("x1", t(F32, &[3, 4]))],
-        ("std.optim", "frugal" | "galore_adamw" | "fira_adamw") => {
+        ("std.optim", "frugal" | "frugal_columns" | "galore_adamw" | "fira_adamw") => {
             vec![("lr", Arg::Scalar(0.1)), ("rank", Arg::Scalar(2.0))]
         }
         ("std.optim", _) => vec![("lr", Arg::Scalar(0.1))],
@@ -147,6 +147,12 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ("std.models", "lambda_mask") => {
             vec![("n", Arg::Scalar(6.0)), ("local", Arg::Scalar(2.0)), ("n_global", Arg::Scalar(1.0))]
         }
+        ("std.models", "lambda_scores") => vec![
+            ("q", t(F32, &[1, 2, 5, 4])),
+            ("k", t(F32, &[1, 2, 5, 4])),
+            ("local", Arg::Scalar(2.0)),
+            ("n_global", Arg::Scalar(1.0)),
+        ],
         ("std.models", "layer_norm") => vec![("x", t(F32, &[3, 4])), ("gain", t(F32, &[4])), ("bias", t(F32, &[4]))],
         _ => return None,
     })
