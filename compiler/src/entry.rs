@@ -400,6 +400,12 @@ pub fn recipe_step(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<Graph> {
     let targets =
         lw.node(Op::Input { index: 1, name: "batch.targets".into() }, Dtype::I32, vec![b, t], &[], "batch")?;
     lw.bind_model("batch", Val::Batch(inputs, targets));
+    for m in &rec.members {
+        if let lang::ast::RecipeMemberKind::Let { name, value } = &m.kind {
+            let v = lw.expr(value)?;
+            lw.bind_model(&name.name, v);
+        }
+    }
     let value = lw.expr(&loss)?;
     let out = lw_tensor(&mut lw, value, "loss")?;
     if !lw.graph.node(out).shape.is_empty() || !lw.graph.node(out).dtype.is_float() {

@@ -292,6 +292,12 @@ fn loss_graph(
         lw.node(Op::Input { index: 1, name: "batch.targets".into() }, Dtype::I32, vec![b, t], &[], "batch")?;
     lw.bind_model("batch", Val::Batch(inputs, targets));
     let Some(loss) = field(rec, "loss") else { return fail("a recipe needs `loss`", None) };
+    for m in &rec.members {
+        if let RecipeMemberKind::Let { name, value } = &m.kind {
+            let v = lw.expr(value)?;
+            lw.bind_model(&name.name, v);
+        }
+    }
     let value = lw.expr(loss)?;
     let out = match value {
         Val::T(n) => n,

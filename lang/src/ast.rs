@@ -256,9 +256,23 @@ pub struct RecipeMember {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum RecipeMemberKind {
-    Field { name: Ident, value: Expr },
-    Optimize { selector: Selector, rule: Expr },
-    Sparsify { selector: Selector, rule: Expr },
+    Field {
+        name: Ident,
+        value: Expr,
+    },
+    /// `let name = expr`: a name for a subexpression, in scope in `loss` (bound in order).
+    Let {
+        name: Ident,
+        value: Expr,
+    },
+    Optimize {
+        selector: Selector,
+        rule: Expr,
+    },
+    Sparsify {
+        selector: Selector,
+        rule: Expr,
+    },
     Error,
 }
 

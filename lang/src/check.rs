@@ -130,6 +130,8 @@ pub struct Checker<'m> {
     used_imports: HashMap<(usize, String), bool>,
     /// True while checking a recipe's `optimize`/`sparsify`/`decode` right-hand side.
     recipe_rule: bool,
+    /// The current recipe's `let` names: outside `loss` they are unknown, and the error says why.
+    recipe_lets: Vec<String>,
     /// True while checking a model member's initializer, where other members are not values.
     in_initializer: bool,
 }
@@ -161,6 +163,7 @@ impl<'m> Checker<'m> {
             init_target: None,
             used_imports: HashMap::new(),
             recipe_rule: false,
+            recipe_lets: vec![],
             in_initializer: false,
         }
     }
@@ -1664,8 +1667,14 @@ impl<'m> Checker<'m> {
         candidates.extend(self.modules.list[self.module].imports.keys().cloned());
         candidates.extend(builtins::names().iter().map(|s| s.to_string()));
         let refs: Vec<&str> = candidates.iter().map(|s| s.as_str()).collect();
-        let help = did_you_mean(n, &refs)
-            .or_else(|| self.modules.std_module_of(n).map(|m| format!("`{n}` is in `{m}`: add `use {m}.{n}`")));
+        let help = if self.recipe_lets.iter().any(|l| l == n) {
+            Some(format!(
+                "the recipe's `let {n}` is in scope only in `loss` and in the `let`s after it; write the value here"
+            ))
+        } else {
+            did_you_mean(n, &refs)
+                .or_else(|| self.modules.std_module_of(n).map(|m| format!("`{n}` is in `{m}`: add `use {m}.{n}`")))
+        };
         self.error("E0204", span, format!("unknown name `{n}`"), "not found in this scope").help = help;
         Ty::Unknown
     }
@@ -2082,16 +2091,45 @@ impl<'m> Checker<'m> {
 
     pub(crate) fn enter_recipe(&mut self, r: ItemRef) {
         self.enter_item(r);
+        self.recipe_lets = match &self.modules.item(r).kind {
+            ItemKind::Recipe(rec) => rec
+                .members
+                .iter()
+                .filter_map(|m| match &m.kind {
+                    crate::ast::RecipeMemberKind::Let { name, .. } => Some(name.name.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        };
         self.ctx.push(Ctx::Recipe);
         self.push_scope();
     }
 
     pub(crate) fn leave_recipe(&mut self) {
+        self.recipe_lets.clear();
         self.pop_scope();
     }
 
     pub(crate) fn bind_recipe(&mut self, name: &str, ty: Ty, span: Span) {
         self.bind(name, ty, span, LocalKind::Recipe);
+    }
+
+    /// Opens the scope of a recipe's `loss`: its `let` members, checked and bound in order.
+    /// [`Checker::leave_recipe_lets`] closes it (and warns about the unused ones).
+    pub(crate) fn enter_recipe_lets(&mut self, rec: &crate::ast::RecipeDef) {
+        self.push_scope();
+        for m in &rec.members {
+            if let crate::ast::RecipeMemberKind::Let { name, value } = &m.kind {
+                let t = self.expr(value);
+                self.record("let", &name.name, name.span, &t);
+                self.bind(&name.name, t, name.span, LocalKind::Let);
+            }
+        }
+    }
+
+    pub(crate) fn leave_recipe_lets(&mut self) {
+        self.pop_scope();
     }
 }
 

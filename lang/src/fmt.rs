@@ -200,6 +200,10 @@ impl Formatter<'_> {
                             let p = format!("{} = ", name.name);
                             format!("{p}{}", self.expr(value, col + p.len()))
                         }
+                        RecipeMemberKind::Let { name, value } => {
+                            let p = format!("let {} = ", name.name);
+                            format!("{p}{}", self.expr(value, col + p.len()))
+                        }
                         RecipeMemberKind::Optimize { selector, rule } => {
                             let p = format!("optimize {selector} with ");
                             format!("{p}{}", self.expr(rule, col + p.len()))

@@ -221,7 +221,9 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
                 }
             }
             "loss" => {
+                c.enter_recipe_lets(rec);
                 let t = c.expr(value);
+                c.leave_recipe_lets();
                 if let Some(tt) = t.as_tensor() {
                     if !tt.shape.is_scalar() || !tt.dtype.is_float() {
                         c.error(
@@ -290,6 +292,11 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
                 c.expr(value);
             }
         }
+    }
+    if field("loss").is_none() {
+        // The `let`s are still checked (and reported unused).
+        c.enter_recipe_lets(rec);
+        c.leave_recipe_lets();
     }
     // Parameters of the concrete model.
     if let Some(mt) = &model_ty {

@@ -717,6 +717,35 @@ fn a_student_starts_from_its_teacher_which_stays_frozen() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `let` in a recipe names a subexpression of the loss: training with the names gives the
+/// same losses, bit for bit, as the loss written out.
+#[test]
+fn recipe_lets_train_as_the_loss_written_out() {
+    let dir = std::env::temp_dir().join(format!("recipec-lets-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let recipe = |lets: &str, loss: &str| {
+        format!(
+            "use std.models.gpt\nuse std.loss.cross_entropy\nuse std.optim.adamw\n\nrecipe r {{\n    \
+             model = {SMALL_GPT}\n    data = text(\"embedded:kjv\", context = 16, batch = 2)\n{lets}    \
+             loss = {loss}\n    optimize model.** with adamw(lr = 1e-2)\n    log_every = 1\n}}\n"
+        )
+    };
+    let inline = recipe(
+        "",
+        "cross_entropy(model.logits(batch.inputs), flatten(batch.targets)) + 0.1 * mean(model.logits(batch.inputs) ^ 2)",
+    );
+    let named = recipe(
+        "    let z = model.logits(batch.inputs)\n    let penalty = 0.1 * mean(z ^ 2)\n",
+        "cross_entropy(z, flatten(batch.targets)) + penalty",
+    );
+    let a = train_in(&dir, &inline, "inline", 3, false);
+    let b = train_in(&dir, &named, "named", 3, false);
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A loss that writes the same forward pass more than once, each copy with another use (as
 /// a distillation loss calls `features` and `hidden_states`), gets one backward pass through
 /// it: its gradient graph has as many matrix products as the loss that computes it once.
