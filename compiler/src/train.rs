@@ -769,6 +769,31 @@ pub fn decode_graph(
         return fail(format!("`model.logits` must give [S, V] rows for S = {context}, found {ls:?}"), Some((f, sp)));
     }
     let row = lw.node(Op::Take { axis: 0 }, lw.graph.node(logits).dtype, vec![ls[1]], &[logits, pos], "decode")?;
+    let tok = lower_policy(&mut lw, modules, r, policy, row)?;
+    lw.graph.outputs.push(("token".into(), tok));
+    lw.graph.outputs.push(("logits".into(), row));
+    Ok(lw.graph)
+}
+
+/// The policy alone, for constrained sampling (`recipec sample --constraint`): inputs
+/// `logits: f32[V]` (the model's row, as `decode` outputs it) and `banned: bool[V]`; output
+/// `token`, the policy's choice on the logits with the banned tokens' set to −∞.
+pub fn policy_graph(modules: &Modules, db: &SourceDb, r: ItemRef, policy: &Expr, vocab: usize) -> R<Graph> {
+    let (mut lw, _) = recipe_lowerer(modules, db, r, "policy")?;
+    let logits = lw.node(Op::Input { index: 0, name: "logits".into() }, Dtype::F32, vec![vocab], &[], "logits")?;
+    let banned = lw.node(Op::Input { index: 1, name: "banned".into() }, Dtype::Bool, vec![vocab], &[], "banned")?;
+    let minus_inf = lw.constant(Dtype::F32, f64::NEG_INFINITY, "policy")?;
+    let minus_inf = lw.broadcast(minus_inf, &[vocab], "policy")?;
+    let row = lw.node(Op::Select, Dtype::F32, vec![vocab], &[banned, minus_inf, logits], "policy")?;
+    let tok = lower_policy(&mut lw, modules, r, policy, row)?;
+    lw.graph.outputs.push(("token".into(), tok));
+    Ok(lw.graph)
+}
+
+/// Applies the decode item `policy` (with its settings) to the logits row `row`: the token.
+fn lower_policy(lw: &mut Lowerer, modules: &Modules, r: ItemRef, policy: &Expr, row: NodeId) -> R<NodeId> {
+    let f = file_of(modules, r);
+    let sp = policy.span;
     let (callee, args) = match &policy.kind {
         ExprKind::Call { callee, args } => (callee.as_ref(), args.as_slice()),
         ExprKind::Name(_) => (policy, &[][..]),
@@ -826,9 +851,7 @@ pub fn decode_graph(
     if !lw.graph.node(tok).shape.is_empty() {
         return fail("the decoding policy must give one token (an i32 scalar)", Some((f, sp)));
     }
-    lw.graph.outputs.push(("token".into(), tok));
-    lw.graph.outputs.push(("logits".into(), row));
-    Ok(lw.graph)
+    Ok(tok)
 }
 
 /// Parameters named in the recipe's data flow that a user may list (`recipec train --emit`).

@@ -396,8 +396,9 @@ recipe's graphs get.";
 `.safetensors` file. The file is rejected when it is missing, truncated, damaged (its \
 checksum does not match), of another recipe (for `--resume`), or lacks a tensor the recipe \
 needs or has it with another shape (`init_from` and `teacher_from` need every parameter of \
-the model as `model.<path>`). A rejected checkpoint is never overwritten: training does not \
-start.",
+the model as `model.<path>`), or, resuming a distillation run, when `teacher_from` now holds \
+another teacher than the one the run started with (each checkpoint records its digest). A \
+rejected checkpoint is never overwritten: training does not start.",
 "recipec train recipes/tiny_gpt.recipe --resume runs/tiny_gpt   # after the file was cut short",
 "Resume from an intact checkpoint (checkpoints are written atomically, so the last one written \
 completely is the one in the directory), or start afresh with another `--out`.";
@@ -409,6 +410,15 @@ checkpoint of another run, or the loss became NaN or infinite (the last good sta
 "recipec train recipes/tiny_gpt.recipe --out runs/a   # runs/a holds an earlier run",
 "Check the data path and sizes, choose an empty `--out` (or `--resume` the run that is there), \
 and for a diverging loss lower the learning rate or set `grad_clip`.";
+
+"E0604", "invalid sampling constraint",
+"`recipec sample --constraint REGEX` keeps the generated text (the prompt excluded) a prefix \
+of some string the regular expression matches in full (the `regex` crate's syntax, over \
+bytes). The expression must parse and compile to a DFA of at most 16 MiB; nothing is sampled \
+otherwise.",
+"recipec sample runs/tiny_gpt --constraint \"(Yea|Nay\"",
+"Fix the expression (here: close the group, `(Yea|Nay)`); for a DFA that is too large, a \
+shorter expression or fewer bounded repetitions (`a{1000}`).";
 
 "W0001", "unused binding",
 "A `let` binding is never read. Prefix the name with `_` to keep it on purpose.",

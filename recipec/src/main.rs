@@ -185,6 +185,10 @@ enum Command {
         /// Print the decoding mode and the time per token to stderr.
         #[arg(long)]
         stats: bool,
+        /// Keep the generated text a prefix of a match of this regular expression (the policy
+        /// draws again after a rejected token; stops when no byte can follow).
+        #[arg(long)]
+        constraint: Option<String>,
     },
 }
 
@@ -274,8 +278,18 @@ fn main() -> ExitCode {
         Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {
             train::train(train::TrainRequest { file, recipe, steps, checkpoint_every, out, resume, backend })
         }
-        Command::Sample { dir, prompt, tokens, seed, policy, backend, no_cache, stats } => {
-            train::sample(train::SampleRequest { dir, prompt, tokens, seed, policy, backend, no_cache, stats })
+        Command::Sample { dir, prompt, tokens, seed, policy, backend, no_cache, stats, constraint } => {
+            train::sample(train::SampleRequest {
+                dir,
+                prompt,
+                tokens,
+                seed,
+                policy,
+                backend,
+                no_cache,
+                stats,
+                constraint,
+            })
         }
         Command::Lsp => match lsp::run() {
             Ok(()) => ExitCode::SUCCESS,

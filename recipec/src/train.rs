@@ -29,6 +29,8 @@ pub struct SampleRequest {
     pub no_cache: bool,
     /// Report the decoding mode and speed on stderr.
     pub stats: bool,
+    /// A regular expression the generated text must stay a prefix of a match of.
+    pub constraint: Option<String>,
 }
 
 fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
@@ -256,26 +258,42 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         Ok(p) => p,
         Err(e) => return plan_error(&db, e),
     };
-    let decode = match &req.policy {
+    let regex = match req.constraint.as_deref().map(runtime::constraint::ByteConstraint::new).transpose() {
+        Ok(c) => c,
+        Err(e) => return error("E0604", e, "see `recipec explain E0604`"),
+    };
+    // The policy's expression: `--policy`, or the recipe's `decode`.
+    let policy_expr = match &req.policy {
         Some(text) => {
             let f = db.add("<--policy>", text.clone());
-            let expr = match lang::parse::parse_expr(f, text) {
-                Ok(e) => e,
+            match lang::parse::parse_expr(f, text) {
+                Ok(e) => Some(e),
                 Err(diags) => {
                     for d in &diags {
                         eprint!("{}", render::render(&db, d, crate::color()));
                     }
                     return ExitCode::from(1);
                 }
-            };
+            }
+        }
+        None => match &analysis.modules.item(r).kind {
+            lang::ast::ItemKind::Recipe(rec) => rec.members.iter().find_map(|m| match &m.kind {
+                lang::ast::RecipeMemberKind::Field { name, value } if name.name == "decode" => Some(value.clone()),
+                _ => None,
+            }),
+            _ => None,
+        },
+    };
+    let decode = match (&req.policy, &policy_expr) {
+        (Some(_), Some(expr)) => {
             let masked: Vec<String> =
                 plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
-            match compiler::train::decode_graph(&analysis.modules, &db, r, &expr, &masked, plan.data.context) {
+            match compiler::train::decode_graph(&analysis.modules, &db, r, expr, &masked, plan.data.context) {
                 Ok(g) => g,
                 Err(e) => return plan_error(&db, e),
             }
         }
-        None => match &plan.decode {
+        _ => match &plan.decode {
             Some(g) => g.clone(),
             None => {
                 return error(
@@ -296,6 +314,25 @@ pub fn sample(req: SampleRequest) -> ExitCode {
     let _ = out.write_all(prompt.as_bytes());
     let seed = req.seed.unwrap_or(plan.settings.seed);
     let mode = if req.no_cache { runtime::train::Decoding::Window } else { runtime::train::Decoding::Cached };
+    let policy = match (&regex, &policy_expr) {
+        (Some(_), Some(expr)) => {
+            let vocab = decode
+                .outputs
+                .iter()
+                .find(|(n, _)| n == "logits")
+                .map(|(_, id)| decode.node(*id).shape.iter().product::<usize>())
+                .unwrap_or(256);
+            match compiler::train::policy_graph(&analysis.modules, &db, r, expr, vocab) {
+                Ok(g) => Some(g),
+                Err(e) => return plan_error(&db, e),
+            }
+        }
+        _ => None,
+    };
+    let constrained = match (&regex, &policy) {
+        (Some(regex), Some(policy)) => Some(runtime::train::Constrained { policy, regex }),
+        _ => None,
+    };
     match runtime::train::sample(
         &decode,
         &state,
@@ -305,12 +342,16 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         seed,
         be,
         mode,
+        constrained,
         &mut out,
     ) {
         Ok(s) => {
             let _ = writeln!(out);
             if let Some(why) = &s.fallback {
                 eprintln!("note: sampling without a KV cache (each token recomputes the window): {why}");
+            }
+            if let Some(why) = &s.stopped {
+                eprintln!("note: stopped after {} tokens: {why}", s.tokens.len());
             }
             if req.stats {
                 let mode = match s.decoding {
@@ -320,6 +361,14 @@ pub fn sample(req: SampleRequest) -> ExitCode {
                     runtime::train::Decoding::Window => "whole window per token".to_string(),
                 };
                 eprintln!("{} tokens, {mode}, {:.3} ms per token", s.tokens.len(), s.seconds_per_token * 1e3);
+                if req.constraint.is_some() {
+                    eprintln!(
+                        "constraint: {} drawn tokens rejected ({} checks for {} tokens)",
+                        s.rejections,
+                        s.rejections + s.tokens.len(),
+                        s.tokens.len()
+                    );
+                }
                 if let Some(p) = &s.profile {
                     eprint!("{p}");
                 }

@@ -152,7 +152,48 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     let bad = sample(&a, &["--policy", "nucleus(p = 0.9)"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("no decoding policy `nucleus`"), "{}", stderr(&bad));
+
+    // Constrained sampling: the generated text stays a prefix of a match of the expression
+    // and stops at a complete match; the KV-cached and window samplers agree on it.
+    let pattern = "(Yea|Nay), [a-z ]+\\.";
+    let args = |policy: &'static str| {
+        vec!["--tokens", "60", "--prompt", "And ", "--constraint", pattern, "--stats", "--policy", policy]
+    };
+    for policy in ["top_k(k = 5, t = 0.9)", "greedy()"] {
+        let c = sample(&a, &args(policy));
+        assert!(c.status.success(), "{}", stderr(&c));
+        let text = &c.stdout[4..c.stdout.len() - 1];
+        assert!(yea_nay_prefix(text), "{policy}: {:?}", String::from_utf8_lossy(text));
+        if stderr(&c).contains("stopped after") {
+            assert!(text.ends_with(b"."), "{:?}", String::from_utf8_lossy(text));
+        } else {
+            assert_eq!(text.len(), 60);
+        }
+        assert!(stderr(&c).contains("drawn tokens rejected"), "{}", stderr(&c));
+    }
+    let cached = sample(&a, &args("greedy()"));
+    let mut window_args = args("greedy()");
+    window_args.push("--no-cache");
+    let window = sample(&a, &window_args);
+    assert_eq!(cached.stdout, window.stdout);
+    let bad = sample(&a, &["--constraint", "(Yea|Nay"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("E0604") && bad.stdout.is_empty(), "{}", stderr(&bad));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether `text` is a prefix of a match of `(Yea|Nay), [a-z ]+\.`.
+fn yea_nay_prefix(text: &[u8]) -> bool {
+    let n = text.len().min(5);
+    if ![&b"Yea, "[..], &b"Nay, "[..]].iter().any(|h| h.starts_with(&text[..n])) {
+        return false;
+    }
+    let rest = &text[n..];
+    let word = |b: &u8| b.is_ascii_lowercase() || *b == b' ';
+    match rest.iter().position(|&b| b == b'.') {
+        Some(i) => i > 0 && i + 1 == rest.len() && rest[..i].iter().all(word),
+        None => rest.iter().all(word),
+    }
 }
 
 #[test]
