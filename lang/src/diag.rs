@@ -414,7 +414,8 @@ and for a diverging loss lower the learning rate or set `grad_clip`.";
 "E0604", "invalid sampling constraint",
 "`recipec sample --constraint REGEX` keeps the generated text (the prompt excluded) a prefix \
 of some string the regular expression matches in full (the `regex` crate's syntax, over \
-bytes). The expression must parse and compile to a DFA of at most 16 MiB; nothing is sampled \
+bytes). The expression must parse and compile to a DFA of at most 16 MiB; `--particles N` \
+needs `--constraint`, N ≥ 1 and the KV-cached step (no `--no-cache`). Nothing is sampled \
 otherwise.",
 "recipec sample runs/tiny_gpt --constraint \"(Yea|Nay\"",
 "Fix the expression (here: close the group, `(Yea|Nay)`); for a DFA that is too large, a \

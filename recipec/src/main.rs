@@ -189,6 +189,10 @@ enum Command {
         /// draws again after a rejected token; stops when no byte can follow).
         #[arg(long)]
         constraint: Option<String>,
+        /// With `--constraint`: sequential Monte Carlo over this many sequences, each token
+        /// drawn and weighted by AWRS from the model's distribution (the policy is not used).
+        #[arg(long)]
+        particles: Option<usize>,
     },
 }
 
@@ -278,7 +282,7 @@ fn main() -> ExitCode {
         Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {
             train::train(train::TrainRequest { file, recipe, steps, checkpoint_every, out, resume, backend })
         }
-        Command::Sample { dir, prompt, tokens, seed, policy, backend, no_cache, stats, constraint } => {
+        Command::Sample { dir, prompt, tokens, seed, policy, backend, no_cache, stats, constraint, particles } => {
             train::sample(train::SampleRequest {
                 dir,
                 prompt,
@@ -289,6 +293,7 @@ fn main() -> ExitCode {
                 no_cache,
                 stats,
                 constraint,
+                particles,
             })
         }
         Command::Lsp => match lsp::run() {

@@ -31,6 +31,8 @@ pub struct SampleRequest {
     pub stats: bool,
     /// A regular expression the generated text must stay a prefix of a match of.
     pub constraint: Option<String>,
+    /// Sequential Monte Carlo with AWRS over this many sequences (needs `constraint`).
+    pub particles: Option<usize>,
 }
 
 fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
@@ -262,6 +264,16 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         Ok(c) => c,
         Err(e) => return error("E0604", e, "see `recipec explain E0604`"),
     };
+    match (req.particles, &regex) {
+        (Some(0), _) => return error("E0604", "`--particles` must be at least 1", ""),
+        (Some(_), None) => {
+            return error("E0604", "`--particles` weights sequences by a constraint", "add `--constraint REGEX`")
+        }
+        (Some(_), Some(_)) if req.no_cache => {
+            return error("E0604", "`--particles` runs the KV-cached step", "leave out `--no-cache`")
+        }
+        _ => {}
+    }
     // The policy's expression: `--policy`, or the recipe's `decode`.
     let policy_expr = match &req.policy {
         Some(text) => {
@@ -314,6 +326,32 @@ pub fn sample(req: SampleRequest) -> ExitCode {
     let _ = out.write_all(prompt.as_bytes());
     let seed = req.seed.unwrap_or(plan.settings.seed);
     let mode = if req.no_cache { runtime::train::Decoding::Window } else { runtime::train::Decoding::Cached };
+    if let (Some(k), Some(regex)) = (req.particles, &regex) {
+        let (context, n) = (plan.data.context, req.tokens);
+        return match runtime::train::sample_smc(&decode, &state, context, prompt.as_bytes(), n, seed, be, regex, k) {
+            Ok(s) => {
+                let text: Vec<u8> = s.tokens.iter().map(|&t| t as u8).collect();
+                let _ = out.write_all(&text);
+                let _ = writeln!(out);
+                if req.stats {
+                    eprintln!(
+                        "{} tokens; SMC over {} particles: {} resamplings, final effective sample size {:.2}, \
+                         {} complete, log Z estimate {:.4}; {} constraint checks; {:.3} ms per token per particle",
+                        s.tokens.len(),
+                        s.particles,
+                        s.resamplings,
+                        s.ess,
+                        s.complete,
+                        s.log_z,
+                        s.checks,
+                        s.seconds * 1e3 / (s.tokens.len().max(1) * s.particles) as f64
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => error("E0603", e, ""),
+        };
+    }
     let policy = match (&regex, &policy_expr) {
         (Some(_), Some(expr)) => {
             let vocab = decode

@@ -176,6 +176,17 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     window_args.push("--no-cache");
     let window = sample(&a, &window_args);
     assert_eq!(cached.stdout, window.stdout);
+    // Sequential Monte Carlo over 8 particles (AWRS weights): the same guarantee, reproducible.
+    let smc_args = ["--tokens", "60", "--prompt", "And ", "--constraint", pattern, "--particles", "8", "--stats"];
+    let smc = sample(&a, &smc_args);
+    assert!(smc.status.success(), "{}", stderr(&smc));
+    let text = &smc.stdout[4..smc.stdout.len() - 1];
+    assert!(yea_nay_prefix(text), "{:?}", String::from_utf8_lossy(text));
+    assert!(stderr(&smc).contains("SMC over 8 particles"), "{}", stderr(&smc));
+    assert_eq!(sample(&a, &smc_args).stdout, smc.stdout);
+    let alone = sample(&a, &["--particles", "8"]);
+    assert_eq!(alone.status.code(), Some(1));
+    assert!(stderr(&alone).contains("E0604"), "{}", stderr(&alone));
     let bad = sample(&a, &["--constraint", "(Yea|Nay"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("E0604") && bad.stdout.is_empty(), "{}", stderr(&bad));

@@ -872,6 +872,223 @@ fn constrained_token(
     }
 }
 
+/// What [`sample_smc`] did.
+#[derive(Clone, Debug)]
+pub struct SmcSampled {
+    /// The generated tokens of the particle drawn at the end (by weight).
+    pub tokens: Vec<i32>,
+    pub particles: usize,
+    /// How many times the particles were resampled (when the effective sample size fell
+    /// below half of them).
+    pub resamplings: usize,
+    /// The effective sample size at the end.
+    pub ess: f64,
+    /// The log of the SMC estimate of the probability that the model's text of this length
+    /// satisfies the constraint.
+    pub log_z: f64,
+    /// Constraint checks, over every particle and step.
+    pub checks: usize,
+    /// Particles that reached a complete match that no byte can extend.
+    pub complete: usize,
+    pub seconds: f64,
+}
+
+/// One sequence of [`sample_smc`]: its tokens, KV caches (on the host) and log weight.
+#[derive(Clone)]
+struct Particle {
+    seq: Vec<i32>,
+    generated: Vec<i32>,
+    caches: Vec<Buffer>,
+    filled: usize,
+    pending: Vec<i32>,
+    /// The model's next-token logits after `seq` (once `pending` has run).
+    logits: Vec<f32>,
+    logw: f64,
+    at: crate::constraint::ConstraintState,
+    done: bool,
+}
+
+impl Particle {
+    /// Feeds the pending tokens through the cached step (its caches swapped into `st`) and
+    /// keeps the logits of the last.
+    fn advance(
+        &mut self,
+        exe: &dyn Runner,
+        caches: &[(String, Dtype, Vec<usize>)],
+        st: &mut BTreeMap<String, Value>,
+        seed: u64,
+    ) -> Result<(), RunError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        for ((name, ..), b) in caches.iter().zip(self.caches.drain(..)) {
+            st.insert(name.clone(), Value::Host(b));
+        }
+        for &t in &self.pending {
+            let mut extra = BTreeMap::new();
+            extra.insert("tokens".to_string(), i32_buffer(vec![1, 1], &[t]));
+            extra.insert("pos".to_string(), i32_buffer(vec![], &[self.filled as i32]));
+            run_named(exe, st, extra, seed)?;
+            self.filled += 1;
+        }
+        self.pending.clear();
+        for (name, ..) in caches {
+            let v = st.remove(name).ok_or_else(|| RunError(format!("the decoding step lost `{name}`")))?;
+            self.caches.push(v.into_host()?);
+        }
+        let logits = st.get("logits").ok_or_else(|| RunError("the decode step gives no `logits`".into()))?;
+        self.logits = logits.host()?.to_tensor().data.iter().map(|&x| x as f32).collect();
+        Ok(())
+    }
+}
+
+/// Constrained generation by sequential Monte Carlo with AWRS (Lipkin et al., COLM 2025):
+/// `particles` sequences extend in parallel, each token drawn by [`crate::constraint::awrs`]
+/// from the model's softmax restricted to the constraint and weighted by AWRS's estimate of
+/// the allowed mass; when the effective sample size falls below half the particles they are
+/// resampled (systematic resampling). This corrects the bias of choosing each token by the
+/// constraint alone (locally constrained decoding favours prefixes that are likely now but
+/// lead to text the constraint later forbids). The model's own distribution is the target:
+/// the recipe's `decode` policy is not used. Needs the KV-cached step.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_smc(
+    decode: &Graph,
+    state: &BTreeMap<String, Buffer>,
+    context: usize,
+    prompt: &[u8],
+    n: usize,
+    seed: u64,
+    backend: Backend,
+    regex: &crate::constraint::ByteConstraint,
+    particles: usize,
+) -> Result<SmcSampled, RunError> {
+    let inc = compiler::incremental::incrementalize(decode, "tokens", "pos")
+        .map_err(|e| RunError(format!("--particles needs the KV-cached decoding step: {}", e.0)))?;
+    let exe = compile(&inc.graph, backend)?;
+    let mut st: BTreeMap<String, Value> = BTreeMap::new();
+    for name in &exe.program().input_names {
+        if name == "tokens" || name == "pos" || name.starts_with("cache.") {
+            continue;
+        }
+        let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
+        st.insert(name.clone(), Value::Host(b.clone()));
+    }
+    let fresh: Vec<Buffer> = inc.caches.iter().map(|(_, d, s)| Buffer::zeros(*d, s.clone())).collect();
+    let mut seq: Vec<i32> = prompt.iter().map(|&b| b as i32).collect();
+    if seq.is_empty() {
+        seq.push(b'\n' as i32);
+    }
+    let mut first = Particle {
+        pending: seq[seq.len().saturating_sub(context)..].to_vec(),
+        seq,
+        generated: vec![],
+        caches: fresh.clone(),
+        filled: 0,
+        logits: vec![],
+        logw: 0.0,
+        at: regex.start(),
+        done: false,
+    };
+    // The prompt runs once; the particles start as copies.
+    first.advance(exe.as_ref(), &inc.caches, &mut st, step_seed(seed, 1))?;
+    let count = particles.max(1);
+    let mut ps = vec![first; count];
+    let mut u = crate::constraint::Uniform::new(seed ^ 0x5A17_u64.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let (mut resamplings, mut checks, mut log_z) = (0usize, 0usize, 0.0f64);
+    let started = std::time::Instant::now();
+    let weights = |ps: &[Particle]| -> (f64, Vec<f64>) {
+        let max = ps.iter().map(|p| p.logw).fold(f64::NEG_INFINITY, f64::max);
+        (max, ps.iter().map(|p| if max.is_finite() { (p.logw - max).exp() } else { 0.0 }).collect())
+    };
+    for i in 0..n {
+        for p in ps.iter_mut() {
+            if p.done || p.logw == f64::NEG_INFINITY {
+                continue;
+            }
+            if !regex.can_continue(p.at) {
+                p.done = true;
+                continue;
+            }
+            p.advance(exe.as_ref(), &inc.caches, &mut st, step_seed(seed, i + 1))?;
+            let at = p.at;
+            match crate::constraint::awrs(&p.logits, |t| t < 256 && regex.step(at, t as u8).is_some(), &mut u) {
+                None => p.logw = f64::NEG_INFINITY,
+                Some((t, logw, c)) => {
+                    checks += c;
+                    p.logw += logw;
+                    p.at = regex.step(at, t as u8).expect("an allowed token steps");
+                    p.seq.push(t as i32);
+                    p.generated.push(t as i32);
+                    if p.filled == context {
+                        p.caches = fresh.clone();
+                        p.filled = 0;
+                        p.pending = p.seq[p.seq.len() - (context / 2).max(1)..].to_vec();
+                    } else {
+                        p.pending = vec![t as i32];
+                    }
+                }
+            }
+        }
+        let (max, w) = weights(&ps);
+        if !max.is_finite() {
+            break; // every particle died: no text of this length satisfies the constraint
+        }
+        let sum: f64 = w.iter().sum();
+        let ess = sum * sum / w.iter().map(|x| x * x).sum::<f64>();
+        if ess < count as f64 / 2.0 {
+            log_z += max + (sum / count as f64).ln();
+            let step = sum / count as f64;
+            let mut target = u.next() * step;
+            let (mut acc, mut j) = (w[0], 0usize);
+            let mut next = Vec::with_capacity(count);
+            for _ in 0..count {
+                while acc < target && j + 1 < count {
+                    j += 1;
+                    acc += w[j];
+                }
+                let mut q = ps[j].clone();
+                q.logw = 0.0;
+                next.push(q);
+                target += step;
+            }
+            ps = next;
+            resamplings += 1;
+        }
+        if ps.iter().all(|p| p.done || p.logw == f64::NEG_INFINITY) {
+            break;
+        }
+    }
+    let (max, w) = weights(&ps);
+    let sum: f64 = w.iter().sum();
+    if !max.is_finite() {
+        return Err(RunError(
+            "every particle was rejected: the model gives no allowed token after some prefix (no text satisfies the constraint)".into(),
+        ));
+    }
+    log_z += max + (sum / count as f64).ln();
+    let ess = sum * sum / w.iter().map(|x| x * x).sum::<f64>();
+    let mut pick = u.next() * sum;
+    let mut chosen = count - 1;
+    for (j, x) in w.iter().enumerate() {
+        if pick < *x {
+            chosen = j;
+            break;
+        }
+        pick -= x;
+    }
+    let tokens = ps[chosen].generated.clone();
+    Ok(SmcSampled {
+        complete: ps.iter().filter(|p| p.done || !regex.can_continue(p.at)).count(),
+        seconds: started.elapsed().as_secs_f64(),
+        tokens,
+        particles: count,
+        resamplings,
+        ess,
+        log_z,
+        checks,
+    })
+}
+
 /// Autoregressive decoding from a checkpoint's parameters, streamed to `out` token by token.
 ///
 /// `Cached` runs the step derived from the naive decode graph: the prompt is fed one token at
