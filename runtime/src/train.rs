@@ -872,6 +872,28 @@ fn constrained_token(
     }
 }
 
+/// The decoding step's arguments from a checkpoint (every input but the tokens, the position
+/// and the caches), and the prompt's tokens (a newline when it is empty).
+fn decode_inputs(
+    exe: &dyn Runner,
+    state: &BTreeMap<String, Buffer>,
+    prompt: &[u8],
+) -> Result<(BTreeMap<String, Value>, Vec<i32>), RunError> {
+    let mut st: BTreeMap<String, Value> = BTreeMap::new();
+    for name in &exe.program().input_names {
+        if name == "tokens" || name == "pos" || name.starts_with("cache.") {
+            continue;
+        }
+        let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
+        st.insert(name.clone(), Value::Host(b.clone()));
+    }
+    let mut seq: Vec<i32> = prompt.iter().map(|&b| b as i32).collect();
+    if seq.is_empty() {
+        seq.push(b'\n' as i32);
+    }
+    Ok((st, seq))
+}
+
 /// What [`sample_smc`] did.
 #[derive(Clone, Debug)]
 pub struct SmcSampled {
@@ -965,19 +987,8 @@ pub fn sample_smc(
     let inc = compiler::incremental::incrementalize(decode, "tokens", "pos")
         .map_err(|e| RunError(format!("--particles needs the KV-cached decoding step: {}", e.0)))?;
     let exe = compile(&inc.graph, backend)?;
-    let mut st: BTreeMap<String, Value> = BTreeMap::new();
-    for name in &exe.program().input_names {
-        if name == "tokens" || name == "pos" || name.starts_with("cache.") {
-            continue;
-        }
-        let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
-        st.insert(name.clone(), Value::Host(b.clone()));
-    }
+    let (mut st, seq) = decode_inputs(exe.as_ref(), state, prompt)?;
     let fresh: Vec<Buffer> = inc.caches.iter().map(|(_, d, s)| Buffer::zeros(*d, s.clone())).collect();
-    let mut seq: Vec<i32> = prompt.iter().map(|&b| b as i32).collect();
-    if seq.is_empty() {
-        seq.push(b'\n' as i32);
-    }
     let mut first = Particle {
         pending: seq[seq.len().saturating_sub(context)..].to_vec(),
         seq,
@@ -1115,6 +1126,16 @@ pub fn sample(
     let mut at = constraint.as_ref().map(|c| c.regex.start());
     let (mut rejections, mut stopped) = (0usize, None);
     let no_more = "the constraint admits no further byte".to_string();
+    // The token to emit after the policy chose `t` at step `i`: `t` itself without a
+    // constraint, `None` when the constraint admits no token.
+    let mut constrain = |t: i32, st: &BTreeMap<String, Value>, i: usize| -> Result<Option<i32>, RunError> {
+        match (&constraint, &policy, &mut at) {
+            (Some(c), Some(p), Some(a)) => {
+                constrained_token(c, p.as_ref(), a, st, t, step_seed(seed, i + 1), &mut rejections)
+            }
+            _ => Ok(Some(t)),
+        }
+    };
     let cached = match decoding {
         Decoding::Cached => match compiler::incremental::incrementalize(decode, "tokens", "pos") {
             Ok(inc) => Some(inc),
@@ -1127,18 +1148,7 @@ pub fn sample(
     };
     let graph = cached.as_ref().map(|c| &c.graph).unwrap_or(decode);
     let exe = compile(graph, backend)?;
-    let mut st: BTreeMap<String, Value> = BTreeMap::new();
-    for name in &exe.program().input_names {
-        if name == "tokens" || name == "pos" || name.starts_with("cache.") {
-            continue;
-        }
-        let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
-        st.insert(name.clone(), Value::Host(Buffer::from_bytes(b.dtype, b.shape.clone(), b.as_bytes())));
-    }
-    let mut seq: Vec<i32> = prompt.iter().map(|&b| b as i32).collect();
-    if seq.is_empty() {
-        seq.push(b'\n' as i32);
-    }
+    let (mut st, mut seq) = decode_inputs(exe.as_ref(), state, prompt)?;
     let emit = |out: &mut dyn Write, t: i32| -> Result<(), RunError> {
         if (0..256).contains(&t) {
             out.write_all(&[t as u8]).map_err(|e| RunError(format!("output: {e}")))?;
@@ -1168,16 +1178,10 @@ pub fn sample(
                     run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
                     filled += 1;
                 }
-                let mut t = scalar(&st, "token")? as i32;
-                if let (Some(c), Some(p), Some(a)) = (&constraint, &policy, &mut at) {
-                    match constrained_token(c, p.as_ref(), a, &st, t, step_seed(seed, i + 1), &mut rejections)? {
-                        Some(x) => t = x,
-                        None => {
-                            stopped = Some(no_more);
-                            break;
-                        }
-                    }
-                }
+                let Some(t) = constrain(scalar(&st, "token")? as i32, &st, i)? else {
+                    stopped = Some(no_more);
+                    break;
+                };
                 seq.push(t);
                 generated.push(t);
                 emit(out, t)?;
@@ -1200,16 +1204,10 @@ pub fn sample(
                 extra.insert("tokens".to_string(), i32_buffer(vec![1, context], &toks));
                 extra.insert("pos".to_string(), i32_buffer(vec![], &[pos as i32]));
                 run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
-                let mut t = scalar(&st, "token")? as i32;
-                if let (Some(c), Some(p), Some(a)) = (&constraint, &policy, &mut at) {
-                    match constrained_token(c, p.as_ref(), a, &st, t, step_seed(seed, i + 1), &mut rejections)? {
-                        Some(x) => t = x,
-                        None => {
-                            stopped = Some(no_more);
-                            break;
-                        }
-                    }
-                }
+                let Some(t) = constrain(scalar(&st, "token")? as i32, &st, i)? else {
+                    stopped = Some(no_more);
+                    break;
+                };
                 seq.push(t);
                 generated.push(t);
                 emit(out, t)?;
