@@ -12,9 +12,11 @@
 //! computed: the sampler runs one sequence.)
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::nfa::thompson;
 use regex_automata::util::primitives::StateID;
 use regex_automata::util::start;
 use regex_automata::{Anchored, MatchKind};
+use regex_syntax::hir::{Hir, Look};
 
 /// A regular expression over bytes, compiled to a DFA, checked one byte at a time.
 pub struct ByteConstraint {
@@ -30,9 +32,16 @@ impl ByteConstraint {
     /// Compiles `pattern` (the `regex` crate's syntax), matched against the whole generated
     /// text. Fails with a message on bad syntax or a DFA over 16 MiB.
     pub fn new(pattern: &str) -> Result<ByteConstraint, String> {
-        // The expression alone must parse: wrapped in a group, `a)(b` would.
-        regex_automata::util::syntax::parse(pattern)
-            .map_err(|e| format!("the constraint `{pattern}` is not a regular expression: {e}"))?;
+        let bad = |e: String| format!("the constraint `{pattern}` is not a usable regular expression: {e}");
+        let hir = regex_automata::util::syntax::parse(pattern).map_err(|e| bad(e.to_string()))?;
+        // Anchored at both ends (the start by the DFA's anchored search, the end by `\z`
+        // appended to the parsed expression), so that a byte after a complete match leads to
+        // the dead state: a DFA search would otherwise report the match and keep going.
+        let hir = Hir::concat(vec![hir, Hir::look(Look::End)]);
+        let nfa = thompson::Compiler::new()
+            .configure(thompson::Config::new().nfa_size_limit(Some(16 << 20)))
+            .build_from_hir(&hir)
+            .map_err(|e| bad(e.to_string()))?;
         let dfa = dense::Builder::new()
             .configure(
                 dense::Config::new()
@@ -41,13 +50,9 @@ impl ByteConstraint {
                     .dfa_size_limit(Some(16 << 20))
                     .determinize_size_limit(Some(16 << 20)),
             )
-            // Anchored at both ends, so that a byte after a complete match leads to the dead
-            // state (a DFA search would otherwise report the match and then keep going).
-            .build(&format!("(?:{pattern})\\z"))
-            .map_err(|e| format!("the constraint `{pattern}` is not a usable regular expression: {e}"))?;
-        let start = dfa
-            .start_state(&start::Config::new().anchored(Anchored::Yes))
-            .map_err(|e| format!("the constraint `{pattern}`: {e}"))?;
+            .build_from_nfa(&nfa)
+            .map_err(|e| bad(e.to_string()))?;
+        let start = dfa.start_state(&start::Config::new().anchored(Anchored::Yes)).map_err(|e| bad(e.to_string()))?;
         Ok(ByteConstraint { dfa, start })
     }
 
@@ -59,7 +64,9 @@ impl ByteConstraint {
     /// bytes so far and `byte`.
     pub fn step(&self, s: ConstraintState, byte: u8) -> Option<ConstraintState> {
         let next = self.dfa.next_state(s.0, byte);
-        (!self.dfa.is_dead_state(next)).then_some(ConstraintState(next))
+        // A quit state (a Unicode word boundary next to a non-ASCII byte, which the DFA cannot
+        // decide) counts as a rejection.
+        (!self.dfa.is_dead_state(next) && !self.dfa.is_quit_state(next)).then_some(ConstraintState(next))
     }
 
     /// Whether the bytes so far match the expression in full.
@@ -198,6 +205,9 @@ mod tests {
         assert!(!c.can_continue(s) && c.can_continue(c.start()));
         assert!(ByteConstraint::new("(unclosed").is_err());
         assert!(ByteConstraint::new("a)(b").is_err());
+        // A verbose-mode comment does not swallow the end anchor.
+        let v = ByteConstraint::new("(?x) ab # a comment").unwrap();
+        assert!(v.is_complete(v.walk(b"ab").unwrap()) && v.walk(b"abc").is_none());
     }
 
     /// The methods note's example: p = [.4, .25, .15, .1, .06, .04] with tokens {1, 3, 4}
