@@ -365,12 +365,7 @@ pub fn recipe_step(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<Graph> {
     let ItemKind::Recipe(rec) = &modules.item(r).kind else { return fail("not a recipe") };
     let mut lw = Lowerer::new(modules, db, &rec.name.name);
     lw.set_module(r.module);
-    let field = |name: &str| {
-        rec.members.iter().find_map(|m| match &m.kind {
-            lang::ast::RecipeMemberKind::Field { name: n, value } if n.name == name => Some(value.clone()),
-            _ => None,
-        })
-    };
+    let field = |name: &str| rec.field(name).cloned();
     let (Some(model), Some(data), Some(loss)) = (field("model"), field("data"), field("loss")) else {
         return fail("a recipe needs `model`, `data` and `loss`");
     };
@@ -400,12 +395,7 @@ pub fn recipe_step(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<Graph> {
     let targets =
         lw.node(Op::Input { index: 1, name: "batch.targets".into() }, Dtype::I32, vec![b, t], &[], "batch")?;
     lw.bind_model("batch", Val::Batch(inputs, targets));
-    for m in &rec.members {
-        if let lang::ast::RecipeMemberKind::Let { name, value } = &m.kind {
-            let v = lw.expr(value)?;
-            lw.bind_model(&name.name, v);
-        }
-    }
+    lw.bind_recipe_lets(rec)?;
     let value = lw.expr(&loss)?;
     let out = lw_tensor(&mut lw, value, "loss")?;
     if !lw.graph.node(out).shape.is_empty() || !lw.graph.node(out).dtype.is_float() {

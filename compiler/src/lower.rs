@@ -1200,6 +1200,17 @@ impl<'a> Lowerer<'a> {
         self.bind(name, v);
     }
 
+    /// Lowers a recipe's `let` members in order and binds them (the scope of its `loss`).
+    pub fn bind_recipe_lets(&mut self, rec: &RecipeDef) -> R<()> {
+        for m in &rec.members {
+            if let RecipeMemberKind::Let { name, value } = &m.kind {
+                let v = self.expr(value)?;
+                self.bind(&name.name, v);
+            }
+        }
+        Ok(())
+    }
+
     pub fn lookup_public(&self, name: &str) -> Option<Val> {
         self.lookup(name)
     }

@@ -129,10 +129,7 @@ fn recipe_def(modules: &Modules, r: ItemRef) -> R<&RecipeDef> {
 }
 
 fn field<'r>(rec: &'r RecipeDef, name: &str) -> Option<&'r Expr> {
-    rec.members.iter().find_map(|m| match &m.kind {
-        RecipeMemberKind::Field { name: n, value } if n.name == name => Some(value),
-        _ => None,
-    })
+    rec.field(name)
 }
 
 /// A lowerer in the recipe's module with `model` bound to a fresh instance.
@@ -292,12 +289,7 @@ fn loss_graph(
         lw.node(Op::Input { index: 1, name: "batch.targets".into() }, Dtype::I32, vec![b, t], &[], "batch")?;
     lw.bind_model("batch", Val::Batch(inputs, targets));
     let Some(loss) = field(rec, "loss") else { return fail("a recipe needs `loss`", None) };
-    for m in &rec.members {
-        if let RecipeMemberKind::Let { name, value } = &m.kind {
-            let v = lw.expr(value)?;
-            lw.bind_model(&name.name, v);
-        }
-    }
+    lw.bind_recipe_lets(rec)?;
     let value = lw.expr(loss)?;
     let out = match value {
         Val::T(n) => n,

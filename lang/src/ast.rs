@@ -247,6 +247,16 @@ pub struct RecipeDef {
     pub span: Span,
 }
 
+impl RecipeDef {
+    /// The value of field `name` (`model = ...`), if the recipe sets it.
+    pub fn field(&self, name: &str) -> Option<&Expr> {
+        self.members.iter().find_map(|m| match &m.kind {
+            RecipeMemberKind::Field { name: n, value } if n.name == name => Some(value),
+            _ => None,
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecipeMember {
     pub docs: Vec<String>,

@@ -289,10 +289,7 @@ pub fn sample(req: SampleRequest) -> ExitCode {
             }
         }
         None => match &analysis.modules.item(r).kind {
-            lang::ast::ItemKind::Recipe(rec) => rec.members.iter().find_map(|m| match &m.kind {
-                lang::ast::RecipeMemberKind::Field { name, value } if name.name == "decode" => Some(value.clone()),
-                _ => None,
-            }),
+            lang::ast::ItemKind::Recipe(rec) => rec.field("decode").cloned(),
             _ => None,
         },
     };

@@ -605,6 +605,14 @@ fn the_programs_of_a_job_share_one_arena() {
 
 const SMALL_GPT: &str = "gpt(V = 256, D = 16, L = 2, H = 2, T = 16)";
 
+/// An empty directory `recipec-NAME-PID` under the system's temporary directory.
+fn empty_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("recipec-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Trains `src` (a recipe file in `dir`) for `steps` steps into `dir/out` and returns the
 /// logged losses.
 fn train_in(dir: &std::path::Path, src: &str, out: &str, steps: usize, resume: bool) -> Vec<f64> {
@@ -644,9 +652,7 @@ fn distill_recipe(loss: &str, extra: &str) -> String {
 /// the checkpoint holds no teacher, and resuming reloads it and gives the same losses.
 #[test]
 fn a_student_starts_from_its_teacher_which_stays_frozen() {
-    let dir = std::env::temp_dir().join(format!("recipec-distill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = empty_dir("distill");
     let teacher = format!(
         "use std.models.gpt\nuse std.loss.cross_entropy\nuse std.optim.adamw\n\nrecipe teacher {{\n    \
          model = {SMALL_GPT}\n    data = text(\"embedded:kjv\", context = 16, batch = 2)\n    \
@@ -724,9 +730,7 @@ fn a_student_starts_from_its_teacher_which_stays_frozen() {
 /// every particle's token is allowed, and the same seed gives the same text.
 #[test]
 fn smc_with_awrs_estimates_the_allowed_mass() {
-    let dir = std::env::temp_dir().join(format!("recipec-smc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = empty_dir("smc");
     let src = format!(
         "use std.models.gpt\nuse std.loss.cross_entropy\nuse std.optim.adamw\nuse std.decode.greedy\n\n\
          recipe r {{\n    model = {SMALL_GPT}\n    data = text(\"embedded:kjv\", context = 16, batch = 2)\n    \
@@ -782,9 +786,7 @@ fn smc_with_awrs_estimates_the_allowed_mass() {
 /// same losses, bit for bit, as the loss written out.
 #[test]
 fn recipe_lets_train_as_the_loss_written_out() {
-    let dir = std::env::temp_dir().join(format!("recipec-lets-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = empty_dir("lets");
     let recipe = |lets: &str, loss: &str| {
         format!(
             "use std.models.gpt\nuse std.loss.cross_entropy\nuse std.optim.adamw\n\nrecipe r {{\n    \
