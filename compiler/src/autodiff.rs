@@ -437,6 +437,18 @@ fn rule(ad: &mut Ad, n: NodeId, node: &crate::ir::Node, o: &[NodeId], d: NodeId)
             let db = ad.add(Op::MatMul, dt, sb, &[at, d])?;
             vec![(a, da), (b, db)]
         }
+        // X = A⁻¹B: dB = A⁻ᵀ dX = solve(Aᵀ, dX), dA = −dB Xᵀ
+        Op::Solve => {
+            let (a, b) = (o[0], o[1]);
+            let dt = ad.dtype(a);
+            let (sa, sb) = (ad.shape(a), ad.shape(b));
+            let at = ad.add(Op::Transpose { perm: vec![1, 0] }, dt, sa.clone(), &[a])?;
+            let db = ad.add(Op::Solve, dt, sb.clone(), &[at, d])?;
+            let xt = ad.add(Op::Transpose { perm: vec![1, 0] }, dt, vec![sb[1], sb[0]], &[n])?;
+            let p = ad.add(Op::MatMul, dt, sa, &[db, xt])?;
+            let da = ad.un(Un::Neg, p)?;
+            vec![(a, da), (b, db)]
+        }
         // The inverse permutation.
         Op::Transpose { perm } => {
             let mut inv = vec![0; perm.len()];

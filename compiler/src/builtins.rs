@@ -487,6 +487,21 @@ pub fn call(lw: &mut Lowerer, name: &str, args: &[Arg], span: Span) -> R<Val> {
             let xv = lw.cast(xv, fd, &origin)?;
             Ok(Val::T(lw.node(Op::Qr, fd, s, &[xv], &origin)?))
         }
+        "solve" => {
+            let av = lw.as_tensor(&x()?, span)?;
+            let Some(b) = get(1) else { return lw.fail(span, "`solve` needs a right-hand side") };
+            let bv = lw.as_tensor(b, span)?;
+            let (sa, sb) = (lw.shape_of(av), lw.shape_of(bv));
+            if sa.len() != 2 || sa[0] != sa[1] || sb.len() != 2 || sb[0] != sa[0] {
+                return lw
+                    .fail(span, format!("`solve` needs a square matrix [n, n] and [n, k], got {sa:?} and {sb:?}"));
+            }
+            let d = lw.dtype_of(av);
+            let fd = if d.is_float() { d } else { Dtype::F32 };
+            let av = lw.cast(av, fd, &origin)?;
+            let bv = lw.cast(bv, fd, &origin)?;
+            Ok(Val::T(lw.node(Op::Solve, fd, sb, &[av, bv], &origin)?))
+        }
         "svd_topk" => {
             let xv = lw.as_tensor(&x()?, span)?;
             let s = lw.shape_of(xv);

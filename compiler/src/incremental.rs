@@ -176,6 +176,7 @@ fn corr(g: &Graph, id: NodeId, a: usize, k: usize) -> Option<usize> {
         | Op::TakeAdd { .. }
         | Op::Quantile
         | Op::Qr
+        | Op::Solve
         | Op::SvdTopK { .. } => None,
     }
 }

@@ -479,6 +479,7 @@ pub fn eval(n: &crate::ir::Node, o: &[&Tensor], inputs: &[Tensor], seed: u64) ->
         Op::Uniform { stream } => mk((0..size).map(|i| rng::uniform(seed, *stream, i as u64)).collect()),
         Op::Normal { stream } => mk((0..size).map(|i| rng::normal(seed, *stream, i as u64)).collect()),
         Op::Qr => mk(qr(&o[0].data, o[0].shape[0], o[0].shape[1])),
+        Op::Solve => mk(solve(&o[0].data, &o[1].data, o[0].shape[0], o[1].shape[1])),
         Op::SvdTopK { k, right } => {
             let (m, n) = (o[0].shape[0], o[0].shape[1]);
             let (u, vt) = svd(&o[0].data, m, n);
@@ -530,6 +531,54 @@ fn qr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
         }
     }
     (0..m).flat_map(|i| (0..n).map(|j| q[j][i]).collect::<Vec<_>>()).collect()
+}
+
+/// X with A X = B for a row-major `[n, n]` A and `[n, k]` B, by Gaussian elimination with
+/// partial pivoting (the first largest-magnitude pivot) in f64. A zero pivot (A singular) or a
+/// non-finite entry gives NaN everywhere, so a bad system cannot pass for a solution.
+fn solve(a: &[f64], b: &[f64], n: usize, k: usize) -> Vec<f64> {
+    let nan = || vec![f64::NAN; n * k];
+    if !a.iter().chain(b).all(|x| x.is_finite()) {
+        return nan();
+    }
+    let (mut a, mut x) = (a.to_vec(), b.to_vec());
+    for c in 0..n {
+        let p = (c..n).fold(c, |p, r| if a[r * n + c].abs() > a[p * n + c].abs() { r } else { p });
+        if a[p * n + c] == 0.0 {
+            return nan();
+        }
+        if p != c {
+            for j in 0..n {
+                a.swap(c * n + j, p * n + j);
+            }
+            for j in 0..k {
+                x.swap(c * k + j, p * k + j);
+            }
+        }
+        for r in c + 1..n {
+            let f = a[r * n + c] / a[c * n + c];
+            if f == 0.0 {
+                continue;
+            }
+            for j in c..n {
+                a[r * n + j] -= f * a[c * n + j];
+            }
+            for j in 0..k {
+                x[r * k + j] -= f * x[c * k + j];
+            }
+        }
+    }
+    for c in (0..n).rev() {
+        for j in 0..k {
+            let s: f64 = (c + 1..n).map(|q| a[c * n + q] * x[q * k + j]).sum();
+            x[c * k + j] = (x[c * k + j] - s) / a[c * n + c];
+        }
+    }
+    if x.iter().all(|v| v.is_finite()) {
+        x
+    } else {
+        nan()
+    }
 }
 
 /// The thin SVD of a row-major `[m, n]` matrix in f64 (faer's, single-threaded, so the same
@@ -695,6 +744,23 @@ mod tests {
         // No convergence to wait for: NaN in, NaN out.
         let (u, vt) = svd(&[f64::NAN, 1.0, 2.0, 3.0], 2, 2);
         assert!(u.iter().chain(&vt).all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn solve_pivots_and_refuses_singular_systems() {
+        // a[0][0] = 0: needs a row exchange. a = [[0, 2, 1], [1, 1, 0], [3, 0, 1]], x known.
+        let a = [0.0, 2.0, 1.0, 1.0, 1.0, 0.0, 3.0, 0.0, 1.0];
+        let x = [1.0, -2.0, 0.5, 3.0, 2.0, 1.0];
+        let b: Vec<f64> = (0..3)
+            .flat_map(|i| (0..2).map(move |j| (0..3).map(|q| a[i * 3 + q] * x[q * 2 + j]).sum::<f64>()))
+            .collect();
+        let got = solve(&a, &b, 3, 2);
+        for (g, w) in got.iter().zip(&x) {
+            assert!((g - w).abs() < 1e-12, "{got:?} vs {x:?}");
+        }
+        // Rank 1, and a NaN entry: NaN everywhere, never a plausible-looking answer.
+        assert!(solve(&[1.0, 2.0, 2.0, 4.0], &[1.0, 1.0], 2, 1).iter().all(|v| v.is_nan()));
+        assert!(solve(&[1.0, 0.0, 0.0, f64::NAN], &[1.0, 1.0], 2, 1).iter().all(|v| v.is_nan()));
     }
 
     #[test]

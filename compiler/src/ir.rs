@@ -217,6 +217,9 @@ pub enum Op {
     /// Q of the reduced QR decomposition of a matrix `[m, n]` (m ≥ n): `[m, n]`, columns
     /// orthonormal, R's diagonal non-negative.
     Qr,
+    /// X with A X = B for a square `[n, n]` A and `[n, k]` B: `[n, k]` (LU with partial
+    /// pivoting in f64; a singular A gives NaN).
+    Solve,
     /// The top-`k` singular vectors of a matrix `[m, n]`: `right` gives Vᵀ[:k] `[k, n]`,
     /// otherwise U[:, :k] `[m, k]`; each right vector's largest-magnitude entry is positive.
     SvdTopK {
@@ -255,6 +258,7 @@ impl Op {
             Op::Normal { .. } => "normal".into(),
             Op::Sample { .. } => "sample".into(),
             Op::Qr => "qr".into(),
+            Op::Solve => "solve".into(),
             Op::SvdTopK { .. } => "svd_topk".into(),
         }
     }
@@ -771,6 +775,14 @@ pub(crate) fn check_node(g: &Graph, n: &Node, operands: &[NodeId]) -> Result<(),
             }
             Ok(())
         }
+        Op::Solve => {
+            arity(2)?;
+            let (a, b) = (&o[0].shape, &o[1].shape);
+            if a.len() != 2 || a[0] != a[1] || b.len() != 2 || b[0] != a[0] || n.shape != *b {
+                return err(format!("solve needs [n, n] and [n, k] and gives [n, k], got {a:?} and {b:?}"));
+            }
+            Ok(())
+        }
         Op::SvdTopK { k, right } => {
             arity(1)?;
             let s = &o[0].shape;
@@ -1037,6 +1049,7 @@ fn parse_op(name: &str, attrs: &str) -> Result<Op, IrError> {
         "normal" => Ok(Op::Normal { stream: u64_("stream")? }),
         "sample" => Ok(Op::Sample { stream: u64_("stream")?, axis: us("axis")? }),
         "qr" => Ok(Op::Qr),
+        "solve" => Ok(Op::Solve),
         "svd_topk" => Ok(Op::SvdTopK { k: us("k")?, right: a.get("right").map(|v| v == "true").unwrap_or(true) }),
         other => err(format!("unknown op `{other}`")),
     }

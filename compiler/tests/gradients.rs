@@ -52,6 +52,9 @@ const CASES: &[Case] = &[
     Case { body: "x * min(x, axis = 0, keepdims = true)", second: false, positive: false },
     Case { body: "x @ y^T @ x", second: true, positive: false },
     Case { body: "transpose(x) @ y", second: true, positive: false },
+    // A well-conditioned square system (x xᵀ + 3I): both the matrix's and the right side's rule.
+    Case { body: "solve(x @ x^T + one_hot(iota(A), A, \"f64\") * 3.0, y)", second: true, positive: false },
+    Case { body: "solve(x @ x^T + one_hot(iota(A), A, \"f64\") * 3.0, x) * y", second: true, positive: false },
     Case { body: "reshape(x, [B, A]) ^ 2 @ x", second: false, positive: false },
     Case { body: "softmax(x, axis = -1)", second: false, positive: false },
     Case { body: "log_softmax(x, axis = 0)", second: false, positive: false },

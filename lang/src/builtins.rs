@@ -88,6 +88,7 @@ pub static BUILTINS: &[(&str, &[&str], &str)] = &[
     ("sample", &["weights", "axis?"], "a categorical sample ∝ weights along `axis` (i32)"),
     // Linear algebra (runtime-provided).
     ("qr", &["x"], "Q of the reduced QR decomposition of a tall matrix [m, n]: [m, n]"),
+    ("solve", &["a", "b"], "X with a @ X = b for a square matrix a [n, n] and b [n, k]: [n, k] (differentiable)"),
     (
         "svd_topk",
         &["x", "k", "side?"],
@@ -1148,6 +1149,45 @@ fn rule(c: &mut Checker, name: &'static str, v: &[Option<ArgVal>], span: Span) -
             }
             let Some(Some(ax)) = axis(c, arg(v, 1), Some(-1), d.len()) else { return Ty::Unknown };
             Ty::tensor(Dtype::I32, d.iter().enumerate().filter(|(i, _)| *i != ax).map(|(_, x)| x.clone()).collect())
+        }
+        "solve" => {
+            let (a, b) = (x.unwrap(), arg(v, 1).unwrap());
+            let Some(ta) = tensor_or_error(c, &a.ty, a.span, "`solve`'s matrix") else { return Ty::Unknown };
+            let Some(tb) = tensor_or_error(c, &b.ty, b.span, "`solve`'s right-hand side") else { return Ty::Unknown };
+            let Some(da) = dims_of(c, &ta, a.span, "`solve`") else { return Ty::Unknown };
+            let Some(db) = dims_of(c, &tb, b.span, "`solve`") else { return Ty::Unknown };
+            for (d, e) in [(&da, a), (&db, b)] {
+                if d.len() != 2 {
+                    c.error(
+                        "E0304",
+                        e.span,
+                        format!("`solve` needs matrices, found rank {}", d.len()),
+                        "not a matrix",
+                    )
+                    .help = Some(
+                        "`solve(a, b)` solves a @ x = b for a [n, n] and b [n, k]; reshape a vector b to [n, 1]".into(),
+                    );
+                    return Ty::Unknown;
+                }
+            }
+            if !c.unify(&da[0], &da[1]) {
+                let d = Shape::Dims(da.clone());
+                c.error("E0302", a.span, format!("`solve` needs a square matrix [n, n], found {d}"), "not square")
+                    .help = Some("`solve(a, b)` solves a @ x = b, which needs as many equations as unknowns".into());
+                return Ty::Unknown;
+            }
+            if !c.unify(&da[0], &db[0]) {
+                let d = Shape::Dims(db.clone());
+                c.error(
+                    "E0302",
+                    b.span,
+                    format!("`solve`'s right-hand side must be [{}, k] for a [{0}, {0}] matrix, found {d}", da[0]),
+                    "shape mismatch",
+                )
+                .help = Some("`b` has one row per row of `a`; reshape a vector to [n, 1]".into());
+                return Ty::Unknown;
+            }
+            Ty::tensor(float_of(&ta).dtype, vec![da[1].clone(), db[1].clone()])
         }
         "qr" | "svd_topk" => {
             let a = x.unwrap();

@@ -801,6 +801,82 @@ def frugal_coordinates():
         check(f"frugal_columns[{rows}x{cols}] rank = N is optax.adamw", out["param"], W, **ELT)
 
 
+def matryoshka_kv():
+    """MatryoshkaKV's pieces: `solve` and its gradients against jnp.linalg.solve, the Cayley
+    map against (I − Ω)(I + Ω)⁻¹ (orthogonal, identity at 0, gradient through the solve),
+    the PCA basis against NumPy's SVD (and its truncation as the best rank-r reconstruction),
+    the compressed attention against the paper's truncated formulas (cache of r columns) and,
+    at full rank, against plain causal attention; drawn ranks over seeds."""
+    tmp = tempfile.mkdtemp(prefix="oracle-mkv-")
+    src = os.path.join(tmp, "mkv.recipe")
+    with open(src, "w") as f:
+        f.write("use std.models.cayley\n"
+                "loss solved(a: f32[N, N], b: f32[N, K], c: f32[N, K]) -> f32 {\n    sum(c * solve(a, b))\n}\n"
+                "loss rotated(w: f32[D, D], c: f32[D, D]) -> f32 {\n    sum(c * cayley(w))\n}\n")
+    n, kk = 5, 3
+    a = (rng.randn(n, n) + 3 * np.eye(n)).astype(np.float32)
+    b = rng.randn(n, kk).astype(np.float32)
+    c = rng.randn(n, kk).astype(np.float32)
+    f = lambda a, b: jnp.sum(c * jnp.linalg.solve(a, b))  # noqa: E731
+    a64, b64 = jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)
+    out = run_eval(src, "solved", {"a": a, "b": b, "c": c}, grad=True)
+    check("solve value", out["out"], f(a64, b64), **RED)
+    check("solve grad a", out["grad_a"], jax.grad(f, 0)(a64, b64), **RED)
+    check("solve grad b", out["grad_b"], jax.grad(f, 1)(a64, b64), **RED)
+
+    def cay(w):
+        om = w - w.T
+        eye = jnp.eye(w.shape[0], dtype=w.dtype)
+        return (eye - om) @ jnp.linalg.inv(eye + om)
+
+    for d in (4, 7):
+        w = (0.7 * rng.randn(d, d)).astype(np.float32)
+        u = run_eval(STD("models"), "cayley", {"w": w})["out"]
+        check(f"cayley[{d}]", u, cay(jnp.asarray(w, jnp.float64)), **RED)
+        check(f"cayley[{d}] orthogonal", u.T.astype(np.float64) @ u, np.eye(d), rtol=0, atol=2e-6)
+        check(f"cayley[{d}] at 0 is I", run_eval(STD("models"), "cayley", {"w": np.zeros((d, d), np.float32)})["out"], np.eye(d), rtol=0, atol=0)
+        cw = rng.randn(d, d).astype(np.float32)
+        g = run_eval(src, "rotated", {"w": w, "c": cw}, grad=True)["grad_w"]
+        check(f"cayley[{d}] grad", g, jax.grad(lambda w: jnp.sum(cw * cay(w)))(jnp.asarray(w, jnp.float64)), **RED)
+
+    x = rng.randn(20, 6).astype(np.float32)
+    v = run_eval(STD("models"), "pca_basis", {"x": x})["out"]
+    _, _, vt = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    want = np.array([r if r[np.argmax(np.abs(r))] > 0 else -r for r in vt]).T
+    check("pca_basis[20x6]", v, want, **RED)
+    r = 2
+    u_, s_, vt_ = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    check("pca_basis rank-2 reconstruction", x @ v[:, :r] @ v[:, :r].T, (u_[:, :r] * s_[:r]) @ vt_[:r], **RED)
+
+    B, H, S, E = 2, 3, 6, 8
+    q, k, vv = (rng.randn(B, H, S, E).astype(np.float32) for _ in range(3))
+    uk = np.stack([np.linalg.qr(rng.randn(E, E))[0] for _ in range(H)]).astype(np.float32)
+    uv = np.stack([np.linalg.qr(rng.randn(E, E))[0] for _ in range(H)]).astype(np.float32)
+
+    def mkv(rk, rv):
+        # The paper's cache: r columns per token; scores from the projected query.
+        q64, k64, v64 = (t.astype(np.float64) for t in (q, k, vv))
+        kc = np.einsum("bhse,her->bhsr", k64, uk[:, :, :rk])
+        vc = np.einsum("bhse,her->bhsr", v64, uv[:, :, :rv])
+        qc = np.einsum("bhse,her->bhsr", q64, uk[:, :, :rk])
+        s = np.einsum("bhir,bhjr->bhij", qc, kc) / np.sqrt(E)
+        s = np.where(np.tril(np.ones((S, S), bool)), s, -np.inf)
+        w = np.asarray(jax.nn.softmax(s, -1))
+        return np.einsum("bhij,bhjr,her->bhie", w, vc, uv[:, :, :rv])
+
+    for rk, rv in [(E, E), (3, 5), (1, 8)]:
+        got = run_eval(STD("models"), "matryoshka_attention", {"q": q, "k": k, "v": vv, "u_k": uk, "u_v": uv}, {"rank_k": rk, "rank_v": rv})["out"]
+        check(f"matryoshka_attention ranks {rk},{rv}", got, mkv(rk, rv), **RED)
+    s = q.astype(np.float64) @ np.swapaxes(k, -1, -2) / np.sqrt(E)
+    s = np.where(np.tril(np.ones((S, S), bool)), s, -np.inf)
+    plain = np.asarray(jax.nn.softmax(s, -1)) @ vv
+    got = run_eval(STD("models"), "matryoshka_attention", {"q": q, "k": k, "v": vv, "u_k": uk, "u_v": uv}, {"rank_k": E, "rank_v": E})["out"]
+    check("matryoshka_attention full rank = causal attention", got, plain, **RED)
+
+    drawn = [int(run_eval(STD("models"), "matryoshka_rank", hps={"E": 64, "step": 16}, seed=s)["out"]) for s in range(24)]
+    check("matryoshka_rank in {16, 32, 48, 64}, each drawn", float(set(drawn) == {16, 32, 48, 64}), 1.0, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- linear algebra
 
 def linear_algebra():
@@ -825,7 +901,7 @@ def linear_algebra():
             check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
 
 
-for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, frugal_coordinates, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, linear_algebra]:
+for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, frugal_coordinates, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, matryoshka_kv, linear_algebra]:
     case(f)
 
 print()
