@@ -283,6 +283,11 @@ pub enum RecipeMemberKind {
         selector: Selector,
         rule: Expr,
     },
+    /// `freeze model.wte`: the selected parameters stay at their initial (or `init_from`)
+    /// values on purpose (no optimizer, no `W0003`).
+    Freeze {
+        selector: Selector,
+    },
     Error,
 }
 

@@ -2260,6 +2260,9 @@ pub fn typed_text(db: &crate::source::SourceDb, analysis: &crate::Analysis, file
         for (sel, _, matched) in &r.sparsify {
             out.push_str(&format!("  sparsify {sel}: {} parameters\n", matched.len()));
         }
+        for (sel, matched) in &r.freeze {
+            out.push_str(&format!("  freeze {sel}: {} parameters\n", matched.len()));
+        }
     }
     out
 }

@@ -303,7 +303,7 @@ schedule, or a tensor of the wrong kind (a float where an integer is needed).",
 
 "E0319", "statement not allowed here",
 "`state` belongs in optimizers, `mask`/`grad` rules in sparsity items, `param` and `sub` in \
-models, and `optimize`/`sparsify` in recipes.",
+models, and `optimize`/`sparsify`/`freeze` in recipes.",
 "fn g(x: f32) -> f32 {\n    state m = 0.0\n    x\n}",
 "Move the statement into an item of the right kind.";
 
@@ -326,7 +326,7 @@ parameters are read from.",
 "Add the missing field.";
 
 "E0403", "selector matches no parameter",
-"An `optimize` or `sparsify` selector matches none of the model's parameters. Selectors are \
+"An `optimize`, `sparsify` or `freeze` selector matches none of the model's parameters. Selectors are \
 dotted paths from `model`; `*` matches one segment and `**` any number of segments.",
 "optimize model.block.* with adamw(lr = 1e-3)   // the member is `blocks`",
 "Fix the path; the help line lists parameters of the model.";
@@ -338,7 +338,8 @@ or a schedule applied to its arguments, such as `cosine(peak = 1e-3, total = 100
 "Pass a scalar or a schedule.";
 
 "E0405", "parameter optimized twice",
-"Two `optimize` lines select the same parameter; each parameter belongs to exactly one group.",
+"Two `optimize` lines select the same parameter, or a `freeze` line selects an optimized one; \
+each parameter belongs to exactly one group, or is frozen.",
 "optimize model.** with adamw(lr = 1e-3)\noptimize model.wte with sgd(lr = 0.1)",
 "Narrow one selector so the groups do not overlap.";
 
@@ -434,5 +435,6 @@ shorter expression or fewer bounded repetitions (`a{1000}`).";
 "W0003", "parameter not optimized",
 "A model parameter is selected by no `optimize` line, so it stays at its initial value.",
 "optimize model.blocks.** with adamw(lr = 1e-3)   // model.wte is left out",
-"Add an `optimize` line that selects it, or ignore the warning if freezing is intended.";
+"Add an `optimize` line that selects it, or, if freezing is intended, a `freeze` line that \
+selects it (`freeze model.wte`).";
 }

@@ -212,6 +212,7 @@ impl Formatter<'_> {
                             let p = format!("sparsify {selector} with ");
                             format!("{p}{}", self.expr(rule, col + p.len()))
                         }
+                        RecipeMemberKind::Freeze { selector } => format!("freeze {selector}"),
                         RecipeMemberKind::Error => String::new(),
                     };
                     self.write(&format!("{pad}{text}"));

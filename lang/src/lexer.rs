@@ -136,6 +136,7 @@ pub enum Tok<'a> {
     Sub,
     Optimize,
     Sparsify,
+    Freeze,
     // Punctuation and operators.
     LParen,
     RParen,
@@ -214,6 +215,7 @@ pub fn tok_text(t: &Tok) -> &'static str {
         Tok::Sub => "sub",
         Tok::Optimize => "optimize",
         Tok::Sparsify => "sparsify",
+        Tok::Freeze => "freeze",
         Tok::LParen => "(",
         Tok::RParen => ")",
         Tok::LBracket => "[",
@@ -263,6 +265,7 @@ pub const CONTEXTUAL_KEYWORDS: &[(&str, Tok<'static>)] = &[
     ("sub", Tok::Sub),
     ("optimize", Tok::Optimize),
     ("sparsify", Tok::Sparsify),
+    ("freeze", Tok::Freeze),
 ];
 
 pub const HARD_KEYWORDS: &[&str] =

@@ -35,9 +35,49 @@ pub struct CheckedRecipe {
     /// For each `optimize` line: the selector, the optimizer item and the matched params.
     pub optimize: Vec<(String, Option<ItemRef>, Vec<usize>)>,
     pub sparsify: Vec<(String, Option<ItemRef>, Vec<usize>)>,
+    /// For each `freeze` line: the selector and the matched params.
+    pub freeze: Vec<(String, Vec<usize>)>,
 }
 
 /// True when `path` matches `selector` (`*` one segment, `**` any number, `{a, b}` either).
+/// The indices of the parameters `selector` selects; `E0403` when it does not start with
+/// `model` or (the parameters known) selects nothing.
+fn select(c: &mut Checker, selector: &Selector, params: &[ParamPath], have_params: bool) -> Vec<usize> {
+    let text = selector.to_string();
+    let mut matched = vec![];
+    if selector.segments.first() != Some(&SelectorSegment::Name("model".into())) {
+        c.error(
+            "E0403",
+            selector.span,
+            format!("selector `{text}` must start with `model`"),
+            "selectors are paths from `model`",
+        )
+        .help = Some(format!("write `model.{text}`"));
+    } else if have_params {
+        let sel = &selector.segments[1..];
+        for (i, p) in params.iter().enumerate() {
+            if selector_matches(sel, &p.path) {
+                matched.push(i);
+            }
+        }
+        if matched.is_empty() {
+            let names: Vec<String> = params.iter().map(|p| format!("model.{}", p.dotted())).collect();
+            let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            let shown: Vec<String> = names.iter().take(6).cloned().collect();
+            let help = did_you_mean(&text, &refs).unwrap_or_else(|| {
+                format!(
+                    "the model's parameters include {}{}; `*` matches one segment, `**` any number",
+                    shown.join(", "),
+                    if names.len() > 6 { ", …" } else { "" }
+                )
+            });
+            c.error("E0403", selector.span, format!("selector `{text}` matches no parameter"), "matches nothing")
+                .help = Some(help);
+        }
+    }
+    matched
+}
+
 pub fn selector_matches(sel: &[SelectorSegment], path: &[String]) -> bool {
     match sel.first() {
         None => path.is_empty(),
@@ -362,36 +402,8 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
             }
         };
         let text = selector.to_string();
-        let mut matched = vec![];
-        if selector.segments.first() != Some(&SelectorSegment::Name("model".into())) {
-            c.error(
-                "E0403",
-                selector.span,
-                format!("selector `{text}` must start with `model`"),
-                "selectors are paths from `model`",
-            )
-            .help = Some(format!("write `model.{text}`"));
-        } else if have_params {
-            let sel = &selector.segments[1..];
-            for (i, p) in out.params.iter().enumerate() {
-                if selector_matches(sel, &p.path) {
-                    matched.push(i);
-                }
-            }
-            if matched.is_empty() {
-                let names: Vec<String> = out.params.iter().map(|p| format!("model.{}", p.dotted())).collect();
-                let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-                let shown: Vec<String> = names.iter().take(6).cloned().collect();
-                let help = did_you_mean(&text, &refs).unwrap_or_else(|| {
-                    format!(
-                        "the model's parameters include {}{}; `*` matches one segment, `**` any number",
-                        shown.join(", "),
-                        if names.len() > 6 { ", …" } else { "" }
-                    )
-                });
-                c.error("E0403", selector.span, format!("selector `{text}` matches no parameter"), "matches nothing")
-                    .help = Some(help);
-            }
+        let matched = select(c, selector, &out.params, have_params);
+        if have_params {
             if kind == RuleKind::Optimizer {
                 for &i in &matched {
                     if let Some(prev) = owner[i] {
@@ -420,6 +432,31 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
             RuleKind::Sparsity => out.sparsify.push(entry),
         }
     }
+    // `freeze` lines: parameters deliberately left untrained; none may also be optimized.
+    let mut frozen_on_purpose = vec![false; out.params.len()];
+    for m in &rec.members {
+        let RecipeMemberKind::Freeze { selector } = &m.kind else { continue };
+        let matched = select(c, selector, &out.params, have_params);
+        out.freeze.push((selector.to_string(), matched.clone()));
+        for i in matched {
+            if let Some(opt) = owner[i] {
+                let p = out.params[i].dotted();
+                c.error(
+                    "E0405",
+                    selector.span,
+                    format!("parameter `model.{p}` is both optimized and frozen"),
+                    "freezes it",
+                )
+                .help =
+                    Some("a parameter is either trained by one `optimize` group or frozen: narrow one selector".into());
+                if let Some(d) = c.diagnostics.last_mut() {
+                    d.labels.push(crate::diag::Label { file, span: opt, message: "optimized here".into() });
+                }
+                break;
+            }
+            frozen_on_purpose[i] = true;
+        }
+    }
     if !any_optimize && !poisoned_fields {
         c.error(
             "E0402",
@@ -436,8 +473,8 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
         let frozen: Vec<String> = out
             .params
             .iter()
-            .zip(owner.iter())
-            .filter(|(_, o)| o.is_none())
+            .zip(owner.iter().zip(&frozen_on_purpose))
+            .filter(|(_, (o, f))| o.is_none() && !**f)
             .map(|(p, _)| format!("`model.{}`", p.dotted()))
             .collect();
         if !frozen.is_empty() {
@@ -454,7 +491,7 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
                     ),
                 )
                 .label(file, rec.name.span, "these stay at their initial values")
-                .help("add an `optimize` line that selects them, if they should train"),
+                .help("add an `optimize` line that selects them, if they should train, or a `freeze` line, if not"),
             );
         }
     }

@@ -484,7 +484,7 @@ impl Server {
             for (f, what, _) in lang::recipe::RECIPE_FIELDS {
                 items.push(item(f, 5, what));
             }
-            for kw in ["optimize", "sparsify"] {
+            for kw in ["optimize", "sparsify", "freeze"] {
                 items.push(item(kw, 14, "keyword"));
             }
         }

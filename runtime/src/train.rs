@@ -171,6 +171,9 @@ pub struct Sources {
     pub teacher: BTreeMap<String, Buffer>,
     /// `model.<path>`: `init_from`'s parameters (a fresh start only).
     pub init: BTreeMap<String, Buffer>,
+    /// The model's parameters `init_from`'s checkpoint does not hold: they start from their
+    /// initializers (parameters a recipe adds to a trained model, such as adapters).
+    pub fresh: Vec<String>,
     /// A digest of the teacher's values as read (FNV-1a over names, dtypes, shapes and
     /// bytes), recorded in every checkpoint as `teacher_digest`: a resumed run refuses a
     /// teacher that is not the one it started with.
@@ -201,13 +204,17 @@ fn digest_of(params: &BTreeMap<String, Buffer>) -> String {
 /// the recipe needs must be there as `model.<path>` with the recipe's dtype and shape; where
 /// the checkpoint holds a sparsity mask (`mask.model.<path>`), the value is the masked one,
 /// the weights that run's forward pass used.
+/// `init_from` may lack parameters the recipe's model adds (they start from their
+/// initializers, listed in [`Sources::fresh`]), but every parameter it holds must be one of the
+/// model's, with its dtype and shape, and at least one must be: a renamed parameter or another
+/// model is refused rather than silently started afresh.
 /// `init_from` is read only for a fresh start (`resume` is `None`): a resumed run continues
 /// from its own checkpoint (`resume`, a run directory), whose recorded teacher digest must
 /// match the teacher read now.
 pub fn load_sources(plan: &TrainPlan, base: &Path, resume: Option<&Path>) -> Result<Sources, SourceError> {
     let mut out = Sources::default();
     if let Some(t) = &plan.teacher {
-        out.teacher = read_params(&t.from, base, &t.params, "teacher")?;
+        out.teacher = read_params(&t.from, base, &t.params, "teacher", false)?.0;
         let digest = digest_of(&out.teacher);
         if let Some(dir) = resume {
             let ck = dir.join("checkpoint.safetensors");
@@ -236,17 +243,20 @@ pub fn load_sources(plan: &TrainPlan, base: &Path, resume: Option<&Path>) -> Res
         out.teacher_digest = Some(digest);
     }
     if let (Some(src), None) = (&plan.init_from, resume) {
-        out.init = read_params(src, base, &plan.params, "model")?;
+        (out.init, out.fresh) = read_params(src, base, &plan.params, "model", true)?;
     }
     Ok(out)
 }
 
+/// The parameters `wanted` (paths under `root`) from the checkpoint `src` names, and, when
+/// `partial`, the paths it lacks (see [`load_sources`]); otherwise a missing one is an error.
 fn read_params(
     src: &compiler::train::Source,
     base: &Path,
     wanted: &[compiler::train::ParamSpec],
     root: &str,
-) -> Result<BTreeMap<String, Buffer>, SourceError> {
+    partial: bool,
+) -> Result<(BTreeMap<String, Buffer>, Vec<String>), SourceError> {
     let fail = |message: String| SourceError {
         span: src.span,
         message,
@@ -258,8 +268,13 @@ fn read_params(
     }
     let ck = Checkpoint::load(&path).map_err(|e| fail(e.0))?;
     let mut out = BTreeMap::new();
+    let mut fresh = vec![];
     for p in wanted {
         let name = format!("model{}", &p.path[root.len()..]);
+        if partial && !ck.tensors.contains_key(&name) {
+            fresh.push(p.path.clone());
+            continue;
+        }
         let Some(b) = ck.tensors.get(&name) else {
             let what = if root == "model" { "the model's".to_string() } else { format!("the {root}'s") };
             return Err(fail(format!(
@@ -291,7 +306,25 @@ fn read_params(
         };
         out.insert(p.path.clone(), value);
     }
-    Ok(out)
+    if partial {
+        let names: std::collections::HashSet<String> =
+            wanted.iter().map(|p| format!("model{}", &p.path[root.len()..])).collect();
+        if let Some(extra) = ck.tensors.keys().find(|k| k.starts_with("model.") && !names.contains(*k)) {
+            return Err(fail(format!(
+                "{}: the checkpoint's `{extra}` is no parameter of the recipe's model (a renamed parameter, or \
+                 a run of another model?)",
+                path.display()
+            )));
+        }
+        if out.is_empty() && !wanted.is_empty() {
+            return Err(fail(format!(
+                "{}: the checkpoint holds none of the model's parameters (`{}`…): is it a run of this model?",
+                path.display(),
+                wanted[0].path
+            )));
+        }
+    }
+    Ok((out, fresh))
 }
 
 /// How a run ended.
@@ -597,6 +630,7 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
         None => load_sources(plan, base, opts.resume.as_deref()).map_err(|e| RunError(e.message))?,
     };
     let teacher_digest = sources.teacher_digest.clone();
+    let fresh = sources.fresh.clone();
     state.extend(sources.teacher.into_iter().map(|(k, b)| (k, Value::Host(b))));
     if opts.resume.is_none() {
         state.extend(sources.init.into_iter().map(|(k, b)| (k, Value::Host(b))));
@@ -655,6 +689,16 @@ pub fn train(plan: &TrainPlan, opts: &TrainOptions, log: &mut dyn Write) -> Resu
     );
     if let (Some(src), None) = (&plan.init_from, &opts.resume) {
         let _ = writeln!(log, "starting from the parameters in {} (init_from)", base.join(&src.path).display());
+        if !fresh.is_empty() {
+            let n: usize =
+                plan.params.iter().filter(|p| fresh.contains(&p.path)).map(|p| p.shape.iter().product::<usize>()).sum();
+            let _ = writeln!(
+                log,
+                "{} parameters ({n} values) are not in it and start from their initializers: {}",
+                fresh.len(),
+                fresh.join(", ")
+            );
+        }
     }
     if let Some(t) = &plan.teacher {
         let n: usize = t.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
