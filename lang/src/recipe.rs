@@ -78,6 +78,19 @@ fn select(c: &mut Checker, selector: &Selector, params: &[ParamPath], have_param
     matched
 }
 
+/// `E0405`: a selector takes a parameter another line already has.
+fn overlap(
+    c: &mut Checker,
+    file: crate::source::FileId,
+    (here, label): (Span, &str),
+    (prev, prev_label): (Span, &str),
+    what: String,
+) {
+    let d = c.error("E0405", here, what, label);
+    d.labels.push(crate::diag::Label { file, span: prev, message: prev_label.into() });
+    d.help = Some("a parameter is trained by exactly one `optimize` group, or frozen: narrow one selector".into());
+}
+
 pub fn selector_matches(sel: &[SelectorSegment], path: &[String]) -> bool {
     match sel.first() {
         None => path.is_empty(),
@@ -403,27 +416,14 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
         };
         let text = selector.to_string();
         let matched = select(c, selector, &out.params, have_params);
-        if have_params {
-            if kind == RuleKind::Optimizer {
-                for &i in &matched {
-                    if let Some(prev) = owner[i] {
-                        let p = out.params[i].dotted();
-                        c.error(
-                            "E0405",
-                            selector.span,
-                            format!("parameter `model.{p}` is optimized by two groups"),
-                            "selects it again",
-                        )
-                        .labels
-                        .push(crate::diag::Label {
-                            file,
-                            span: prev,
-                            message: "first selected here".into(),
-                        });
-                        break;
-                    }
-                    owner[i] = Some(selector.span);
+        if kind == RuleKind::Optimizer {
+            for &i in &matched {
+                if let Some(prev) = owner[i] {
+                    let what = format!("parameter `model.{}` is optimized by two groups", out.params[i].dotted());
+                    overlap(c, file, (selector.span, "selects it again"), (prev, "first selected here"), what);
+                    break;
                 }
+                owner[i] = Some(selector.span);
             }
         }
         let entry = (text, item, matched);
@@ -440,18 +440,8 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
         out.freeze.push((selector.to_string(), matched.clone()));
         for i in matched {
             if let Some(opt) = owner[i] {
-                let p = out.params[i].dotted();
-                c.error(
-                    "E0405",
-                    selector.span,
-                    format!("parameter `model.{p}` is both optimized and frozen"),
-                    "freezes it",
-                )
-                .help =
-                    Some("a parameter is either trained by one `optimize` group or frozen: narrow one selector".into());
-                if let Some(d) = c.diagnostics.last_mut() {
-                    d.labels.push(crate::diag::Label { file, span: opt, message: "optimized here".into() });
-                }
+                let what = format!("parameter `model.{}` is both optimized and frozen", out.params[i].dotted());
+                overlap(c, file, (selector.span, "freezes it"), (opt, "optimized here"), what);
                 break;
             }
             frozen_on_purpose[i] = true;

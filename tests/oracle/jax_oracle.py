@@ -60,6 +60,14 @@ def run_eval(file, item, args=None, hps=None, grad=False, steps=None, seed=0):
     return out
 
 
+def recipe_file(text):
+    """Writes `text` as a recipe in a fresh temporary directory; returns its path."""
+    path = os.path.join(tempfile.mkdtemp(prefix="oracle-src-"), "t.recipe")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def check(name, got, want, rtol, atol):
     global passed
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
@@ -807,12 +815,9 @@ def matryoshka_kv():
     the PCA basis against NumPy's SVD (and its truncation as the best rank-r reconstruction),
     the compressed attention against the paper's truncated formulas (cache of r columns) and,
     at full rank, against plain causal attention; drawn ranks over seeds."""
-    tmp = tempfile.mkdtemp(prefix="oracle-mkv-")
-    src = os.path.join(tmp, "mkv.recipe")
-    with open(src, "w") as f:
-        f.write("use std.models.cayley\n"
-                "loss solved(a: f32[N, N], b: f32[N, K], c: f32[N, K]) -> f32 {\n    sum(c * solve(a, b))\n}\n"
-                "loss rotated(w: f32[D, D], c: f32[D, D]) -> f32 {\n    sum(c * cayley(w))\n}\n")
+    src = recipe_file("use std.models.cayley\n"
+                      "loss solved(a: f32[N, N], b: f32[N, K], c: f32[N, K]) -> f32 {\n    sum(c * solve(a, b))\n}\n"
+                      "loss rotated(w: f32[D, D], c: f32[D, D]) -> f32 {\n    sum(c * cayley(w))\n}\n")
     n, kk = 5, 3
     a = (rng.randn(n, n) + 3 * np.eye(n)).astype(np.float32)
     b = rng.randn(n, kk).astype(np.float32)
@@ -880,12 +885,9 @@ def matryoshka_kv():
 # ----------------------------------------------------------------------------- linear algebra
 
 def linear_algebra():
-    tmp = tempfile.mkdtemp(prefix="oracle-la-")
-    src = os.path.join(tmp, "la.recipe")
-    with open(src, "w") as f:
-        f.write("fn top(g: f32[M, N], k: i32) -> f32[k, N] {\n    svd_topk(g, k)\n}\n"
-                "fn left(g: f32[M, N], k: i32) -> f32[M, k] {\n    svd_topk(g, k, side = \"left\")\n}\n"
-                "fn q(g: f32[M, N]) -> f32[M, N] {\n    qr(g)\n}\n")
+    src = recipe_file("fn top(g: f32[M, N], k: i32) -> f32[k, N] {\n    svd_topk(g, k)\n}\n"
+                      "fn left(g: f32[M, N], k: i32) -> f32[M, k] {\n    svd_topk(g, k, side = \"left\")\n}\n"
+                      "fn q(g: f32[M, N]) -> f32[M, N] {\n    qr(g)\n}\n")
     for m, n in [(6, 5), (4, 9)]:
         g = rng.randn(m, n).astype(np.float32)
         u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
