@@ -193,6 +193,10 @@ enum Command {
         /// drawn and weighted by AWRS from the model's distribution (the policy is not used).
         #[arg(long)]
         particles: Option<usize>,
+        /// Mix the model with the ∞-gram model of the run's training text (Infini-gram): the
+        /// policy draws from λ·P_∞ + (1 − λ)·P_model, for this λ in (0, 1]
+        #[arg(long, value_name = "LAMBDA")]
+        infini_gram: Option<f64>,
     },
 }
 
@@ -282,20 +286,31 @@ fn main() -> ExitCode {
         Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {
             train::train(train::TrainRequest { file, recipe, steps, checkpoint_every, out, resume, backend })
         }
-        Command::Sample { dir, prompt, tokens, seed, policy, backend, no_cache, stats, constraint, particles } => {
-            train::sample(train::SampleRequest {
-                dir,
-                prompt,
-                tokens,
-                seed,
-                policy,
-                backend,
-                no_cache,
-                stats,
-                constraint,
-                particles,
-            })
-        }
+        Command::Sample {
+            dir,
+            prompt,
+            tokens,
+            seed,
+            policy,
+            backend,
+            no_cache,
+            stats,
+            constraint,
+            particles,
+            infini_gram,
+        } => train::sample(train::SampleRequest {
+            dir,
+            prompt,
+            tokens,
+            seed,
+            policy,
+            backend,
+            no_cache,
+            stats,
+            constraint,
+            particles,
+            infini_gram,
+        }),
         Command::Lsp => match lsp::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -33,6 +33,8 @@ pub struct SampleRequest {
     pub constraint: Option<String>,
     /// Sequential Monte Carlo with AWRS over this many sequences (needs `constraint`).
     pub particles: Option<usize>,
+    /// λ of the ∞-gram mixture over the run's training text.
+    pub infini_gram: Option<f64>,
 }
 
 fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
@@ -274,6 +276,19 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         }
         _ => {}
     }
+    match req.infini_gram {
+        Some(l) if !(l > 0.0 && l <= 1.0) => {
+            return error("E0604", format!("`--infini-gram` takes λ in (0, 1], got {l}"), "e.g. `--infini-gram 0.3`")
+        }
+        Some(_) if req.particles.is_some() => {
+            return error(
+                "E0604",
+                "`--infini-gram` and `--particles` do not combine",
+                "SMC targets the model's own distribution; leave out one of them",
+            )
+        }
+        _ => {}
+    }
     // The policy's expression: `--policy`, or the recipe's `decode`.
     let policy_expr = match &req.policy {
         Some(text) => {
@@ -349,8 +364,8 @@ pub fn sample(req: SampleRequest) -> ExitCode {
             Err(e) => error("E0603", e, ""),
         };
     }
-    let policy = match (&regex, &policy_expr) {
-        (Some(_), Some(expr)) => {
+    let policy = match (regex.is_some() || req.infini_gram.is_some(), &policy_expr) {
+        (true, Some(expr)) => {
             let vocab = decode
                 .outputs
                 .iter()
@@ -364,10 +379,35 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         }
         _ => None,
     };
-    let constrained = match (&regex, &policy) {
-        (Some(regex), Some(policy)) => Some(runtime::train::Constrained { policy, regex }),
-        _ => None,
+    // The ∞-gram index over the run's training text (the validation part is left out).
+    let index = match req.infini_gram {
+        Some(_) => {
+            let started = std::time::Instant::now();
+            let base = Path::new(&source_path).parent().unwrap_or(Path::new("")).to_path_buf();
+            let tokens = match runtime::data::load_tokens(&plan.data.kind, &plan.data.path, &base) {
+                Ok(t) => t,
+                Err(e) => {
+                    return error(
+                        "E0602",
+                        e,
+                        "the ∞-gram model indexes the run's training data, read as training read it",
+                    )
+                }
+            };
+            let split = ((tokens.len() as f64) * (1.0 - plan.data.val_fraction)).round() as usize;
+            let index = runtime::infinigram::InfiniGram::build(&tokens[..split.min(tokens.len())]);
+            if req.stats {
+                eprintln!("∞-gram index: {} training tokens in {:.2} s", index.len(), started.elapsed().as_secs_f64());
+            }
+            Some(index)
+        }
+        None => None,
     };
+    let guide = policy.as_ref().map(|policy| runtime::train::Guide {
+        policy,
+        regex: regex.as_ref(),
+        ngram: index.as_ref().map(|index| runtime::train::NgramMix { index, lambda: req.infini_gram.unwrap_or(0.0) }),
+    });
     match runtime::train::sample(
         &decode,
         &state,
@@ -377,7 +417,7 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         seed,
         be,
         mode,
-        constrained,
+        guide,
         &mut out,
     ) {
         Ok(s) => {
@@ -402,6 +442,12 @@ pub fn sample(req: SampleRequest) -> ExitCode {
                         s.rejections,
                         s.rejections + s.tokens.len(),
                         s.tokens.len()
+                    );
+                }
+                if let Some(m) = s.mean_suffix {
+                    eprintln!(
+                        "∞-gram (λ = {}): the longest suffix of the text found in the training data had {m:.1} tokens on average",
+                        req.infini_gram.unwrap_or(0.0)
                     );
                 }
                 if let Some(p) = &s.profile {

@@ -190,6 +190,40 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     let bad = sample(&a, &["--constraint", "(Yea|Nay"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("E0604") && bad.stdout.is_empty(), "{}", stderr(&bad));
+
+    // Mixed with the ∞-gram model of the training text (Infini-gram). At λ = 1 a greedy draw
+    // takes the most frequent continuation of the longest suffix found in the training part,
+    // so that suffix only grows: prompt and continuation are one passage of the training text
+    // (the first 95% of the corpus; the validation part is not indexed).
+    let ngram = ["--tokens", "80", "--prompt", "And God said", "--policy", "greedy()", "--infini-gram", "1", "--stats"];
+    let ng = sample(&a, &ngram);
+    assert!(ng.status.success(), "{}", stderr(&ng));
+    let text = &ng.stdout[..ng.stdout.len() - 1];
+    assert_eq!(text.len(), 12 + 80);
+    let kjv = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/data/kjv.txt")).unwrap();
+    let training = &kjv[..(kjv.len() as f64 * 0.95).round() as usize];
+    assert!(training.windows(text.len()).any(|w| w == text), "{:?}", String::from_utf8_lossy(text));
+    assert!(stderr(&ng).contains("∞-gram (λ = 1)"), "{}", stderr(&ng));
+    // A mixture draws differently from the model alone, reproducibly, and under a constraint
+    // keeps it.
+    let mixed = ["--tokens", "40", "--prompt", "And ", "--seed", "3", "--infini-gram", "0.5"];
+    let m = sample(&a, &mixed);
+    assert!(m.status.success(), "{}", stderr(&m));
+    assert_eq!(sample(&a, &mixed).stdout, m.stdout);
+    assert_ne!(sample(&a, &mixed[..6]).stdout, m.stdout, "λ = 0.5 changes the text");
+    let both = sample(&a, &["--tokens", "60", "--prompt", "And ", "--constraint", pattern, "--infini-gram", "0.5"]);
+    assert!(both.status.success(), "{}", stderr(&both));
+    let text = &both.stdout[4..both.stdout.len() - 1];
+    assert!(yea_nay_prefix(text), "{:?}", String::from_utf8_lossy(text));
+    for bad in [
+        &["--infini-gram", "0"][..],
+        &["--infini-gram", "1.5"],
+        &["--infini-gram", "0.5", "--constraint", "a", "--particles", "2"],
+    ] {
+        let out = sample(&a, bad);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert!(stderr(&out).contains("E0604"), "{}", stderr(&out));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod cuda_emu;
 pub mod data;
 pub mod device;
+pub mod infinigram;
 pub mod npy;
 pub mod plot;
 pub mod train;
