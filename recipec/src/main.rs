@@ -160,6 +160,23 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BACKEND)]
         backend: String,
     },
+    /// Score a trained checkpoint on its validation text (nats per token), alone and mixed
+    /// with the ∞-gram model of its training text.
+    Score {
+        /// The `--out` directory of `recipec train`.
+        dir: PathBuf,
+        /// Weights λ of the ∞-gram mixtures to score, comma-separated (e.g. `0.1,0.3`).
+        #[arg(long, value_name = "LAMBDAS", value_delimiter = ',')]
+        infini_gram: Vec<f64>,
+        /// Validation batches to score (default: the recipe's `eval_batches`, the windows
+        /// training's validation loss averages).
+        #[arg(long)]
+        batches: Option<usize>,
+        /// `cranelift`, `llvm` (in builds with the `llvm` feature, where it is the default)
+        /// or `cuda`.
+        #[arg(long, default_value = DEFAULT_BACKEND)]
+        backend: String,
+    },
     /// Generate text from a trained checkpoint with the recipe's `decode` policy.
     Sample {
         /// The `--out` directory of `recipec train`.
@@ -285,6 +302,9 @@ fn main() -> ExitCode {
         Command::Opt { pass, file } => opt(&pass, &file),
         Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {
             train::train(train::TrainRequest { file, recipe, steps, checkpoint_every, out, resume, backend })
+        }
+        Command::Score { dir, infini_gram, batches, backend } => {
+            train::score(train::ScoreRequest { dir, lambdas: infini_gram, batches, backend })
         }
         Command::Sample {
             dir,

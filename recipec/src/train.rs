@@ -218,49 +218,168 @@ pub fn train(req: TrainRequest) -> ExitCode {
     }
 }
 
-pub fn sample(req: SampleRequest) -> ExitCode {
-    let be = match backend(&req.backend) {
-        Ok(b) => b,
-        Err(c) => return c,
-    };
-    let run_path = req.dir.join("run.json");
+/// A finished or interrupted run, read back for sampling or scoring.
+struct Run {
+    db: SourceDb,
+    analysis: lang::Analysis,
+    r: ItemRef,
+    plan: compiler::train::TrainPlan,
+    /// The recipe's path when it trained (data paths are relative to it).
+    source_path: String,
+}
+
+/// Reads the copy of the recipe in `dir` (a `recipec train` output) and plans it; `policies`
+/// imports the stdlib's decoding policies beside it (for `--policy`).
+fn open_run(dir: &Path, policies: bool) -> Result<Run, ExitCode> {
+    let run_path = dir.join("run.json");
     let run: serde_json::Value = match std::fs::read_to_string(&run_path).map(|t| serde_json::from_str(&t)) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
-            return error(
+            return Err(error(
                 "E0602",
                 format!("{}: {e}", run_path.display()),
                 "the directory is not a `recipec train` output",
-            )
+            ))
         }
         Err(e) => {
-            return error(
+            return Err(error(
                 "E0602",
                 format!("cannot read {}: {e}", run_path.display()),
                 "pass the `--out` directory of `recipec train` (default `runs/RECIPE`)",
-            )
+            ))
         }
     };
-    let source = match std::fs::read_to_string(req.dir.join("recipe.recipe")) {
+    let source = match std::fs::read_to_string(dir.join("recipe.recipe")) {
         Ok(t) => t,
-        Err(e) => return error("E0602", format!("cannot read {}: {e}", req.dir.join("recipe.recipe").display()), ""),
+        Err(e) => return Err(error("E0602", format!("cannot read {}: {e}", dir.join("recipe.recipe").display()), "")),
     };
     let source_path = run.get("source_path").and_then(|v| v.as_str()).unwrap_or("recipe.recipe").to_string();
     let recipe = run.get("recipe").and_then(|v| v.as_str()).map(|s| s.to_string());
     let mut db = SourceDb::new();
     let mut roots = vec![db.add(source_path.clone(), source)];
-    if req.policy.is_some() {
+    if policies {
         let dir = Path::new(&source_path).parent().map(|p| p.display().to_string()).unwrap_or_default();
         let name = if dir.is_empty() { "<sample>".to_string() } else { format!("{dir}/<sample>") };
         roots.push(db.add(name, "use std.decode.{greedy, temperature, top_k, top_p}\n".to_string()));
     }
     let (analysis, r) = match front_end(&mut db, &roots, recipe.as_deref()) {
         Ok(x) => x,
-        Err(c) => return c,
+        Err(c) => return Err(c),
     };
     let plan = match compiler::train::plan(&analysis.modules, &db, r) {
         Ok(p) => p,
+        Err(e) => return Err(plan_error(&db, e)),
+    };
+    Ok(Run { db, analysis, r, plan, source_path })
+}
+
+/// The ∞-gram index of the run's training text (the data as training read it, without the
+/// validation part).
+fn ngram_index(
+    plan: &compiler::train::TrainPlan,
+    source_path: &str,
+    stats: bool,
+) -> Result<runtime::infinigram::InfiniGram, ExitCode> {
+    let started = std::time::Instant::now();
+    let base = Path::new(source_path).parent().unwrap_or(Path::new("")).to_path_buf();
+    let tokens = runtime::data::load_tokens(&plan.data.kind, &plan.data.path, &base)
+        .map_err(|e| error("E0602", e, "the ∞-gram model indexes the run's training data, read as training read it"))?;
+    let split = ((tokens.len() as f64) * (1.0 - plan.data.val_fraction)).round() as usize;
+    let index = runtime::infinigram::InfiniGram::build(&tokens[..split.min(tokens.len())]);
+    if stats {
+        eprintln!("∞-gram index: {} training tokens in {:.2} s", index.len(), started.elapsed().as_secs_f64());
+    }
+    Ok(index)
+}
+
+pub struct ScoreRequest {
+    pub dir: PathBuf,
+    /// λ of each ∞-gram mixture to score.
+    pub lambdas: Vec<f64>,
+    pub batches: Option<usize>,
+    pub backend: String,
+}
+
+/// `recipec score`: the run's validation windows, scored by the model alone and by its
+/// mixtures with the ∞-gram model of the training text.
+pub fn score(req: ScoreRequest) -> ExitCode {
+    let be = match backend(&req.backend) {
+        Ok(b) => b,
+        Err(c) => return c,
+    };
+    if let Some(l) = req.lambdas.iter().find(|l| !(**l > 0.0 && **l <= 1.0)) {
+        return error("E0604", format!("`--infini-gram` takes λ in (0, 1], got {l}"), "e.g. `--infini-gram 0.1,0.3`");
+    }
+    let Run { mut db, analysis, r, plan, source_path } = match open_run(&req.dir, true) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    // The policy does not matter: only the step's logits are read.
+    let f = db.add("<score>", "greedy()".to_string());
+    let greedy = lang::parse::parse_expr(f, "greedy()").expect("a valid expression");
+    let masked: Vec<String> = plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
+    let decode = match compiler::train::decode_graph(&analysis.modules, &db, r, &greedy, &masked, plan.data.context) {
+        Ok(g) => g,
         Err(e) => return plan_error(&db, e),
+    };
+    let state = match runtime::train::load_state(&plan, &req.dir.join("checkpoint.safetensors")) {
+        Ok((s, _)) => s,
+        Err(e) => return error("E0602", e, "score the directory of a finished or interrupted `recipec train`"),
+    };
+    let base = Path::new(&source_path).parent().unwrap_or(Path::new("")).to_path_buf();
+    let d = &plan.data;
+    let corpus = match runtime::data::load_tokens(&d.kind, &d.path, &base)
+        .and_then(|t| runtime::data::Corpus::new(t, d.val_fraction, d.context, d.batch, plan.settings.seed))
+    {
+        Ok(c) => c,
+        Err(e) => return error("E0602", e, "scoring reads the run's data as training read it"),
+    };
+    let index = if req.lambdas.is_empty() {
+        None
+    } else {
+        match ngram_index(&plan, &source_path, false) {
+            Ok(i) => Some(i),
+            Err(c) => return c,
+        }
+    };
+    let batches = req.batches.unwrap_or(plan.settings.eval_batches).max(1);
+    match runtime::train::score(&decode, &state, &corpus, batches, be, index.as_ref(), &req.lambdas) {
+        Ok(s) => {
+            println!(
+                "validation text: {} predicted tokens ({batches} batches of {} windows of {}, as training's validation)",
+                s.tokens, d.batch, d.context
+            );
+            println!("model:                       {:.4} nats/token", s.model_nats);
+            for (l, nats) in &s.mixtures {
+                println!(
+                    "with the ∞-gram, λ = {l:<6}  {nats:.4} nats/token ({:+.2}%)",
+                    100.0 * (nats / s.model_nats - 1.0)
+                );
+            }
+            if let Some(i) = &index {
+                println!(
+                    "∞-gram: {} training tokens indexed; longest suffix found {:.1} tokens on average; \
+                     probability 0 for {:.1}% of the tokens",
+                    i.len(),
+                    s.mean_suffix,
+                    100.0 * s.ngram_zero
+                );
+            }
+            eprintln!("{:.1} s ({})", s.seconds, if s.cached { "KV-cached step" } else { "whole window per position" });
+            ExitCode::SUCCESS
+        }
+        Err(e) => error("E0603", e, ""),
+    }
+}
+
+pub fn sample(req: SampleRequest) -> ExitCode {
+    let be = match backend(&req.backend) {
+        Ok(b) => b,
+        Err(c) => return c,
+    };
+    let Run { mut db, analysis, r, plan, source_path } = match open_run(&req.dir, req.policy.is_some()) {
+        Ok(x) => x,
+        Err(c) => return c,
     };
     let regex = match req.constraint.as_deref().map(runtime::constraint::ByteConstraint::new).transpose() {
         Ok(c) => c,
@@ -380,28 +499,9 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         _ => None,
     };
     // The ∞-gram index over the run's training text (the validation part is left out).
-    let index = match req.infini_gram {
-        Some(_) => {
-            let started = std::time::Instant::now();
-            let base = Path::new(&source_path).parent().unwrap_or(Path::new("")).to_path_buf();
-            let tokens = match runtime::data::load_tokens(&plan.data.kind, &plan.data.path, &base) {
-                Ok(t) => t,
-                Err(e) => {
-                    return error(
-                        "E0602",
-                        e,
-                        "the ∞-gram model indexes the run's training data, read as training read it",
-                    )
-                }
-            };
-            let split = ((tokens.len() as f64) * (1.0 - plan.data.val_fraction)).round() as usize;
-            let index = runtime::infinigram::InfiniGram::build(&tokens[..split.min(tokens.len())]);
-            if req.stats {
-                eprintln!("∞-gram index: {} training tokens in {:.2} s", index.len(), started.elapsed().as_secs_f64());
-            }
-            Some(index)
-        }
-        None => None,
+    let index = match req.infini_gram.map(|_| ngram_index(&plan, &source_path, req.stats)).transpose() {
+        Ok(i) => i,
+        Err(c) => return c,
     };
     let guide = policy.as_ref().map(|policy| runtime::train::Guide {
         policy,

@@ -215,6 +215,23 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     assert!(both.status.success(), "{}", stderr(&both));
     let text = &both.stdout[4..both.stdout.len() - 1];
     assert!(yea_nay_prefix(text), "{:?}", String::from_utf8_lossy(text));
+    // Scoring the validation windows: the model alone gives the run's last validation loss
+    // (the same windows; the decoding step's logits against the fused loss: rounding only);
+    // a mixture with the ∞-gram model gives its own number, and a bad λ is refused.
+    let val: f64 = losses(&a).iter().rev().find(|(_, k, _)| k == "val_loss").unwrap().2.parse().unwrap();
+    let sc = recipec().arg("score").arg(&a).args(["--infini-gram", "0.3,1"]).output().unwrap();
+    assert!(sc.status.success(), "{}", stderr(&sc));
+    let out = String::from_utf8_lossy(&sc.stdout).into_owned();
+    let nats = |prefix: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{out}"));
+        line[prefix.len()..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!((nats("model:") - val).abs() < 1e-4, "{out} vs the run's {val}");
+    assert!(nats("with the ∞-gram, λ = 0.3").is_finite(), "{out}");
+    // At λ = 1 a token the ∞-gram model never saw after the suffix costs infinitely much.
+    assert!(out.contains("λ = 1 ") && out.contains("probability 0 for"), "{out}");
+    let bad = recipec().arg("score").arg(&a).args(["--infini-gram", "2"]).output().unwrap();
+    assert!(bad.status.code() == Some(1) && stderr(&bad).contains("E0604"), "{}", stderr(&bad));
     for bad in [
         &["--infini-gram", "0"][..],
         &["--infini-gram", "1.5"],

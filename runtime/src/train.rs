@@ -1053,6 +1053,94 @@ impl Particle {
     }
 }
 
+/// What [`score`] measured on a run's validation text.
+#[derive(Clone, Debug)]
+pub struct Scored {
+    /// Predicted tokens.
+    pub tokens: usize,
+    /// The model's mean negative log-likelihood, nats per token.
+    pub model_nats: f64,
+    /// For each λ: the mean negative log-likelihood of λ·P_∞ + (1 − λ)·P_model.
+    pub mixtures: Vec<(f64, f64)>,
+    /// The mean s* (the longest suffix of each window's text so far found in the index).
+    pub mean_suffix: f64,
+    /// The share of tokens the ∞-gram model gives probability 0 (the mixture's λ < 1 keeps
+    /// them possible).
+    pub ngram_zero: f64,
+    /// True when the KV-cached step ran (else the whole window per position).
+    pub cached: bool,
+    pub seconds: f64,
+}
+
+/// Scores the validation windows training evaluates (`batches` batches of
+/// [`Corpus::val_batch`]): at every position of every window, the model's next-token
+/// distribution from the decoding step, and, with an index, its mixture with the ∞-gram
+/// model for each λ in `lambdas` (the ∞-gram context being the window's tokens so far, as the
+/// model's). The model's mean is training's validation loss for a cross-entropy recipe, up
+/// to rounding (the decoding step's logits, in f32, against the loss's fused computation).
+pub fn score(
+    decode: &Graph,
+    state: &BTreeMap<String, Buffer>,
+    corpus: &Corpus,
+    batches: usize,
+    backend: Backend,
+    index: Option<&crate::infinigram::InfiniGram>,
+    lambdas: &[f64],
+) -> Result<Scored, RunError> {
+    let started = std::time::Instant::now();
+    let context = corpus.context;
+    let inc = compiler::incremental::incrementalize(decode, "tokens", "pos").ok();
+    let exe = compile(inc.as_ref().map(|c| &c.graph).unwrap_or(decode), backend)?;
+    let (mut st, _) = decode_inputs(exe.as_ref(), state, b"")?;
+    let (mut count, mut model, mut suffix, mut zero) = (0usize, 0.0f64, 0usize, 0usize);
+    let mut mixed = vec![0.0f64; lambdas.len()];
+    for k in 0..batches {
+        let (x, y) = corpus.val_batch(k, batches);
+        for (xs, ys) in x.chunks(context).zip(y.chunks(context)) {
+            if let Some(inc) = &inc {
+                for (name, dtype, shape) in &inc.caches {
+                    st.insert(name.clone(), Value::Host(Buffer::zeros(*dtype, shape.clone())));
+                }
+            }
+            for pos in 0..context {
+                let mut extra = BTreeMap::new();
+                let tokens =
+                    if inc.is_some() { i32_buffer(vec![1, 1], &[xs[pos]]) } else { i32_buffer(vec![1, context], xs) };
+                extra.insert("tokens".to_string(), tokens);
+                extra.insert("pos".to_string(), i32_buffer(vec![], &[pos as i32]));
+                run_named(exe.as_ref(), &mut st, extra, 0)?;
+                let logits = st.get("logits").ok_or_else(|| RunError("the decode step gives no `logits`".into()))?;
+                let l = logits.host()?.to_tensor().data;
+                let top = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = l.iter().map(|v| (v - top).exp()).sum();
+                let target = ys[pos].clamp(0, l.len() as i32 - 1) as usize;
+                let p = (l[target] - top).exp() / z;
+                model -= p.ln();
+                if let Some(index) = index {
+                    let d = index.next_tokens(&xs[..=pos]);
+                    let q = d.prob(ys[pos]);
+                    suffix += d.suffix_len;
+                    zero += (q == 0.0) as usize;
+                    for (m, lambda) in mixed.iter_mut().zip(lambdas) {
+                        *m -= (lambda * q + (1.0 - lambda) * p).ln();
+                    }
+                }
+                count += 1;
+            }
+        }
+    }
+    let n = count.max(1) as f64;
+    Ok(Scored {
+        tokens: count,
+        model_nats: model / n,
+        mixtures: lambdas.iter().zip(&mixed).map(|(l, m)| (*l, m / n)).collect(),
+        mean_suffix: suffix as f64 / n,
+        ngram_zero: zero as f64 / n,
+        cached: inc.is_some(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 /// Constrained generation by sequential Monte Carlo with AWRS (Lipkin et al., COLM 2025):
 /// `particles` sequences extend in parallel, each token drawn by [`crate::constraint::awrs`]
 /// from the model's softmax restricted to the constraint and weighted by AWRS's estimate of
