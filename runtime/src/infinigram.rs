@@ -26,6 +26,8 @@ pub struct InfiniGram {
     sa: Vec<u32>,
     /// `rank[i]`: the place of the suffix starting at `i` in `sa`.
     rank: Vec<u32>,
+    /// Each token's count: the distribution at s* = 0 (kept, as it spans the whole array).
+    unigram: BTreeMap<i32, u64>,
 }
 
 /// The ∞-gram next-token distribution of a context.
@@ -83,7 +85,11 @@ impl InfiniGram {
             }
             k *= 2;
         }
-        InfiniGram { tokens: tokens.to_vec(), sa, rank }
+        let mut unigram = BTreeMap::new();
+        for &t in tokens {
+            *unigram.entry(t).or_insert(0) += 1;
+        }
+        InfiniGram { tokens: tokens.to_vec(), sa, rank, unigram }
     }
 
     /// The number of indexed tokens.
@@ -150,6 +156,9 @@ impl InfiniGram {
     /// P_∞(· | context): s*, the denominator and each continuation's count.
     pub fn next_tokens(&self, context: &[i32]) -> NextTokens {
         let s = self.longest_suffix(context);
+        if s == 0 {
+            return NextTokens { suffix_len: 0, total: self.tokens.len() as u64, counts: self.unigram.clone() };
+        }
         let pattern = &context[context.len() - s..];
         let (lo, hi) = self.interval(pattern);
         let mut counts = BTreeMap::new();
