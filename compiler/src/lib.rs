@@ -11,6 +11,7 @@ pub mod autodiff;
 pub mod block;
 pub mod builtins;
 pub mod entry;
+pub mod hoist;
 pub mod incremental;
 pub mod interp;
 pub mod ir;

@@ -679,7 +679,7 @@ pub fn plan(modules: &Modules, db: &SourceDb, r: ItemRef) -> R<TrainPlan> {
         Some(lw.graph)
     };
     let decode = match field(rec, "decode") {
-        Some(policy) => Some(decode_graph(modules, db, r, policy, &masked, data.context)?),
+        Some(policy) => Some(decode_graph(modules, db, r, policy, &masked, data.context, None)?),
         None => None,
     };
     Ok(TrainPlan {
@@ -718,7 +718,8 @@ fn at_rule(db: &SourceDb, mut e: LowerError, f: lang::source::FileId, span: Span
     e
 }
 
-/// The decoding step: the model's `logits` on `tokens: i32[1, context]`, the row at `pos`,
+/// The decoding step: the model's `logits` on `tokens: i32[1, context]` (or the method
+/// `logits` calls, `name(args…)`, given the tokens before its arguments), the row at `pos`,
 /// and the policy `policy` (a decode item applied to its settings; its first parameter
 /// receives the logits).
 pub fn decode_graph(
@@ -728,6 +729,7 @@ pub fn decode_graph(
     policy: &Expr,
     masked: &[String],
     context: usize,
+    logits: Option<(&Expr, lang::source::FileId)>,
 ) -> R<Graph> {
     let f = file_of(modules, r);
     let (mut lw, _) = recipe_lowerer(modules, db, r, "decode")?;
@@ -735,30 +737,49 @@ pub fn decode_graph(
     let tokens = lw.node(Op::Input { index: 0, name: "tokens".into() }, Dtype::I32, vec![1, context], &[], "tokens")?;
     let pos = lw.node(Op::Input { index: 1, name: "pos".into() }, Dtype::I32, vec![], &[], "pos")?;
     lw.bind("__tokens", Val::T(tokens));
-    let sp = policy.span;
-    let id = |n: &str| Ident { name: n.into(), span: sp };
+    let sp = logits.map(|(e, _)| e.span).unwrap_or(policy.span);
+    let at = logits.map(|(_, lf)| lf).unwrap_or(f);
+    let not_a_call =
+        || fail("`--logits` calls a method of the model: `name(args…)`, the tokens going first", Some((at, sp)));
+    let (method, mut args) = match logits.map(|(e, _)| &e.kind) {
+        None => ("logits".to_string(), vec![]),
+        Some(ExprKind::Call { callee, args }) => match &callee.kind {
+            ExprKind::Name(m) => (m.clone(), args.clone()),
+            _ => return not_a_call(),
+        },
+        Some(_) => return not_a_call(),
+    };
+    args.insert(0, lang::ast::Arg { name: None, value: Expr::new(ExprKind::Name("__tokens".into()), sp) });
     let call = Expr::new(
         ExprKind::Call {
             callee: Box::new(Expr::new(
-                ExprKind::Field { base: Box::new(Expr::new(ExprKind::Name("model".into()), sp)), name: id("logits") },
+                ExprKind::Field {
+                    base: Box::new(Expr::new(ExprKind::Name("model".into()), sp)),
+                    name: Ident { name: method.clone(), span: sp },
+                },
                 sp,
             )),
-            args: vec![lang::ast::Arg { name: None, value: Expr::new(ExprKind::Name("__tokens".into()), sp) }],
+            args,
         },
         sp,
     );
     let logits = match lw.expr(&call) {
         Ok(Val::T(n)) => n,
-        Ok(_) | Err(_) => {
+        Ok(_) => return fail(format!("`model.{method}` gives no tensor"), Some((at, sp))),
+        Err(_) if logits.is_none() => {
             return fail(
                 "`recipec sample` needs the model to have `fn logits(tokens: i32[B, S]) -> f32[B * S, V]`",
                 Some((f, sp)),
             )
         }
+        Err(mut e) => {
+            e.at = Some((at, sp));
+            return Err(e);
+        }
     };
     let ls = lw.graph.node(logits).shape.clone();
     if ls.len() != 2 || ls[0] != context {
-        return fail(format!("`model.logits` must give [S, V] rows for S = {context}, found {ls:?}"), Some((f, sp)));
+        return fail(format!("`model.{method}` must give [S, V] rows for S = {context}, found {ls:?}"), Some((at, sp)));
     }
     let row = lw.node(Op::Take { axis: 0 }, lw.graph.node(logits).dtype, vec![ls[1]], &[logits, pos], "decode")?;
     let tok = lower_policy(&mut lw, modules, r, policy, row)?;

@@ -214,6 +214,10 @@ enum Command {
         /// policy draws from λ·P_∞ + (1 − λ)·P_model, for this λ in (0, 1]
         #[arg(long, value_name = "LAMBDA")]
         infini_gram: Option<f64>,
+        /// The model method that gives the logits, with its arguments after the tokens, e.g.
+        /// `logits_cached(8, 8)` (default: `logits()`)
+        #[arg(long, value_name = "CALL")]
+        logits: Option<String>,
     },
 }
 
@@ -318,6 +322,7 @@ fn main() -> ExitCode {
             constraint,
             particles,
             infini_gram,
+            logits,
         } => train::sample(train::SampleRequest {
             dir,
             prompt,
@@ -330,6 +335,7 @@ fn main() -> ExitCode {
             constraint,
             particles,
             infini_gram,
+            logits,
         }),
         Command::Lsp => match lsp::run() {
             Ok(()) => ExitCode::SUCCESS,

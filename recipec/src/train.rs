@@ -35,6 +35,8 @@ pub struct SampleRequest {
     pub particles: Option<usize>,
     /// λ of the ∞-gram mixture over the run's training text.
     pub infini_gram: Option<f64>,
+    /// The model method giving the logits, `name(args…)` (default `logits()`).
+    pub logits: Option<String>,
 }
 
 fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
@@ -318,10 +320,11 @@ pub fn score(req: ScoreRequest) -> ExitCode {
     let f = db.add("<score>", "greedy()".to_string());
     let greedy = lang::parse::parse_expr(f, "greedy()").expect("a valid expression");
     let masked: Vec<String> = plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
-    let decode = match compiler::train::decode_graph(&analysis.modules, &db, r, &greedy, &masked, plan.data.context) {
-        Ok(g) => g,
-        Err(e) => return plan_error(&db, e),
-    };
+    let decode =
+        match compiler::train::decode_graph(&analysis.modules, &db, r, &greedy, &masked, plan.data.context, None) {
+            Ok(g) => g,
+            Err(e) => return plan_error(&db, e),
+        };
     let state = match runtime::train::load_state(&plan, &req.dir.join("checkpoint.safetensors")) {
         Ok((s, _)) => s,
         Err(e) => return error("E0602", e, "score the directory of a finished or interrupted `recipec train`"),
@@ -427,11 +430,28 @@ pub fn sample(req: SampleRequest) -> ExitCode {
             _ => None,
         },
     };
-    let decode = match (&req.policy, &policy_expr) {
-        (Some(_), Some(expr)) => {
+    // `--logits name(args…)`: the model method that gives the logits.
+    let logits_call = match &req.logits {
+        Some(text) => {
+            let f = db.add("<--logits>", text.clone());
+            match lang::parse::parse_expr(f, text) {
+                Ok(e) => Some((e, f)),
+                Err(diags) => {
+                    for d in &diags {
+                        eprint!("{}", render::render(&db, d, crate::color()));
+                    }
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        None => None,
+    };
+    let decode = match (req.policy.is_some() || logits_call.is_some(), &policy_expr) {
+        (true, Some(expr)) => {
             let masked: Vec<String> =
                 plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
-            match compiler::train::decode_graph(&analysis.modules, &db, r, expr, &masked, plan.data.context) {
+            let call = logits_call.as_ref().map(|(e, f)| (e, *f));
+            match compiler::train::decode_graph(&analysis.modules, &db, r, expr, &masked, plan.data.context, call) {
                 Ok(g) => g,
                 Err(e) => return plan_error(&db, e),
             }

@@ -961,8 +961,39 @@ fn constrained_token(
     }
 }
 
-/// The decoding step's arguments from a checkpoint (every input but the tokens, the position
-/// and the caches), and the prompt's tokens (a newline when it is empty).
+/// A decoding step (`g`, run once per token) compiled for `backend`, with its arguments from
+/// the checkpoint `state` and the prompt's tokens ([`decode_inputs`]). What the step computes
+/// from the checkpoint alone ([`compiler::hoist::split_invariant`]: a basis from an SVD, a
+/// Cayley map's solve, a product of weights) is computed here once, and the step reads it.
+#[allow(clippy::type_complexity)]
+fn step_program(
+    g: &Graph,
+    backend: Backend,
+    state: &BTreeMap<String, Buffer>,
+    prompt: &[u8],
+) -> Result<(Box<dyn Runner + Send + Sync>, BTreeMap<String, Value>, Vec<i32>), RunError> {
+    let varies = |n: &str| n == "tokens" || n == "pos" || n.starts_with("cache.");
+    let split = compiler::hoist::split_invariant(g, &varies).map_err(|e| RunError(format!("`{}`: {}", g.name, e.0)))?;
+    let Some((prelude, step)) = split else {
+        let exe = compile(g, backend)?;
+        let (st, seq) = decode_inputs(exe.as_ref(), state, prompt)?;
+        return Ok((exe, st, seq));
+    };
+    let pre = compile(&prelude, backend)?;
+    let (mut values, _) = decode_inputs(pre.as_ref(), state, b"")?;
+    run_named(pre.as_ref(), &mut values, BTreeMap::new(), 0)?;
+    let exe = compile(&step, backend)?;
+    let (mut st, seq) = decode_inputs(exe.as_ref(), state, prompt)?;
+    for (name, _) in &prelude.outputs {
+        let v = values.remove(name).ok_or_else(|| RunError(format!("the prelude gave no `{name}`")))?;
+        st.insert(name.clone(), v);
+    }
+    Ok((exe, st, seq))
+}
+
+/// The decoding step's arguments from a checkpoint (every input but the tokens, the position,
+/// the caches and the values [`step_program`] hoisted), and the prompt's tokens (a newline
+/// when it is empty).
 fn decode_inputs(
     exe: &dyn Runner,
     state: &BTreeMap<String, Buffer>,
@@ -970,7 +1001,7 @@ fn decode_inputs(
 ) -> Result<(BTreeMap<String, Value>, Vec<i32>), RunError> {
     let mut st: BTreeMap<String, Value> = BTreeMap::new();
     for name in &exe.program().input_names {
-        if name == "tokens" || name == "pos" || name.starts_with("cache.") {
+        if name == "tokens" || name == "pos" || name.starts_with("cache.") || name.starts_with("hoisted.") {
             continue;
         }
         let b = state.get(name).ok_or_else(|| RunError(format!("the checkpoint lacks `{name}`")))?;
@@ -1090,8 +1121,7 @@ pub fn score(
     let started = std::time::Instant::now();
     let context = corpus.context;
     let inc = compiler::incremental::incrementalize(decode, "tokens", "pos").ok();
-    let exe = compile(inc.as_ref().map(|c| &c.graph).unwrap_or(decode), backend)?;
-    let (mut st, _) = decode_inputs(exe.as_ref(), state, b"")?;
+    let (exe, mut st, _) = step_program(inc.as_ref().map(|c| &c.graph).unwrap_or(decode), backend, state, b"")?;
     let (mut count, mut model, mut suffix, mut zero) = (0usize, 0.0f64, 0usize, 0usize);
     let mut mixed = vec![0.0f64; lambdas.len()];
     for k in 0..batches {
@@ -1163,8 +1193,7 @@ pub fn sample_smc(
 ) -> Result<SmcSampled, RunError> {
     let inc = compiler::incremental::incrementalize(decode, "tokens", "pos")
         .map_err(|e| RunError(format!("--particles needs the KV-cached decoding step: {}", e.0)))?;
-    let exe = compile(&inc.graph, backend)?;
-    let (mut st, seq) = decode_inputs(exe.as_ref(), state, prompt)?;
+    let (exe, mut st, seq) = step_program(&inc.graph, backend, state, prompt)?;
     let fresh: Vec<Buffer> = inc.caches.iter().map(|(_, d, s)| Buffer::zeros(*d, s.clone())).collect();
     let mut first = Particle {
         pending: seq[seq.len().saturating_sub(context)..].to_vec(),
@@ -1334,8 +1363,7 @@ pub fn sample(
         Decoding::Window => None,
     };
     let graph = cached.as_ref().map(|c| &c.graph).unwrap_or(decode);
-    let exe = compile(graph, backend)?;
-    let (mut st, mut seq) = decode_inputs(exe.as_ref(), state, prompt)?;
+    let (exe, mut st, mut seq) = step_program(graph, backend, state, prompt)?;
     let emit = |out: &mut dyn Write, t: i32| -> Result<(), RunError> {
         if (0..256).contains(&t) {
             out.write_all(&[t as u8]).map_err(|e| RunError(format!("output: {e}")))?;

@@ -799,6 +799,53 @@ fn matryoshka_rotations_keep_the_teacher_at_a_quarter_of_the_cache() {
     }
     assert_eq!(moved, 4, "every rotation trained");
 
+    // Sampling the trained student with its caches cut to a quarter (`recipec sample
+    // --logits "logits_cached(4, 4)"`): the KV-cached step (caches of 4 of 16 coordinates per
+    // head) and the whole-window step choose the same tokens, and the caches take a quarter of
+    // the full rank's bytes. The bases (an SVD and a solve per head) are computed once, before
+    // the first token (`compiler::hoist`), not per step.
+    let src = student("4", "3e-3")
+        .replace("    eval_every", "    decode = greedy()\n    eval_every")
+        .replace("use std.optim.adamw", "use std.optim.adamw\nuse std.decode.greedy");
+    let mut db = SourceDb::new();
+    let root = db.add("t.recipe", src.as_str());
+    let calls: Vec<(lang::source::FileId, &str)> =
+        ["logits_cached(4, 4)", "logits_cached(16, 16)"].iter().map(|c| (db.add(*c, *c), *c)).collect();
+    let analysis = lang::analyze(&mut db, &[root], &loader());
+    let m = &analysis.modules.list[0];
+    let r = ItemRef {
+        module: 0,
+        item: m.ast.items.iter().position(|i| matches!(i.kind, lang::ast::ItemKind::Recipe(_))).unwrap(),
+    };
+    let plan = compiler::train::plan(&analysis.modules, &db, r).unwrap();
+    let state = runtime::train::load_state(&plan, &dir.join("trained").join("checkpoint.safetensors")).unwrap().0;
+    let lang::ast::ItemKind::Recipe(rec) = &analysis.modules.item(r).kind else { unreachable!() };
+    let policy = rec.field("decode").unwrap();
+    let mut runs = vec![];
+    for (f, call) in &calls {
+        let e = lang::parse::parse_expr(*f, call).unwrap();
+        let g = compiler::train::decode_graph(&analysis.modules, &db, r, policy, &[], 16, Some((&e, *f))).unwrap();
+        for mode in [runtime::train::Decoding::Cached, runtime::train::Decoding::Window] {
+            let s = runtime::train::sample(
+                &g,
+                &state,
+                16,
+                &[1, 2, 3],
+                24,
+                0,
+                Backend::Cranelift,
+                mode,
+                None,
+                &mut std::io::sink(),
+            )
+            .unwrap();
+            runs.push((s.tokens, s.caches));
+        }
+    }
+    assert_eq!(runs[0].0, runs[1].0, "cached and window steps at rank 4");
+    assert_eq!(runs[2].0, runs[3].0, "cached and window steps at rank 16");
+    assert_eq!(runs[0].1 .1 * 4, runs[2].1 .1, "caches at rank 4 vs 16: {:?} {:?}", runs[0].1, runs[2].1);
+
     let back = teacher.replace("optimize", "init_from = \"trained\"\n    optimize");
     let e = runtime::train::load_sources(&plan_of(&back), &dir, None).unwrap_err();
     assert!(e.message.contains("`model.blocks.0.attn.rot_k` is no parameter of the recipe's model"), "{}", e.message);
