@@ -870,8 +870,9 @@ def matryoshka_kv():
         return np.einsum("bhij,bhjr,her->bhie", w, vc, uv[:, :, :rv])
 
     for rk, rv in [(E, E), (3, 5), (1, 8)]:
-        got = run_eval(STD("models"), "matryoshka_attention", {"q": q, "k": k, "v": vv, "u_k": uk, "u_v": uv}, {"rank_k": rk, "rank_v": rv})["out"]
-        check(f"matryoshka_attention ranks {rk},{rv}", got, mkv(rk, rv), **RED)
+        for item in ("matryoshka_attention", "matryoshka_cached_attention"):
+            got = run_eval(STD("models"), item, {"q": q, "k": k, "v": vv, "u_k": uk, "u_v": uv}, {"rank_k": rk, "rank_v": rv})["out"]
+            check(f"{item} ranks {rk},{rv}", got, mkv(rk, rv), **RED)
     s = q.astype(np.float64) @ np.swapaxes(k, -1, -2) / np.sqrt(E)
     s = np.where(np.tril(np.ones((S, S), bool)), s, -np.inf)
     plain = np.asarray(jax.nn.softmax(s, -1)) @ vv
