@@ -178,47 +178,7 @@ enum Command {
         backend: String,
     },
     /// Generate text from a trained checkpoint with the recipe's `decode` policy.
-    Sample {
-        /// The `--out` directory of `recipec train`.
-        dir: PathBuf,
-        /// Text to continue (default: a newline).
-        #[arg(long)]
-        prompt: Option<String>,
-        /// How many tokens to generate.
-        #[arg(long, default_value_t = 200)]
-        tokens: usize,
-        /// Seed of the policy's sampling (default: the recipe's seed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Another decoding policy, e.g. `--policy "top_p(p = 0.95)"` or `greedy()`.
-        #[arg(long)]
-        policy: Option<String>,
-        /// `cranelift`, `llvm` (the default in builds with the `llvm` feature) or `cuda`.
-        #[arg(long, default_value = DEFAULT_BACKEND)]
-        backend: String,
-        /// Recompute the whole window for every token instead of the KV-cached step.
-        #[arg(long)]
-        no_cache: bool,
-        /// Print the decoding mode and the time per token to stderr.
-        #[arg(long)]
-        stats: bool,
-        /// Keep the generated text a prefix of a match of this regular expression (the policy
-        /// draws again after a rejected token; stops when no byte can follow).
-        #[arg(long)]
-        constraint: Option<String>,
-        /// With `--constraint`: sequential Monte Carlo over this many sequences, each token
-        /// drawn and weighted by AWRS from the model's distribution (the policy is not used).
-        #[arg(long)]
-        particles: Option<usize>,
-        /// Mix the model with the ∞-gram model of the run's training text (Infini-gram): the
-        /// policy draws from λ·P_∞ + (1 − λ)·P_model, for this λ in (0, 1]
-        #[arg(long, value_name = "LAMBDA")]
-        infini_gram: Option<f64>,
-        /// The model method that gives the logits, with its arguments after the tokens, e.g.
-        /// `logits_cached(8, 8)` (default: `logits()`)
-        #[arg(long, value_name = "CALL")]
-        logits: Option<String>,
-    },
+    Sample(train::SampleRequest),
 }
 
 fn main() -> ExitCode {
@@ -310,33 +270,7 @@ fn main() -> ExitCode {
         Command::Score { dir, infini_gram, batches, backend } => {
             train::score(train::ScoreRequest { dir, lambdas: infini_gram, batches, backend })
         }
-        Command::Sample {
-            dir,
-            prompt,
-            tokens,
-            seed,
-            policy,
-            backend,
-            no_cache,
-            stats,
-            constraint,
-            particles,
-            infini_gram,
-            logits,
-        } => train::sample(train::SampleRequest {
-            dir,
-            prompt,
-            tokens,
-            seed,
-            policy,
-            backend,
-            no_cache,
-            stats,
-            constraint,
-            particles,
-            infini_gram,
-            logits,
-        }),
+        Command::Sample(req) => train::sample(req),
         Command::Lsp => match lsp::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

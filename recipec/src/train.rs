@@ -18,24 +18,47 @@ pub struct TrainRequest {
     pub backend: String,
 }
 
+/// `recipec sample`'s options.
+#[derive(clap::Args)]
 pub struct SampleRequest {
+    /// The `--out` directory of `recipec train`.
     pub dir: PathBuf,
+    /// Text to continue (default: a newline).
+    #[arg(long)]
     pub prompt: Option<String>,
+    /// How many tokens to generate.
+    #[arg(long, default_value_t = 200)]
     pub tokens: usize,
+    /// Seed of the policy's sampling (default: the recipe's seed).
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Another decoding policy, e.g. `--policy "top_p(p = 0.95)"` or `greedy()`.
+    #[arg(long)]
     pub policy: Option<String>,
+    /// `cranelift`, `llvm` (the default in builds with the `llvm` feature) or `cuda`.
+    #[arg(long, default_value = crate::DEFAULT_BACKEND)]
     pub backend: String,
-    /// Recompute the window for every token (no KV cache).
+    /// Recompute the whole window for every token instead of the KV-cached step.
+    #[arg(long)]
     pub no_cache: bool,
-    /// Report the decoding mode and speed on stderr.
+    /// Print the decoding mode and the time per token to stderr.
+    #[arg(long)]
     pub stats: bool,
-    /// A regular expression the generated text must stay a prefix of a match of.
+    /// Keep the generated text a prefix of a match of this regular expression (the policy
+    /// draws again after a rejected token; stops when no byte can follow).
+    #[arg(long)]
     pub constraint: Option<String>,
-    /// Sequential Monte Carlo with AWRS over this many sequences (needs `constraint`).
+    /// With `--constraint`: sequential Monte Carlo over this many sequences, each token
+    /// drawn and weighted by AWRS from the model's distribution (the policy is not used).
+    #[arg(long)]
     pub particles: Option<usize>,
-    /// λ of the ∞-gram mixture over the run's training text.
+    /// Mix the model with the ∞-gram model of the run's training text (Infini-gram): the
+    /// policy draws from λ·P_∞ + (1 − λ)·P_model, for this λ in (0, 1]
+    #[arg(long, value_name = "LAMBDA")]
     pub infini_gram: Option<f64>,
-    /// The model method giving the logits, `name(args…)` (default `logits()`).
+    /// The model method that gives the logits, with its arguments after the tokens, e.g.
+    /// `logits_cached(8, 8)` (default: `logits()`)
+    #[arg(long, value_name = "CALL")]
     pub logits: Option<String>,
 }
 

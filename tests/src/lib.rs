@@ -155,16 +155,7 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ],
         ("std.models", "cayley") => vec![("w", t(F32, &[4, 4]))],
         ("std.models", "pca_basis") => vec![("x", t(F32, &[6, 4]))],
-        ("std.models", "matryoshka_attention") => vec![
-            ("q", t(F32, &[1, 2, 5, 4])),
-            ("k", t(F32, &[1, 2, 5, 4])),
-            ("v", t(F32, &[1, 2, 5, 4])),
-            ("u_k", t(F32, &[2, 4, 4])),
-            ("u_v", t(F32, &[2, 4, 4])),
-            ("rank_k", Arg::Scalar(3.0)),
-            ("rank_v", Arg::Scalar(2.0)),
-        ],
-        ("std.models", "matryoshka_cached_attention") => vec![
+        ("std.models", "matryoshka_attention" | "matryoshka_cached_attention") => vec![
             ("q", t(F32, &[1, 2, 5, 4])),
             ("k", t(F32, &[1, 2, 5, 4])),
             ("v", t(F32, &[1, 2, 5, 4])),
