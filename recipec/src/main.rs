@@ -176,6 +176,10 @@ enum Command {
         /// or `cuda`.
         #[arg(long, default_value = DEFAULT_BACKEND)]
         backend: String,
+        /// The model method that gives the logits, with its arguments after the tokens, e.g.
+        /// `logits_cached(8, 8)` (default: `logits()`)
+        #[arg(long, value_name = "CALL")]
+        logits: Option<String>,
     },
     /// Generate text from a trained checkpoint with the recipe's `decode` policy.
     Sample(train::SampleRequest),
@@ -267,8 +271,8 @@ fn main() -> ExitCode {
         Command::Train { file, recipe, steps, checkpoint_every, out, resume, backend } => {
             train::train(train::TrainRequest { file, recipe, steps, checkpoint_every, out, resume, backend })
         }
-        Command::Score { dir, infini_gram, batches, backend } => {
-            train::score(train::ScoreRequest { dir, lambdas: infini_gram, batches, backend })
+        Command::Score { dir, infini_gram, batches, backend, logits } => {
+            train::score(train::ScoreRequest { dir, lambdas: infini_gram, batches, backend, logits })
         }
         Command::Sample(req) => train::sample(req),
         Command::Lsp => match lsp::run() {

@@ -2,7 +2,7 @@
 
 use crate::{load, loader, render};
 use lang::diag::Diagnostic;
-use lang::source::SourceDb;
+use lang::source::{FileId, SourceDb};
 use lang::types::ItemRef;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -323,6 +323,8 @@ pub struct ScoreRequest {
     pub lambdas: Vec<f64>,
     pub batches: Option<usize>,
     pub backend: String,
+    /// The model method that gives the logits (`--logits`).
+    pub logits: Option<String>,
 }
 
 /// `recipec score`: the run's validation windows, scored by the model alone and by its
@@ -343,8 +345,13 @@ pub fn score(req: ScoreRequest) -> ExitCode {
     let f = db.add("<score>", "greedy()".to_string());
     let greedy = lang::parse::parse_expr(f, "greedy()").expect("a valid expression");
     let masked: Vec<String> = plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
+    let call = match logits_option(&mut db, req.logits.as_deref()) {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    let call = call.as_ref().map(|(e, f)| (e, *f));
     let decode =
-        match compiler::train::decode_graph(&analysis.modules, &db, r, &greedy, &masked, plan.data.context, None) {
+        match compiler::train::decode_graph(&analysis.modules, &db, r, &greedy, &masked, plan.data.context, call) {
             Ok(g) => g,
             Err(e) => return plan_error(&db, e),
         };
@@ -395,6 +402,22 @@ pub fn score(req: ScoreRequest) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => error("E0603", e, ""),
+    }
+}
+
+/// `--logits name(args…)`: the model method that gives the logits, parsed (its diagnostics
+/// rendered).
+fn logits_option(db: &mut SourceDb, text: Option<&str>) -> Result<Option<(lang::ast::Expr, FileId)>, ExitCode> {
+    let Some(text) = text else { return Ok(None) };
+    let f = db.add("<--logits>", text.to_string());
+    match lang::parse::parse_expr(f, text) {
+        Ok(e) => Ok(Some((e, f))),
+        Err(diags) => {
+            for d in &diags {
+                eprint!("{}", render::render(db, d, crate::color()));
+            }
+            Err(ExitCode::from(1))
+        }
     }
 }
 
@@ -453,21 +476,9 @@ pub fn sample(req: SampleRequest) -> ExitCode {
             _ => None,
         },
     };
-    // `--logits name(args…)`: the model method that gives the logits.
-    let logits_call = match &req.logits {
-        Some(text) => {
-            let f = db.add("<--logits>", text.clone());
-            match lang::parse::parse_expr(f, text) {
-                Ok(e) => Some((e, f)),
-                Err(diags) => {
-                    for d in &diags {
-                        eprint!("{}", render::render(&db, d, crate::color()));
-                    }
-                    return ExitCode::from(1);
-                }
-            }
-        }
-        None => None,
+    let logits_call = match logits_option(&mut db, req.logits.as_deref()) {
+        Ok(c) => c,
+        Err(c) => return c,
     };
     let decode = match (req.policy.is_some() || logits_call.is_some(), &policy_expr) {
         (true, Some(expr)) => {

@@ -230,6 +230,17 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     assert!(nats("with the ∞-gram, λ = 0.3").is_finite(), "{out}");
     // At λ = 1 a token the ∞-gram model never saw after the suffix costs infinitely much.
     assert!(out.contains("λ = 1 ") && out.contains("probability 0 for"), "{out}");
+    // `--logits` names the method: `logits()` is the default; a method the model lacks is an
+    // error at the option's text.
+    let same = recipec().arg("score").arg(&a).args(["--logits", "logits()"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&same.stdout).contains(&format!("{:.4} nats", nats("model:"))),
+        "{}",
+        stderr(&same)
+    );
+    let none = recipec().arg("score").arg(&a).args(["--logits", "logits_at(4)"]).output().unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(stderr(&none).contains("<--logits>"), "{}", stderr(&none));
     let bad = recipec().arg("score").arg(&a).args(["--infini-gram", "2"]).output().unwrap();
     assert!(bad.status.code() == Some(1) && stderr(&bad).contains("E0604"), "{}", stderr(&bad));
     for bad in [
