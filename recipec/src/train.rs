@@ -511,9 +511,17 @@ pub fn sample(req: SampleRequest) -> ExitCode {
     let _ = out.write_all(prompt.as_bytes());
     let seed = req.seed.unwrap_or(plan.settings.seed);
     let mode = if req.no_cache { runtime::train::Decoding::Window } else { runtime::train::Decoding::Cached };
+    let job = runtime::train::Generation {
+        decode: &decode,
+        state: &state,
+        context: plan.data.context,
+        prompt: prompt.as_bytes(),
+        tokens: req.tokens,
+        seed,
+        backend: be,
+    };
     if let (Some(k), Some(regex)) = (req.particles, &regex) {
-        let (context, n) = (plan.data.context, req.tokens);
-        return match runtime::train::sample_smc(&decode, &state, context, prompt.as_bytes(), n, seed, be, regex, k) {
+        return match runtime::train::sample_smc(&job, regex, k) {
             Ok(s) => {
                 let text: Vec<u8> = s.tokens.iter().map(|&t| t as u8).collect();
                 let _ = out.write_all(&text);
@@ -562,18 +570,7 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         regex: regex.as_ref(),
         ngram: index.as_ref().map(|index| runtime::train::NgramMix { index, lambda: req.infini_gram.unwrap_or(0.0) }),
     });
-    match runtime::train::sample(
-        &decode,
-        &state,
-        plan.data.context,
-        prompt.as_bytes(),
-        req.tokens,
-        seed,
-        be,
-        mode,
-        guide,
-        &mut out,
-    ) {
+    match runtime::train::sample(&job, mode, guide, &mut out) {
         Ok(s) => {
             let _ = writeln!(out);
             if let Some(why) = &s.fallback {

@@ -153,6 +153,17 @@ impl InfiniGram {
         lo
     }
 
+    /// P_∞(v | context) and s*, from two interval searches (no pass over the suffix's
+    /// occurrences, as [`InfiniGram::next_tokens`] makes): what scoring one token needs.
+    pub fn prob(&self, context: &[i32], v: i32) -> (f64, usize) {
+        let s = self.longest_suffix(context);
+        let mut pattern = context[context.len() - s..].to_vec();
+        let total = self.count(&pattern);
+        pattern.push(v);
+        let (lo, hi) = self.interval(&pattern);
+        (if total == 0 { 0.0 } else { (hi - lo) as f64 / total as f64 }, s)
+    }
+
     /// P_∞(· | context): s*, the denominator and each continuation's count.
     pub fn next_tokens(&self, context: &[i32]) -> NextTokens {
         let s = self.longest_suffix(context);
@@ -237,6 +248,9 @@ mod tests {
                 let s = (0..=len).rev().find(|&s| s == 0 || brute(&ctx[len - s..]) > 0).unwrap();
                 let d = g.next_tokens(&ctx);
                 assert_eq!(d.suffix_len, s, "{toks:?} {ctx:?}");
+                for v in 0..=alphabet as i32 {
+                    assert_eq!(g.prob(&ctx, v), (d.prob(v), s), "{toks:?} {ctx:?} {v}");
+                }
                 assert_eq!(d.total, brute(&ctx[len - s..]));
                 for v in 0..alphabet as i32 {
                     let mut p = ctx[len - s..].to_vec();

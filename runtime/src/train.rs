@@ -1014,6 +1014,20 @@ fn decode_inputs(
     Ok((st, seq))
 }
 
+/// What both samplers ([`sample`], [`sample_smc`]) generate from: a decoding step over
+/// `context` positions, a checkpoint's values, the prompt's bytes, how many tokens, the seed
+/// of their random draws and the backend.
+#[derive(Clone, Copy)]
+pub struct Generation<'a> {
+    pub decode: &'a Graph,
+    pub state: &'a BTreeMap<String, Buffer>,
+    pub context: usize,
+    pub prompt: &'a [u8],
+    pub tokens: usize,
+    pub seed: u64,
+    pub backend: Backend,
+}
+
 /// What [`sample_smc`] did.
 #[derive(Clone, Debug)]
 pub struct SmcSampled {
@@ -1147,9 +1161,8 @@ pub fn score(
                 let p = (l[target] - top).exp() / z;
                 model -= p.ln();
                 if let Some(index) = index {
-                    let d = index.next_tokens(&xs[..=pos]);
-                    let q = d.prob(ys[pos]);
-                    suffix += d.suffix_len;
+                    let (q, s) = index.prob(&xs[..=pos], ys[pos]);
+                    suffix += s;
                     zero += (q == 0.0) as usize;
                     for (m, lambda) in mixed.iter_mut().zip(lambdas) {
                         *m -= (lambda * q + (1.0 - lambda) * p).ln();
@@ -1179,18 +1192,12 @@ pub fn score(
 /// constraint alone (locally constrained decoding favours prefixes that are likely now but
 /// lead to text the constraint later forbids). The model's own distribution is the target:
 /// the recipe's `decode` policy is not used. Needs the KV-cached step.
-#[allow(clippy::too_many_arguments)]
 pub fn sample_smc(
-    decode: &Graph,
-    state: &BTreeMap<String, Buffer>,
-    context: usize,
-    prompt: &[u8],
-    n: usize,
-    seed: u64,
-    backend: Backend,
+    job: &Generation,
     regex: &crate::constraint::ByteConstraint,
     particles: usize,
 ) -> Result<SmcSampled, RunError> {
+    let Generation { decode, state, context, prompt, tokens: n, seed, backend } = *job;
     let inc = compiler::incremental::incrementalize(decode, "tokens", "pos")
         .map_err(|e| RunError(format!("--particles needs the KV-cached decoding step: {}", e.0)))?;
     let (exe, mut st, seq) = step_program(&inc.graph, backend, state, prompt)?;
@@ -1314,19 +1321,13 @@ pub fn sample_smc(
 /// tokens are fed again from position 0 (a context shift). `Window` recomputes the forward
 /// pass over the last `context` tokens for each new token. Both draw the policy's randomness
 /// under `seed ^ hash(token index)`; until the first context shift they choose the same tokens.
-#[allow(clippy::too_many_arguments)]
 pub fn sample(
-    decode: &Graph,
-    state: &BTreeMap<String, Buffer>,
-    context: usize,
-    prompt: &[u8],
-    n: usize,
-    seed: u64,
-    backend: Backend,
+    job: &Generation,
     decoding: Decoding,
     guide: Option<Guide>,
     out: &mut dyn Write,
 ) -> Result<Sampled, RunError> {
+    let Generation { decode, state, context, prompt, tokens: n, seed, backend } = *job;
     let mut fallback = None;
     let policy = guide.as_ref().map(|g| compile(g.policy, backend)).transpose()?;
     let mut at = guide.as_ref().and_then(|g| g.regex).map(|r| r.start());

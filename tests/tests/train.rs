@@ -826,19 +826,16 @@ fn matryoshka_rotations_keep_the_teacher_at_a_quarter_of_the_cache() {
         let e = lang::parse::parse_expr(*f, call).unwrap();
         let g = compiler::train::decode_graph(&analysis.modules, &db, r, policy, &[], 16, Some((&e, *f))).unwrap();
         for mode in [runtime::train::Decoding::Cached, runtime::train::Decoding::Window] {
-            let s = runtime::train::sample(
-                &g,
-                &state,
-                16,
-                &[1, 2, 3],
-                24,
-                0,
-                Backend::Cranelift,
-                mode,
-                None,
-                &mut std::io::sink(),
-            )
-            .unwrap();
+            let job = runtime::train::Generation {
+                decode: &g,
+                state: &state,
+                context: 16,
+                prompt: &[1, 2, 3],
+                tokens: 24,
+                seed: 0,
+                backend: Backend::Cranelift,
+            };
+            let s = runtime::train::sample(&job, mode, None, &mut std::io::sink()).unwrap();
             runs.push((s.tokens, s.caches));
         }
     }
@@ -899,7 +896,16 @@ fn smc_with_awrs_estimates_the_allowed_mass() {
     let regex = runtime::constraint::ByteConstraint::new("[aeiou]").unwrap();
     let n = 4000;
     let run = |seed: u64| {
-        runtime::train::sample_smc(&decode, &state, 16, prompt, 5, seed, Backend::Cranelift, &regex, n).unwrap()
+        let job = runtime::train::Generation {
+            decode: &decode,
+            state: &state,
+            context: 16,
+            prompt,
+            tokens: 5,
+            seed,
+            backend: Backend::Cranelift,
+        };
+        runtime::train::sample_smc(&job, &regex, n).unwrap()
     };
     let a = run(7);
     assert_eq!(a.tokens.len(), 1, "one byte, then no byte may follow");
