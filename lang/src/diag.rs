@@ -392,7 +392,8 @@ here, with the recipe line at fault, and no training starts.",
 recipe's graphs get.";
 
 "E0602", "invalid checkpoint",
-"`--resume DIR` and `recipec sample DIR` read `DIR/checkpoint.safetensors`, and a recipe's \
+"`--resume DIR`, `recipec sample DIR`, `recipec score DIR` and `recipec compress DIR` read \
+`DIR/checkpoint.safetensors`, and a recipe's \
 `init_from` and `teacher_from` name a run directory (its `checkpoint.safetensors`) or a \
 `.safetensors` file. The file is rejected when it is missing, truncated, damaged (its \
 checksum does not match), of another recipe (for `--resume`), or lacks a tensor the recipe \
@@ -421,6 +422,19 @@ otherwise.",
 "recipec sample runs/tiny_gpt --constraint \"(Yea|Nay\"",
 "Fix the expression (here: close the group, `(Yea|Nay)`); for a DFA that is too large, a \
 shorter expression or fewer bounded repetitions (`a{1000}`).";
+
+"E0605", "invalid compression request",
+"`recipec compress DIR` quantizes a trained run's weight matrices to an average bit width \
+(`--bits`), one of the widths a matrix may take (`--levels`, increasing, equally spaced, \
+within 2..16 bits: a level switch moves one step up in one matrix and one down in another of \
+the same size, which keeps the total only when the steps are equal). `--selection` lists \
+SURVIVORS:BATCHES stages whose survivors never grow and whose batches never shrink, the last \
+keeping one; `--units` is a selector (`model.blocks.**`) that must select at least one f32 \
+matrix whose last axis `--group` divides. The new run is written to `--out` (default \
+`DIR-wBITS`), which must not exist or be empty. Nothing is written otherwise.",
+"recipec compress runs/tiny_gpt --bits 3 --levels 2,4,6",
+"Pick `--bits` among the levels (here `--bits 4`), make the levels equally spaced, or choose \
+another `--out`.";
 
 "W0001", "unused binding",
 "A `let` binding is never read. Prefix the name with `_` to keep it on purpose.",

@@ -1,6 +1,7 @@
 //! `recipec`: the command line over the front end, the compiler and the runtime. Renders
 //! diagnostics; the crates below only return them.
 
+mod compress;
 mod eval;
 mod loader;
 mod render;
@@ -181,6 +182,9 @@ enum Command {
         #[arg(long, value_name = "CALL")]
         logits: Option<String>,
     },
+    /// Quantize a trained run's weight matrices to an average bit width, each matrix's bits
+    /// chosen by EvoPress's evolutionary search; writes a new run directory.
+    Compress(compress::CompressRequest),
     /// Generate text from a trained checkpoint with the recipe's `decode` policy.
     Sample(train::SampleRequest),
 }
@@ -275,6 +279,7 @@ fn main() -> ExitCode {
             train::score(train::ScoreRequest { dir, lambdas: infini_gram, batches, backend, logits })
         }
         Command::Sample(req) => train::sample(req),
+        Command::Compress(req) => compress::compress(req),
         Command::Lsp => match lsp::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

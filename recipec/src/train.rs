@@ -62,7 +62,7 @@ pub struct SampleRequest {
     pub logits: Option<String>,
 }
 
-fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
+pub(crate) fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
     eprintln!("error[{code}]: {msg}");
     if !help.is_empty() {
         eprintln!("  = help: {help}");
@@ -70,7 +70,7 @@ fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCod
     ExitCode::from(1)
 }
 
-fn backend(name: &str) -> Result<runtime::Backend, ExitCode> {
+pub(crate) fn backend(name: &str) -> Result<runtime::Backend, ExitCode> {
     match name {
         "cranelift" => Ok(runtime::Backend::Cranelift),
         #[cfg(feature = "llvm")]
@@ -244,18 +244,18 @@ pub fn train(req: TrainRequest) -> ExitCode {
 }
 
 /// A finished or interrupted run, read back for sampling or scoring.
-struct Run {
-    db: SourceDb,
-    analysis: lang::Analysis,
-    r: ItemRef,
-    plan: compiler::train::TrainPlan,
+pub(crate) struct Run {
+    pub(crate) db: SourceDb,
+    pub(crate) analysis: lang::Analysis,
+    pub(crate) r: ItemRef,
+    pub(crate) plan: compiler::train::TrainPlan,
     /// The recipe's path when it trained (data paths are relative to it).
-    source_path: String,
+    pub(crate) source_path: String,
 }
 
 /// Reads the copy of the recipe in `dir` (a `recipec train` output) and plans it; `policies`
 /// imports the stdlib's decoding policies beside it (for `--policy`).
-fn open_run(dir: &Path, policies: bool) -> Result<Run, ExitCode> {
+pub(crate) fn open_run(dir: &Path, policies: bool) -> Result<Run, ExitCode> {
     let run_path = dir.join("run.json");
     let run: serde_json::Value = match std::fs::read_to_string(&run_path).map(|t| serde_json::from_str(&t)) {
         Ok(Ok(v)) => v,

@@ -435,3 +435,109 @@ fn the_cuda_code_trains_like_the_cpu_code_under_the_emulator() {
     assert!(!s.stdout.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `recipec compress`: the run's matrices at 3 bits on average, EvoPress's search moving bits
+/// between matrices of the same size. The budget holds exactly, the search never does worse
+/// than the uniform assignment on its calibration batches, the written run scores (through
+/// the decoding step) what the command measured (through the loss), and the same command
+/// writes the same bytes. Bad options and an occupied `--out` are refused before anything
+/// is written.
+#[test]
+fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
+    let dir = temp_dir("compress");
+    let recipe = write_recipe(&dir, SMALL);
+    let run = dir.join("run");
+    let t = train(&recipe, &run, &[]);
+    assert!(t.status.success(), "{}", stderr(&t));
+    let compress = |out: &Path, extra: &[&str]| {
+        recipec()
+            .arg("compress")
+            .arg(&run)
+            .args(["--bits", "3", "--group", "16"])
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let search = ["--generations", "6", "--offspring", "6", "--selection", "3:1,1:2"];
+    let a = dir.join("w3");
+    let c = compress(&a, &search);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("compress.json")).unwrap()).unwrap();
+    // Every f32 matrix (the group divides each last axis), at exactly 3 bits on average.
+    let ck = runtime::checkpoint::Checkpoint::load(&a.join("checkpoint.safetensors")).unwrap();
+    let bits = report["bits_per_matrix"].as_object().unwrap();
+    assert_eq!(bits.len(), 2 + 2 * 6, "{bits:?}"); // wte, wpe; per block wq, wk, wv, wo, w1, w2
+    let (mut weighted, mut total) = (0.0, 0.0);
+    for (path, b) in bits {
+        let n = ck.tensors[path].numel() as f64;
+        weighted += n * b.as_f64().unwrap();
+        total += n;
+        // Each matrix takes at most 2^bits distinct values per group of 16.
+        let w = ck.tensors[path].f32s();
+        for g in w.chunks(16) {
+            let mut v: Vec<u32> = g.iter().map(|x| x.to_bits()).collect();
+            v.sort();
+            v.dedup();
+            assert!(v.len() <= 1 << b.as_u64().unwrap(), "{path}: {} values", v.len());
+        }
+    }
+    assert_eq!(weighted / total, 3.0);
+    assert!(bits.values().any(|b| b.as_u64() != Some(3)), "the search moved no bits: {bits:?}");
+    let s = &report["search"];
+    let (uniform, searched) = (s["calibration_uniform"].as_f64().unwrap(), s["calibration_searched"].as_f64().unwrap());
+    assert!(searched < uniform, "{s}");
+    let history: Vec<f64> = s["history"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(history.len(), 6);
+    assert!(history.windows(2).all(|w| w[1] <= w[0]), "{history:?}");
+    // Unselected tensors are the run's own.
+    let dense = runtime::checkpoint::Checkpoint::load(&run.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(ck.tensors["model.ln_gain"].as_bytes(), dense.tensors["model.ln_gain"].as_bytes());
+    assert_ne!(ck.tensors["model.wte"].as_bytes(), dense.tensors["model.wte"].as_bytes());
+    // The new run scores what the search reported, through the decoding step.
+    let sc = recipec().arg("score").arg(&a).output().unwrap();
+    assert!(sc.status.success(), "{}", stderr(&sc));
+    let out = String::from_utf8_lossy(&sc.stdout).into_owned();
+    let line = out.lines().find(|l| l.starts_with("model:")).unwrap_or_else(|| panic!("{out}"));
+    let nats: f64 = line["model:".len()..].split_whitespace().next().unwrap().parse().unwrap();
+    let val = &report["validation"];
+    assert!((nats - val["searched"].as_f64().unwrap()).abs() < 1e-4, "{out} vs {val}");
+    assert!(val["uniform"].as_f64().unwrap() > val["dense"].as_f64().unwrap(), "{val}");
+    // Deterministic: the same command writes the same checkpoint.
+    let b = dir.join("w3-again");
+    let c2 = compress(&b, &search);
+    assert!(c2.status.success(), "{}", stderr(&c2));
+    assert_eq!(
+        std::fs::read(a.join("checkpoint.safetensors")).unwrap(),
+        std::fs::read(b.join("checkpoint.safetensors")).unwrap()
+    );
+    // No search: the uniform assignment, whose validation loss the search run reported.
+    let u = dir.join("uniform");
+    let c3 = compress(&u, &["--generations", "0"]);
+    assert!(c3.status.success(), "{}", stderr(&c3));
+    let ru: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(u.join("compress.json")).unwrap()).unwrap();
+    assert!(ru["bits_per_matrix"].as_object().unwrap().values().all(|b| b.as_u64() == Some(3)));
+    assert_eq!(ru["validation"]["searched"], val["uniform"]);
+    // Refused with a code, writing nothing: an occupied --out, and bad options.
+    let before = std::fs::read(a.join("checkpoint.safetensors")).unwrap();
+    let busy = compress(&a, &[]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(stderr(&busy).contains("E0605") && stderr(&busy).contains("not empty"), "{}", stderr(&busy));
+    assert_eq!(std::fs::read(a.join("checkpoint.safetensors")).unwrap(), before);
+    for bad in [
+        &["--levels", "2,3,5"][..],
+        &["--levels", "4,5,6"],
+        &["--selection", "2:1"],
+        &["--units", "model..wte"],
+        &["--units", "model.nothing"],
+    ] {
+        let out = compress(&dir.join("never"), bad);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert!(stderr(&out).contains("E0605"), "{bad:?}: {}", stderr(&out));
+        assert!(!dir.join("never").exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,6 +15,7 @@
 
 pub mod artifact;
 pub mod checkpoint;
+pub mod compress;
 pub mod constraint;
 pub mod cuda;
 pub mod cuda_emu;

@@ -122,14 +122,14 @@ pub fn run_named(
 }
 
 /// Element 0 of `name` (a device value copies just that element to the host).
-fn scalar(state: &BTreeMap<String, Value>, name: &str) -> Result<f64, RunError> {
+pub fn scalar(state: &BTreeMap<String, Value>, name: &str) -> Result<f64, RunError> {
     match state.get(name) {
         Some(v) => v.get(0),
         None => Ok(f64::NAN),
     }
 }
 
-fn i32_buffer(shape: Vec<usize>, data: &[i32]) -> Buffer {
+pub fn i32_buffer(shape: Vec<usize>, data: &[i32]) -> Buffer {
     let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
     Buffer::from_bytes(Dtype::I32, shape, &bytes)
 }

@@ -969,3 +969,47 @@ fn a_forward_pass_written_twice_is_differentiated_once() {
     assert!(once >= 4, "{once}");
     assert_eq!(twice, once, "matrix products: {twice} with the forward pass written three times, {once} once");
 }
+
+/// `recipec compress`'s database is the stdlib's `quantize_groups` computed on the host
+/// (runtime::compress::quantize_groups): the same bits as the interpreter's, for every level
+/// and group the command offers.
+#[test]
+fn compress_quantizes_as_the_stdlib_function() {
+    use compiler::lower::Arg;
+    let mut db = SourceDb::new();
+    let root = db.add("t.recipe", "use std.sparsity.quantize_groups\n");
+    let analysis = lang::analyze(&mut db, &[root], &loader());
+    assert!(!analysis.has_errors(), "{:?}", analysis.diagnostics);
+    let module =
+        analysis.modules.list.iter().position(|m| m.items.contains_key("quantize_groups") && m.items.len() > 1);
+    let module = module.expect("std.sparsity");
+    let r = ItemRef { module, item: analysis.modules.list[module].items["quantize_groups"] };
+    let (m, n) = (6usize, 128usize);
+    // Values on several scales, exact zeros and a group of zeros (scale 0).
+    let mut w: Vec<f64> = (0..m * n).map(|i| ((i * 7919 % 1013) as f64 / 1013.0 - 0.5) * (1 + i % 5) as f64).collect();
+    w[..16].iter_mut().for_each(|x| *x = 0.0);
+    w[40] = 0.0;
+    for bits in 2..=8u32 {
+        // The last row: scale exactly 1 (its largest magnitude is the top level) and values
+        // halfway between levels, which round to the even one.
+        let top = ((1 << (bits - 1)) - 1) as f64;
+        let mut w = w.clone();
+        w[(m - 1) * n..].iter_mut().for_each(|x| *x = 0.0);
+        w[(m - 1) * n..(m - 1) * n + 5].copy_from_slice(&[top, 0.5, -0.5, 1.5, -1.5]);
+        let w = Tensor::new(Dtype::F32, vec![m, n], w.iter().map(|&x| x as f32 as f64).collect());
+        for group in [16usize, 64, 128] {
+            let args = vec![
+                ("w".to_string(), Arg::Tensor(Dtype::F32, vec![m, n])),
+                ("bits".to_string(), Arg::Scalar(bits as f64)),
+                ("group".to_string(), Arg::Scalar(group as f64)),
+            ];
+            let g = compiler::entry::function(&analysis.modules, &db, r, &args, false).unwrap();
+            let want = interp::run(&g, std::slice::from_ref(&w), 0).unwrap();
+            let want = &want.values().next().unwrap().data;
+            let host: Vec<f32> = w.data.iter().map(|&x| x as f32).collect();
+            let got = runtime::compress::quantize_groups(&host, n, bits, group).unwrap();
+            let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+            assert_eq!(&got, want, "bits {bits}, group {group}");
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Search-based non-uniform quantization (EvoPress: Sieberling, Kuznedelev, Kurtic, Alistarh,
+//! "EvoPress: Accurate Dynamic Model Compression via Evolutionary Search", ICML 2025,
+//! arXiv:2410.14649; search as in `IST-DASLab/EvoPress`).
+//!
+//! Each *unit* (a weight matrix) gets one *level* (a bit width) from a database of
+//! compressed versions of it; the search looks for the assignment with the best fitness at a
+//! fixed total size. It is a (1 + λ) evolutionary algorithm:
+//! - **Level-switch mutation**: one unit goes up a level and another unit of the same size
+//!   goes down one, so the total bits never change (the levels must be equally spaced).
+//! - **Multi-step selection**: the parent and its λ offspring are scored on a few
+//!   calibration batches, the best few survive to be scored on more, and so on; the last
+//!   stage keeps one, the next parent. The parent competes, so the fitness never gets worse.
+//!
+//! The database here is round-to-nearest group quantization ([`quantize_groups`], the
+//! stdlib's `quantize_groups`), not GPTQ; the fitness is the caller's (in `recipec compress`,
+//! the recipe's loss on training batches).
+
+use crate::RunError;
+use std::collections::HashMap;
+
+/// Symmetric abs-max quantization to `bits` bits in groups of `group` consecutive elements
+/// along the last axis (of length `last`), dequantized: the stdlib's `quantize_groups`,
+/// computed the same way in f32 (`round` is round-half-to-even).
+pub fn quantize_groups(w: &[f32], last: usize, bits: u32, group: usize) -> Result<Vec<f32>, RunError> {
+    if group == 0 || last % group != 0 || w.len() % last.max(1) != 0 {
+        return Err(RunError(format!("a group of {group} does not divide the last axis ({last})")));
+    }
+    if !(2..=16).contains(&bits) {
+        return Err(RunError(format!("{bits} bits: quantization takes 2 to 16 bits")));
+    }
+    let top = ((1i64 << (bits - 1)) - 1) as f32;
+    let mut out = Vec::with_capacity(w.len());
+    for g in w.chunks(group) {
+        let scale = g.iter().fold(0.0f32, |m, x| m.max(x.abs())) / top;
+        let safe = if scale > 0.0 { scale } else { 1.0 };
+        out.extend(g.iter().map(|x| (x / safe).round_ties_even().min(top).max(-top - 1.0) * scale));
+    }
+    Ok(out)
+}
+
+/// One compressible tensor: its name and number of elements (mutations pair equal sizes).
+#[derive(Clone, Debug)]
+pub struct Unit {
+    pub path: String,
+    pub numel: usize,
+}
+
+/// One selection stage: keep the best `survivors` by their loss on the first `batches`
+/// calibration batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stage {
+    pub survivors: usize,
+    pub batches: usize,
+}
+
+/// Parses `"4:1,1:4"` (survivors:batches per stage). The last stage keeps one candidate;
+/// survivors shrink and batches grow from stage to stage.
+pub fn parse_stages(text: &str) -> Result<Vec<Stage>, String> {
+    let mut stages = vec![];
+    for part in text.split(',') {
+        let (s, b) = part.trim().split_once(':').ok_or_else(|| format!("`{part}` is not SURVIVORS:BATCHES"))?;
+        let survivors: usize = s.trim().parse().map_err(|_| format!("`{s}` is not a count"))?;
+        let batches: usize = b.trim().parse().map_err(|_| format!("`{b}` is not a count"))?;
+        if survivors == 0 || batches == 0 {
+            return Err(format!("`{part}`: survivors and batches are at least 1"));
+        }
+        stages.push(Stage { survivors, batches });
+    }
+    if stages.last().map(|s| s.survivors) != Some(1) {
+        return Err("the last stage keeps one candidate (`…,1:B`)".into());
+    }
+    if stages.windows(2).any(|w| w[1].survivors > w[0].survivors || w[1].batches < w[0].batches) {
+        return Err("survivors never grow and batches never shrink from one stage to the next".into());
+    }
+    Ok(stages)
+}
+
+/// How the search runs.
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    pub generations: usize,
+    /// λ: offspring per generation.
+    pub offspring: usize,
+    pub stages: Vec<Stage>,
+    /// Each offspring applies 1 to `max_mutations` level switches (uniformly drawn).
+    pub max_mutations: usize,
+    pub seed: u64,
+}
+
+/// What [`search`] found.
+#[derive(Clone, Debug)]
+pub struct Searched {
+    /// The level (an index into the levels) of each unit.
+    pub levels: Vec<usize>,
+    /// The start's and the result's loss on the last stage's batches.
+    pub initial: f64,
+    pub fitness: f64,
+    /// The parent's loss on the last stage's batches after each generation.
+    pub history: Vec<f64>,
+    /// Distinct (assignment, batch) losses computed.
+    pub evaluations: usize,
+}
+
+/// A small deterministic generator (SplitMix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// One level switch: a unit below the top level goes up one and another unit of the same
+/// size above the bottom level goes down one. False (nothing changed) when no such pair
+/// exists.
+fn level_switch(levels: &mut [usize], units: &[Unit], count: usize, rng: &mut Rng) -> bool {
+    let up: Vec<usize> = (0..units.len())
+        .filter(|&i| levels[i] + 1 < count)
+        .filter(|&i| (0..units.len()).any(|j| j != i && units[j].numel == units[i].numel && levels[j] > 0))
+        .collect();
+    if up.is_empty() {
+        return false;
+    }
+    let i = up[rng.below(up.len())];
+    let down: Vec<usize> =
+        (0..units.len()).filter(|&j| j != i && units[j].numel == units[i].numel && levels[j] > 0).collect();
+    let j = down[rng.below(down.len())];
+    levels[i] += 1;
+    levels[j] -= 1;
+    true
+}
+
+/// Total size in level steps: Σ numel · level. Level switches keep it.
+pub fn budget(levels: &[usize], units: &[Unit]) -> usize {
+    levels.iter().zip(units).map(|(l, u)| l * u.numel).sum()
+}
+
+/// The (1 + λ) search from `start` over `count` levels. `loss(levels, batch)` is one
+/// calibration batch's loss for an assignment; it is called at most once per (assignment,
+/// batch), and a candidate's fitness on a stage is its mean over the stage's first batches.
+pub fn search(
+    units: &[Unit],
+    start: Vec<usize>,
+    count: usize,
+    opts: &SearchOptions,
+    loss: &mut dyn FnMut(&[usize], usize) -> Result<f64, RunError>,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<Searched, RunError> {
+    assert_eq!(units.len(), start.len());
+    let last = opts.stages.last().map(|s| s.batches).unwrap_or(1);
+    let mut cache: HashMap<(Vec<usize>, usize), f64> = HashMap::new();
+    let mut fitness = |levels: &[usize], batches: usize| -> Result<f64, RunError> {
+        let mut total = 0.0;
+        for b in 0..batches {
+            let key = (levels.to_vec(), b);
+            let l = match cache.get(&key) {
+                Some(l) => *l,
+                None => {
+                    let l = loss(levels, b)?;
+                    cache.insert(key, l);
+                    l
+                }
+            };
+            total += l;
+        }
+        Ok(total / batches as f64)
+    };
+    let initial = fitness(&start, last)?;
+    let mut parent = start;
+    let mut history = vec![];
+    let mut rng = Rng(opts.seed ^ 0x45_766f_5072_6573); // "EvoPres"
+    for generation in 0..opts.generations {
+        let mut candidates = vec![parent.clone()];
+        for _ in 0..opts.offspring {
+            let mut child = parent.clone();
+            let k = 1 + rng.below(opts.max_mutations.max(1));
+            let mut changed = false;
+            for _ in 0..k {
+                changed |= level_switch(&mut child, units, count, &mut rng);
+            }
+            if changed && !candidates.contains(&child) {
+                candidates.push(child);
+            }
+        }
+        for stage in &opts.stages {
+            let mut scored = candidates
+                .into_iter()
+                .map(|c| fitness(&c, stage.batches).map(|f| (f, c)))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Stable: on a tie the earlier candidate (the parent first) wins.
+            scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+            candidates = scored.into_iter().take(stage.survivors).map(|(_, c)| c).collect();
+        }
+        parent = candidates.swap_remove(0);
+        let f = fitness(&parent, last)?;
+        history.push(f);
+        progress(generation + 1, f);
+    }
+    let fitness_now = fitness(&parent, last)?;
+    Ok(Searched { levels: parent, initial, fitness: fitness_now, history, evaluations: cache.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn units(sizes: &[usize]) -> Vec<Unit> {
+        sizes.iter().enumerate().map(|(i, &n)| Unit { path: format!("u{i}"), numel: n }).collect()
+    }
+
+    #[test]
+    fn level_switches_keep_the_budget_and_the_bounds() {
+        let us = units(&[16, 16, 64, 16, 64, 8]);
+        let mut levels = vec![2; us.len()];
+        let total = budget(&levels, &us);
+        let mut rng = Rng(7);
+        let mut moved = 0;
+        for _ in 0..10_000 {
+            moved += level_switch(&mut levels, &us, 5, &mut rng) as usize;
+            assert_eq!(budget(&levels, &us), total);
+            assert!(levels.iter().all(|&l| l < 5));
+            // The unit without a partner of its size never moves.
+            assert_eq!(levels[5], 2);
+        }
+        assert!(moved > 9_000, "{moved}");
+    }
+
+    #[test]
+    fn no_partner_no_switch() {
+        let us = units(&[16, 32]);
+        let mut levels = vec![1, 1];
+        assert!(!level_switch(&mut levels, &us, 3, &mut Rng(1)));
+        assert_eq!(levels, vec![1, 1]);
+    }
+
+    /// A separable loss with a known optimum at the budget: unit i's loss falls as
+    /// weight_i · 2^(−level); the best assignment gives the heavy units the high levels.
+    #[test]
+    fn search_finds_the_optimum_of_a_separable_loss() {
+        let us = units(&[10; 6]);
+        let weights = [1.0, 50.0, 2.0, 30.0, 1.5, 4.0];
+        let f = |levels: &[usize]| -> f64 { levels.iter().zip(weights).map(|(&l, w)| w * 0.5f64.powi(l as i32)).sum() };
+        let mut loss = |levels: &[usize], _b: usize| Ok(f(levels));
+        let opts = SearchOptions {
+            generations: 200,
+            offspring: 8,
+            stages: vec![Stage { survivors: 2, batches: 1 }, Stage { survivors: 1, batches: 2 }],
+            max_mutations: 2,
+            seed: 3,
+        };
+        let mut seen = vec![];
+        let r = search(&us, vec![2; 6], 5, &opts, &mut loss, &mut |_, f| seen.push(f)).unwrap();
+        assert_eq!(budget(&r.levels, &us), budget(&[2; 6], &us));
+        // Brute force over every assignment with the same budget.
+        let mut best = f64::INFINITY;
+        for code in 0..5usize.pow(6) {
+            let l: Vec<usize> = (0..6).map(|i| code / 5usize.pow(i) % 5).collect();
+            if l.iter().sum::<usize>() == 12 {
+                best = best.min(f(&l));
+            }
+        }
+        assert!((r.fitness - best).abs() < 1e-12, "found {} ({:?}), best {best}", r.fitness, r.levels);
+        assert!(r.fitness < r.initial);
+        // Elitist: the parent's fitness never rises.
+        assert!(seen.windows(2).all(|w| w[1] <= w[0]), "{seen:?}");
+    }
+
+    #[test]
+    fn stages_parse_and_reject() {
+        assert_eq!(
+            parse_stages("4:1, 1:4").unwrap(),
+            vec![Stage { survivors: 4, batches: 1 }, Stage { survivors: 1, batches: 4 }]
+        );
+        assert!(parse_stages("4:1").is_err());
+        assert!(parse_stages("2:4,1:1").is_err());
+        assert!(parse_stages("0:1,1:2").is_err());
+        assert!(parse_stages("x").is_err());
+    }
+
+    #[test]
+    fn quantization_matches_the_rule() {
+        // 4 bits: top 7; group [0.5, -1.4, 0.1, 0.7]: scale 0.2.
+        let q = quantize_groups(&[0.5, -1.4, 0.1, 0.7], 4, 4, 4).unwrap();
+        let s = 1.4f32 / 7.0;
+        let want: Vec<f32> = [0.5f32, -1.4, 0.1, 0.7].iter().map(|x| (x / s).round_ties_even() * s).collect();
+        assert_eq!(q, want);
+        assert_eq!(quantize_groups(&[0.0; 4], 4, 3, 2).unwrap(), vec![0.0; 4]);
+        assert!(quantize_groups(&[0.0; 6], 6, 4, 4).is_err());
+        assert!(quantize_groups(&[0.0; 4], 4, 1, 4).is_err());
+    }
+}
