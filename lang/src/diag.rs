@@ -413,12 +413,14 @@ checkpoint of another run, or the loss became NaN or infinite (the last good sta
 "Check the data path and sizes, choose an empty `--out` (or `--resume` the run that is there), \
 and for a diverging loss lower the learning rate or set `grad_clip`.";
 
-"E0604", "invalid sampling constraint",
+"E0604", "invalid sampling option",
 "`recipec sample --constraint REGEX` keeps the generated text (the prompt excluded) a prefix \
 of some string the regular expression matches in full (the `regex` crate's syntax, over \
 bytes). The expression must parse and compile to a DFA of at most 16 MiB; `--particles N` \
-needs `--constraint`, N ≥ 1 and the KV-cached step (no `--no-cache`). Nothing is sampled \
-otherwise.",
+needs `--constraint`, N ≥ 1 and the KV-cached step (no `--no-cache`). The other sampling \
+options are checked here too: `--infini-gram λ` needs 0 < λ ≤ 1 and no `--particles`; \
+`--cfg W` needs W ≥ 0, the KV-cached step and no `--particles`; `--negative` and \
+`--adaptive-guidance γ` (−1 ≤ γ ≤ 1) need `--cfg`. Nothing is sampled otherwise.",
 "recipec sample runs/tiny_gpt --constraint \"(Yea|Nay\"",
 "Fix the expression (here: close the group, `(Yea|Nay)`); for a DFA that is too large, a \
 shorter expression or fewer bounded repetitions (`a{1000}`).";

@@ -60,6 +60,19 @@ pub struct SampleRequest {
     /// `logits_cached(8, 8)` (default: `logits()`)
     #[arg(long, value_name = "CALL")]
     pub logits: Option<String>,
+    /// Classifier-free guidance of scale W: the policy draws from
+    /// log P(·|prompt) + (W − 1)·(log P(·|prompt) − log P(·|negative)), a second stream
+    /// reading the generated text after `--negative` instead of the prompt
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    pub cfg: Option<f64>,
+    /// With `--cfg`: the unconditional stream's text (default: the prompt's last byte)
+    #[arg(long, value_name = "TEXT")]
+    pub negative: Option<String>,
+    /// With `--cfg`: Adaptive Guidance turns guidance off for good at the first token where
+    /// the two streams' log-probabilities have a cosine (centered) above this threshold, and
+    /// the second stream stops running
+    #[arg(long, value_name = "GAMMA", allow_negative_numbers = true)]
+    pub adaptive_guidance: Option<f64>,
 }
 
 pub(crate) fn error(code: &'static str, msg: impl std::fmt::Display, help: &str) -> ExitCode {
@@ -457,6 +470,28 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         }
         _ => {}
     }
+    match (req.cfg, req.adaptive_guidance) {
+        (Some(w), _) if !(w.is_finite() && w >= 0.0) => {
+            return error("E0604", format!("`--cfg` takes a scale W ≥ 0, got {w}"), "e.g. `--cfg 1.5` (1: no guidance)")
+        }
+        (None, Some(_)) => {
+            return error("E0604", "`--adaptive-guidance` turns off `--cfg`'s guidance", "add `--cfg W`")
+        }
+        (_, Some(g)) if !(-1.0..=1.0).contains(&g) => {
+            return error("E0604", format!("`--adaptive-guidance` takes a cosine in [-1, 1], got {g}"), "e.g. 0.99")
+        }
+        (Some(_), _) if req.particles.is_some() || req.no_cache => {
+            return error(
+                "E0604",
+                "`--cfg` does not combine with `--particles` or `--no-cache`",
+                "guidance runs two KV-cached streams under the policy",
+            )
+        }
+        _ => {}
+    }
+    if req.negative.is_some() && req.cfg.is_none() {
+        return error("E0604", "`--negative` is the text of `--cfg`'s unconditional stream", "add `--cfg W`");
+    }
     // The policy's expression: `--policy`, or the recipe's `decode`.
     let policy_expr = match &req.policy {
         Some(text) => {
@@ -545,7 +580,7 @@ pub fn sample(req: SampleRequest) -> ExitCode {
             Err(e) => error("E0603", e, ""),
         };
     }
-    let policy = match (regex.is_some() || req.infini_gram.is_some(), &policy_expr) {
+    let policy = match (regex.is_some() || req.infini_gram.is_some() || req.cfg.is_some(), &policy_expr) {
         (true, Some(expr)) => {
             let vocab = decode
                 .outputs
@@ -565,10 +600,21 @@ pub fn sample(req: SampleRequest) -> ExitCode {
         Ok(i) => i,
         Err(c) => return c,
     };
+    // The unconditional stream reads the prompt's last byte by default (as Transformers'
+    // classifier-free guidance reads the prompt's last token).
+    let negative: Vec<u8> = match &req.negative {
+        Some(n) => n.as_bytes().to_vec(),
+        None => prompt.as_bytes().last().map(|b| vec![*b]).unwrap_or_default(),
+    };
     let guide = policy.as_ref().map(|policy| runtime::train::Guide {
         policy,
         regex: regex.as_ref(),
         ngram: index.as_ref().map(|index| runtime::train::NgramMix { index, lambda: req.infini_gram.unwrap_or(0.0) }),
+        guidance: req.cfg.map(|scale| runtime::train::Guidance {
+            scale,
+            negative: &negative,
+            threshold: req.adaptive_guidance,
+        }),
     });
     match runtime::train::sample(&job, mode, guide, &mut out) {
         Ok(s) => {
@@ -600,6 +646,31 @@ pub fn sample(req: SampleRequest) -> ExitCode {
                         "∞-gram (λ = {}): the longest suffix of the text found in the training data had {m:.1} tokens on average",
                         req.infini_gram.unwrap_or(0.0)
                     );
+                }
+                if let Some(g) = &s.guidance {
+                    let off = match g.off_at {
+                        Some((i, gamma)) => format!(
+                            "adaptive guidance turned it off at token {} (cosine {gamma:.4} > {})",
+                            i + 1,
+                            req.adaptive_guidance.unwrap_or(1.0)
+                        ),
+                        None => "on to the end".to_string(),
+                    };
+                    eprintln!(
+                        "guidance (w = {}): {} of {} tokens guided, {off}; {} unconditional steps for {} conditional ({:.0}% more model steps)",
+                        req.cfg.unwrap_or(1.0),
+                        g.guided_tokens,
+                        s.tokens.len(),
+                        g.unconditional_steps,
+                        g.conditional_steps,
+                        100.0 * g.unconditional_steps as f64 / g.conditional_steps.max(1) as f64
+                    );
+                    if let (Some(first), Some(last)) = (g.gammas.first(), g.gammas.last()) {
+                        eprintln!(
+                            "cosine of the two streams: {first:.4} at the first token, {last:.4} at the last measured ({} measured)",
+                            g.gammas.len()
+                        );
+                    }
                 }
                 if let Some(p) = &s.profile {
                     eprint!("{p}");

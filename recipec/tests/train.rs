@@ -215,6 +215,55 @@ fn training_is_deterministic_and_resumes_bit_for_bit_after_sigkill() {
     assert!(both.status.success(), "{}", stderr(&both));
     let text = &both.stdout[4..both.stdout.len() - 1];
     assert!(yea_nay_prefix(text), "{:?}", String::from_utf8_lossy(text));
+    // Classifier-free guidance (with Adaptive Guidance). At w = 1 the guided distribution is
+    // the conditional one, so greedy text is the unguided text; so it is when the second
+    // stream reads the prompt itself (identical streams: its caches and context shifts,
+    // 64 tokens past a context of 32, mirror the first's); and when Adaptive Guidance turns
+    // guidance off at the first token (any cosine exceeds −1), the second stream runs once.
+    let greedy = ["--tokens", "60", "--prompt", "And ", "--policy", "greedy()", "--stats"];
+    let plain = sample(&a, &greedy);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let with = |extra: &[&str]| {
+        let mut v = greedy.to_vec();
+        v.extend_from_slice(extra);
+        sample(&a, &v)
+    };
+    let w1 = with(&["--cfg", "1"]);
+    assert!(w1.status.success(), "{}", stderr(&w1));
+    assert_eq!(w1.stdout, plain.stdout);
+    assert!(stderr(&w1).contains("60 of 60 tokens guided, on to the end"), "{}", stderr(&w1));
+    let same = with(&["--cfg", "3", "--negative", "And "]);
+    assert_eq!(same.stdout, plain.stdout, "{}", stderr(&same));
+    assert!(
+        stderr(&same).contains("1.0000 at the first token, 1.0000 at the last measured (60 measured)"),
+        "{}",
+        stderr(&same)
+    );
+    let off = with(&["--cfg", "3", "--negative", "xyz", "--adaptive-guidance", "-1"]);
+    assert_eq!(off.stdout, plain.stdout, "{}", stderr(&off));
+    assert!(
+        stderr(&off).contains("0 of 60 tokens guided, adaptive guidance turned it off at token 1")
+            && stderr(&off).contains("3 unconditional steps"),
+        "{}",
+        stderr(&off)
+    );
+    // Guided draws still keep a constraint.
+    let both =
+        sample(&a, &["--tokens", "60", "--prompt", "And ", "--constraint", pattern, "--cfg", "2", "--negative", "x"]);
+    assert!(both.status.success(), "{}", stderr(&both));
+    assert!(yea_nay_prefix(&both.stdout[4..both.stdout.len() - 1]), "{:?}", String::from_utf8_lossy(&both.stdout));
+    for bad in [
+        &["--adaptive-guidance", "0.9"][..],
+        &["--negative", "x"],
+        &["--cfg", "-1"],
+        &["--cfg", "2", "--adaptive-guidance", "1.5"],
+        &["--cfg", "2", "--no-cache"],
+        &["--cfg", "2", "--constraint", "a", "--particles", "2"],
+    ] {
+        let out = sample(&a, bad);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert!(stderr(&out).contains("E0604"), "{bad:?}: {}", stderr(&out));
+    }
     // Scoring the validation windows: the model alone gives the run's last validation loss
     // (the same windows; the decoding step's logits against the fused loss: rounding only);
     // a mixture with the ∞-gram model gives its own number, and a bad λ is refused.

@@ -869,6 +869,8 @@ pub struct Sampled {
     /// With an ∞-gram mixture: the mean s*, the length of the longest suffix of the text so
     /// far found in the corpus, over the generated tokens.
     pub mean_suffix: Option<f64>,
+    /// With classifier-free guidance: what it did.
+    pub guidance: Option<Guided>,
 }
 
 /// What steers sampling beyond the decoding step's own draw: the policy alone
@@ -880,6 +882,98 @@ pub struct Guide<'a> {
     pub regex: Option<&'a crate::constraint::ByteConstraint>,
     /// The ∞-gram model to mix in, and its weight.
     pub ngram: Option<NgramMix<'a>>,
+    /// Classifier-free guidance against a second, unconditional stream.
+    pub guidance: Option<Guidance<'a>>,
+}
+
+/// Classifier-free guidance for a language model (Sanchez et al., "Stay on topic with
+/// Classifier-Free Guidance", arXiv:2306.17806): a second stream reads the generated text
+/// after `negative` instead of the prompt, and the policy draws from
+/// log P̃ = log P(·|prompt) + (w − 1)·(log P(·|prompt) − log P(·|negative)), w = `scale`.
+/// With `threshold` γ̄, Adaptive Guidance (Castillo et al., AAAI 2025): at each step the
+/// cosine γ between the two streams' centered log-probabilities is measured, and from the
+/// first step where γ > γ̄ guidance is off for good — the conditional stream alone, and the
+/// unconditional stream no longer runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Guidance<'a> {
+    pub scale: f64,
+    /// The unconditional stream's text before the generated tokens (a newline when empty).
+    pub negative: &'a [u8],
+    pub threshold: Option<f64>,
+}
+
+/// Log-softmax in f64.
+fn log_probs(x: &[f64]) -> Vec<f64> {
+    let top = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = top + x.iter().map(|v| (v - top).exp()).sum::<f64>().ln();
+    x.iter().map(|v| v - lse).collect()
+}
+
+/// The guided log-probabilities log P_c + (w − 1)(log P_c − log P_u) from the conditional
+/// and unconditional logits, and γ, the cosine of the two log-probability vectors centered
+/// (their mean subtracted: logits are defined up to a constant, and so γ is) — Pearson's
+/// correlation; 1 where either is constant. Tokens either stream gives probability 0 are
+/// left out of γ.
+pub fn guided_log_probs(cond: &[f64], uncond: &[f64], scale: f64) -> (Vec<f64>, f64) {
+    let (c, u) = (log_probs(cond), log_probs(uncond));
+    let guided = c.iter().zip(&u).map(|(c, u)| if scale == 1.0 { *c } else { c + (scale - 1.0) * (c - u) }).collect();
+    let finite: Vec<(f64, f64)> =
+        c.iter().zip(&u).filter(|(a, b)| a.is_finite() && b.is_finite()).map(|(a, b)| (*a, *b)).collect();
+    let n = finite.len().max(1) as f64;
+    let (mc, mu) = (finite.iter().map(|p| p.0).sum::<f64>() / n, finite.iter().map(|p| p.1).sum::<f64>() / n);
+    let (mut dot, mut nc, mut nu) = (0.0, 0.0, 0.0);
+    for (a, b) in &finite {
+        dot += (a - mc) * (b - mu);
+        nc += (a - mc) * (a - mc);
+        nu += (b - mu) * (b - mu);
+    }
+    let cos = if nc > 0.0 && nu > 0.0 { dot / (nc.sqrt() * nu.sqrt()) } else { 1.0 };
+    (guided, cos)
+}
+
+/// Adaptive Guidance's switch: guidance stays on while γ ≤ γ̄ and turns off, for good, at
+/// the first step with γ > γ̄ (that step already unguided). Without a threshold it never
+/// turns off.
+#[derive(Clone, Debug, Default)]
+pub struct GuidanceSwitch {
+    pub threshold: Option<f64>,
+    /// The step at which guidance turned off, and its γ.
+    pub off_at: Option<(usize, f64)>,
+}
+
+impl GuidanceSwitch {
+    /// Whether guidance is still on before step `step` measures γ.
+    pub fn on(&self) -> bool {
+        self.off_at.is_none()
+    }
+    /// Records step `step`'s γ; true when this step is guided.
+    pub fn guide(&mut self, step: usize, gamma: f64) -> bool {
+        if self.off_at.is_some() {
+            return false;
+        }
+        match self.threshold {
+            Some(t) if gamma > t => {
+                self.off_at = Some((step, gamma));
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
+/// What guidance did in [`sample`].
+#[derive(Clone, Debug, Default)]
+pub struct Guided {
+    /// Tokens drawn from the guided distribution.
+    pub guided_tokens: usize,
+    /// Where Adaptive Guidance turned it off (token index, γ).
+    pub off_at: Option<(usize, f64)>,
+    /// Steps the unconditional stream ran (prompt positions included).
+    pub unconditional_steps: usize,
+    /// Steps the conditional stream ran.
+    pub conditional_steps: usize,
+    /// γ at each token while guidance was on (the last one the one that turned it off).
+    pub gammas: Vec<f64>,
 }
 
 /// P = λ·P_∞ + (1 − λ)·P_model: the ∞-gram model of a corpus ([`crate::infinigram`]) over the
@@ -910,15 +1004,31 @@ fn ngram_token(
         .enumerate()
         .map(|(v, l)| (m.lambda * d.prob(v as i32) + (1.0 - m.lambda) * (l - top).exp() / z).ln())
         .collect();
+    Ok((policy_draw(policy, st, mixed, seed)?, d.suffix_len))
+}
+
+/// Replaces the step's `logits` by `row` and draws the policy's token from it.
+fn policy_draw(
+    policy: &dyn Runner,
+    st: &mut BTreeMap<String, Value>,
+    row: Vec<f64>,
+    seed: u64,
+) -> Result<i32, RunError> {
+    let n = row.len();
     let mut pst: BTreeMap<String, Value> = BTreeMap::new();
-    let t = Tensor::new(Dtype::F32, vec![x.len()], mixed);
-    pst.insert("logits".into(), Value::Host(Buffer::from_tensor(&t)));
-    let none = Tensor::new(Dtype::Bool, vec![x.len()], vec![0.0; x.len()]);
+    pst.insert("logits".into(), Value::Host(Buffer::from_tensor(&Tensor::new(Dtype::F32, vec![n], row))));
+    let none = Tensor::new(Dtype::Bool, vec![n], vec![0.0; n]);
     pst.insert("banned".into(), Value::Host(Buffer::from_tensor(&none)));
     run_named(policy, &mut pst, BTreeMap::new(), seed)?;
     let tok = scalar(&pst, "token")? as i32;
     st.insert("logits".into(), pst.remove("logits").expect("the policy's input"));
-    Ok((tok, d.suffix_len))
+    Ok(tok)
+}
+
+/// The step's `logits` as f64.
+fn logits_row(st: &BTreeMap<String, Value>) -> Result<Vec<f64>, RunError> {
+    let logits = st.get("logits").ok_or_else(|| RunError("the decode step gives no `logits`".into()))?;
+    Ok(logits.host()?.to_tensor().data)
 }
 
 /// The token to emit after the policy chose `t`: `t` if the constraint allows it, else a
@@ -1376,12 +1486,34 @@ pub fn sample(
     };
     let mut generated = vec![];
     let started = std::time::Instant::now();
+    let guidance = guide.as_ref().and_then(|g| g.guidance);
+    let mut guided = guidance.map(|_| Guided::default());
     match &cached {
         Some(inc) => {
             let reset = |st: &mut BTreeMap<String, Value>| {
                 for (name, dtype, shape) in &inc.caches {
                     st.insert(name.clone(), Value::Host(Buffer::zeros(*dtype, shape.clone())));
                 }
+            };
+            // Classifier-free guidance's unconditional stream: the same step on its own
+            // caches, reading the negative text and then the generated tokens.
+            let mut uncond = match guidance {
+                Some(g) => {
+                    let mut ust = BTreeMap::new();
+                    for (k, v) in &st {
+                        ust.insert(k.clone(), Value::Host(v.host()?.into_owned()));
+                    }
+                    reset(&mut ust);
+                    let useq: Vec<i32> = if g.negative.is_empty() {
+                        vec![b'\n' as i32]
+                    } else {
+                        g.negative.iter().map(|&b| b as i32).collect()
+                    };
+                    let pending = useq[useq.len().saturating_sub(context)..].to_vec();
+                    let switch = GuidanceSwitch { threshold: g.threshold, off_at: None };
+                    Some((ust, useq, pending, 0usize, switch))
+                }
+                None => None,
             };
             reset(&mut st);
             let mut filled = 0usize;
@@ -1394,7 +1526,31 @@ pub fn sample(
                     run_named(&exe, &mut st, extra, step_seed(seed, i + 1))?;
                     filled += 1;
                 }
-                let Some(t) = choose(scalar(&st, "token")? as i32, &mut st, &seq, i)? else {
+                let mut t = scalar(&st, "token")? as i32;
+                if let (Some((ust, _, upending, ufilled, switch)), Some(g), Some(report), Some(p)) =
+                    (&mut uncond, guidance, &mut guided, &policy)
+                {
+                    report.conditional_steps += pending.len();
+                    if switch.on() {
+                        for &u in upending.iter() {
+                            let mut extra = BTreeMap::new();
+                            extra.insert("tokens".to_string(), i32_buffer(vec![1, 1], &[u]));
+                            extra.insert("pos".to_string(), i32_buffer(vec![], &[*ufilled as i32]));
+                            run_named(&exe, ust, extra, step_seed(seed, i + 1))?;
+                            *ufilled += 1;
+                            report.unconditional_steps += 1;
+                        }
+                        let (row, gamma) = guided_log_probs(&logits_row(&st)?, &logits_row(ust)?, g.scale);
+                        report.gammas.push(gamma);
+                        if switch.guide(i, gamma) {
+                            t = policy_draw(p.as_ref(), &mut st, row, step_seed(seed, i + 1))?;
+                            report.guided_tokens += 1;
+                        } else {
+                            report.off_at = switch.off_at;
+                        }
+                    }
+                }
+                let Some(t) = choose(t, &mut st, &seq, i)? else {
                     stopped = Some(no_more);
                     break;
                 };
@@ -1408,7 +1564,22 @@ pub fn sample(
                 } else {
                     pending = vec![t];
                 }
+                if let Some((ust, useq, upending, ufilled, switch)) = &mut uncond {
+                    if switch.on() {
+                        useq.push(t);
+                        if *ufilled == context {
+                            reset(ust);
+                            *ufilled = 0;
+                            *upending = useq[useq.len() - (context / 2).max(1)..].to_vec();
+                        } else {
+                            *upending = vec![t];
+                        }
+                    }
+                }
             }
+        }
+        None if guidance.is_some() => {
+            return Err(RunError("classifier-free guidance runs the KV-cached step".into()));
         }
         None => {
             for i in 0..n {
@@ -1441,8 +1612,56 @@ pub fn sample(
             .as_ref()
             .and_then(|g| g.ngram.as_ref())
             .map(|_| suffixes as f64 / generated.len().max(1) as f64),
+        guidance: guided,
         tokens: generated,
         decoding: if cached.is_some() { Decoding::Cached } else { Decoding::Window },
         fallback,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Adaptive Guidance's rule on a synthetic γ sequence: on while γ ≤ γ̄, off from the
+    /// first crossing (that step unguided), and never on again, even when γ falls back.
+    #[test]
+    fn adaptive_guidance_switches_off_once_at_the_first_crossing() {
+        let gammas = [0.80, 0.90, 0.95, 0.99, 0.991, 0.5, 0.3, 0.999];
+        let mut sw = GuidanceSwitch { threshold: Some(0.99), off_at: None };
+        let guided: Vec<bool> = gammas.iter().enumerate().map(|(i, &g)| sw.guide(i, g)).collect();
+        assert_eq!(guided, [true, true, true, true, false, false, false, false]);
+        assert_eq!(sw.off_at, Some((4, 0.991)));
+        assert!(!sw.on());
+        // Without a threshold: plain classifier-free guidance at every step.
+        let mut plain = GuidanceSwitch::default();
+        assert!(gammas.iter().enumerate().all(|(i, &g)| plain.guide(i, g)));
+        assert!(plain.on());
+    }
+
+    #[test]
+    fn guided_log_probs_follow_the_formula() {
+        let cond = [2.0, 0.5, -1.0, 0.0];
+        let uncond = [0.0, 1.0, -3.0, 0.5];
+        let lp = |x: &[f64]| {
+            let z: f64 = x.iter().map(|v| v.exp()).sum::<f64>().ln();
+            x.iter().map(|v| v - z).collect::<Vec<f64>>()
+        };
+        let (c, u) = (lp(&cond), lp(&uncond));
+        let (g, gamma) = guided_log_probs(&cond, &uncond, 1.5);
+        for k in 0..4 {
+            assert!((g[k] - (c[k] + 0.5 * (c[k] - u[k]))).abs() < 1e-12);
+        }
+        // γ is Pearson's correlation of the two rows (shift-invariant).
+        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+        let (mc, mu) = (mean(&cond), mean(&uncond));
+        let dot: f64 = cond.iter().zip(&uncond).map(|(a, b)| (a - mc) * (b - mu)).sum();
+        let norm = |x: &[f64], m: f64| x.iter().map(|a| (a - m) * (a - m)).sum::<f64>().sqrt();
+        assert!((gamma - dot / (norm(&cond, mc) * norm(&uncond, mu))).abs() < 1e-12);
+        let shifted: Vec<f64> = uncond.iter().map(|v| v + 7.0).collect();
+        assert!((guided_log_probs(&cond, &shifted, 1.5).1 - gamma).abs() < 1e-12);
+        // w = 1: the conditional log-probabilities exactly; identical rows: γ = 1.
+        assert_eq!(guided_log_probs(&cond, &uncond, 1.0).0, c);
+        assert!((guided_log_probs(&cond, &cond, 3.0).1 - 1.0).abs() < 1e-12);
+    }
 }
