@@ -427,9 +427,10 @@ shorter expression or fewer bounded repetitions (`a{1000}`).";
 
 "E0605", "invalid compression request",
 "`recipec compress DIR` quantizes a trained run's weight matrices to an average bit width \
-(`--bits`), one of the widths a matrix may take (`--levels`, increasing, equally spaced, \
-within 2..16 bits: a level switch moves one step up in one matrix and one down in another of \
-the same size, which keeps the total only when the steps are equal). `--selection` lists \
+(`--bits`) or prunes them to an average sparsity (`--sparsity`, not both), one of the levels \
+a matrix may take (`--levels`, increasing, equally spaced: whole bit widths within 2..16, or \
+sparsities in [0, 1); a level switch moves one step up in one matrix and one down in another \
+of the same size, which keeps the total only when the steps are equal). `--selection` lists \
 SURVIVORS:BATCHES stages whose survivors never grow and whose batches never shrink, the last \
 keeping one; `--units` is a selector (`model.blocks.**`) that must select at least one f32 \
 matrix whose last axis `--group` divides. The new run is written to `--out` (default \

@@ -1,8 +1,9 @@
-//! `recipec compress`: a trained run's weight matrices quantized to a bit budget, with the bit
-//! width of each matrix chosen by EvoPress's evolutionary search ([`runtime::compress`]).
+//! `recipec compress`: a trained run's weight matrices quantized to a bit budget (or pruned to
+//! a sparsity), with the bit width (the sparsity) of each matrix chosen by EvoPress's
+//! evolutionary search ([`runtime::compress`]).
 
 use crate::train::{backend, error, open_run, Run};
-use runtime::compress::{quantize_groups, search, SearchOptions, Unit};
+use runtime::compress::{prune_magnitude, quantize_groups, search, SearchOptions, Unit};
 use runtime::train::{compile, run_named};
 use runtime::{Buffer, Value};
 use std::collections::BTreeMap;
@@ -15,13 +16,18 @@ use std::process::ExitCode;
 pub struct CompressRequest {
     /// The `--out` directory of `recipec train`.
     pub dir: PathBuf,
-    /// The average bit width of the compressed matrices (one of `--levels`): every matrix
-    /// starts there, and the search moves bits between matrices of the same size.
-    #[arg(long, default_value_t = 4)]
-    pub bits: u32,
-    /// The bit widths a matrix may take, equally spaced, e.g. `2,3,4,5,6,7,8`.
-    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8")]
-    pub levels: Vec<u32>,
+    /// The average bit width of the quantized matrices (one of `--levels`; default 4): every
+    /// matrix starts there, and the search moves bits between matrices of the same size.
+    #[arg(long)]
+    pub bits: Option<u32>,
+    /// Prune instead of quantizing: the average sparsity of the matrices (one of `--levels`),
+    /// each pruned by magnitude, the search moving sparsity between matrices of the same size.
+    #[arg(long, allow_negative_numbers = true)]
+    pub sparsity: Option<f64>,
+    /// The bit widths (sparsities) a matrix may take, equally spaced (default: `2,3,4,5,6,7,8`
+    /// bits; sparsities `0,0.1,…,0.9`).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub levels: Option<Vec<f64>>,
     /// Quantization group: this many consecutive weights along a matrix's last axis share
     /// a scale (as the stdlib's `quantize_groups`).
     #[arg(long, default_value_t = 64)]
@@ -46,7 +52,8 @@ pub struct CompressRequest {
     /// Seed of the search (default: the recipe's seed).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// The new run directory (default: `DIR-wBITS`, beside the run).
+    /// The new run directory (default: `DIR-wBITS`, or `DIR-sPERCENT` when pruning, beside
+    /// the run).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// `cranelift`, `llvm` (the default in builds with the `llvm` feature) or `cuda`.
@@ -74,8 +81,40 @@ fn parse_selector(text: &str) -> Result<Vec<lang::ast::SelectorSegment>, String>
         .collect()
 }
 
-fn equally_spaced(levels: &[u32]) -> bool {
-    levels.len() >= 2 && levels.windows(2).all(|w| w[1] > w[0] && w[1] - w[0] == levels[1] - levels[0])
+fn equally_spaced(levels: &[f64]) -> bool {
+    levels.len() >= 2
+        && levels.windows(2).all(|w| w[1] > w[0] && ((w[1] - w[0]) - (levels[1] - levels[0])).abs() < 1e-9)
+}
+
+/// What a level does to a matrix.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Round-to-nearest group quantization to `level` bits.
+    Quantize { group: usize },
+    /// Magnitude pruning to sparsity `level`.
+    Prune,
+}
+
+impl Mode {
+    /// The quantity a level is: `bits` or `sparsity`.
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Quantize { .. } => "bits",
+            Mode::Prune => "sparsity",
+        }
+    }
+    fn apply(self, w: &Buffer, level: f64) -> Result<Vec<f32>, runtime::RunError> {
+        match self {
+            Mode::Quantize { group } => quantize_groups(w.f32s(), w.shape[1], level as u32, group),
+            Mode::Prune => prune_magnitude(w.f32s(), level),
+        }
+    }
+    fn show(self, level: f64) -> String {
+        match self {
+            Mode::Quantize { .. } => format!("{level}"),
+            Mode::Prune => format!("{:.0}%", level * 100.0),
+        }
+    }
 }
 
 pub fn compress(req: CompressRequest) -> ExitCode {
@@ -83,18 +122,39 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         Ok(b) => b,
         Err(c) => return c,
     };
-    if !equally_spaced(&req.levels) || req.levels[0] < 2 || *req.levels.last().unwrap() > 16 {
+    let (mode, target, levels) = match (req.bits, req.sparsity) {
+        (Some(_), Some(_)) => {
+            return error("E0605", "`--bits` and `--sparsity` do not combine", "quantize or prune, one at a time")
+        }
+        (None, Some(s)) => {
+            let levels = req.levels.clone().unwrap_or_else(|| (0..10).map(|k| k as f64 / 10.0).collect());
+            (Mode::Prune, s, levels)
+        }
+        (bits, None) => {
+            let levels = req.levels.clone().unwrap_or_else(|| (2..=8).map(|b| b as f64).collect());
+            (Mode::Quantize { group: req.group }, bits.unwrap_or(4) as f64, levels)
+        }
+    };
+    let in_range = |l: &f64| match mode {
+        Mode::Quantize { .. } => l.fract() == 0.0 && (2.0..=16.0).contains(l),
+        Mode::Prune => (0.0..1.0).contains(l),
+    };
+    if !equally_spaced(&levels) || !levels.iter().all(in_range) {
+        let range = match mode {
+            Mode::Quantize { .. } => "whole bit widths within 2..16",
+            Mode::Prune => "sparsities in [0, 1)",
+        };
         return error(
             "E0605",
-            format!("`--levels {:?}`: the levels must be increasing, equally spaced, within 2..16 bits", req.levels),
+            format!("`--levels {levels:?}`: the levels must be increasing, equally spaced, {range}"),
             "a level switch moves one step up in one matrix and one down in another: equal steps keep the total",
         );
     }
-    let Some(start_level) = req.levels.iter().position(|&l| l == req.bits) else {
+    let Some(start_level) = levels.iter().position(|&l| (l - target).abs() < 1e-9) else {
         return error(
             "E0605",
-            format!("`--bits {}` is not one of `--levels`", req.bits),
-            "e.g. `--bits 4 --levels 2,3,4,5,6`",
+            format!("`--{} {target}` is not one of `--levels` {levels:?}", mode.name()),
+            "e.g. `--bits 4 --levels 2,3,4,5,6` or `--sparsity 0.5 --levels 0,0.25,0.5,0.75`",
         );
     };
     let stages = match runtime::compress::parse_stages(&req.selection) {
@@ -125,7 +185,11 @@ pub fn compress(req: CompressRequest) -> ExitCode {
     let units: Vec<Unit> = plan
         .params
         .iter()
-        .filter(|p| p.shape.len() == 2 && p.dtype == lang::types::Dtype::F32 && p.shape[1] % req.group == 0)
+        .filter(|p| p.shape.len() == 2 && p.dtype == lang::types::Dtype::F32)
+        .filter(|p| match mode {
+            Mode::Quantize { group } => p.shape[1] % group == 0,
+            Mode::Prune => true,
+        })
         .filter(|p| {
             let path: Vec<String> = p.path.split('.').map(|s| s.to_string()).collect();
             lang::recipe::selector_matches(&selector, &path)
@@ -135,13 +199,22 @@ pub fn compress(req: CompressRequest) -> ExitCode {
     if units.is_empty() {
         return error(
             "E0605",
-            format!("`--units {}` selects no f32 matrix whose last axis a group of {} divides", req.units, req.group),
+            match mode {
+                Mode::Quantize { group } => {
+                    format!("`--units {}` selects no f32 matrix whose last axis a group of {group} divides", req.units)
+                }
+                Mode::Prune => format!("`--units {}` selects no f32 matrix", req.units),
+            },
             "list the parameters with `recipec build RECIPE`; try a smaller `--group`",
         );
     }
     let out = req.out.clone().unwrap_or_else(|| {
         let name = req.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-        req.dir.with_file_name(format!("{name}-w{}", req.bits))
+        let suffix = match mode {
+            Mode::Quantize { .. } => format!("w{target}"),
+            Mode::Prune => format!("s{:02.0}", target * 100.0),
+        };
+        req.dir.with_file_name(format!("{name}-{suffix}"))
     });
     if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return error(
@@ -163,13 +236,13 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         Ok(e) => e,
         Err(e) => return error("E0603", e, ""),
     };
-    // The database: every unit at every level, quantized once.
+    // The database: every unit at every level, compressed once.
     let mut database: Vec<Vec<Buffer>> = vec![];
     for u in &units {
         let w = &dense[&u.path];
         let mut row = vec![];
-        for &bits in &req.levels {
-            match quantize_groups(w.f32s(), w.shape[1], bits, req.group) {
+        for &level in &levels {
+            match mode.apply(w, level) {
                 Ok(q) => {
                     let mut b = Buffer::zeros(w.dtype, w.shape.clone());
                     b.f32s_mut().copy_from_slice(&q);
@@ -217,13 +290,16 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         seed: req.seed.unwrap_or(seed),
     };
     let total: usize = units.iter().map(|u| u.numel).sum();
+    let what = match mode {
+        Mode::Quantize { group } => format!("at {target} bits on average, groups of {group}"),
+        Mode::Prune => format!("at {:.0}% sparsity on average, by magnitude", target * 100.0),
+    };
+    let shown: Vec<String> = levels.iter().map(|&l| mode.show(l)).collect();
     eprintln!(
-        "{} matrices ({} weights) at {} bits on average, levels {:?}, groups of {}; calibration: training batches of {}×{}",
+        "{} matrices ({} weights) {what}, levels {}; calibration: training batches of {}×{}",
         units.len(),
         total,
-        req.bits,
-        req.levels,
-        req.group,
+        shown.join(", "),
         d.batch,
         d.context
     );
@@ -240,8 +316,7 @@ pub fn compress(req: CompressRequest) -> ExitCode {
             eprintln!("generation {g}/{}: calibration loss {f:.4}", req.generations);
         }
     };
-    let found = match search(&units, vec![start_level; units.len()], req.levels.len(), &opts, &mut loss, &mut progress)
-    {
+    let found = match search(&units, vec![start_level; units.len()], levels.len(), &opts, &mut loss, &mut progress) {
         Ok(f) => f,
         Err(e) => return error("E0603", e, ""),
     };
@@ -254,14 +329,16 @@ pub fn compress(req: CompressRequest) -> ExitCode {
             (Ok(a), Ok(b), Ok(c)) => (a, b, c),
             (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return error("E0603", e, ""),
         };
-    let bits_of = |l: usize| req.levels[l];
-    let mean_bits =
-        found.levels.iter().zip(&units).map(|(&l, u)| bits_of(l) as f64 * u.numel as f64).sum::<f64>() / total as f64;
-    println!("{:<40} {:>9} {:>5}", "matrix", "weights", "bits");
+    let name = mode.name();
+    let mean = found.levels.iter().zip(&units).map(|(&l, u)| levels[l] * u.numel as f64).sum::<f64>() / total as f64;
+    println!("{:<40} {:>9} {:>8}", "matrix", "weights", name);
     for (u, &l) in units.iter().zip(&found.levels) {
-        println!("{:<40} {:>9} {:>5}", u.path, u.numel, bits_of(l));
+        println!("{:<40} {:>9} {:>8}", u.path, u.numel, mode.show(levels[l]));
     }
-    println!("average: {mean_bits:.3} bits per weight (target {})", req.bits);
+    match mode {
+        Mode::Quantize { .. } => println!("average: {mean:.3} bits per weight (target {target})"),
+        Mode::Prune => println!("average: {:.2}% of the weights pruned (target {})", mean * 100.0, mode.show(target)),
+    }
     println!(
         "calibration loss ({} batches): uniform {:.4}, searched {:.4}",
         opts.stages.last().map(|s| s.batches).unwrap_or(1),
@@ -269,13 +346,17 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         found.fitness
     );
     println!(
-        "validation loss: dense {val_dense:.4}, uniform {} bits {val_uniform:.4} ({:+.4}), searched {val_found:.4} ({:+.4})",
-        req.bits,
+        "validation loss: dense {val_dense:.4}, uniform {} {name} {val_uniform:.4} ({:+.4}), searched {val_found:.4} ({:+.4})",
+        mode.show(target),
         val_uniform - val_dense,
         val_found - val_dense
     );
     eprintln!("{} evaluations of a calibration batch in {:.1} s", found.evaluations, started.elapsed().as_secs_f64());
-    // The new run directory: the run's recipe and metadata, the quantized checkpoint, and
+    let level_json = |l: f64| match mode {
+        Mode::Quantize { .. } => serde_json::json!(l as u64),
+        Mode::Prune => serde_json::json!(l),
+    };
+    // The new run directory: the run's recipe and metadata, the compressed checkpoint, and
     // what the search chose. Written into a temporary directory renamed at the end, so an
     // interrupted write leaves nothing that looks like a run.
     let tmp = out.with_file_name(format!(
@@ -292,29 +373,34 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         for (i, u) in units.iter().enumerate() {
             ck.tensors.insert(u.path.clone(), database[i][found.levels[i]].clone());
         }
-        ck.metadata.insert(
-            "compressed".into(),
-            format!(
-                "evopress: {mean_bits:.3} bits on average, round-to-nearest groups of {}; see compress.json",
-                req.group
-            ),
-        );
+        let how = match mode {
+            Mode::Quantize { group } => format!("{mean:.3} bits on average, round-to-nearest groups of {group}"),
+            Mode::Prune => format!("{:.2}% sparsity on average, by magnitude", mean * 100.0),
+        };
+        ck.metadata.insert("compressed".into(), format!("evopress: {how}; see compress.json"));
         ck.save(&tmp.join("checkpoint.safetensors")).map_err(|e| e.0)?;
-        let report = serde_json::json!({
+        let mut report = serde_json::json!({
             "source": req.dir.display().to_string(),
             "step": step,
-            "bits": req.bits,
-            "levels": req.levels,
-            "group": req.group,
-            "mean_bits": mean_bits,
+            "mode": match mode { Mode::Quantize { .. } => "quantize", Mode::Prune => "prune" },
+            "levels": levels.iter().map(|&l| level_json(l)).collect::<Vec<_>>(),
             "search": {
                 "generations": opts.generations, "offspring": opts.offspring, "selection": req.selection,
                 "mutations": opts.max_mutations, "seed": opts.seed, "evaluations": found.evaluations,
                 "calibration_uniform": found.initial, "calibration_searched": found.fitness, "history": found.history,
             },
             "validation": { "dense": val_dense, "uniform": val_uniform, "searched": val_found },
-            "bits_per_matrix": units.iter().zip(&found.levels).map(|(u, &l)| (u.path.clone(), bits_of(l))).collect::<BTreeMap<_, _>>(),
         });
+        report[name] = level_json(target);
+        report[format!("mean_{name}")] = serde_json::json!(mean);
+        report[format!("{name}_per_matrix")] = serde_json::json!(units
+            .iter()
+            .zip(&found.levels)
+            .map(|(u, &l)| (u.path.clone(), level_json(levels[l])))
+            .collect::<BTreeMap<_, _>>());
+        if let Mode::Quantize { group } = mode {
+            report["group"] = serde_json::json!(group);
+        }
         std::fs::write(tmp.join("compress.json"), format!("{:#}\n", report))
             .map_err(|e| format!("cannot write compress.json: {e}"))?;
         if out.exists() {

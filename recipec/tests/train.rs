@@ -570,6 +570,36 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
         serde_json::from_str(&std::fs::read_to_string(u.join("compress.json")).unwrap()).unwrap();
     assert!(ru["bits_per_matrix"].as_object().unwrap().values().all(|b| b.as_u64() == Some(3)));
     assert_eq!(ru["validation"]["searched"], val["uniform"]);
+    // Pruning: magnitude pruning at sparsity levels, 50% of the weights on average.
+    let pruned = dir.join("s50");
+    let c4 = recipec()
+        .arg("compress")
+        .arg(&run)
+        .args(["--sparsity", "0.5", "--levels", "0,0.25,0.5,0.75"])
+        .args(search)
+        .arg("--out")
+        .arg(&pruned)
+        .output()
+        .unwrap();
+    assert!(c4.status.success(), "{}", stderr(&c4));
+    let rp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pruned.join("compress.json")).unwrap()).unwrap();
+    assert_eq!(rp["mode"], "prune");
+    let ckp = runtime::checkpoint::Checkpoint::load(&pruned.join("checkpoint.safetensors")).unwrap();
+    let (mut zeros, mut total) = (0usize, 0usize);
+    for (path, s) in rp["sparsity_per_matrix"].as_object().unwrap() {
+        let w = ckp.tensors[path].f32s();
+        let z = w.iter().filter(|x| **x == 0.0).count();
+        assert_eq!(z, (s.as_f64().unwrap() * w.len() as f64).round() as usize, "{path}");
+        // The survivors are the dense weights, unchanged.
+        let d = dense.tensors[path].f32s();
+        assert!(w.iter().zip(d).all(|(a, b)| *a == 0.0 || a == b), "{path}");
+        zeros += z;
+        total += w.len();
+    }
+    assert_eq!(zeros * 2, total);
+    let s = &rp["search"];
+    assert!(s["calibration_searched"].as_f64().unwrap() < s["calibration_uniform"].as_f64().unwrap(), "{s}");
     // Refused with a code, writing nothing: an occupied --out, and bad options.
     let before = std::fs::read(a.join("checkpoint.safetensors")).unwrap();
     let busy = compress(&a, &[]);
@@ -582,8 +612,15 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
         &["--selection", "2:1"],
         &["--units", "model..wte"],
         &["--units", "model.nothing"],
+        &["--sparsity", "0.5"],
     ] {
         let out = compress(&dir.join("never"), bad);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert!(stderr(&out).contains("E0605"), "{bad:?}: {}", stderr(&out));
+        assert!(!dir.join("never").exists());
+    }
+    for bad in [&["--sparsity", "0.55"][..], &["--sparsity", "0.5", "--levels", "0.5,1,1.5"], &["--sparsity", "-0.1"]] {
+        let out = recipec().arg("compress").arg(&run).args(bad).arg("--out").arg(dir.join("never")).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{bad:?}");
         assert!(stderr(&out).contains("E0605"), "{bad:?}: {}", stderr(&out));
         assert!(!dir.join("never").exists());

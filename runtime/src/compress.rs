@@ -12,7 +12,8 @@
 //!   stage keeps one, the next parent. The parent competes, so the fitness never gets worse.
 //!
 //! The database here is round-to-nearest group quantization ([`quantize_groups`], the
-//! stdlib's `quantize_groups`), not GPTQ; the fitness is the caller's (in `recipec compress`,
+//! stdlib's `quantize_groups`), not GPTQ, or magnitude pruning to a sparsity
+//! ([`prune_magnitude`]), not SparseGPT; the fitness is the caller's (in `recipec compress`,
 //! the recipe's loss on training batches).
 
 use crate::RunError;
@@ -34,6 +35,22 @@ pub fn quantize_groups(w: &[f32], last: usize, bits: u32, group: usize) -> Resul
         let scale = g.iter().fold(0.0f32, |m, x| m.max(x.abs())) / top;
         let safe = if scale > 0.0 { scale } else { 1.0 };
         out.extend(g.iter().map(|x| (x / safe).round_ties_even().min(top).max(-top - 1.0) * scale));
+    }
+    Ok(out)
+}
+
+/// Unstructured magnitude pruning to an exact sparsity: the round(s·n) weights of smallest
+/// magnitude (ties: the lower index first) set to zero, the rest kept as they are.
+pub fn prune_magnitude(w: &[f32], sparsity: f64) -> Result<Vec<f32>, RunError> {
+    if !(0.0..1.0).contains(&sparsity) {
+        return Err(RunError(format!("sparsity {sparsity}: pruning takes a sparsity in [0, 1)")));
+    }
+    let k = ((sparsity * w.len() as f64).round() as usize).min(w.len());
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
+    let mut out = w.to_vec();
+    for &i in &order[..k] {
+        out[i] = 0.0;
     }
     Ok(out)
 }
@@ -282,6 +299,24 @@ mod tests {
         assert!(parse_stages("2:4,1:1").is_err());
         assert!(parse_stages("0:1,1:2").is_err());
         assert!(parse_stages("x").is_err());
+    }
+
+    #[test]
+    fn pruning_zeroes_exactly_the_smallest_magnitudes() {
+        let w: Vec<f32> = (0..100).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        for s in [0.0, 0.1, 0.25, 0.5, 0.9] {
+            let p = prune_magnitude(&w, s).unwrap();
+            let zeros = p.iter().filter(|x| **x == 0.0).count();
+            // w holds one exact zero (at 50/7·7 = 50 → i·37 % 101 = 50), already pruned first.
+            assert_eq!(zeros, ((s * 100.0) as usize).max(1), "{s}");
+            let cut = w.iter().zip(&p).filter(|(_, q)| **q == 0.0).map(|(a, _)| a.abs()).fold(0.0f32, f32::max);
+            let kept = w.iter().zip(&p).filter(|(_, q)| **q != 0.0).map(|(a, _)| a.abs()).fold(f32::INFINITY, f32::min);
+            assert!(cut <= kept, "{s}: pruned {cut} > kept {kept}");
+            assert!(w.iter().zip(&p).all(|(a, q)| *q == 0.0 || q == a));
+        }
+        // Ties go to the lower index.
+        assert_eq!(prune_magnitude(&[1.0, -1.0, 1.0, 2.0], 0.5).unwrap(), vec![0.0, 0.0, 1.0, 2.0]);
+        assert!(prune_magnitude(&[1.0], 1.0).is_err());
     }
 
     #[test]
