@@ -788,6 +788,54 @@ pub fn decode_graph(
     Ok(lw.graph)
 }
 
+/// The model's next-token logits over a batch: input `tokens: i32[batch, context]`, output
+/// `logits`, the `[batch · context, V]` rows of `model.logits(tokens)` (what `recipec
+/// compress` compares between a dense and a compressed model). `masked` parameters enter
+/// multiplied by their masks, as in training's forward pass.
+pub fn logits_graph(
+    modules: &Modules,
+    db: &SourceDb,
+    r: ItemRef,
+    masked: &[String],
+    batch: usize,
+    context: usize,
+) -> R<Graph> {
+    let f = file_of(modules, r);
+    let (mut lw, _) = recipe_lowerer(modules, db, r, "logits")?;
+    lw.masked = masked.iter().cloned().collect();
+    let tokens =
+        lw.node(Op::Input { index: 0, name: "tokens".into() }, Dtype::I32, vec![batch, context], &[], "tokens")?;
+    lw.bind("__tokens", Val::T(tokens));
+    let sp = modules.item(r).span;
+    let call = Expr::new(
+        ExprKind::Call {
+            callee: Box::new(Expr::new(
+                ExprKind::Field {
+                    base: Box::new(Expr::new(ExprKind::Name("model".into()), sp)),
+                    name: Ident { name: "logits".into(), span: sp },
+                },
+                sp,
+            )),
+            args: vec![lang::ast::Arg { name: None, value: Expr::new(ExprKind::Name("__tokens".into()), sp) }],
+        },
+        sp,
+    );
+    let need = || fail("the model needs `fn logits(tokens: i32[B, S]) -> f32[B * S, V]`", Some((f, sp)));
+    let logits = match lw.expr(&call) {
+        Ok(Val::T(n)) => n,
+        _ => return need(),
+    };
+    let ls = lw.graph.node(logits).shape.clone();
+    if ls.len() != 2 || ls[0] != batch * context {
+        return fail(
+            format!("`model.logits` must give [B * S, V] rows for B * S = {}, found {ls:?}", batch * context),
+            Some((f, sp)),
+        );
+    }
+    lw.graph.outputs.push(("logits".into(), logits));
+    Ok(lw.graph)
+}
+
 /// The policy alone, for constrained sampling (`recipec sample --constraint`): inputs
 /// `logits: f32[V]` (the model's row, as `decode` outputs it) and `banned: bool[V]`; output
 /// `token`, the policy's choice on the logits with the banned tokens' set to −∞.

@@ -432,7 +432,8 @@ a matrix may take (`--levels`, increasing, equally spaced: whole bit widths with
 sparsities in [0, 1); a level switch moves one step up in one matrix and one down in another \
 of the same size, which keeps the total only when the steps are equal). `--selection` lists \
 SURVIVORS:BATCHES stages whose survivors never grow and whose batches never shrink, the last \
-keeping one; `--units` is a selector (`model.blocks.**`) that must select at least one f32 \
+keeping one; `--fitness` is `kl` (which needs the model's `logits` method) or `loss`; \
+`--units` is a selector (`model.blocks.**`) that must select at least one f32 \
 matrix whose last axis `--group` divides. The new run is written to `--out` (default \
 `DIR-wBITS`), which must not exist or be empty. Nothing is written otherwise.",
 "recipec compress runs/tiny_gpt --bits 3 --levels 2,4,6",

@@ -49,6 +49,11 @@ pub struct CompressRequest {
     /// Level switches per offspring: 1 to this many.
     #[arg(long, default_value_t = 2)]
     pub mutations: usize,
+    /// What the search minimizes on the calibration batches: `kl`, the mean KL divergence
+    /// from the dense model's next-token distribution to the compressed one's (EvoPress's
+    /// default; needs the model's `logits` method), or `loss`, the recipe's loss.
+    #[arg(long, default_value = "kl")]
+    pub fitness: String,
     /// Seed of the search (default: the recipe's seed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -167,7 +172,12 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         Ok(s) => s,
         Err(e) => return error("E0605", format!("`--units`: {e}"), "e.g. `--units 'model.blocks.**'`"),
     };
-    let Run { plan, source_path, .. } = match open_run(&req.dir, false) {
+    let kl = match req.fitness.as_str() {
+        "kl" => true,
+        "loss" => false,
+        other => return error("E0605", format!("`--fitness {other}`"), "the fitness is `kl` or `loss`"),
+    };
+    let Run { plan, source_path, db, analysis, r } = match open_run(&req.dir, false) {
         Ok(x) => x,
         Err(c) => return c,
     };
@@ -236,6 +246,28 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         Ok(e) => e,
         Err(e) => return error("E0603", e, ""),
     };
+    // The KL fitness reads the model's logits over a batch.
+    let logits_exe = if kl {
+        let masked: Vec<String> = plan.params.iter().filter(|p| p.sparsity.is_some()).map(|p| p.path.clone()).collect();
+        let g =
+            match compiler::train::logits_graph(&analysis.modules, &db, r, &masked, plan.data.batch, plan.data.context)
+            {
+                Ok(g) => g,
+                Err(e) => {
+                    return error(
+                        "E0605",
+                        format!("`--fitness kl`: {}", e.message),
+                        "use `--fitness loss` (the recipe's loss)",
+                    )
+                }
+            };
+        match compile(&g, be) {
+            Ok(e) => Some(e),
+            Err(e) => return error("E0603", e, ""),
+        }
+    } else {
+        None
+    };
     // The database: every unit at every level, compressed once.
     let mut database: Vec<Vec<Buffer>> = vec![];
     for u in &units {
@@ -303,17 +335,51 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         d.batch,
         d.context
     );
+    // Log-probabilities of every position of a calibration batch under an assignment (None:
+    // the dense model).
+    let log_probs = |levels: Option<&[usize]>, x: Vec<i32>| -> Result<Vec<f64>, runtime::RunError> {
+        let exe = logits_exe.as_ref().expect("the KL fitness");
+        let mut state = state_for(levels);
+        let mut extra = BTreeMap::new();
+        extra.insert("tokens".to_string(), runtime::train::i32_buffer(vec![d.batch, d.context], &x));
+        run_named(exe.as_ref(), &mut state, extra, seed)?;
+        let l = state.get("logits").ok_or_else(|| runtime::RunError("no `logits`".into()))?.host()?.to_tensor();
+        let v = *l.shape.last().unwrap_or(&1);
+        let mut out = Vec::with_capacity(l.data.len());
+        for row in l.data.chunks(v) {
+            let top = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = top + row.iter().map(|x| (x - top).exp()).sum::<f64>().ln();
+            out.extend(row.iter().map(|x| x - lse));
+        }
+        Ok(out)
+    };
+    let mut dense_rows: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut loss = |levels: &[usize], b: usize| {
         let (x, y) = corpus.train_batch(b as u64);
-        batch_loss(&mut state_for(Some(levels)), x, y)
+        if !kl {
+            return batch_loss(&mut state_for(Some(levels)), x, y);
+        }
+        if !dense_rows.contains_key(&b) {
+            dense_rows.insert(b, log_probs(None, x.clone())?);
+        }
+        let p = &dense_rows[&b];
+        let q = log_probs(Some(levels), x)?;
+        let positions = d.batch * d.context;
+        let v = p.len() / positions;
+        let mut total = 0.0;
+        for (pr, qr) in p.chunks(v).zip(q.chunks(v)) {
+            total += pr.iter().zip(qr).filter(|(a, _)| a.is_finite()).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+        }
+        Ok(total / positions as f64)
     };
     let tty = std::io::stderr().is_terminal();
+    let fitness = if kl { "KL" } else { "loss" };
     let mut progress = |g: usize, f: f64| {
         if tty {
-            eprint!("\rgeneration {g}/{}: calibration loss {f:.4}   ", req.generations);
+            eprint!("\rgeneration {g}/{}: calibration {fitness} {f:.4}   ", req.generations);
             let _ = std::io::stderr().flush();
         } else {
-            eprintln!("generation {g}/{}: calibration loss {f:.4}", req.generations);
+            eprintln!("generation {g}/{}: calibration {fitness} {f:.4}", req.generations);
         }
     };
     let found = match search(&units, vec![start_level; units.len()], levels.len(), &opts, &mut loss, &mut progress) {
@@ -340,7 +406,8 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         Mode::Prune => println!("average: {:.2}% of the weights pruned (target {})", mean * 100.0, mode.show(target)),
     }
     println!(
-        "calibration loss ({} batches): uniform {:.4}, searched {:.4}",
+        "calibration {} ({} batches): uniform {:.4}, searched {:.4}",
+        if kl { "KL to the dense model" } else { "loss" },
         opts.stages.last().map(|s| s.batches).unwrap_or(1),
         found.initial,
         found.fitness
@@ -385,6 +452,7 @@ pub fn compress(req: CompressRequest) -> ExitCode {
             "mode": match mode { Mode::Quantize { .. } => "quantize", Mode::Prune => "prune" },
             "levels": levels.iter().map(|&l| level_json(l)).collect::<Vec<_>>(),
             "search": {
+                "fitness": req.fitness,
                 "generations": opts.generations, "offspring": opts.offspring, "selection": req.selection,
                 "mutations": opts.max_mutations, "seed": opts.seed, "evaluations": found.evaluations,
                 "calibration_uniform": found.initial, "calibration_searched": found.fitness, "history": found.history,

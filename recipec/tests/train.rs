@@ -536,6 +536,7 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
     assert_eq!(weighted / total, 3.0);
     assert!(bits.values().any(|b| b.as_u64() != Some(3)), "the search moved no bits: {bits:?}");
     let s = &report["search"];
+    assert_eq!(s["fitness"], "kl");
     let (uniform, searched) = (s["calibration_uniform"].as_f64().unwrap(), s["calibration_searched"].as_f64().unwrap());
     assert!(searched < uniform, "{s}");
     let history: Vec<f64> = s["history"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
@@ -575,7 +576,7 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
     let c4 = recipec()
         .arg("compress")
         .arg(&run)
-        .args(["--sparsity", "0.5", "--levels", "0,0.25,0.5,0.75"])
+        .args(["--sparsity", "0.5", "--levels", "0,0.25,0.5,0.75", "--fitness", "loss"])
         .args(search)
         .arg("--out")
         .arg(&pruned)
@@ -599,7 +600,22 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
     }
     assert_eq!(zeros * 2, total);
     let s = &rp["search"];
+    assert_eq!(s["fitness"], "loss");
     assert!(s["calibration_searched"].as_f64().unwrap() < s["calibration_uniform"].as_f64().unwrap(), "{s}");
+    // Sparsity 0 everywhere is the dense model: KL exactly 0, the dense validation loss.
+    let zero = dir.join("s0");
+    let c5 = recipec()
+        .arg("compress")
+        .arg(&run)
+        .args(["--sparsity", "0", "--levels", "0,0.1", "--generations", "0", "--out"])
+        .arg(&zero)
+        .output()
+        .unwrap();
+    assert!(c5.status.success(), "{}", stderr(&c5));
+    let r0: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(zero.join("compress.json")).unwrap()).unwrap();
+    assert_eq!(r0["search"]["calibration_uniform"], 0.0);
+    assert_eq!(r0["validation"]["uniform"], r0["validation"]["dense"]);
     // Refused with a code, writing nothing: an occupied --out, and bad options.
     let before = std::fs::read(a.join("checkpoint.safetensors")).unwrap();
     let busy = compress(&a, &[]);
@@ -613,6 +629,7 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
         &["--units", "model..wte"],
         &["--units", "model.nothing"],
         &["--sparsity", "0.5"],
+        &["--fitness", "ppl"],
     ] {
         let out = compress(&dir.join("never"), bad);
         assert_eq!(out.status.code(), Some(1), "{bad:?}");
