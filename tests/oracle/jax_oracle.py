@@ -330,6 +330,51 @@ def flow_matching():
         check(f"wcfm[{N}x{D}] epsilon=1e30 is I-CFM", out["out"], icfm, **RED)
 
 
+def local_gram_flow():
+    """LGF: each position's softmax affinity to a (2r+1)^2 window of the next frame, computed
+    here window by window (loops over the grid), against the stdlib's masked full matrix; the
+    loss's KL and its gradients for both feature sets."""
+    def flow(f, r, tau):
+        T, H, W, _ = f.shape
+        n = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+        rows = []
+        for t in range(T - 1):
+            for y in range(H):
+                for x in range(W):
+                    idx = [(yy, xx) for yy in range(H) for xx in range(W) if abs(yy - y) <= r and abs(xx - x) <= r]
+                    logits = jnp.stack([jnp.dot(n[t, y, x], n[t + 1, yy, xx]) / tau for yy, xx in idx])
+                    p = jax.nn.softmax(logits)
+                    row = jnp.zeros(H * W, p.dtype)
+                    for k, (yy, xx) in enumerate(idx):
+                        row = row.at[yy * W + xx].set(p[k])
+                    rows.append(row)
+        return jnp.stack(rows).reshape(T - 1, H * W, H * W)
+
+    def kl(s, te, r, tau):
+        P, Q = flow(te, r, tau), flow(s, r, tau)
+        terms = jnp.where(P > 0, P * (jnp.log(jnp.where(P > 0, P, 1.0)) - jnp.log(jnp.where(P > 0, Q, 1.0))), 0.0)
+        return jnp.sum(terms) / (P.shape[0] * P.shape[1])
+
+    for (T, H, W, C, D), r, tau in [((3, 3, 4, 5, 2), 1, 0.1), ((2, 4, 4, 3, 6), 2, 0.5)]:
+        s = rng.randn(T, H, W, C).astype(np.float32)
+        te = rng.randn(T, H, W, D).astype(np.float32)
+        hps = {"radius": r, "tau": tau}
+        got = run_eval(STD("loss"), "local_gram_flow", {"f": s}, hps)["out"]
+        want = flow(jnp.asarray(s, jnp.float64), r, tau)
+        name = f"local_gram_flow[{T}x{H}x{W}x{C}] r={r} tau={tau}"
+        check(name, got, want, **RED)
+        check(name + " rows sum to 1", np.asarray(got).sum(-1), np.ones(got.shape[:2]), **RED)
+        out = run_eval(STD("loss"), "lgf_loss", {"student": s, "teacher": te}, hps, grad=True)
+        f = lambda a, b: kl(a, b, r, tau)  # noqa: E731
+        gs, gt = jax.grad(f, argnums=(0, 1))(jnp.asarray(s, jnp.float64), jnp.asarray(te, jnp.float64))
+        name = f"lgf_loss[{T}x{H}x{W}, C={C}, D={D}] r={r} tau={tau}"
+        check(name, out["out"], f(s, te), **RED)
+        check(name + " grad student", out["grad_student"], gs, rtol=1e-3, atol=1e-5)
+        check(name + " grad teacher", out["grad_teacher"], gt, rtol=1e-3, atol=1e-5)
+        same = run_eval(STD("loss"), "lgf_loss", {"student": te, "teacher": te}, hps)["out"]
+        check(name + " of the teacher itself = 0", same, 0.0, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 def optimizers():
@@ -904,7 +949,7 @@ def linear_algebra():
             check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
 
 
-for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, optimizers, projected_optimizers, frugal_coordinates, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, matryoshka_kv, linear_algebra]:
+for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, local_gram_flow, optimizers, projected_optimizers, frugal_coordinates, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, matryoshka_kv, linear_algebra]:
     case(f)
 
 print()

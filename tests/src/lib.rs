@@ -118,6 +118,8 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         }
         ("std.loss", "gram_volume") => vec![("anchor", t(F32, &[3, 4])), ("others", t(F32, &[2, 5, 4]))],
         ("std.loss", "gram_loss") => vec![("anchor", t(F32, &[3, 4])), ("others", t(F32, &[2, 3, 4]))],
+        ("std.loss", "local_gram_flow") => vec![("f", t(F32, &[3, 3, 4, 5]))],
+        ("std.loss", "lgf_loss") => vec![("student", t(F32, &[3, 3, 4, 5])), ("teacher", t(F32, &[3, 3, 4, 2]))],
         ("std.loss", "wcfm") => vec![("velocity", t(F32, &[3, 4])), ("x0", t(F32, &[3, 4])), ("x1", t(F32, &[3, 4]))],
         ("std.optim", "frugal" | "frugal_columns" | "galore_adamw" | "fira_adamw") => {
             vec![("lr", Arg::Scalar(0.1)), ("rank", Arg::Scalar(2.0))]
