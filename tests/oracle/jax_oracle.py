@@ -456,10 +456,32 @@ def projected_optimizers():
                 W = W + update @ P - lr * free * jnp.sign(G - R @ P)
             return W, P, M, V
 
-        out = run_eval(STD("optim"), "frugal", {"param": p0, "grad": g},
-                       {"lr": 0.01, "rank": r, "gap": gap, "weight_decay": 0.1, "free_lr_scale": 0.5}, steps=k)
+        hps = {"lr": 0.01, "rank": r, "gap": gap, "weight_decay": 0.1, "free_lr_scale": 0.5}
+        out = run_eval(STD("optim"), "frugal", {"param": p0, "grad": g}, hps, steps=k)
         for name, want in zip(["param", "state_p", "state_m", "state_v"], frugal()):
             check(f"frugal[{rows}x{cols}] {name}", out[name], want, **ELT)
+
+        # The random projection (`proj_type = "random"`): P is drawn from the recipe's seeded
+        # generator, so it is read from runs stopped right after each redraw (steps 1, 3, 5);
+        # it must have orthonormal rows and change at each redraw, and the whole run must be
+        # FRUGAL's step with those P.
+        rand = dict(hps, projection="random")
+        drawn = {t: np.asarray(run_eval(STD("optim"), "frugal", {"param": p0, "grad": g[:t + 1]}, rand, steps=t + 1)["state_p"], np.float64)
+                 for t in range(0, k, gap)}
+        for t, P in drawn.items():
+            check(f"frugal[{rows}x{cols}] random P at step {t + 1} has orthonormal rows", P @ P.T, np.eye(r), rtol=0, atol=1e-5)
+        distinct = len({tuple(np.round(P, 6).ravel()) for P in drawn.values()}) == len(drawn)
+        check(f"frugal[{rows}x{cols}] random P redrawn each gap", float(distinct), 1.0, rtol=0, atol=0)
+        proj_random = proj
+        try:
+            steps_seen = iter(sorted(drawn))
+            proj = lambda G: jnp.asarray(drawn[next(steps_seen)], f64)  # noqa: E731
+            want = frugal()
+        finally:
+            proj = proj_random
+        out = run_eval(STD("optim"), "frugal", {"param": p0, "grad": g}, rand, steps=k)
+        for name, w in zip(["param", "state_p", "state_m", "state_v"], want):
+            check(f"frugal[{rows}x{cols}] projection=random {name}", out[name], w, **ELT)
 
         def galore(lr=0.01, alpha=0.25, b1=0.9, b2=0.999, eps=1e-6, wd=0.1):
             W = jnp.asarray(p0, f64)
