@@ -796,10 +796,10 @@ def positions():
     # LM-Infinite's logits with the distance limit, written as the code's costlier path computes
     # them, element by element: rotated logits inside the local band, the stationary query
     # (rotated by d* = min(L, S - 1)) against unrotated keys for far global keys.
-    def lambda_ref(q, k, local, g, base):
+    def lambda_ref(q, k, local, g, base, limit=-1):
         S, E = q.shape[-2], q.shape[-1]
         rq, rk = np.asarray(rope(q, base)), np.asarray(rope(k, base))
-        d = min(local, S - 1)
+        d = min(local if limit < 0 else limit, S - 1)
         inv = 1.0 / (base ** (np.arange(0, E, 2, dtype=np.float32) / np.float32(E)))
         emb = np.concatenate([d * inv, d * inv]).astype(np.float32)
         sq = np.asarray(q * np.cos(emb) + rotate_half(q) * np.sin(emb))
@@ -820,6 +820,9 @@ def positions():
         name = f"lambda_scores{list(shape)} local={local} n_global={g}"
         check(name, got, want, rtol=1e-4, atol=1e-5)
         check(name + " softmax", jax.nn.softmax(got, -1), jax.nn.softmax(want, -1), rtol=1e-4, atol=1e-6)
+        if g > 0:  # a distance limit apart from the window (`--limit_distance`)
+            got = run_eval(STD("models"), "lambda_scores", {"q": q, "k": k}, {"local": local, "n_global": g, "base": base, "limit": local + 2})["out"]
+            check(name + f" limit={local + 2}", got, lambda_ref(q, k, local, g, base, local + 2), rtol=1e-4, atol=1e-5)
         if local >= shape[2] and g == 0:
             causal = np.where(np.tril(np.ones((shape[2], shape[2]), bool)), np.asarray(rope(q, base)) @ np.swapaxes(np.asarray(rope(k, base)), -1, -2) / np.sqrt(shape[3]), -np.inf)
             check(name + " = causal RoPE attention", got, causal, rtol=1e-4, atol=1e-5)
