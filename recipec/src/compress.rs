@@ -268,6 +268,11 @@ pub fn compress(req: CompressRequest) -> ExitCode {
     } else {
         None
     };
+    // Only what the programs read is copied into each candidate's state (not the optimizer
+    // states a checkpoint also holds).
+    let needed: std::collections::BTreeSet<&String> =
+        std::iter::once(&eval).chain(logits_exe.as_ref()).flat_map(|e| e.program().input_names.iter()).collect();
+    dense.retain(|name, _| needed.contains(name) || units.iter().any(|u| &u.path == name));
     // The database: every unit at every level, compressed once.
     let mut database: Vec<Vec<Buffer>> = vec![];
     for u in &units {
