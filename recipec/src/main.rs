@@ -182,8 +182,9 @@ enum Command {
         #[arg(long, value_name = "CALL")]
         logits: Option<String>,
     },
-    /// Quantize a trained run's weight matrices to an average bit width, each matrix's bits
-    /// chosen by EvoPress's evolutionary search; writes a new run directory.
+    /// Quantize a trained run's weight matrices to an average bit width (or prune them to an
+    /// average sparsity), each matrix's share chosen by EvoPress's evolutionary search; writes
+    /// a new run directory.
     Compress(compress::CompressRequest),
     /// Generate text from a trained checkpoint with the recipe's `decode` policy.
     Sample(train::SampleRequest),
