@@ -718,6 +718,15 @@ fn at_rule(db: &SourceDb, mut e: LowerError, f: lang::source::FileId, span: Span
     e
 }
 
+/// `model.<method>(args…)` as an expression at `sp`.
+fn model_call(method: &str, args: Vec<lang::ast::Arg>, sp: Span) -> Expr {
+    let callee = ExprKind::Field {
+        base: Box::new(Expr::new(ExprKind::Name("model".into()), sp)),
+        name: Ident { name: method.to_string(), span: sp },
+    };
+    Expr::new(ExprKind::Call { callee: Box::new(Expr::new(callee, sp)), args }, sp)
+}
+
 /// The decoding step: the model's `logits` on `tokens: i32[1, context]` (or the method
 /// `logits` calls, `name(args…)`, given the tokens before its arguments), the row at `pos`,
 /// and the policy `policy` (a decode item applied to its settings; its first parameter
@@ -750,19 +759,7 @@ pub fn decode_graph(
         Some(_) => return not_a_call(),
     };
     args.insert(0, lang::ast::Arg { name: None, value: Expr::new(ExprKind::Name("__tokens".into()), sp) });
-    let call = Expr::new(
-        ExprKind::Call {
-            callee: Box::new(Expr::new(
-                ExprKind::Field {
-                    base: Box::new(Expr::new(ExprKind::Name("model".into()), sp)),
-                    name: Ident { name: method.clone(), span: sp },
-                },
-                sp,
-            )),
-            args,
-        },
-        sp,
-    );
+    let call = model_call(&method, args, sp);
     let logits = match lw.expr(&call) {
         Ok(Val::T(n)) => n,
         Ok(_) => return fail(format!("`model.{method}` gives no tensor"), Some((at, sp))),
@@ -807,19 +804,8 @@ pub fn logits_graph(
         lw.node(Op::Input { index: 0, name: "tokens".into() }, Dtype::I32, vec![batch, context], &[], "tokens")?;
     lw.bind("__tokens", Val::T(tokens));
     let sp = modules.item(r).span;
-    let call = Expr::new(
-        ExprKind::Call {
-            callee: Box::new(Expr::new(
-                ExprKind::Field {
-                    base: Box::new(Expr::new(ExprKind::Name("model".into()), sp)),
-                    name: Ident { name: "logits".into(), span: sp },
-                },
-                sp,
-            )),
-            args: vec![lang::ast::Arg { name: None, value: Expr::new(ExprKind::Name("__tokens".into()), sp) }],
-        },
-        sp,
-    );
+    let tokens_arg = lang::ast::Arg { name: None, value: Expr::new(ExprKind::Name("__tokens".into()), sp) };
+    let call = model_call("logits", vec![tokens_arg], sp);
     let need = || fail("the model needs `fn logits(tokens: i32[B, S]) -> f32[B * S, V]`", Some((f, sp)));
     let logits = match lw.expr(&call) {
         Ok(Val::T(n)) => n,
