@@ -350,13 +350,7 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         run_named(exe.as_ref(), &mut state, extra, seed)?;
         let l = state.get("logits").ok_or_else(|| runtime::RunError("no `logits`".into()))?.host()?.to_tensor();
         let v = *l.shape.last().unwrap_or(&1);
-        let mut out = Vec::with_capacity(l.data.len());
-        for row in l.data.chunks(v) {
-            let top = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = top + row.iter().map(|x| (x - top).exp()).sum::<f64>().ln();
-            out.extend(row.iter().map(|x| x - lse));
-        }
-        Ok(out)
+        Ok(l.data.chunks(v).flat_map(runtime::train::log_probs).collect())
     };
     let mut dense_rows: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut loss = |levels: &[usize], b: usize| {

@@ -903,7 +903,7 @@ pub struct Guidance<'a> {
 }
 
 /// Log-softmax in f64.
-fn log_probs(x: &[f64]) -> Vec<f64> {
+pub fn log_probs(x: &[f64]) -> Vec<f64> {
     let top = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let lse = top + x.iter().map(|v| (v - top).exp()).sum::<f64>().ln();
     x.iter().map(|v| v - lse).collect()
