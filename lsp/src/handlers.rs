@@ -7,6 +7,7 @@ use lsp_server::Notification;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 pub fn capabilities() -> Value {
     json!({
@@ -48,6 +49,10 @@ pub struct Server {
     plans: std::cell::RefCell<HashMap<String, (String, Option<LinePlan>)>>,
     /// Documents changed since their diagnostics were last published.
     dirty: std::collections::BTreeSet<String>,
+    /// Each document's last analysis, shared by the diagnostics and every request until the
+    /// next notification (an open document that another imports may have changed, so any
+    /// notification clears them all).
+    analyses: std::cell::RefCell<HashMap<String, Rc<Analyzed>>>,
 }
 
 fn uri_to_path(uri: &str) -> PathBuf {
@@ -172,18 +177,29 @@ impl Default for Server {
 
 impl Server {
     pub fn new() -> Server {
-        Server { docs: HashMap::new(), dirty: Default::default(), plans: Default::default() }
+        Server {
+            docs: HashMap::new(),
+            dirty: Default::default(),
+            plans: Default::default(),
+            analyses: Default::default(),
+        }
     }
 
-    fn analyze(&self, uri: &str) -> Result<Analyzed, String> {
+    fn analyze(&self, uri: &str) -> Result<Rc<Analyzed>, String> {
+        if let Some(a) = self.analyses.borrow().get(uri) {
+            return Ok(a.clone());
+        }
         let text = self.docs.get(uri).ok_or_else(|| format!("document {uri} is not open"))?;
         let mut db = SourceDb::new();
         let file = db.add(uri_to_path(uri).display().to_string(), text.clone());
         let analysis = lang::analyze(&mut db, &[file], &Loader { docs: &self.docs });
-        Ok(Analyzed { db, file, analysis })
+        let a = Rc::new(Analyzed { db, file, analysis });
+        self.analyses.borrow_mut().insert(uri.to_string(), a.clone());
+        Ok(a)
     }
 
     pub fn notification(&mut self, method: &str, params: Value) -> Vec<Notification> {
+        self.analyses.get_mut().clear();
         let uri = match method {
             "textDocument/didOpen" => {
                 let (Ok(uri), Ok(text)) =
@@ -790,4 +806,49 @@ fn open_call(before: &str) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hover_text(s: &mut Server, uri: &str, line: u32, character: u32) -> String {
+        let r = s
+            .request(
+                "textDocument/hover",
+                json!({ "textDocument": { "uri": uri }, "position": { "line": line, "character": character } }),
+            )
+            .unwrap();
+        r["contents"]["value"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Requests share one analysis until a notification; an edit of an open document that
+    /// another imports shows in the importer's next hover (the cached analysis is dropped).
+    #[test]
+    fn cached_analysis_follows_edits_of_imported_documents() {
+        let mut s = Server::new();
+        let lib = "file:///tmp/recipec-lsp-unit/lib.recipe";
+        let main = "file:///tmp/recipec-lsp-unit/main.recipe";
+        let open = |s: &mut Server, uri: &str, text: &str| {
+            s.notification(
+                "textDocument/didOpen",
+                json!({ "textDocument": { "uri": uri, "languageId": "recipe", "version": 1, "text": text } }),
+            );
+        };
+        open(&mut s, lib, "pub fn scale(x: f32) -> f32 {\n    x * 2.0\n}\n");
+        open(&mut s, main, "use lib.scale\n\nfn g(y: f32) -> f32 {\n    scale(y)\n}\n");
+        assert!(s.flush().len() == 2);
+        let before = hover_text(&mut s, main, 3, 5);
+        assert!(before.contains("pub fn scale(x: f32) -> f32"), "{before}");
+        // The same analysis serves the next request.
+        let a = s.analyze(main).unwrap();
+        assert!(Rc::ptr_eq(&a, &s.analyze(main).unwrap()));
+        s.notification(
+            "textDocument/didChange",
+            json!({ "textDocument": { "uri": lib, "version": 2 }, "contentChanges": [{ "text": "pub fn scale(x: f32, k: f32) -> f32 {\n    x * k\n}\n" }] }),
+        );
+        assert!(!Rc::ptr_eq(&a, &s.analyze(main).unwrap()));
+        let after = hover_text(&mut s, main, 3, 5);
+        assert!(after.contains("pub fn scale(x: f32, k: f32) -> f32"), "{after}");
+    }
 }
