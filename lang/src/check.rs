@@ -131,7 +131,8 @@ pub struct Checker<'m> {
     /// True while checking a recipe's `optimize`/`sparsify`/`decode` right-hand side.
     recipe_rule: bool,
     /// The current recipe's `let` names: outside `loss` they are unknown, and the error says why.
-    recipe_lets: Vec<String>,
+    /// The recipe's `let` names, and whether each is a constant (usable in every field).
+    recipe_lets: Vec<(String, bool)>,
     /// True while checking a model member's initializer, where other members are not values.
     in_initializer: bool,
 }
@@ -1667,10 +1668,14 @@ impl<'m> Checker<'m> {
         candidates.extend(self.modules.list[self.module].imports.keys().cloned());
         candidates.extend(builtins::names().iter().map(|s| s.to_string()));
         let refs: Vec<&str> = candidates.iter().map(|s| s.as_str()).collect();
-        let help = if self.recipe_lets.iter().any(|l| l == n) {
-            Some(format!(
-                "the recipe's `let {n}` is in scope only in `loss` and in the `let`s after it; write the value here"
-            ))
+        let help = if let Some((_, constant)) = self.recipe_lets.iter().find(|l| l.0 == n) {
+            Some(if *constant {
+                format!("the recipe's `let {n}` is declared after this line; move it above the first line that uses it")
+            } else {
+                format!(
+                    "the recipe's `let {n}` is not a constant (it reads `model`, `batch` or another such `let`), so it is in scope only in `loss` and in the `let`s after it; write the value here"
+                )
+            })
         } else {
             did_you_mean(n, &refs)
                 .or_else(|| self.modules.std_module_of(n).map(|m| format!("`{n}` is in `{m}`: add `use {m}.{n}`")))
@@ -2092,14 +2097,18 @@ impl<'m> Checker<'m> {
     pub(crate) fn enter_recipe(&mut self, r: ItemRef) {
         self.enter_item(r);
         self.recipe_lets = match &self.modules.item(r).kind {
-            ItemKind::Recipe(rec) => rec
-                .members
-                .iter()
-                .filter_map(|m| match &m.kind {
-                    crate::ast::RecipeMemberKind::Let { name, .. } => Some(name.name.clone()),
-                    _ => None,
-                })
-                .collect(),
+            ItemKind::Recipe(rec) => {
+                let consts = crate::recipe::constant_lets(rec);
+                rec.members
+                    .iter()
+                    .filter_map(|m| match &m.kind {
+                        crate::ast::RecipeMemberKind::Let { name, .. } => {
+                            Some((name.name.clone(), consts.iter().any(|c| c.1 == name.span)))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            }
             _ => vec![],
         };
         self.ctx.push(Ctx::Recipe);
@@ -2124,6 +2133,11 @@ impl<'m> Checker<'m> {
                 let t = self.expr(value);
                 self.record("let", &name.name, name.span, &t);
                 self.bind(&name.name, t, name.span, LocalKind::Let);
+                if self.modules.list[self.module].inlined_lets.contains(&name.span) {
+                    if let Some(l) = self.lookup_local(&name.name) {
+                        l.used = true;
+                    }
+                }
             }
         }
     }

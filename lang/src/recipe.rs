@@ -120,6 +120,7 @@ fn article(word: &str) -> String {
 /// Checks a field that instantiates a model (`model`, `teacher`): a model call whose integer
 /// arguments are constants. Returns the type to bind and the concrete model, if it is one.
 fn model_field(c: &mut Checker, field: &str, value: &Expr) -> (Ty, Option<ModelTy>) {
+    let errors_before = c.diagnostics.iter().filter(|d| d.is_error()).count();
     let t = c.expr(value);
     match &t {
         Ty::Model(mt) => {
@@ -129,6 +130,10 @@ fn model_field(c: &mut Checker, field: &str, value: &Expr) -> (Ty, Option<ModelT
             });
             if concrete {
                 return (t.clone(), Some(mt.clone()));
+            }
+            // An argument already reported (an unknown name) is not reported again.
+            if c.diagnostics.iter().filter(|d| d.is_error()).count() > errors_before {
+                return (t.clone(), None);
             }
             c.error(
                 "E0310",
@@ -487,4 +492,232 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
     }
     c.leave_recipe();
     out
+}
+
+/// The recipe `let`s whose value is a constant — literals, arithmetic and conditionals over
+/// them, and earlier constant `let`s — in the order written: `(name, name span, value with
+/// the earlier constants substituted)`. A later `let` of the same name that is not constant
+/// ends the earlier one's scope.
+pub(crate) fn constant_lets(rec: &RecipeDef) -> Vec<(String, Span, Expr)> {
+    let mut out: Vec<(String, Span, Expr)> = vec![];
+    for m in &rec.members {
+        let RecipeMemberKind::Let { name, value } = &m.kind else { continue };
+        let mut v = value.clone();
+        let constant = is_constant(&v, &out) && inlined_size(&v, &out) <= MAX_INLINED_NODES;
+        out.retain(|(n, _, _)| *n != name.name);
+        if constant && !RESERVED.contains(&name.name.as_str()) {
+            substitute(&mut v, &out, &mut vec![]);
+            out.push((name.name.clone(), name.span, v));
+        }
+    }
+    out
+}
+
+/// The most expression nodes a constant's value may have once the constants it names are
+/// substituted: `let b = a + a`, `let c = b + b`, ... doubles at each line, and such a chain
+/// must not exhaust memory (past this size the `let` counts as not constant).
+const MAX_INLINED_NODES: usize = 4096;
+
+/// The node count of a constant expression with the constants it names substituted
+/// (saturating).
+fn inlined_size(e: &Expr, consts: &[(String, Span, Expr)]) -> usize {
+    let size = |x: &Expr| inlined_size(x, consts);
+    match &e.kind {
+        ExprKind::Name(n) => consts.iter().rev().find(|(c, _, _)| c == n).map(|(_, _, v)| size(v)).unwrap_or(1),
+        ExprKind::Unary(_, x) | ExprKind::Paren(x) => size(x).saturating_add(1),
+        ExprKind::Binary(_, a, b) => size(a).saturating_add(size(b)).saturating_add(1),
+        ExprKind::Ternary { cond, then, otherwise } => {
+            size(cond).saturating_add(size(then)).saturating_add(size(otherwise)).saturating_add(1)
+        }
+        _ => 1,
+    }
+}
+
+/// Names a recipe binds itself; a `let` of one of them is never inlined.
+const RESERVED: &[&str] = &["model", "batch", "teacher"];
+
+fn is_constant(e: &Expr, consts: &[(String, Span, Expr)]) -> bool {
+    match &e.kind {
+        ExprKind::Int(_) | ExprKind::Float { .. } | ExprKind::Bool(_) | ExprKind::Str(_) => true,
+        ExprKind::Name(n) => consts.iter().any(|(c, _, _)| c == n),
+        ExprKind::Unary(_, x) | ExprKind::Paren(x) => is_constant(x, consts),
+        ExprKind::Binary(_, a, b) => is_constant(a, consts) && is_constant(b, consts),
+        ExprKind::Ternary { cond, then, otherwise } => {
+            is_constant(cond, consts) && is_constant(then, consts) && is_constant(otherwise, consts)
+        }
+        _ => false,
+    }
+}
+
+/// Every node of `e` at `span`: an inlined value is reported where it is used.
+fn respan(e: &mut Expr, span: Span) {
+    e.span = span;
+    match &mut e.kind {
+        ExprKind::Unary(_, x) | ExprKind::Paren(x) => respan(x, span),
+        ExprKind::Binary(_, a, b) => {
+            respan(a, span);
+            respan(b, span);
+        }
+        ExprKind::Ternary { cond, then, otherwise } => {
+            respan(cond, span);
+            respan(then, span);
+            respan(otherwise, span);
+        }
+        _ => {}
+    }
+}
+
+/// Replaces the names of `consts` in `e` by their values (not a callee's name, and not
+/// inside a block that binds names of its own); pushes the name span of each one used.
+fn substitute(e: &mut Expr, consts: &[(String, Span, Expr)], used: &mut Vec<Span>) {
+    let sub = |x: &mut Expr, used: &mut Vec<Span>| substitute(x, consts, used);
+    match &mut e.kind {
+        ExprKind::Name(n) => {
+            if let Some((_, at, v)) = consts.iter().rev().find(|(c, _, _)| c == n) {
+                used.push(*at);
+                let mut v = v.clone();
+                respan(&mut v, e.span);
+                *e = v;
+            }
+        }
+        ExprKind::Unary(_, x) | ExprKind::Paren(x) | ExprKind::Transpose(x) => sub(x, used),
+        ExprKind::Binary(_, a, b) => {
+            sub(a, used);
+            sub(b, used);
+        }
+        ExprKind::Ternary { cond, then, otherwise } => {
+            sub(cond, used);
+            sub(then, used);
+            sub(otherwise, used);
+        }
+        ExprKind::Call { callee, args } => {
+            if !matches!(callee.kind, ExprKind::Name(_)) {
+                sub(callee, used);
+            }
+            for a in args {
+                sub(&mut a.value, used);
+            }
+        }
+        ExprKind::Index { base, indices } => {
+            sub(base, used);
+            for i in indices {
+                match i {
+                    IndexArg::Expr(x) => sub(x, used),
+                    IndexArg::Slice { start, end, .. } => {
+                        for x in [start, end].into_iter().flatten() {
+                            sub(x, used);
+                        }
+                    }
+                }
+            }
+        }
+        ExprKind::Field { base, .. } => sub(base, used),
+        ExprKind::If { cond, then, otherwise } => {
+            sub(cond, used);
+            for b in [then, otherwise] {
+                if let (true, Some(v)) = (b.stmts.is_empty(), b.value.as_mut()) {
+                    sub(v, used);
+                }
+            }
+        }
+        ExprKind::List(items) => {
+            for x in items {
+                sub(x, used);
+            }
+        }
+        ExprKind::Int(_)
+        | ExprKind::Float { .. }
+        | ExprKind::Bool(_)
+        | ExprKind::Str(_)
+        | ExprKind::Underscore
+        | ExprKind::Error => {}
+    }
+}
+
+/// Makes a recipe's constant `let`s usable in all its fields and rules, not only in `loss`:
+/// each use in a field other than `loss` (and in an `optimize`/`sparsify` rule) after the
+/// `let` is replaced by the value, spanned at the use, so everything downstream — the
+/// checker, the compiler, the trainer — reads the literal. (`loss` and the other `let`s see
+/// every `let` already.) Returns the name spans of the `let`s inlined somewhere, which count
+/// as used.
+pub fn inline_constant_lets(module: &mut Module) -> Vec<Span> {
+    let mut used = vec![];
+    for item in &mut module.items {
+        let ItemKind::Recipe(rec) = &mut item.kind else { continue };
+        let consts = constant_lets(rec);
+        let mut seen: Vec<(String, Span, Expr)> = vec![];
+        for m in &mut rec.members {
+            match &mut m.kind {
+                RecipeMemberKind::Let { name, .. } => {
+                    seen.retain(|(n, _, _)| *n != name.name);
+                    if let Some(c) = consts.iter().find(|(_, at, _)| *at == name.span) {
+                        seen.push(c.clone());
+                    }
+                }
+                RecipeMemberKind::Field { name, value } if name.name != "loss" => substitute(value, &seen, &mut used),
+                RecipeMemberKind::Optimize { rule, .. } | RecipeMemberKind::Sparsify { rule, .. } => {
+                    substitute(rule, &seen, &mut used)
+                }
+                _ => {}
+            }
+        }
+    }
+    used.sort();
+    used.dedup();
+    used
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::FileId;
+
+    fn recipe(src: &str) -> Module {
+        let parsed = crate::parse::parse(FileId(0), src);
+        assert!(parsed.diagnostics.is_empty(), "{:?}", parsed.diagnostics);
+        parsed.module
+    }
+
+    fn field<'a>(m: &'a Module, name: &str) -> &'a Expr {
+        let ItemKind::Recipe(r) = &m.items[0].kind else { panic!("not a recipe") };
+        r.field(name).unwrap()
+    }
+
+    #[test]
+    fn constants_are_inlined_after_their_let_and_spanned_at_the_use() {
+        let src = "recipe r {\n    steps = n\n    let n = 4\n    let m = n * 2 + 1\n    let z = model.x\n    \
+                   seed = m\n    eval_every = z\n    loss = n\n}\n";
+        let mut m = recipe(src);
+        let used = inline_constant_lets(&mut m);
+        // Above its `let`, `n` stays a name (the checker reports it); after it, inlined.
+        assert_eq!(field(&m, "steps").kind, ExprKind::Name("n".into()));
+        let seed = field(&m, "seed");
+        assert!(matches!(&seed.kind, ExprKind::Binary(BinOp::Add, ..)), "{seed:?}");
+        assert_eq!(&src[seed.span.start as usize..seed.span.end as usize], "m");
+        // Not constant: reads `model`.
+        assert_eq!(field(&m, "eval_every").kind, ExprKind::Name("z".into()));
+        // `loss` keeps its names (the `let`s are in its scope).
+        assert_eq!(field(&m, "loss").kind, ExprKind::Name("n".into()));
+        let names: Vec<&str> = used.iter().map(|s| &src[s.start as usize..s.end as usize]).collect();
+        assert_eq!(names, ["m"]);
+    }
+
+    #[test]
+    fn a_doubling_chain_of_constants_stays_small() {
+        let mut src = String::from("recipe r {\n    let a0 = 1\n");
+        for i in 1..64 {
+            src.push_str(&format!("    let a{i} = a{} + a{}\n", i - 1, i - 1));
+        }
+        src.push_str("    steps = a63\n    seed = a5\n}\n");
+        let mut m = recipe(&src);
+        let consts = {
+            let ItemKind::Recipe(r) = &m.items[0].kind else { panic!() };
+            constant_lets(r)
+        };
+        // a_k has 2^(k+1) - 1 nodes: a_0 .. a_11 fit in 4096.
+        assert_eq!(consts.len(), 12);
+        inline_constant_lets(&mut m);
+        assert_eq!(field(&m, "steps").kind, ExprKind::Name("a63".into()));
+        assert!(matches!(field(&m, "seed").kind, ExprKind::Binary(..)));
+    }
 }

@@ -28,6 +28,9 @@ pub struct ModuleInfo {
     pub imports: HashMap<String, Import>,
     /// Loaded as `std.*` through an import (not given as a root file).
     pub is_std: bool,
+    /// The name spans of recipe `let`s whose constant value was inlined into another field
+    /// ([`crate::recipe::inline_constant_lets`]): they count as used.
+    pub inlined_lets: Vec<Span>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,8 +134,10 @@ fn module_key(path: &[String], from: &str) -> String {
 impl Resolver<'_> {
     fn load_file(&mut self, key: String, file: FileId) -> usize {
         let text = self.db.file(file).text.clone();
-        let parsed = parse(file, &text);
+        let mut parsed = parse(file, &text);
         self.diagnostics.extend(parsed.diagnostics);
+        let is_std = key.starts_with("std.");
+        let inlined_lets = if is_std { vec![] } else { crate::recipe::inline_constant_lets(&mut parsed.module) };
         let idx = self.modules.list.len();
         let mut items = HashMap::new();
         for (i, item) in parsed.module.items.iter().enumerate() {
@@ -157,7 +162,8 @@ impl Resolver<'_> {
             comments: parsed.comments,
             items,
             imports: HashMap::new(),
-            is_std: key.starts_with("std."),
+            is_std,
+            inlined_lets,
         });
         self.by_key.insert(key.clone(), idx);
         self.in_progress.push((key, None));

@@ -945,6 +945,35 @@ fn recipe_lets_train_as_the_loss_written_out() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A recipe's constant `let`s may size the model, set the steps and feed the schedule: the
+/// plan and the losses are those of the recipe with the values written out.
+#[test]
+fn constant_recipe_lets_train_as_the_values_written_out() {
+    let dir = empty_dir("constant-lets");
+    let written = "use std.models.gpt\nuse std.loss.cross_entropy\nuse std.optim.adamw\nuse std.schedule.wsd\n\n\
+        recipe r {\n    model = gpt(V = 256, D = 16, L = 2, H = 2, T = 8)\n    \
+        data = text(\"embedded:kjv\", context = 8, batch = 2)\n    steps = 6\n    log_every = 1\n    \
+        loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))\n    \
+        optimize model.** with adamw(lr = wsd(peak = 2e-2, total = 6, warmup = 2))\n}\n";
+    let named = "use std.models.gpt\nuse std.loss.cross_entropy\nuse std.optim.adamw\nuse std.schedule.wsd\n\n\
+        recipe r {\n    let width = 16\n    let total = 6\n    let context = width / 2\n    let peak = 2e-2\n    \
+        model = gpt(V = 256, D = width, L = 2, H = 2, T = context)\n    \
+        data = text(\"embedded:kjv\", context = context, batch = 2)\n    steps = total\n    log_every = 1\n    \
+        loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))\n    \
+        optimize model.** with adamw(lr = wsd(peak = peak, total = total, warmup = total / 3))\n}\n";
+    let (a, b) = (plan_of(written), plan_of(named));
+    assert_eq!(a.settings, b.settings);
+    assert_eq!(a.settings.steps, 6);
+    assert_eq!((a.data.context, b.data.context), (8, 8));
+    let shapes = |p: &TrainPlan| p.params.iter().map(|p| (p.path.clone(), p.shape.clone())).collect::<Vec<_>>();
+    assert_eq!(shapes(&a), shapes(&b));
+    let la = train_in(&dir, written, "written", 6, false);
+    let lb = train_in(&dir, named, "named", 6, false);
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, lb);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A loss that writes the same forward pass more than once, each copy with another use (as
 /// a distillation loss calls `features` and `hidden_states`), gets one backward pass through
 /// it: its gradient graph has as many matrix products as the loss that computes it once.
