@@ -503,7 +503,9 @@ pub(crate) fn constant_lets(rec: &RecipeDef) -> Vec<(String, Span, Expr)> {
     for m in &rec.members {
         let RecipeMemberKind::Let { name, value } = &m.kind else { continue };
         let mut v = value.clone();
-        let constant = is_constant(&v, &out) && inlined_size(&v, &out) <= MAX_INLINED_NODES;
+        let constant = is_constant(&v, &out)
+            && inlined_size(&v, &out) <= MAX_INLINED_NODES
+            && inlined_depth(&v, &out) <= MAX_INLINED_DEPTH;
         out.retain(|(n, _, _)| *n != name.name);
         if constant && !RESERVED.contains(&name.name.as_str()) {
             substitute(&mut v, &out, &mut vec![]);
@@ -517,6 +519,23 @@ pub(crate) fn constant_lets(rec: &RecipeDef) -> Vec<(String, Span, Expr)> {
 /// substituted: `let b = a + a`, `let c = b + b`, ... doubles at each line, and such a chain
 /// must not exhaust memory (past this size the `let` counts as not constant).
 const MAX_INLINED_NODES: usize = 4096;
+
+/// The deepest nesting a constant's substituted value may have: inlined at a use, it adds
+/// to the nesting there, which the parser bounds (200 levels) so that recursion over the
+/// tree stays bounded.
+const MAX_INLINED_DEPTH: usize = 32;
+
+/// The nesting depth of a constant expression with the constants it names substituted.
+fn inlined_depth(e: &Expr, consts: &[(String, Span, Expr)]) -> usize {
+    let depth = |x: &Expr| inlined_depth(x, consts);
+    match &e.kind {
+        ExprKind::Name(n) => consts.iter().rev().find(|(c, _, _)| c == n).map(|(_, _, v)| depth(v)).unwrap_or(1),
+        ExprKind::Unary(_, x) | ExprKind::Paren(x) => depth(x) + 1,
+        ExprKind::Binary(_, a, b) => depth(a).max(depth(b)) + 1,
+        ExprKind::Ternary { cond, then, otherwise } => depth(cond).max(depth(then)).max(depth(otherwise)) + 1,
+        _ => 1,
+    }
+}
 
 /// The node count of a constant expression with the constants it names substituted
 /// (saturating).
@@ -716,6 +735,15 @@ mod tests {
         };
         // a_k has 2^(k+1) - 1 nodes: a_0 .. a_11 fit in 4096.
         assert_eq!(consts.len(), 12);
+        // A chain one level deeper per line stops at 32 levels.
+        let mut src = String::from("recipe r {\n    let a0 = 1\n");
+        for i in 1..300 {
+            src.push_str(&format!("    let a{i} = a{} + 1\n", i - 1));
+        }
+        src.push_str("}\n");
+        let deep = recipe(&src);
+        let ItemKind::Recipe(r) = &deep.items[0].kind else { panic!() };
+        assert_eq!(constant_lets(r).len(), 32);
         inline_constant_lets(&mut m);
         assert_eq!(field(&m, "steps").kind, ExprKind::Name("a63".into()));
         assert!(matches!(field(&m, "seed").kind, ExprKind::Binary(..)));
