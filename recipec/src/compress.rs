@@ -3,7 +3,7 @@
 //! evolutionary search ([`runtime::compress`]).
 
 use crate::train::{backend, error, open_run, Run};
-use runtime::compress::{prune_magnitude, quantize_groups, search, SearchOptions, Unit};
+use runtime::compress::{adaptive_group, prune_magnitude, quantize_groups, search, Granularity, SearchOptions, Unit};
 use runtime::train::{compile, run_named};
 use runtime::{Buffer, Value};
 use std::collections::BTreeMap;
@@ -28,10 +28,13 @@ pub struct CompressRequest {
     /// bits; sparsities `0,0.1,…,0.9`).
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub levels: Option<Vec<f64>>,
-    /// Quantization group: this many consecutive weights along a matrix's last axis share
-    /// a scale (as the stdlib's `quantize_groups`).
-    #[arg(long, default_value_t = 64)]
-    pub group: usize,
+    /// Quantization group: `64`, this many consecutive weights along a matrix's last axis
+    /// share a scale (as the stdlib's `quantize_groups`); or `adaptive[:MIN[:TOL]]`,
+    /// FineQuant's adaptive granularity per matrix and bit width: one group per row, halved
+    /// while its error is more than 1 + TOL times that of the finest group not below MIN
+    /// (defaults 32 and 0.2).
+    #[arg(long, default_value = "64")]
+    pub group: String,
     /// Which parameters to compress: a selector as in a recipe's `optimize`, e.g.
     /// `model.blocks.**` (only matrices whose last axis the group divides are taken).
     #[arg(long, default_value = "model.**")]
@@ -91,11 +94,35 @@ fn equally_spaced(levels: &[f64]) -> bool {
         && levels.windows(2).all(|w| w[1] > w[0] && ((w[1] - w[0]) - (levels[1] - levels[0])).abs() < 1e-9)
 }
 
+/// `64` or `adaptive[:MIN[:TOL]]`.
+fn parse_granularity(text: &str) -> Result<Granularity, String> {
+    let mut parts = text.split(':');
+    let head = parts.next().unwrap_or("");
+    if head == "adaptive" {
+        let min = match parts.next() {
+            None => 32,
+            Some(m) => m.parse::<usize>().ok().filter(|m| *m >= 1).ok_or(format!("`{m}` is not a group size"))?,
+        };
+        let tolerance = match parts.next() {
+            None => 0.2,
+            Some(t) => t.parse::<f64>().ok().filter(|t| *t >= 0.0).ok_or(format!("`{t}` is not a tolerance >= 0"))?,
+        };
+        if parts.next().is_some() {
+            return Err("`adaptive` takes at most a minimum group and a tolerance".into());
+        }
+        return Ok(Granularity::Adaptive { min, tolerance });
+    }
+    match text.parse::<usize>() {
+        Ok(g) if g >= 1 => Ok(Granularity::Fixed(g)),
+        _ => Err(format!("`{text}` is neither a group size nor `adaptive[:MIN[:TOL]]`")),
+    }
+}
+
 /// What a level does to a matrix.
 #[derive(Clone, Copy)]
 enum Mode {
     /// Round-to-nearest group quantization to `level` bits.
-    Quantize { group: usize },
+    Quantize { group: Granularity },
     /// Magnitude pruning to sparsity `level`.
     Prune,
 }
@@ -108,10 +135,18 @@ impl Mode {
             Mode::Prune => "sparsity",
         }
     }
-    fn apply(self, w: &Buffer, level: f64) -> Result<Vec<f32>, runtime::RunError> {
+    /// The compressed weights, and the quantization group they took.
+    fn apply(self, w: &Buffer, level: f64) -> Result<(Vec<f32>, Option<usize>), runtime::RunError> {
+        let last = w.shape[1];
         match self {
-            Mode::Quantize { group } => quantize_groups(w.f32s(), w.shape[1], level as u32, group),
-            Mode::Prune => prune_magnitude(w.f32s(), level),
+            Mode::Quantize { group: Granularity::Fixed(g) } => {
+                Ok((quantize_groups(w.f32s(), last, level as u32, g)?, Some(g)))
+            }
+            Mode::Quantize { group: Granularity::Adaptive { min, tolerance } } => {
+                let (g, q) = adaptive_group(w.f32s(), last, level as u32, min, tolerance)?;
+                Ok((q, Some(g)))
+            }
+            Mode::Prune => Ok((prune_magnitude(w.f32s(), level)?, None)),
         }
     }
     fn show(self, level: f64) -> String {
@@ -137,7 +172,17 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         }
         (bits, None) => {
             let levels = req.levels.clone().unwrap_or_else(|| (2..=8).map(|b| b as f64).collect());
-            (Mode::Quantize { group: req.group }, bits.unwrap_or(4) as f64, levels)
+            let group = match parse_granularity(&req.group) {
+                Ok(g) => g,
+                Err(e) => {
+                    return error(
+                        "E0605",
+                        format!("`--group {}`: {e}", req.group),
+                        "e.g. `--group 64` or `--group adaptive:32:0.2`",
+                    )
+                }
+            };
+            (Mode::Quantize { group }, bits.unwrap_or(4) as f64, levels)
         }
     };
     let in_range = |l: &f64| match mode {
@@ -197,8 +242,8 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         .iter()
         .filter(|p| p.shape.len() == 2 && p.dtype == lang::types::Dtype::F32)
         .filter(|p| match mode {
-            Mode::Quantize { group } => p.shape[1] % group == 0,
-            Mode::Prune => true,
+            Mode::Quantize { group: Granularity::Fixed(g) } => p.shape[1] % g == 0,
+            Mode::Quantize { group: Granularity::Adaptive { .. } } | Mode::Prune => true,
         })
         .filter(|p| {
             let path: Vec<String> = p.path.split('.').map(|s| s.to_string()).collect();
@@ -210,10 +255,10 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         return error(
             "E0605",
             match mode {
-                Mode::Quantize { group } => {
-                    format!("`--units {}` selects no f32 matrix whose last axis a group of {group} divides", req.units)
+                Mode::Quantize { group: Granularity::Fixed(g) } => {
+                    format!("`--units {}` selects no f32 matrix whose last axis a group of {g} divides", req.units)
                 }
-                Mode::Prune => format!("`--units {}` selects no f32 matrix", req.units),
+                _ => format!("`--units {}` selects no f32 matrix", req.units),
             },
             "list the parameters with `recipec build RECIPE`; try a smaller `--group`",
         );
@@ -273,22 +318,25 @@ pub fn compress(req: CompressRequest) -> ExitCode {
     let needed: std::collections::BTreeSet<&String> =
         std::iter::once(&eval).chain(logits_exe.as_ref()).flat_map(|e| e.program().input_names.iter()).collect();
     dense.retain(|name, _| needed.contains(name) || units.iter().any(|u| &u.path == name));
-    // The database: every unit at every level, compressed once.
+    // The database: every unit at every level, compressed once (with the group it took).
     let mut database: Vec<Vec<Buffer>> = vec![];
+    let mut groups: Vec<Vec<Option<usize>>> = vec![];
     for u in &units {
         let w = &dense[&u.path];
-        let mut row = vec![];
+        let (mut row, mut row_groups) = (vec![], vec![]);
         for &level in &levels {
             match mode.apply(w, level) {
-                Ok(q) => {
+                Ok((q, g)) => {
                     let mut b = Buffer::zeros(w.dtype, w.shape.clone());
                     b.f32s_mut().copy_from_slice(&q);
                     row.push(b);
+                    row_groups.push(g);
                 }
                 Err(e) => return error("E0605", format!("`{}`: {e}", u.path), ""),
             }
         }
         database.push(row);
+        groups.push(row_groups);
     }
     let seed = plan.settings.seed;
     let state_for = |levels: Option<&[usize]>| -> BTreeMap<String, Value> {
@@ -328,7 +376,10 @@ pub fn compress(req: CompressRequest) -> ExitCode {
     };
     let total: usize = units.iter().map(|u| u.numel).sum();
     let what = match mode {
-        Mode::Quantize { group } => format!("at {target} bits on average, groups of {group}"),
+        Mode::Quantize { group: Granularity::Fixed(g) } => format!("at {target} bits on average, groups of {g}"),
+        Mode::Quantize { group: Granularity::Adaptive { min, tolerance } } => format!(
+            "at {target} bits on average, groups chosen per matrix (adaptive: halved from a row down to {min} at most, tolerance {tolerance})"
+        ),
         Mode::Prune => format!("at {:.0}% sparsity on average, by magnitude", target * 100.0),
     };
     let shown: Vec<String> = levels.iter().map(|&l| mode.show(l)).collect();
@@ -396,12 +447,30 @@ pub fn compress(req: CompressRequest) -> ExitCode {
         };
     let name = mode.name();
     let mean = found.levels.iter().zip(&units).map(|(&l, u)| levels[l] * u.numel as f64).sum::<f64>() / total as f64;
-    println!("{:<40} {:>9} {:>8}", "matrix", "weights", name);
-    for (u, &l) in units.iter().zip(&found.levels) {
-        println!("{:<40} {:>9} {:>8}", u.path, u.numel, mode.show(levels[l]));
+    let chosen: Vec<Option<usize>> = found.levels.iter().enumerate().map(|(i, &l)| groups[i][l]).collect();
+    // Storage with one 16-bit scale per group (the checkpoint holds the dequantized f32).
+    let with_scales = found
+        .levels
+        .iter()
+        .zip(&units)
+        .zip(&chosen)
+        .map(|((&l, u), g)| (levels[l] + g.map(|g| 16.0 / g as f64).unwrap_or(0.0)) * u.numel as f64)
+        .sum::<f64>()
+        / total as f64;
+    match mode {
+        Mode::Quantize { .. } => println!("{:<40} {:>9} {:>8} {:>6}", "matrix", "weights", name, "group"),
+        Mode::Prune => println!("{:<40} {:>9} {:>8}", "matrix", "weights", name),
+    }
+    for ((u, &l), g) in units.iter().zip(&found.levels).zip(&chosen) {
+        match g {
+            Some(g) => println!("{:<40} {:>9} {:>8} {:>6}", u.path, u.numel, mode.show(levels[l]), g),
+            None => println!("{:<40} {:>9} {:>8}", u.path, u.numel, mode.show(levels[l])),
+        }
     }
     match mode {
-        Mode::Quantize { .. } => println!("average: {mean:.3} bits per weight (target {target})"),
+        Mode::Quantize { .. } => println!(
+            "average: {mean:.3} bits per weight (target {target}); {with_scales:.3} with one 16-bit scale per group"
+        ),
         Mode::Prune => println!("average: {:.2}% of the weights pruned (target {})", mean * 100.0, mode.show(target)),
     }
     println!(
@@ -440,7 +509,12 @@ pub fn compress(req: CompressRequest) -> ExitCode {
             ck.tensors.insert(u.path.clone(), database[i][found.levels[i]].clone());
         }
         let how = match mode {
-            Mode::Quantize { group } => format!("{mean:.3} bits on average, round-to-nearest groups of {group}"),
+            Mode::Quantize { group: Granularity::Fixed(g) } => {
+                format!("{mean:.3} bits on average, round-to-nearest groups of {g}")
+            }
+            Mode::Quantize { group: Granularity::Adaptive { .. } } => {
+                format!("{mean:.3} bits on average, round-to-nearest groups chosen per matrix (adaptive)")
+            }
             Mode::Prune => format!("{:.2}% sparsity on average, by magnitude", mean * 100.0),
         };
         ck.metadata.insert("compressed".into(), format!("evopress: {how}; see compress.json"));
@@ -466,7 +540,18 @@ pub fn compress(req: CompressRequest) -> ExitCode {
             .map(|(u, &l)| (u.path.clone(), level_json(levels[l])))
             .collect::<BTreeMap<_, _>>());
         if let Mode::Quantize { group } = mode {
-            report["group"] = serde_json::json!(group);
+            report["group"] = match group {
+                Granularity::Fixed(g) => serde_json::json!(g),
+                Granularity::Adaptive { min, tolerance } => {
+                    serde_json::json!({ "adaptive": { "min": min, "tolerance": tolerance } })
+                }
+            };
+            report["group_per_matrix"] = serde_json::json!(units
+                .iter()
+                .zip(&chosen)
+                .map(|(u, g)| (u.path.clone(), g.unwrap_or(0)))
+                .collect::<BTreeMap<_, _>>());
+            report["mean_bits_with_scales"] = serde_json::json!(with_scales);
         }
         std::fs::write(tmp.join("compress.json"), format!("{:#}\n", report))
             .map_err(|e| format!("cannot write compress.json: {e}"))?;

@@ -498,17 +498,18 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
     let run = dir.join("run");
     let t = train(&recipe, &run, &[]);
     assert!(t.status.success(), "{}", stderr(&t));
-    let compress = |out: &Path, extra: &[&str]| {
+    let compress_grouped = |out: &Path, group: &str, extra: &[&str]| {
         recipec()
             .arg("compress")
             .arg(&run)
-            .args(["--bits", "3", "--group", "16"])
+            .args(["--bits", "3", "--group", group])
             .arg("--out")
             .arg(out)
             .args(extra)
             .output()
             .unwrap()
     };
+    let compress = |out: &Path, extra: &[&str]| compress_grouped(out, "16", extra);
     let search = ["--generations", "6", "--offspring", "6", "--selection", "3:1,1:2"];
     let a = dir.join("w3");
     let c = compress(&a, &search);
@@ -571,6 +572,31 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
         serde_json::from_str(&std::fs::read_to_string(u.join("compress.json")).unwrap()).unwrap();
     assert!(ru["bits_per_matrix"].as_object().unwrap().values().all(|b| b.as_u64() == Some(3)));
     assert_eq!(ru["validation"]["searched"], val["uniform"]);
+    // FineQuant's adaptive granularity: each matrix's group, per bit width, is the coarsest
+    // halving of its row within the tolerance; the weights are `quantize_groups` at that group.
+    let adaptive = dir.join("w3-adaptive");
+    let c6 = compress_grouped(&adaptive, "adaptive:4:0.2", &["--generations", "2"]);
+    assert!(c6.status.success(), "{}", stderr(&c6));
+    let ra: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adaptive.join("compress.json")).unwrap()).unwrap();
+    assert_eq!(ra["group"]["adaptive"]["min"], 4);
+    let cka = runtime::checkpoint::Checkpoint::load(&adaptive.join("checkpoint.safetensors")).unwrap();
+    let chosen = ra["group_per_matrix"].as_object().unwrap();
+    let (mut with_scales, mut total) = (0.0, 0.0);
+    for (path, b) in ra["bits_per_matrix"].as_object().unwrap() {
+        let (bits, g) = (b.as_u64().unwrap() as u32, chosen[path].as_u64().unwrap() as usize);
+        let w = &dense.tensors[path];
+        let last = w.shape[1];
+        assert!(g >= 4 && last % g == 0 && (last / g).is_power_of_two(), "{path}: group {g} of {last}");
+        assert_eq!(cka.tensors[path].f32s(), runtime::compress::quantize_groups(w.f32s(), last, bits, g).unwrap());
+        let (want_g, _) = runtime::compress::adaptive_group(w.f32s(), last, bits, 4, 0.2).unwrap();
+        assert_eq!(g, want_g, "{path}");
+        let n = w.numel() as f64;
+        with_scales += n * (bits as f64 + 16.0 / g as f64);
+        total += n;
+    }
+    assert!((ra["mean_bits_with_scales"].as_f64().unwrap() - with_scales / total).abs() < 1e-9);
+    assert!(chosen.values().any(|g| g.as_u64() != Some(4)), "no matrix kept a coarser group: {chosen:?}");
     // Pruning: magnitude pruning at sparsity levels, 50% of the weights on average.
     let pruned = dir.join("s50");
     let c4 = recipec()
@@ -634,6 +660,12 @@ fn compress_searches_bits_per_matrix_at_a_fixed_budget() {
         let out = compress(&dir.join("never"), bad);
         assert_eq!(out.status.code(), Some(1), "{bad:?}");
         assert!(stderr(&out).contains("E0605"), "{bad:?}: {}", stderr(&out));
+        assert!(!dir.join("never").exists());
+    }
+    for bad in ["adaptive:0", "adaptive:8:-1", "adaptive:8:0.1:2", "sixty", "0"] {
+        let out = compress_grouped(&dir.join("never"), bad, &[]);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        assert!(stderr(&out).contains("E0605") && stderr(&out).contains("--group"), "{bad:?}: {}", stderr(&out));
         assert!(!dir.join("never").exists());
     }
     for bad in [&["--sparsity", "0.55"][..], &["--sparsity", "0.5", "--levels", "0.5,1,1.5"], &["--sparsity", "-0.1"]] {
