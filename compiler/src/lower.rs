@@ -1123,8 +1123,15 @@ impl<'a> Lowerer<'a> {
         extra: &[(String, Val)],
         out: &mut Vec<(String, NodeId)>,
     ) -> R<()> {
+        // The model's `let`s join the bindings of the initializers after them.
+        let mut bindings = extra.to_vec();
+        let extra = &mut bindings;
         for m in members {
             match &m.kind {
+                MemberKind::Let { name, value } => {
+                    let v = self.in_model(mv, extra, |me| me.expr(value))?;
+                    extra.push((name.name.clone(), v));
+                }
                 MemberKind::Param { name, index, ty, init } => {
                     let i = match index {
                         Some(e) => match self.in_model(mv, extra, |me| me.expr(e))? {

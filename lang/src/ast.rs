@@ -230,6 +230,12 @@ pub enum MemberKind {
         index: Option<Expr>,
         value: Expr,
     },
+    /// `let w0 = normal(shape = [O, I])`: a value computed once per instance at
+    /// initialization, in scope in the initializers (and `let`s) after it, not in methods.
+    Let {
+        name: Ident,
+        value: Expr,
+    },
     Fn(FnDef),
     For {
         var: Ident,

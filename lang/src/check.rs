@@ -95,6 +95,8 @@ enum LocalKind {
     Loop,
     /// `model` and `batch` in a recipe.
     Recipe,
+    /// A model's `let`: visible only while checking initializers.
+    ModelLet,
 }
 
 /// What the code being checked belongs to; decides which statements and names are allowed.
@@ -328,8 +330,12 @@ impl<'m> Checker<'m> {
 
     fn pop_scope(&mut self) {
         if let Some(scope) = self.scopes.pop() {
-            let mut unused: Vec<(&String, &Local)> =
-                scope.iter().filter(|(n, l)| l.kind == LocalKind::Let && !l.used && !n.starts_with('_')).collect();
+            let mut unused: Vec<(&String, &Local)> = scope
+                .iter()
+                .filter(|(n, l)| {
+                    matches!(l.kind, LocalKind::Let | LocalKind::ModelLet) && !l.used && !n.starts_with('_')
+                })
+                .collect();
             unused.sort_by_key(|(_, l)| l.span.start);
             for (name, l) in unused {
                 if self.poisoned {
@@ -360,7 +366,8 @@ impl<'m> Checker<'m> {
     }
 
     fn lookup_local(&mut self, name: &str) -> Option<&mut Local> {
-        self.scopes.iter_mut().rev().find_map(|s| s.get_mut(name))
+        let init = self.in_initializer;
+        self.scopes.iter_mut().rev().find_map(|s| s.get_mut(name).filter(|l| init || l.kind != LocalKind::ModelLet))
     }
 
     fn record(&mut self, kind: &'static str, name: &str, span: Span, ty: &Ty) {
@@ -756,7 +763,7 @@ impl<'m> Checker<'m> {
                         members: inner,
                     });
                 }
-                MemberKind::Fn(_) | MemberKind::Error => {}
+                MemberKind::Fn(_) | MemberKind::Let { .. } | MemberKind::Error => {}
             }
         }
         out
@@ -819,7 +826,9 @@ impl<'m> Checker<'m> {
     fn check_members(&mut self, members: &[Member], names: &mut HashMap<String, Span>, self_ty: &ModelTy) {
         for mem in members {
             let name = match &mem.kind {
-                MemberKind::Param { name, .. } | MemberKind::Sub { name, .. } => Some(name),
+                MemberKind::Param { name, .. } | MemberKind::Sub { name, .. } | MemberKind::Let { name, .. } => {
+                    Some(name)
+                }
                 MemberKind::Fn(f) => Some(&f.name),
                 _ => None,
             };
@@ -901,6 +910,13 @@ impl<'m> Checker<'m> {
                         }
                     }
                     self.record("sub", &name.name, name.span, &t);
+                }
+                MemberKind::Let { name, value } => {
+                    self.in_initializer = true;
+                    let t = self.expr(value);
+                    self.in_initializer = false;
+                    self.record("let", &name.name, name.span, &t);
+                    self.bind(&name.name, t, name.span, LocalKind::ModelLet);
                 }
                 MemberKind::Fn(f) => {
                     let sig = self.signature(self_ty.item, Some(&f.name.name));
@@ -1668,7 +1684,12 @@ impl<'m> Checker<'m> {
         candidates.extend(self.modules.list[self.module].imports.keys().cloned());
         candidates.extend(builtins::names().iter().map(|s| s.to_string()));
         let refs: Vec<&str> = candidates.iter().map(|s| s.as_str()).collect();
-        let help = if let Some((_, constant)) = self.recipe_lets.iter().find(|l| l.0 == n) {
+        let model_let = self.scopes.iter().any(|s| s.get(n).is_some_and(|l| l.kind == LocalKind::ModelLet));
+        let help = if model_let {
+            Some(format!(
+                "the model's `let {n}` is computed once, at initialization: it is in scope in the initializers after it, not in methods; keep what a method needs in a `param` (`freeze` it in the recipe if it must not train)"
+            ))
+        } else if let Some((_, constant)) = self.recipe_lets.iter().find(|l| l.0 == n) {
             Some(if *constant {
                 format!("the recipe's `let {n}` is declared after this line; move it above the first line that uses it")
             } else {

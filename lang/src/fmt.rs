@@ -313,6 +313,12 @@ impl Formatter<'_> {
                     self.write(&format!("{pad}{text}"));
                     self.end_line(m.span.end);
                 }
+                MemberKind::Let { name, value } => {
+                    let p = format!("let {} = ", name.name);
+                    let text = format!("{p}{}", self.expr(value, col + p.len()));
+                    self.write(&format!("{pad}{text}"));
+                    self.end_line(m.span.end);
+                }
                 MemberKind::Fn(f) => self.fn_def("", f, m.span.end),
                 MemberKind::For { var, start, end, members } => {
                     self.write(&format!("{pad}for {} in {}..{} {{", var.name, flat(start), flat(end)));
