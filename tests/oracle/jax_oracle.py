@@ -974,7 +974,36 @@ def linear_algebra():
             check(f"qr [{m}x{n}]", qm, np.asarray(qj) * d, **ELT)
 
 
-for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, local_gram_flow, optimizers, projected_optimizers, frugal_coordinates, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, matryoshka_kv, linear_algebra]:
+
+def lost():
+    """LOST's SVD split of an initial matrix (stdlib/models.recipe, lost_*), from JAX's SVD:
+    B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T (each right vector's largest entry positive), the
+    residual's C largest-norm columns kept in S; B A + S = W0 on the kept columns."""
+    for (o, i, r, c) in [(6, 8, 2, 3), (12, 5, 3, 2)]:
+        w0 = rng.randn(o, i).astype(np.float32)
+        hp = {"R": r, "C": c}
+        w = jnp.asarray(w0, jnp.float64)
+        u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+        signs = jnp.array([1.0 if v[jnp.argmax(jnp.abs(v))] > 0 else -1.0 for v in vt[:r]])
+        u_r, v_r = u[:, :r] * signs, vt[:r] * signs[:, None]
+        b = u_r * jnp.sqrt(s[:r])
+        a = jnp.sqrt(s[:r])[:, None] * v_r
+        res = w - b @ a
+        norms = jnp.sum(res ** 2, axis=0)
+        keep = np.zeros(i)
+        keep[np.argsort(-np.asarray(norms), kind="stable")[:c]] = 1.0
+        tag = f"[{o}x{i}] R={r} C={c}"
+        got = {f: run_eval(STD("models"), f"lost_{f}", {"w0": w0}, hp if f in ("channels", "sparse") else {"R": r})["out"]
+               for f in ("left", "right", "channels", "sparse")}
+        check(f"lost_left {tag}", got["left"], b, **RED)
+        check(f"lost_right {tag}", got["right"], a, **RED)
+        check(f"lost_channels {tag}", got["channels"], keep, rtol=0, atol=0)
+        check(f"lost_sparse {tag}", got["sparse"], res * keep, **RED)
+        # On the kept channels the split is exact; elsewhere W = B A.
+        total = got["left"].astype(np.float64) @ got["right"] + got["sparse"]
+        check(f"lost B A + S on kept channels {tag}", total * keep, np.asarray(w) * keep, **RED)
+
+for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, local_gram_flow, optimizers, projected_optimizers, frugal_coordinates, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, matryoshka_kv, lost, linear_algebra]:
     case(f)
 
 print()
