@@ -1002,6 +1002,12 @@ def lost():
         # On the kept channels the split is exact; elsewhere W = B A.
         total = got["left"].astype(np.float64) @ got["right"] + got["sparse"]
         check(f"lost B A + S on kept channels {tag}", total * keep, np.asarray(w) * keep, **RED)
+        # The compact form: the kept channels as indices (descending norm, stable) and columns.
+        order = np.argsort(-np.asarray(norms), kind="stable")[:c]
+        idx = run_eval(STD("models"), "lost_channel_index", {"w0": w0}, hp)["out"]
+        check(f"lost_channel_index {tag}", idx, order.astype(np.float64), rtol=0, atol=0)
+        cols = run_eval(STD("models"), "lost_sparse_columns", {"w0": w0}, hp)["out"]
+        check(f"lost_sparse_columns {tag}", cols, np.asarray(res)[:, order], **RED)
 
 for f in [losses, linear_ce, eisl_sequence, distillation, gram, flow_matching, local_gram_flow, optimizers, projected_optimizers, frugal_coordinates, schedules, sparsity, quantization, decoding, localleap, layer_norm, positions, matryoshka_kv, lost, linear_algebra]:
     case(f)

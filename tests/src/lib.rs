@@ -168,7 +168,7 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
         ],
         ("std.models", "matryoshka_rank") => vec![("E", Arg::Scalar(8.0)), ("step", Arg::Scalar(2.0))],
         ("std.models", "lost_left" | "lost_right") => vec![("w0", t(F32, &[6, 4])), ("R", Arg::Scalar(2.0))],
-        ("std.models", "lost_channels" | "lost_sparse") => {
+        ("std.models", "lost_channels" | "lost_sparse" | "lost_channel_index" | "lost_sparse_columns") => {
             vec![("w0", t(F32, &[6, 4])), ("R", Arg::Scalar(2.0)), ("C", Arg::Scalar(2.0))]
         }
         ("std.models", "layer_norm") => vec![("x", t(F32, &[3, 4])), ("gain", t(F32, &[4])), ("bias", t(F32, &[4]))],

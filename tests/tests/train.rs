@@ -976,49 +976,71 @@ fn constant_recipe_lets_train_as_the_values_written_out() {
 
 /// LOST's layer (`std.models.lost_linear`): one random matrix, drawn by the model's `let`,
 /// initializes all four parameters. The coupling shows in the initial values: `b`'s columns and
-/// `a`'s rows have the same norms (√σ_i), the sparse part is orthogonal to `b`'s span and zero
-/// off the `C` kept channels. Training moves `a`, `b`, `s` and leaves the frozen mask exact.
+/// `a`'s rows have the same norms (√σ_i), and the sparse columns are orthogonal to `b`'s span
+/// (they are the residual's). The layer holds R·(I + O) + C·O weights, and its forward pass is
+/// the dense product with W = B·A + S scattered to the kept channels. Training moves `a`, `b`,
+/// `s` and leaves the frozen channel indices exact.
 #[test]
-fn lost_layers_split_one_draw_and_train_with_the_mask_frozen() {
+fn lost_layers_split_one_draw_and_train_with_the_channels_frozen() {
     let src = "use std.models.lost_linear\nuse std.loss.cross_entropy\nuse std.optim.adamw\n\n\
         model lm(D: i32 = 16) {\n    param emb: f32[256, D] = normal(std = 0.5)\n    \
         sub fc = lost_linear(I = D, O = 256, R = 4, C = 3, std = 0.5)\n\n    \
         fn logits(tokens: i32[B, S]) -> f32[B * S, 256] {\n        fc.forward(reshape(emb[tokens], [B * S, D]))\n    }\n}\n\n\
-        recipe r {\n    model = lm()\n    data = text(\"embedded:kjv\", context = 8, batch = 4)\n    \
+        recipe r {\n    model = lm()\n    data = text(\"embedded:kjv\", context = 4, batch = 2)\n    \
         loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))\n    \
         optimize model.{emb} with adamw(lr = 1e-2)\n    optimize model.fc.{a, b, s} with adamw(lr = 1e-2)\n    \
-        freeze model.fc.mask\n    log_every = 1\n}\n";
+        freeze model.fc.channels\n    log_every = 1\n}\n";
     let plan = plan_of(src);
     let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
-    let state = initial_state(&plan, &progs).unwrap();
+    let mut state = initial_state(&plan, &progs).unwrap();
     let t = |name: &str| tensor(&state[name]);
-    let (b, a, s, mask) = (t("model.fc.b"), t("model.fc.a"), t("model.fc.s"), t("model.fc.mask"));
-    let (o, i, r) = (256, 16, 4);
-    assert_eq!((b.shape.clone(), a.shape.clone(), s.shape.clone()), (vec![o, r], vec![r, i], vec![o, i]));
-    assert_eq!(mask.data.iter().filter(|m| **m == 1.0).count(), 3);
-    assert!(mask.data.iter().all(|m| *m == 0.0 || *m == 1.0));
+    let (b, a, s, ch) = (t("model.fc.b"), t("model.fc.a"), t("model.fc.s"), t("model.fc.channels"));
+    let emb = t("model.emb");
+    let (o, i, r, c) = (256, 16, 4, 3);
+    assert_eq!((b.shape.clone(), a.shape.clone(), s.shape.clone()), (vec![o, r], vec![r, i], vec![o, c]));
+    let weights: usize = [&b, &a, &s].iter().map(|x| x.data.len()).sum();
+    assert_eq!(weights, r * (i + o) + c * o);
+    let kept: Vec<usize> = ch.data.iter().map(|x| *x as usize).collect();
+    assert!(ch.data.iter().all(|x| x.fract() == 0.0 && *x >= 0.0 && (*x as usize) < i), "{:?}", ch.data);
+    assert_eq!(kept.iter().collect::<std::collections::BTreeSet<_>>().len(), c);
     for k in 0..r {
         let col: f64 = (0..o).map(|x| b.data[x * r + k].powi(2)).sum::<f64>().sqrt();
         let row: f64 = (0..i).map(|y| a.data[k * i + y].powi(2)).sum::<f64>().sqrt();
         assert!((col - row).abs() < 1e-4 * col, "factor {k}: |b_k| {col} vs |a_k| {row}");
-        for y in 0..i {
-            let dot: f64 = (0..o).map(|x| b.data[x * r + k] * s.data[x * i + y]).sum();
+        for y in 0..c {
+            let dot: f64 = (0..o).map(|x| b.data[x * r + k] * s.data[x * c + y]).sum();
             assert!(dot.abs() < 1e-4 * col, "s[:, {y}] not orthogonal to b[:, {k}]: {dot}");
         }
     }
-    for y in (0..i).filter(|y| mask.data[*y] == 0.0) {
-        assert!((0..o).all(|x| s.data[x * i + y] == 0.0), "channel {y}");
+    // The forward pass is the dense layer W = B·A plus S's columns at the kept channels: the
+    // recipe's loss on a batch, against cross-entropy computed here with that W.
+    let mut w = vec![0.0f64; o * i];
+    for row in 0..o {
+        for col in 0..i {
+            w[row * i + col] = (0..r).map(|k| b.data[row * r + k] * a.data[k * i + col]).sum();
+        }
+        for (k, &col) in kept.iter().enumerate() {
+            w[row * i + col] += s.data[row * c + k];
+        }
     }
-    let kept: f64 =
-        (0..i).filter(|y| mask.data[*y] == 1.0).map(|y| (0..o).map(|x| s.data[x * i + y].powi(2)).sum::<f64>()).sum();
-    assert!(kept > 0.0);
+    let tokens = [65usize, 110, 100, 32, 71, 111, 100, 10];
+    let mut want = 0.0;
+    for &tok in &tokens {
+        let h = &emb.data[tok * i..(tok + 1) * i];
+        let z: Vec<f64> = (0..o).map(|row| (0..i).map(|col| w[row * i + col] * h[col]).sum()).collect();
+        let m = z.iter().cloned().fold(f64::MIN, f64::max);
+        want += m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln() - z[tok];
+    }
+    want /= tokens.len() as f64;
+    let got = eval_loss(&progs, &mut state);
+    assert!((got - want).abs() < 1e-4 * want.abs(), "loss {got} vs the dense layer's {want}");
     let dir = empty_dir("lost");
     let losses = train_in(&dir, src, "run", 8, false);
     assert_eq!(losses.len(), 8);
     assert!(losses[7] < losses[0], "{losses:?}");
     let ck = runtime::checkpoint::Checkpoint::load(&dir.join("run").join("checkpoint.safetensors")).unwrap();
     let f = |n: &str| ck.tensors[n].f32s().iter().map(|x| *x as f64).collect::<Vec<_>>();
-    assert_eq!(f("model.fc.mask"), mask.data);
+    assert_eq!(f("model.fc.channels"), ch.data);
     assert_ne!(f("model.fc.s"), s.data);
     assert_ne!(f("model.fc.b"), b.data);
     let _ = std::fs::remove_dir_all(&dir);
