@@ -168,6 +168,17 @@ fn the_example_recipes_plan() {
     let wq =
         |s: &str| frugal.states.iter().find(|x| x.0 == format!("state.model.blocks.0.attn.wq.{s}")).unwrap().2.clone();
     assert_eq!((wq("p"), wq("m"), wq("v")), (vec![32, 128], vec![128, 32], vec![128, 32]));
+    // LOST: 669,968 parameters (the dense example's 1,038,208 less 44% of its MLPs' weights),
+    // the channel indices frozen, every other parameter with AdamW, 600 steps from a `let`.
+    let lost = plan_of(&std::fs::read_to_string(root.join("recipes/lost_gpt.recipe")).unwrap());
+    let n: usize = lost.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
+    assert_eq!(n, 669_968);
+    assert_eq!(lost.settings.steps, 600);
+    for p in &lost.params {
+        let frozen = p.path.ends_with(".channels");
+        assert_eq!(p.optimizer.is_none(), frozen, "{}", p.path);
+    }
+    assert_eq!(lost.params.iter().filter(|p| p.path.ends_with(".channels")).count(), 10);
 }
 
 const PROJECTED: &str = r#"use std.models.mlp
