@@ -999,6 +999,7 @@ def lost():
         check(f"lost_right {tag}", got["right"], a, **RED)
         check(f"lost_channels {tag}", got["channels"], keep, rtol=0, atol=0)
         check(f"lost_sparse {tag}", got["sparse"], res * keep, **RED)
+        check(f"lost_residual {tag}", run_eval(STD("models"), "lost_residual", {"w0": w0}, {"R": r})["out"], res, **RED)
         # On the kept channels the split is exact; elsewhere W = B A.
         total = got["left"].astype(np.float64) @ got["right"] + got["sparse"]
         check(f"lost B A + S on kept channels {tag}", total * keep, np.asarray(w) * keep, **RED)

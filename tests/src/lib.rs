@@ -167,7 +167,9 @@ pub fn samples(module: &str, item: &str) -> Option<Vec<(&'static str, Arg)>> {
             ("rank_v", Arg::Scalar(2.0)),
         ],
         ("std.models", "matryoshka_rank") => vec![("E", Arg::Scalar(8.0)), ("step", Arg::Scalar(2.0))],
-        ("std.models", "lost_left" | "lost_right") => vec![("w0", t(F32, &[6, 4])), ("R", Arg::Scalar(2.0))],
+        ("std.models", "lost_left" | "lost_right" | "lost_residual") => {
+            vec![("w0", t(F32, &[6, 4])), ("R", Arg::Scalar(2.0))]
+        }
         ("std.models", "lost_channels" | "lost_sparse" | "lost_channel_index" | "lost_sparse_columns") => {
             vec![("w0", t(F32, &[6, 4])), ("R", Arg::Scalar(2.0)), ("C", Arg::Scalar(2.0))]
         }
