@@ -1132,7 +1132,7 @@ impl<'a> Lowerer<'a> {
                     let v = self.in_model(mv, extra, |me| me.expr(value))?;
                     extra.push((name.name.clone(), v));
                 }
-                MemberKind::Param { name, index, ty, init } => {
+                MemberKind::Param { name, index, ty, init, .. } => {
                     let i = match index {
                         Some(e) => match self.in_model(mv, extra, |me| me.expr(e))? {
                             Val::Int(i) => Some(i),

@@ -218,11 +218,14 @@ pub struct Member {
 #[derive(Clone, Debug, PartialEq)]
 pub enum MemberKind {
     /// `param w: f32[D, V] = normal(std = 0.02)`; `param w[l]: ...` inside a `for`.
+    /// `buffer idx: i32[C] = ...` (`buffer: true`): model state set by its initializer (or
+    /// `init_from`) and never trained, of any dtype; no selector picks it.
     Param {
         name: Ident,
         index: Option<Expr>,
         ty: TypeExpr,
         init: Expr,
+        buffer: bool,
     },
     /// `sub mlp = mlp(D = D)`; `sub blocks[l] = block(...)` inside a `for`.
     Sub {

@@ -47,7 +47,7 @@ pub struct Signature {
 /// One declaration inside a model, with shapes in terms of the model's parameters.
 #[derive(Clone, Debug)]
 pub enum MemberDecl {
-    Param { name: String, ty: TensorTy, array: Option<Dim>, span: Span },
+    Param { name: String, ty: TensorTy, array: Option<Dim>, span: Span, buffer: bool },
     Sub { name: String, model: ModelTy, array: Option<Dim>, span: Span },
     For { var: Sym, start: Dim, end: Dim, members: Vec<MemberDecl> },
 }
@@ -69,6 +69,8 @@ pub struct ParamPath {
     pub shape: Vec<i64>,
     pub file: FileId,
     pub span: Span,
+    /// Declared `buffer`: never trained, never selected by a recipe's selectors.
+    pub buffer: bool,
 }
 
 impl ParamPath {
@@ -724,7 +726,7 @@ impl<'m> Checker<'m> {
         let mut out = vec![];
         for m in members {
             match &m.kind {
-                MemberKind::Param { name, index, ty, .. } => {
+                MemberKind::Param { name, index, ty, buffer, .. } => {
                     let mut named = HashMap::new();
                     let mut syms = vec![];
                     let t =
@@ -735,7 +737,13 @@ impl<'m> Checker<'m> {
                         Ty::Dim(_) => TensorTy::scalar(Dtype::parse(&ty.dtype.name).unwrap_or(Dtype::F32)),
                         _ => TensorTy::scalar(Dtype::F32),
                     };
-                    out.push(MemberDecl::Param { name: name.name.clone(), ty: t, array, span: name.span });
+                    out.push(MemberDecl::Param {
+                        name: name.name.clone(),
+                        ty: t,
+                        array,
+                        span: name.span,
+                        buffer: *buffer,
+                    });
                 }
                 MemberKind::Sub { name, index, value } => {
                     let array = index.as_ref().and_then(|i| self.array_extent(i));
@@ -850,7 +858,7 @@ impl<'m> Checker<'m> {
                 }
             }
             match &mem.kind {
-                MemberKind::Param { name, index, ty, init } => {
+                MemberKind::Param { name, index, ty, init, buffer } => {
                     let mut named = HashMap::new();
                     let mut syms = vec![];
                     let t =
@@ -863,7 +871,7 @@ impl<'m> Checker<'m> {
                         _ => None,
                     };
                     if let Some(tt) = &target {
-                        if !tt.dtype.is_float() {
+                        if !tt.dtype.is_float() && !*buffer {
                             self.error(
                                 "E0301",
                                 ty.span,
@@ -872,7 +880,11 @@ impl<'m> Checker<'m> {
                                     name.name, tt.dtype
                                 ),
                                 "trainable parameters are floats",
-                            );
+                            )
+                            .help = Some(format!(
+                                "model state that is never trained (indices, counts) is a `buffer {}: {}[...] = ...`",
+                                name.name, tt.dtype
+                            ));
                         }
                     }
                     self.init_target = target;
@@ -881,7 +893,7 @@ impl<'m> Checker<'m> {
                     self.in_initializer = false;
                     self.init_target = None;
                     self.accept(&t, &it, init.span, &format!("the initializer of `{}`", name.name));
-                    self.record("param", &name.name, name.span, &t);
+                    self.record(if *buffer { "buffer" } else { "param" }, &name.name, name.span, &t);
                 }
                 MemberKind::Sub { name, index, value } => {
                     if let Some(i) = index {
@@ -983,7 +995,7 @@ impl<'m> Checker<'m> {
         };
         for m in members {
             match m {
-                MemberDecl::Param { name, ty, span, .. } => {
+                MemberDecl::Param { name, ty, span, buffer, .. } => {
                     let mut shape = vec![];
                     if let Shape::Dims(dims) = &ty.shape {
                         for d in dims {
@@ -1000,7 +1012,7 @@ impl<'m> Checker<'m> {
                         // Array members are named `name.i`.
                         path.push(idx.to_string());
                     }
-                    out.push(ParamPath { path, dtype: ty.dtype, shape, file, span: *span });
+                    out.push(ParamPath { path, dtype: ty.dtype, shape, file, span: *span, buffer: *buffer });
                 }
                 MemberDecl::Sub { name, model, array, .. } => {
                     let config: Vec<Ty> = model

@@ -198,8 +198,9 @@ an import, a built-in, or a dimension of the signature.",
 "E0301", "dtype mismatch",
 "A value has a different element type than the place it goes to: a parameter, a declared \
 return type, a state, or an operator that needs a particular dtype (`gather` indices must be \
-integers, `where` conditions must be `bool`). Arithmetic promotes like JAX (integers with \
-floats give floats), but arguments and return values are never converted silently.",
+integers, `where` conditions must be `bool`); a `param` is trained, so it is floating point \
+(integer model state is a `buffer`). Arithmetic promotes like JAX (integers with floats give \
+floats), but arguments and return values are never converted silently.",
 "fn f(x: f32[N]) -> f32 { sum(x) }\nfn g(t: i32[N]) -> f32 { f(t) }",
 "Convert explicitly with a cast such as `f32(t)`, or fix the declaration.";
 
@@ -327,7 +328,8 @@ parameters are read from.",
 
 "E0403", "selector matches no parameter",
 "An `optimize`, `sparsify` or `freeze` selector matches none of the model's parameters. Selectors are \
-dotted paths from `model`; `*` matches one segment and `**` any number of segments.",
+dotted paths from `model`; `*` matches one segment and `**` any number of segments. Buffers \
+(`buffer` members: model state that is never trained) are never matched.",
 "optimize model.block.* with adamw(lr = 1e-3)   // the member is `blocks`",
 "Fix the path; the help line lists parameters of the model.";
 

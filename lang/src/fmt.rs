@@ -299,9 +299,10 @@ impl Formatter<'_> {
             let pad = self.pad();
             let col = pad.len();
             match &m.kind {
-                MemberKind::Param { name, index, ty, init } => {
+                MemberKind::Param { name, index, ty, init, buffer } => {
                     let idx = index.as_ref().map(|i| format!("[{}]", flat(i))).unwrap_or_default();
-                    let p = format!("param {}{idx}: {} = ", name.name, type_str(ty));
+                    let kw = if *buffer { "buffer" } else { "param" };
+                    let p = format!("{kw} {}{idx}: {} = ", name.name, type_str(ty));
                     let text = format!("{p}{}", self.expr(init, col + p.len()));
                     self.write(&format!("{pad}{text}"));
                     self.end_line(m.span.end);

@@ -55,13 +55,26 @@ fn select(c: &mut Checker, selector: &Selector, params: &[ParamPath], have_param
         .help = Some(format!("write `model.{text}`"));
     } else if have_params {
         let sel = &selector.segments[1..];
+        let mut buffers = vec![];
         for (i, p) in params.iter().enumerate() {
             if selector_matches(sel, &p.path) {
-                matched.push(i);
+                // Buffers are model state, never trained: no selector takes them.
+                if p.buffer {
+                    buffers.push(format!("model.{}", p.dotted()));
+                } else {
+                    matched.push(i);
+                }
             }
         }
-        if matched.is_empty() {
-            let names: Vec<String> = params.iter().map(|p| format!("model.{}", p.dotted())).collect();
+        if matched.is_empty() && !buffers.is_empty() {
+            c.error("E0403", selector.span, format!("selector `{text}` matches only buffers"), "matches nothing trainable")
+                .help = Some(format!(
+                "`{}` is a `buffer`: model state its initializer sets, never trained or frozen by a recipe; remove this line",
+                buffers[0]
+            ));
+        } else if matched.is_empty() {
+            let names: Vec<String> =
+                params.iter().filter(|p| !p.buffer).map(|p| format!("model.{}", p.dotted())).collect();
             let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
             let shown: Vec<String> = names.iter().take(6).cloned().collect();
             let help = did_you_mean(&text, &refs).unwrap_or_else(|| {
@@ -469,7 +482,7 @@ pub(crate) fn check_recipe(c: &mut Checker, r: ItemRef, rec: &RecipeDef) -> Chec
             .params
             .iter()
             .zip(owner.iter().zip(&frozen_on_purpose))
-            .filter(|(_, (o, f))| o.is_none() && !**f)
+            .filter(|(p, (o, f))| o.is_none() && !**f && !p.buffer)
             .map(|(p, _)| format!("`model.{}`", p.dotted()))
             .collect();
         if !frozen.is_empty() {

@@ -169,14 +169,15 @@ fn the_example_recipes_plan() {
         |s: &str| frugal.states.iter().find(|x| x.0 == format!("state.model.blocks.0.attn.wq.{s}")).unwrap().2.clone();
     assert_eq!((wq("p"), wq("m"), wq("v")), (vec![32, 128], vec![128, 32], vec![128, 32]));
     // LOST: 669,968 parameters (the dense example's 1,038,208 less 44% of its MLPs' weights),
-    // the channel indices frozen, every other parameter with AdamW, 600 steps from a `let`.
+    // the channel indices buffers, every other parameter with AdamW, 600 steps from a `let`.
     let lost = plan_of(&std::fs::read_to_string(root.join("recipes/lost_gpt.recipe")).unwrap());
     let n: usize = lost.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
     assert_eq!(n, 669_968);
     assert_eq!(lost.settings.steps, 600);
     for p in &lost.params {
-        let frozen = p.path.ends_with(".channels");
-        assert_eq!(p.optimizer.is_none(), frozen, "{}", p.path);
+        let buffer = p.path.ends_with(".channels");
+        assert_eq!(p.optimizer.is_none(), buffer, "{}", p.path);
+        assert_eq!(p.dtype == Dtype::I32, buffer, "{}", p.path);
     }
     assert_eq!(lost.params.iter().filter(|p| p.path.ends_with(".channels")).count(), 10);
 }
@@ -989,18 +990,17 @@ fn constant_recipe_lets_train_as_the_values_written_out() {
 /// initializes all four parameters. The coupling shows in the initial values: `b`'s columns and
 /// `a`'s rows have the same norms (√σ_i), and the sparse columns are orthogonal to `b`'s span
 /// (they are the residual's). The layer holds R·(I + O) + C·O weights, and its forward pass is
-/// the dense product with W = B·A + S scattered to the kept channels. Training moves `a`, `b`,
-/// `s` and leaves the frozen channel indices exact.
+/// the dense product with W = B·A + S scattered to the kept channels. Training `model.**`
+/// moves `a`, `b`, `s` and leaves the channel indices, a `buffer` (i32), as they were.
 #[test]
-fn lost_layers_split_one_draw_and_train_with_the_channels_frozen() {
+fn lost_layers_split_one_draw_and_train_with_the_channel_buffer_untouched() {
     let src = "use std.models.lost_linear\nuse std.loss.cross_entropy\nuse std.optim.adamw\n\n\
         model lm(D: i32 = 16) {\n    param emb: f32[256, D] = normal(std = 0.5)\n    \
         sub fc = lost_linear(I = D, O = 256, R = 4, C = 3, std = 0.5)\n\n    \
         fn logits(tokens: i32[B, S]) -> f32[B * S, 256] {\n        fc.forward(reshape(emb[tokens], [B * S, D]))\n    }\n}\n\n\
         recipe r {\n    model = lm()\n    data = text(\"embedded:kjv\", context = 4, batch = 2)\n    \
         loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))\n    \
-        optimize model.{emb} with adamw(lr = 1e-2)\n    optimize model.fc.{a, b, s} with adamw(lr = 1e-2)\n    \
-        freeze model.fc.channels\n    log_every = 1\n}\n";
+        optimize model.** with adamw(lr = 1e-2)\n    log_every = 1\n}\n";
     let plan = plan_of(src);
     let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
     let mut state = initial_state(&plan, &progs).unwrap();
@@ -1051,7 +1051,8 @@ fn lost_layers_split_one_draw_and_train_with_the_channels_frozen() {
     assert!(losses[7] < losses[0], "{losses:?}");
     let ck = runtime::checkpoint::Checkpoint::load(&dir.join("run").join("checkpoint.safetensors")).unwrap();
     let f = |n: &str| ck.tensors[n].f32s().iter().map(|x| *x as f64).collect::<Vec<_>>();
-    assert_eq!(f("model.fc.channels"), ch.data);
+    assert_eq!(ck.tensors["model.fc.channels"].to_tensor().data, ch.data);
+    assert_eq!(ck.tensors["model.fc.channels"].dtype, Dtype::I32);
     assert_ne!(f("model.fc.s"), s.data);
     assert_ne!(f("model.fc.b"), b.data);
     let _ = std::fs::remove_dir_all(&dir);

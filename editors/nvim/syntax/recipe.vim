@@ -4,7 +4,7 @@ if exists("b:current_syntax")
 endif
 
 syn keyword recipeKeyword use pub fn let if else for in with every
-syn keyword recipeItem loss optimizer schedule sparsity decode model recipe param state sub optimize sparsify freeze
+syn keyword recipeItem loss optimizer schedule sparsity decode model recipe param buffer state sub optimize sparsify freeze
 syn keyword recipeType f32 f16 bf16 f64 i32 i64 bool str
 syn keyword recipeConstant true false inf pi
 syn keyword recipeBuiltinVar step grad mask batch
