@@ -111,6 +111,8 @@ pub struct Lowerer<'a> {
     /// Parameters under a sparsity rule: the forward pass uses `param * mask.<path>`, and
     /// `params` maps the path to that product (gradients are taken with respect to it).
     pub masked: std::collections::BTreeSet<String>,
+    /// The paths of the `buffer` members [`Lowerer::initial_values`] met: never trained.
+    pub buffers: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -127,6 +129,7 @@ impl<'a> Lowerer<'a> {
             models: vec![],
             init_shape: None,
             masked: Default::default(),
+            buffers: Default::default(),
         }
     }
 
@@ -1132,7 +1135,7 @@ impl<'a> Lowerer<'a> {
                     let v = self.in_model(mv, extra, |me| me.expr(value))?;
                     extra.push((name.name.clone(), v));
                 }
-                MemberKind::Param { name, index, ty, init, .. } => {
+                MemberKind::Param { name, index, ty, init, buffer } => {
                     let i = match index {
                         Some(e) => match self.in_model(mv, extra, |me| me.expr(e))? {
                             Val::Int(i) => Some(i),
@@ -1161,6 +1164,9 @@ impl<'a> Lowerer<'a> {
                         }
                         me.broadcast(n, &shape, &origin)
                     })?;
+                    if *buffer {
+                        self.buffers.insert(path.join("."));
+                    }
                     out.push((path.join("."), value));
                 }
                 MemberKind::Sub { name, index, value } => {

@@ -42,6 +42,9 @@ pub struct ParamSpec {
     pub optimizer: Option<String>,
     /// The sparsity rule's name, when one applies.
     pub sparsity: Option<String>,
+    /// A `buffer` member: set by its initializer (or `init_from`), never trained; no selector
+    /// takes it.
+    pub buffer: bool,
 }
 
 /// Where batches come from: `text(path, context = T, batch = B)` or `tokens(path.npy, ...)`.
@@ -179,6 +182,7 @@ fn teacher(modules: &Modules, db: &SourceDb, r: ItemRef, rec: &RecipeDef) -> R<O
                 shape: node.shape.clone(),
                 optimizer: None,
                 sparsity: None,
+                buffer: lw.buffers.contains(path),
             }
         })
         .collect();
@@ -422,6 +426,7 @@ fn groups<'r>(modules: &Modules, db: &SourceDb, r: ItemRef, rec: &'r RecipeDef) 
             shape: node.shape.clone(),
             optimizer: None,
             sparsity: None,
+            buffer: lw.buffers.contains(path),
         });
         lw.graph.outputs.push((path.clone(), *n));
     }
@@ -444,7 +449,9 @@ fn groups<'r>(modules: &Modules, db: &SourceDb, r: ItemRef, rec: &'r RecipeDef) 
         let mut any = false;
         for (i, p) in params.iter_mut().enumerate() {
             let path: Vec<String> = p.path.split('.').map(|s| s.to_string()).collect();
-            if sel.segments.first() == Some(&SelectorSegment::Name("model".into()))
+            // Buffers are never trained (the checker's selectors skip them too).
+            if !p.buffer
+                && sel.segments.first() == Some(&SelectorSegment::Name("model".into()))
                 && lang::recipe::selector_matches(&sel.segments[1..], &path[1..])
             {
                 any = true;

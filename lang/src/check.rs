@@ -134,8 +134,8 @@ pub struct Checker<'m> {
     used_imports: HashMap<(usize, String), bool>,
     /// True while checking a recipe's `optimize`/`sparsify`/`decode` right-hand side.
     recipe_rule: bool,
-    /// The current recipe's `let` names: outside `loss` they are unknown, and the error says why.
-    /// The recipe's `let` names, and whether each is a constant (usable in every field).
+    /// The current recipe's `let` names, and whether each is a constant (usable in every field
+    /// after it): where one is unknown, the error says why.
     recipe_lets: Vec<(String, bool)>,
     /// True while checking a model member's initializer, where other members are not values.
     in_initializer: bool,

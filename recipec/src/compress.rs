@@ -240,7 +240,7 @@ pub fn compress(req: CompressRequest) -> ExitCode {
     let units: Vec<Unit> = plan
         .params
         .iter()
-        .filter(|p| p.shape.len() == 2 && p.dtype == lang::types::Dtype::F32)
+        .filter(|p| p.shape.len() == 2 && p.dtype == lang::types::Dtype::F32 && !p.buffer)
         .filter(|p| match mode {
             Mode::Quantize { group: Granularity::Fixed(g) } => p.shape[1] % g == 0,
             Mode::Quantize { group: Granularity::Adaptive { .. } } | Mode::Prune => true,

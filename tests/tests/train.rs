@@ -1002,6 +1002,9 @@ fn lost_layers_split_one_draw_and_train_with_the_channel_buffer_untouched() {
         loss = cross_entropy(model.logits(batch.inputs), flatten(batch.targets))\n    \
         optimize model.** with adamw(lr = 1e-2)\n    log_every = 1\n}\n";
     let plan = plan_of(src);
+    let spec = |path: &str| plan.params.iter().find(|p| p.path == path).unwrap();
+    assert_eq!(spec("model.fc.channels").optimizer, None, "`model.**` took the buffer");
+    assert_eq!(spec("model.fc.s").optimizer.as_deref(), Some("adamw"));
     let progs = Programs::new(&plan, Backend::Cranelift).unwrap();
     let mut state = initial_state(&plan, &progs).unwrap();
     let t = |name: &str| tensor(&state[name]);
